@@ -1,0 +1,494 @@
+"""The attack interface shared by every threat model.
+
+An attack is a frozen dataclass of its parameters (the PAT paper's names: ``bound``,
+``num_iterations``, ``step_size``, ...) and is called on a model and a batch::
+
+    attack = LinfPGD(bound=8 / 255, num_iterations=40)
+    result = attack(model, images, labels, generator=torch.Generator().manual_seed(0))
+    result.adversarial  # [N, 3, H, W] in [0, 1], same device/dtype as ``images``
+    result.success      # [N] bool
+
+Parameters are declared with :func:`param`, which records how each one is parsed from and
+written to a spec string (see :mod:`engine.attacks.registry`) and what values are valid, so a
+new attack only declares its fields and implements :meth:`Attack.perturb`.
+
+Units: every bound is stated in the units of images in ``[0, 1]`` unless the attack's
+docstring says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import MISSING, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..checks import check_images
+from ..errors import EngineError
+
+#: Loss names accepted by every attack's ``loss`` parameter.
+LOSSES = ("ce", "margin")
+
+#: Parameter kinds understood by :func:`param` (they decide parsing, checking, formatting).
+PARAM_KINDS = ("bound", "float", "int", "bool", "choice", "str")
+
+_FORBIDDEN_IN_STRINGS = frozenset(",=: \t\n")
+
+Model = Callable[[Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter declarations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """How one attack parameter is parsed, checked and written back into a spec."""
+
+    kind: str
+    doc: str
+    minimum: float | None = None
+    choices: tuple[str, ...] | None = None
+
+    def parse(self, name: str, text: str) -> Any:
+        """Parse the text of ``name=text``; raise :class:`EngineError` naming the problem."""
+        if self.kind == "bound":
+            return parse_bound(text)
+        if self.kind == "float":
+            return parse_number(name, text)
+        if self.kind == "int":
+            return parse_int(name, text)
+        if self.kind == "bool":
+            return parse_bool(name, text)
+        if self.kind == "choice":
+            return text.strip().lower()  # membership is checked by check()
+        return text.strip()
+
+    def check(self, name: str, value: Any) -> Any:
+        """Validate ``value`` and return it normalised (ints become floats for float kinds)."""
+        if self.kind in ("bound", "float"):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise EngineError(f"{name} must be a number, got {value!r}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise EngineError(f"{name} must be a finite number, got {value!r}")
+        elif self.kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EngineError(f"{name} must be an integer, got {value!r}")
+        elif self.kind == "bool":
+            if not isinstance(value, bool):
+                raise EngineError(f"{name} must be true or false, got {value!r}")
+        else:
+            if not isinstance(value, str) or not value:
+                raise EngineError(f"{name} must be a non-empty string, got {value!r}")
+            if self.kind == "choice" and value not in (self.choices or ()):
+                raise EngineError(
+                    f"unknown {name} {value!r}; choose one of: {', '.join(self.choices or ())}"
+                )
+            if _FORBIDDEN_IN_STRINGS & set(value):
+                raise EngineError(
+                    f"{name} {value!r} must not contain spaces, ',', '=' or ':'"
+                )
+        if self.minimum is not None and value < self.minimum:
+            raise EngineError(f"{name} must be >= {self.minimum:g}, got {value!r}")
+        return value
+
+    def format(self, value: Any) -> str:
+        """The canonical spec text for ``value`` (floats use the shortest exact repr)."""
+        if self.kind == "bool":
+            return "true" if value else "false"
+        if self.kind in ("bound", "float"):
+            return repr(float(value))
+        return str(value)
+
+
+def param(
+    default: Any = MISSING,
+    *,
+    kind: str,
+    doc: str,
+    minimum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """Declare an attack parameter (a dataclass field that appears in the spec).
+
+    ``kind`` is one of :data:`PARAM_KINDS`; ``minimum`` bounds numbers from below;
+    ``choices`` lists the valid strings of a ``choice`` parameter. Leave ``default`` out for
+    a required parameter.
+    """
+    if kind not in PARAM_KINDS:
+        raise ValueError(f"unknown parameter kind {kind!r}; use one of {PARAM_KINDS}")
+    info = ParamInfo(kind=kind, doc=doc, minimum=minimum, choices=choices)
+    return field(default=default, metadata={"param": info})
+
+
+def parse_number(name: str, text: str) -> float:
+    """Parse a finite float written as ``0.5``, ``1e-3`` or a fraction ``a/b`` (``8/255``)."""
+    raw = text.strip()
+    numerator, slash, denominator = raw.partition("/")
+    try:
+        value = float(numerator) / float(denominator) if slash else float(raw)
+    except ValueError:
+        value = None
+    except ZeroDivisionError:
+        raise EngineError(f"{name} divides by zero: {raw!r}") from None
+    if value is None or not math.isfinite(value):
+        raise EngineError(
+            f"{name} must be a number or a fraction like 8/255, got {raw!r}"
+        )
+    return value
+
+
+def parse_bound(text: str) -> float:
+    """Parse a ``bound`` value: a number or fraction in ``[0, 1]`` image units.
+
+    This is the one place bounds are read from text, so named presets (``bound=small``)
+    can be resolved here later.
+    """
+    return parse_number("bound", text)
+
+
+def parse_int(name: str, text: str) -> int:
+    """Parse a base-10 integer (``40``; not ``40.0`` or ``4e1``)."""
+    raw = text.strip()
+    try:
+        return int(raw, 10)
+    except ValueError:
+        raise EngineError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def parse_bool(name: str, text: str) -> bool:
+    """Parse ``true`` / ``false`` (any case)."""
+    raw = text.strip().lower()
+    if raw in ("true", "false"):
+        return raw == "true"
+    raise EngineError(f"{name} must be true or false, got {text.strip()!r}")
+
+
+# --------------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------------
+
+
+def margin_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Carlini-Wagner margin ``max_{i != y} Z_i - Z_y`` per example (``[N, C]`` → ``[N]``).
+
+    Positive exactly when some other class outscores ``y`` (the PAT paper's attack loss).
+    """
+    own = logits.gather(1, labels[:, None]).squeeze(1)
+    is_own = F.one_hot(labels, logits.shape[1]).bool()
+    others = logits.masked_fill(is_own, float("-inf")).amax(dim=1)
+    return others - own
+
+
+# --------------------------------------------------------------------------------------------
+# Results and helpers for implementations
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AttackResult:
+    """What an attack returns for a batch of ``N`` images.
+
+    - ``adversarial``: ``[N, 3, H, W]`` in ``[0, 1]``, on the device/dtype of the input images.
+    - ``success``: ``[N]`` bool. Untargeted: the model's argmax differs from the label
+      (images the model already got wrong count as successes). Targeted: the argmax equals
+      the target label.
+    - ``logits``: ``[N, C]`` model output on ``adversarial`` (detached).
+    - ``clean_logits``: ``[N, C]`` model output on the input images (detached).
+    """
+
+    adversarial: Tensor
+    success: Tensor
+    logits: Tensor
+    clean_logits: Tensor
+
+    @property
+    def success_rate(self) -> float:
+        """Fraction of the batch on which the attack succeeded."""
+        return float(self.success.float().mean())
+
+
+class BestIterate:
+    """Keeps, per image, the iterate with the highest success margin seen so far.
+
+    The success margin is :func:`margin_loss` for untargeted attacks and its negative
+    w.r.t. the target for targeted ones: it is positive exactly when the iterate succeeds,
+    so any iterate that ever succeeded is kept over later ones that did not.
+    """
+
+    def __init__(self, start: Tensor):
+        self.images = start.detach().clone()
+        self.margin = torch.full(
+            (start.shape[0],), float("-inf"), device=start.device, dtype=start.dtype
+        )
+
+    def update(self, images: Tensor, margin: Tensor) -> None:
+        better = margin.detach() > self.margin
+        self.margin = torch.where(better, margin.detach(), self.margin)
+        self.images = torch.where(better[:, None, None, None], images.detach(), self.images)
+
+
+def noise_uniform(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+                  like: Tensor) -> Tensor:
+    """Uniform ``[0, 1)`` noise drawn on the generator's device (CPU when None) in float32,
+    then moved to ``like``'s device/dtype — so a CPU generator seeds CUDA attacks too and the
+    noise does not depend on the input dtype."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.rand(shape, generator=generator, device=device, dtype=torch.float32)
+    return noise.to(device=like.device, dtype=like.dtype)
+
+
+def noise_normal(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
+                 like: Tensor) -> Tensor:
+    """Standard normal noise; device/dtype handling as :func:`noise_uniform`."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+    return noise.to(device=like.device, dtype=like.dtype)
+
+
+def per_image_norm(x: Tensor) -> Tensor:
+    """L2 norm of each image of ``[N, ...]``, shaped ``[N, 1, 1, 1]`` for broadcasting."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[None]:
+    """Put ``model`` in eval mode, then restore every submodule's own train/eval flag."""
+    if not isinstance(model, nn.Module):
+        yield
+        return
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def check_labels(labels: Any, images: Tensor, name: str = "labels") -> Tensor:
+    """Check that ``labels`` is an int64 tensor ``[N]`` of non-negative class indices on the
+    images' device, ``N`` matching the image batch."""
+    if not isinstance(labels, Tensor):
+        raise EngineError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.long:
+        raise EngineError(f"{name} must be a LongTensor (int64 class indices), got {labels.dtype}")
+    if labels.dim() != 1:
+        raise EngineError(f"{name} must have shape [N], got {list(labels.shape)}")
+    if labels.shape[0] != images.shape[0]:
+        raise EngineError(
+            f"got {labels.shape[0]} {name} for {images.shape[0]} images; they must match"
+        )
+    if labels.device != images.device:
+        raise EngineError(
+            f"{name} are on {labels.device} but images are on {images.device}; move them"
+        )
+    if int(labels.min()) < 0:
+        raise EngineError(f"{name} must be non-negative class indices, got {int(labels.min())}")
+    return labels
+
+
+def _check_logits(logits: Any, labels: Tensor, name: str) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+        shape = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise EngineError(
+            f"the model must return logits of shape [N, num_classes] = [{labels.shape[0]}, C],"
+            f" got {shape}"
+        )
+    if logits.shape[1] < 2:
+        raise EngineError(f"the model must return at least 2 classes, got {logits.shape[1]}")
+    top = int(labels.max())
+    if top >= logits.shape[1]:
+        raise EngineError(
+            f"{name} contain class {top} but the model returns only {logits.shape[1]} classes"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The base class
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attack(ABC):
+    """Base class of every attack: parameters, validation, spec, and the call protocol.
+
+    Subclasses are ``@dataclass(frozen=True, kw_only=True)``, declare extra parameters with
+    :func:`param`, are registered with :func:`engine.attacks.registry.register_attack`, and
+    implement :meth:`perturb`. Instances are immutable; their parameters are checked on
+    construction (:class:`EngineError`).
+
+    Parameters (paper names):
+
+    - ``bound``: size of the threat model, ``>= 0``, in ``[0, 1]`` image units unless the
+      attack says otherwise. ``bound=0`` returns the input images unchanged.
+    - ``num_iterations``: optimisation steps, ``>= 1``.
+    - ``step_size``: per-step size in the units of ``bound``; ``None`` picks the attack's
+      default (:meth:`default_step_size`), which is resolved at construction so that
+      :attr:`spec` records the number actually used. (``dataclasses.replace`` keeps that
+      resolved number; pass ``step_size=None`` again to re-derive it.)
+    - ``random_start``: start from a random point in the threat model, drawn from the
+      ``generator`` given to the call.
+    - ``targeted``: if true, ``labels`` passed to the call are *target* classes and the
+      attack succeeds when the model predicts them; otherwise ``labels`` are the true
+      classes and any other prediction is a success.
+    - ``loss``: ``ce`` (cross-entropy) or ``margin`` (Carlini-Wagner
+      ``max_{i != y} Z_i - Z_y``, the loss of the PAT paper), maximised (untargeted) or
+      minimised towards the target (targeted).
+    """
+
+    #: Registry name, set by ``register_attack``.
+    name: ClassVar[str] = ""
+    #: One-line description, set by ``register_attack``.
+    summary: ClassVar[str] = ""
+
+    bound: float = param(kind="bound", minimum=0.0, doc="threat-model size (>= 0)")
+    num_iterations: int = param(10, kind="int", minimum=1, doc="optimisation steps (>= 1)")
+    step_size: float | None = param(
+        None, kind="float", minimum=0.0, doc="step size in bound units (default per attack)"
+    )
+    random_start: bool = param(True, kind="bool", doc="start at a random point in the ball")
+    targeted: bool = param(False, kind="bool", doc="labels are target classes")
+    loss: str = param("ce", kind="choice", choices=LOSSES, doc="loss: ce or margin")
+
+    # -- parameters ----------------------------------------------------------------------
+
+    def __post_init__(self) -> None:
+        for f in self.parameter_fields():
+            value = getattr(self, f.name)
+            if f.name == "step_size" and value is None:
+                continue
+            object.__setattr__(self, f.name, f.metadata["param"].check(f.name, value))
+        if self.step_size is None:
+            object.__setattr__(self, "step_size", float(self.default_step_size()))
+
+    def default_step_size(self) -> float:
+        """Step size used when none is given: ``2.5 * bound / num_iterations`` (Madry et al.)."""
+        return 2.5 * self.bound / self.num_iterations
+
+    @classmethod
+    def parameter_fields(cls) -> tuple[dataclasses.Field, ...]:
+        """The dataclass fields that are spec parameters, in spec order."""
+        return tuple(f for f in dataclasses.fields(cls) if "param" in f.metadata)
+
+    @classmethod
+    def parameters(cls) -> dict[str, str]:
+        """``{parameter name: one-line doc}`` in spec order."""
+        return {f.name: f.metadata["param"].doc for f in cls.parameter_fields()}
+
+    @property
+    def spec(self) -> str:
+        """Canonical spec with every parameter explicit, e.g.
+        ``linf:bound=0.1,num_iterations=10,step_size=0.025,random_start=true,...``.
+        ``parse_attack(a.spec).spec == a.spec``."""
+        pieces = [
+            f"{f.name}={f.metadata['param'].format(getattr(self, f.name))}"
+            for f in self.parameter_fields()
+        ]
+        return f"{self.name}:{','.join(pieces)}"
+
+    def describe(self) -> dict[str, Any]:
+        """``{'attack': name, 'spec': spec, **parameters}`` for manifests (JSON-serialisable)."""
+        return {
+            "attack": self.name,
+            "spec": self.spec,
+            **{f.name: getattr(self, f.name) for f in self.parameter_fields()},
+        }
+
+    def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor | None:
+        """Size of ``other - natural`` per image (``[N]``) in the units of ``bound``, or None
+        where the threat model has no such closed-form size. Lp attacks return the norm."""
+        return None
+
+    # -- losses --------------------------------------------------------------------------
+
+    def objective(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """Per-example quantity the attack *ascends* (``[N]``): the loss for untargeted
+        attacks, its negative w.r.t. the target for targeted ones."""
+        if self.loss == "margin":
+            value = margin_loss(logits, labels)
+        else:
+            value = F.cross_entropy(logits, labels, reduction="none")
+        return -value if self.targeted else value
+
+    def success_margin(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``[N]``, positive where the logits mean success (independent of ``loss``)."""
+        margin = margin_loss(logits, labels)
+        return -margin if self.targeted else margin
+
+    def is_success(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """``[N]`` bool: argmax != label (untargeted) or argmax == target (targeted)."""
+        hit = logits.argmax(dim=1) == labels
+        return hit if self.targeted else ~hit
+
+    def input_gradient(self, model: Model, images: Tensor, labels: Tensor
+                       ) -> tuple[Tensor, Tensor]:
+        """Gradient of ``objective(model(images)).sum()`` w.r.t. ``images`` (never touching
+        parameter ``.grad``) and the detached logits of that forward pass."""
+        images = images.detach().requires_grad_(True)
+        logits = model(images)
+        (grad,) = torch.autograd.grad(self.objective(logits, labels).sum(), images)
+        return grad, logits.detach()
+
+    # -- the call ------------------------------------------------------------------------
+
+    @abstractmethod
+    def perturb(self, model: Model, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+        """Return adversarial images ``[N, 3, H, W]`` in ``[0, 1]`` within the threat model.
+
+        Called by :meth:`__call__` with validated, detached ``images``, the model in eval
+        mode, gradients enabled and ``bound > 0``. Draw all randomness from ``generator``
+        through :func:`noise_uniform` / :func:`noise_normal`.
+        """
+
+    def __call__(self, model: Model, images: Tensor, labels: Tensor, *,
+                 generator: torch.Generator | None = None) -> AttackResult:
+        """Attack ``model`` on ``images`` (``[N, 3, H, W]`` in ``[0, 1]``).
+
+        ``labels``: int64 ``[N]`` on the images' device — true classes, or target classes
+        when ``targeted``. ``generator`` seeds the random start (a CPU generator works for
+        inputs on any device; None uses torch's global RNG). The model runs in eval mode
+        during the attack and each submodule's train/eval flag is restored afterwards;
+        parameter ``.grad`` is never written. Works inside ``torch.no_grad()`` (not inside
+        ``torch.inference_mode()``: :class:`EngineError`).
+        """
+        if torch.is_inference_mode_enabled():
+            raise EngineError(
+                "attacks need gradients and cannot run inside torch.inference_mode();"
+                " call them outside it (torch.no_grad() is fine)"
+            )
+        check_images(images)
+        check_labels(labels, images)
+        # Tensors made under inference_mode cannot enter autograd; a clone outside it can.
+        images = images.clone() if images.is_inference() else images.detach()
+        labels = labels.clone() if labels.is_inference() else labels
+        with eval_mode(model):
+            with torch.no_grad():
+                clean_logits = model(images)
+            _check_logits(clean_logits, labels, "targets" if self.targeted else "labels")
+            if self.bound == 0:
+                adversarial = images.clone()
+            else:
+                with torch.enable_grad():
+                    adversarial = self.perturb(model, images, labels, generator).detach()
+            with torch.no_grad():
+                logits = model(adversarial)
+        return AttackResult(
+            adversarial=adversarial,
+            success=self.is_success(logits, labels),
+            logits=logits.detach(),
+            clean_logits=clean_logits.detach(),
+        )
+
+    def __str__(self) -> str:
+        return self.spec

@@ -1,0 +1,408 @@
+"""Image distances: L2, L∞, SSIM and LPIPS (any backbone, self-bounded or external).
+
+Every function here takes two batches ``[N, 3, H, W]`` of floats in ``[0, 1]`` (validated with
+:mod:`engine.checks`) and returns ``[N]``, one value per image pair. Results are differentiable
+with respect to both inputs and keep the inputs' device and dtype.
+
+LPIPS follows the PAT paper (Laidlaw et al., ICLR 2021, section 3): the activations of a few
+layers of a network are unit-normalised across channels at every position, divided by
+``sqrt(h·w)`` of their layer, flattened and concatenated into ``φ(x)``; the distance is
+``‖φ(x) − φ(y)‖₂``. The learned linear calibration of Zhang et al. (2018) is available for
+AlexNet and VGG-16 with ``linear=True`` and then reproduces the ``lpips`` package exactly.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checks import check_images, check_pair
+from .errors import EngineError, WeightsUnavailableError
+from .models import ImageClassifier, NetworkSpec, Normalize, build_backbone, parse_network
+
+__all__ = [
+    "LPIPS",
+    "build_lpips",
+    "flatten_features",
+    "l2_distance",
+    "linf_distance",
+    "normalize_channels",
+    "pairwise_distances",
+    "ssim",
+]
+
+
+# --------------------------------------------------------------------------- Lp distances
+
+
+def l2_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Euclidean distance per image over all ``3·H·W`` values, in ``[0, 1]`` pixel units.
+
+    ``x``, ``y``: ``[N, 3, H, W]`` in ``[0, 1]`` → ``[N]`` (0 for identical images).
+    """
+    check_pair(x, y)
+    return torch.linalg.vector_norm((x - y).flatten(1), dim=1)
+
+
+def linf_distance(x: Tensor, y: Tensor) -> Tensor:
+    """Largest absolute difference per image over all ``3·H·W`` values, in ``[0, 1]`` units.
+
+    ``x``, ``y``: ``[N, 3, H, W]`` in ``[0, 1]`` → ``[N]`` in ``[0, 1]``.
+    """
+    check_pair(x, y)
+    return (x - y).flatten(1).abs().amax(dim=1)
+
+
+# --------------------------------------------------------------------------- SSIM
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1 = 0.01
+SSIM_K2 = 0.03
+
+
+def _gaussian_window(size: int, sigma: float, like: Tensor) -> Tensor:
+    """Normalised 1-D Gaussian ``[size]`` (what scipy's filter uses for sigma 1.5, truncate 3.5)."""
+    coords = torch.arange(size, dtype=like.dtype, device=like.device) - (size - 1) / 2
+    window = torch.exp(-(coords**2) / (2 * sigma**2))
+    return window / window.sum()
+
+
+def ssim(x: Tensor, y: Tensor) -> Tensor:
+    """Structural similarity (Wang et al., 2004) per image pair, in ``[-1, 1]`` (1: identical).
+
+    ``x``, ``y``: ``[N, 3, H, W]`` in ``[0, 1]``, ``H, W ≥ 11`` → ``[N]``. Gaussian window
+    11×11 with sigma 1.5, ``K1 = 0.01``, ``K2 = 0.03``, data range 1, population (not sample)
+    covariances; each channel is filtered separately with no padding (a 'valid' convolution,
+    which is the same as scikit-image's cropping of the filtered border), and the SSIM map is
+    averaged over channels and positions. This equals
+    ``skimage.metrics.structural_similarity(a, b, channel_axis=-1, gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=1)``.
+    Computed in float64 for float64 input and in float32 otherwise; returned in the input dtype.
+    """
+    check_pair(x, y)
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise EngineError(
+            f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels,"
+            f" got {x.shape[-2]}x{x.shape[-1]}"
+        )
+    dtype = x.dtype
+    work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x, y = x.to(work_dtype), y.to(work_dtype)
+    window = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, x)
+
+    # One depthwise separable blur over the 5 stacked maps (3 channels each).
+    maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)
+    channels = maps.shape[1]
+    blurred = F.conv2d(maps, window.view(1, 1, -1, 1).repeat(channels, 1, 1, 1), groups=channels)
+    blurred = F.conv2d(blurred, window.view(1, 1, 1, -1).repeat(channels, 1, 1, 1), groups=channels)
+    mu_x, mu_y, xx, yy, xy = blurred.chunk(5, dim=1)
+
+    var_x, var_y, cov_xy = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
+    c1, c2 = SSIM_K1**2, SSIM_K2**2  # (K · data_range)², data_range = 1
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
+        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
+    )
+    return ssim_map.flatten(1).mean(dim=1).to(dtype)
+
+
+# --------------------------------------------------------------------------- LPIPS
+
+#: Input scaling of the ``lpips`` package, applied to ``2x − 1``: ``(2x − 1 − shift) / scale``.
+LPIPS_PACKAGE_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_PACKAGE_SCALE = (0.458, 0.448, 0.450)
+#: Which file of ``lpips/weights/v0.1/`` holds the linear calibration for an architecture.
+LINEAR_WEIGHT_FILES = {"alexnet": "alex.pth", "vgg16": "vgg.pth"}
+
+
+def normalize_channels(activations: Tensor, eps: float = 1e-10) -> Tensor:
+    """Unit L2 norm across channels (dim 1) at every position, as the ``lpips`` package does.
+
+    ``vector_norm`` rather than the package's ``sqrt(sum(a²))``: same value, but the gradient
+    at an all-zero position stays finite (``1/eps``) instead of NaN.
+    """
+    return activations / (torch.linalg.vector_norm(activations, dim=1, keepdim=True) + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS distance from the activations of chosen layers of a network.
+
+    ``network`` takes ``[N, 3, H, W]`` images in ``[0, 1]`` (any input normalisation is part
+    of it); ``layers`` are dotted module names inside it (``dict(network.named_modules())``)
+    whose outputs ``[N, C_l, H_l, W_l]`` are compared. Calling the module with ``(x, y)``
+    returns ``[N]``:
+
+    - PAT definition (no ``linear_weights``): ``‖φ(x) − φ(y)‖₂`` where ``φ`` concatenates the
+      channel-normalised activations of every layer, each flattened and divided by
+      ``sqrt(H_l·W_l)``. Unitless, ≥ 0; 0 for identical images.
+    - Linear calibration (``linear_weights``, one ``[C_l]`` vector per layer): the ``lpips``
+      package's value ``Σ_l mean_{h,w} Σ_c w_c·(x̂_lchw − ŷ_lchw)²`` of the normalised
+      activations — a squared distance: NO square root and no ``1/sqrt(H_l·W_l)`` factor.
+
+    Use :func:`build_lpips` for the standard backbones and :meth:`from_model` for a
+    self-bounded distance defined by a classifier. ``frozen`` networks have
+    ``requires_grad=False`` parameters and stay in eval mode whatever ``.train()`` asks.
+    The module must be on the images' device and dtype (``lpips.to(images)``).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        layers: Sequence[str],
+        *,
+        linear_weights: Sequence[Tensor] | None = None,
+        description: dict | None = None,
+        frozen: bool = True,
+        returns_logits: bool = False,
+    ):
+        super().__init__()
+        if isinstance(layers, str) or not layers or len(set(layers)) != len(layers):
+            raise EngineError(f"LPIPS needs a list of distinct layer names, got {layers!r}")
+        _check_layer_names(network, layers)
+        if linear_weights is not None and len(linear_weights) != len(layers):
+            raise EngineError(
+                f"{len(linear_weights)} linear weight vectors for {len(layers)} layers"
+            )
+        self.network = network
+        self.layers = tuple(layers)
+        self.linear = linear_weights is not None
+        for i, weights in enumerate(linear_weights or ()):
+            self.register_buffer(f"lin{i}", weights.detach().reshape(1, -1, 1, 1).clone())
+        self.frozen = frozen
+        self.returns_logits = returns_logits
+        self._description = dict(description or {})
+        if frozen:
+            self.network.requires_grad_(False)
+            self.network.eval()
+
+    @classmethod
+    def from_model(cls, model: nn.Module, layers: Sequence[str]) -> LPIPS:
+        """Self-bounded LPIPS: the classifier ``model`` (``[0, 1]`` images → logits) defines it.
+
+        ``layers`` name modules of ``model``, e.g. ``["network.layer3", "network.layer4"]`` for
+        an :class:`~engine.models.ImageClassifier` wrapping a ResNet. The classifier is used
+        as it is — not frozen, not switched to eval mode — so the distance follows its current
+        parameters (self-bounded PAT trains it); :meth:`logits_and_features` gives the logits
+        and the LPIPS features from one forward pass.
+        """
+        if isinstance(model, ImageClassifier):
+            info = model.description
+            model_name, weights = info["classifier"], info["weights"]
+        else:
+            model_name, weights = type(model).__name__, "custom"
+        description = {"lpips_model": model_name, "lpips_weights": weights}
+        return cls(model, layers, description=description, frozen=False, returns_logits=True)
+
+    @property
+    def description(self) -> dict:
+        """What defines this distance, for manifests: model, weights, linear, layers."""
+        return {
+            "lpips_model": self._description.get("lpips_model", type(self.network).__name__),
+            "lpips_weights": self._description.get("lpips_weights", "custom"),
+            "lpips_linear": self.linear,
+            "lpips_layers": list(self.layers),
+        }
+
+    def train(self, mode: bool = True) -> LPIPS:
+        super().train(mode)
+        if self.frozen:
+            self.network.eval()
+        return self
+
+    # -- features --------------------------------------------------------------------------
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        """Channel-normalised activations of each layer, ``[N, C_l, H_l, W_l]`` per layer."""
+        check_images(x)
+        return self._run(x)[1]
+
+    def logits_and_features(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Logits ``[N, classes]`` and :meth:`features` from a single forward pass.
+
+        Only for a distance built with :meth:`from_model` (a standard backbone is truncated
+        after its last LPIPS layer and has no classifier head).
+        """
+        if not self.returns_logits:
+            raise EngineError(
+                "this LPIPS network is a truncated backbone without logits; build a"
+                " self-bounded one with LPIPS.from_model(classifier, layers)"
+            )
+        check_images(x)
+        return self._run(x)
+
+    def distance_from_features(self, fx: Sequence[Tensor], fy: Sequence[Tensor]) -> Tensor:
+        """The distance ``[N]`` between two outputs of :meth:`features` (e.g. cached ones)."""
+        if not self.linear:
+            return torch.linalg.vector_norm(flatten_features(fx) - flatten_features(fy), dim=1)
+        total = 0
+        for i, (a, b) in enumerate(zip(fx, fy, strict=True)):
+            weights = getattr(self, f"lin{i}")
+            total = total + (weights * (a - b) ** 2).sum(dim=1).mean(dim=(1, 2))
+        return total
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """LPIPS distance ``[N]`` between image batches ``x``, ``y`` ``[N, 3, H, W]`` in [0, 1]."""
+        check_pair(x, y)
+        return self.distance_from_features(self._run(x)[1], self._run(y)[1])
+
+    def _run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """One forward pass of the network; returns its output and the normalised features."""
+        reference = next(iter(self.network.parameters()), None)
+        if reference is not None and (reference.device, reference.dtype) != (x.device, x.dtype):
+            raise EngineError(
+                f"images are {x.dtype} on {x.device} but the LPIPS network is"
+                f" {reference.dtype} on {reference.device}; move it with lpips.to(images)"
+            )
+        with self._capture() as captured:
+            output = self.network(x)
+        missing = [name for name in self.layers if name not in captured]
+        if missing:
+            raise EngineError(f"LPIPS layers {missing} did not run in the network's forward pass")
+        return output, [captured[name] for name in self.layers]
+
+    @contextmanager
+    def _capture(self) -> Iterator[dict[str, Tensor]]:
+        """Forward hooks, only for the duration of one pass, that collect normalised outputs.
+
+        Normalising inside the hook reads each output before later in-place operations (e.g.
+        ``ReLU(inplace=True)``) could change it; autograd then reports any such change loudly.
+        """
+        captured: dict[str, Tensor] = {}
+
+        def hook_for(name: str):
+            def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+                if name in captured:
+                    raise EngineError(
+                        f"LPIPS layer {name!r} runs more than once per forward pass (a shared"
+                        " module such as a ResNet block's relu); choose its parent instead"
+                    )
+                if not isinstance(output, Tensor) or output.dim() < 2:
+                    raise EngineError(f"LPIPS layer {name!r} must output a [N, C, ...] tensor")
+                captured[name] = normalize_channels(output)
+
+            return hook
+
+        handles = [
+            self.network.get_submodule(name).register_forward_hook(hook_for(name))
+            for name in self.layers
+        ]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def flatten_features(features: Sequence[Tensor]) -> Tensor:
+    """PAT's ``φ`` ``[N, M]``: each layer flattened, divided by ``sqrt(H_l·W_l)``, concatenated."""
+    return torch.cat([f.flatten(1) / math.sqrt(f[0, 0].numel()) for f in features], dim=1)
+
+
+def _check_layer_names(network: nn.Module, layers: Sequence[str]) -> None:
+    names = [name for name, _ in network.named_modules() if name]
+    for layer in layers:
+        if layer not in names:
+            close = difflib.get_close_matches(layer, names, n=5)
+            hint = f"; did you mean {close}?" if close else ""
+            raise EngineError(
+                f"unknown LPIPS layer {layer!r} in {type(network).__name__}{hint} Valid names"
+                f" include: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}"
+            )
+
+
+# --------------------------------------------------------------------------- standard backbones
+
+
+def _trunk(arch: str, backbone: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
+    """The backbone cut after its last LPIPS layer (named as in torchvision) and those layers."""
+    if arch == "alexnet":  # the 5 ReLU outputs of `features`
+        taps = [i for i, m in enumerate(backbone.features) if isinstance(m, nn.ReLU)]
+    elif arch.startswith("vgg"):  # the ReLU right before each max-pool (relu1_2 ... relu5_3)
+        taps = [i - 1 for i, m in enumerate(backbone.features) if isinstance(m, nn.MaxPool2d)]
+    elif arch.startswith(("resnet", "wide_resnet")):  # conv2_x ... conv5_x
+        stem = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        return {name: getattr(backbone, name) for name in stem}, stem[4:]
+    else:
+        raise EngineError(
+            f"no LPIPS layer layout for {arch!r} (alexnet, vgg*, resnet*, wide_resnet*);"
+            " for another network use LPIPS.from_model(model, layers=[...])"
+        )
+    return {"features": backbone.features[: taps[-1] + 1]}, [f"features.{i}" for i in taps]
+
+
+def _lpips_package_linear_weights(arch: str) -> list[Tensor]:
+    """The v0.1 linear calibration shipped inside the installed ``lpips`` package (no download)."""
+    found = importlib.util.find_spec("lpips")  # locate without importing the package
+    folder = Path(next(iter(found.submodule_search_locations))) if found else None
+    path = folder / "weights" / "v0.1" / LINEAR_WEIGHT_FILES[arch] if folder else None
+    if path is None or not path.is_file():
+        raise WeightsUnavailableError(
+            f"linear LPIPS weights for {arch!r} not found (looked for {path}); they ship with"
+            " the 'lpips' package (pip install lpips), or use linear=False"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return [state[f"lin{i}.model.1.weight"].flatten() for i in range(5)]
+
+
+def build_lpips(spec: str | NetworkSpec, *, linear: bool = False) -> LPIPS:
+    """LPIPS on a standard torchvision backbone, e.g. ``alexnet``, ``vgg16:untrained``.
+
+    ``spec`` is a network spec (:func:`engine.models.parse_network`). Layers: AlexNet's 5
+    ReLUs, VGG's ReLUs before each max-pool, ResNet's ``layer1``…``layer4``. Inputs are
+    ``[0, 1]`` images; the network normalises them (ImageNet mean/std).
+
+    ``linear=True`` (AlexNet and VGG-16 only) adds the learned calibration of the ``lpips``
+    package (its v0.1 weights, read from the installed package) and its input scaling
+    ``(2x − 1 − shift) / scale``: the value then equals ``lpips.LPIPS(net=...)(x, y,
+    normalize=True)`` for the same backbone weights (a squared distance, see :class:`LPIPS`).
+
+    Raises :class:`EngineError` for an unknown backbone or an unsupported ``linear``, and
+    :class:`WeightsUnavailableError` (from :func:`engine.models.build_backbone`) when
+    pretrained weights cannot be loaded. Untrained backbones use torch's global RNG: seed it.
+    """
+    if isinstance(spec, str):
+        spec = parse_network(spec)
+    if linear and spec.arch not in LINEAR_WEIGHT_FILES:
+        raise EngineError(
+            f"linear LPIPS calibration exists only for {sorted(LINEAR_WEIGHT_FILES)},"
+            f" not {spec.arch!r}; use linear=False"
+        )
+    linear_weights = _lpips_package_linear_weights(spec.arch) if linear else None
+    if linear:  # (2x − 1 − shift) / scale == (x − (1 + shift) / 2) / (scale / 2)
+        normalize = Normalize(
+            mean=[(1 + s) / 2 for s in LPIPS_PACKAGE_SHIFT],
+            std=[s / 2 for s in LPIPS_PACKAGE_SCALE],
+        )
+    else:
+        normalize = Normalize()
+    parts, layers = _trunk(spec.arch, build_backbone(spec))
+    network = nn.Sequential(OrderedDict([("normalize", normalize), *parts.items()]))
+    description = {"lpips_model": spec.arch, "lpips_weights": spec.weights_label}
+    return LPIPS(network, layers, linear_weights=linear_weights, description=description)
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@torch.no_grad()
+def pairwise_distances(
+    x: Tensor, y: Tensor, lpips_models: dict[str, LPIPS] | None = None
+) -> dict[str, Tensor]:
+    """All distances for stimulus manifests: ``{"l2", "linf", "ssim", "lpips_<name>"}`` → ``[N]``.
+
+    ``x``, ``y``: ``[N, 3, H, W]`` in ``[0, 1]`` (``H, W ≥ 11`` for SSIM). No gradients.
+    ``ssim`` is the similarity (1: identical); the others are distances (0: identical).
+    """
+    distances = {"l2": l2_distance(x, y), "linf": linf_distance(x, y), "ssim": ssim(x, y)}
+    for name, model in (lpips_models or {}).items():
+        distances[f"lpips_{name}"] = model(x, y)
+    return distances

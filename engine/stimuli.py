@@ -1,0 +1,306 @@
+"""Stimulus sets for JND studies: natural images × conditions → lossless PNG pairs + manifest.
+
+A *condition* is a threat model at a bound, given as an attack spec
+(``linf:bound=4/255,num_iterations=10``). Each source image is attacked under each condition
+against a classifier; both images are stored as 8-bit PNG (no metadata chunks) and every
+distance is measured on the stored 8-bit images, i.e. on exactly what a participant sees.
+*Sentinel* pairs show the same natural image twice.
+
+The natural images have no labels a classifier trained elsewhere understands, so every attack
+is untargeted away from the classifier's own prediction on the natural image (``label``);
+``attack_success`` means the stored adversarial image is classified differently.
+
+Output folder layout (all names are file-safe)::
+
+    OUT/natural/<source>.png
+    OUT/<condition-slug>/<source>.png
+    OUT/manifest.json   # everything, see Manifest
+    OUT/manifest.csv    # one row per pair, distances as columns
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import platform
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .attacks import parse_attack
+from .data import SourceImage
+from .distances import LPIPS, pairwise_distances
+from .errors import EngineError
+from .models import ImageClassifier
+
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class PairRecord:
+    """One row of the manifest. Paths are relative to the output folder."""
+
+    key: str
+    source_image: str
+    is_sentinel: bool
+    condition: str | None
+    threat_model: str | None
+    bound: float | None
+    natural_path: str
+    other_path: str
+    width: int
+    height: int
+    label: int
+    adversarial_label: int
+    attack_success: bool | None
+    within_bound: bool | None
+    distances: dict[str, float]
+    natural_sha256: str
+    other_sha256: str
+    origin: str
+
+
+@dataclass
+class Manifest:
+    """What was generated and how: enough to regenerate it bit for bit."""
+
+    generator: dict
+    conditions: list[dict]
+    pairs: list[PairRecord] = field(default_factory=list)
+    version: int = MANIFEST_VERSION
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version,
+            "generator": self.generator,
+            "conditions": self.conditions,
+            "pairs": [asdict(p) for p in self.pairs],
+        }
+
+    def write(self, out_dir: Path) -> None:
+        (out_dir / "manifest.json").write_text(json.dumps(self.to_json(), indent=1))
+        distance_keys = sorted({k for p in self.pairs for k in p.distances})
+        columns = [k for k in PairRecord.__dataclass_fields__ if k != "distances"]
+        with open(out_dir / "manifest.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(columns + distance_keys)
+            for p in self.pairs:
+                row = asdict(p)
+                writer.writerow(
+                    [row[c] for c in columns] + [p.distances.get(k) for k in distance_keys]
+                )
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """Encode ``[H, W, 3]`` uint8 as PNG with only IHDR/IDAT/IEND (no text, time or gamma)."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def quantize_toward(natural_u8: np.ndarray, adversarial: torch.Tensor) -> np.ndarray:
+    """8-bit adversarial images whose perturbation is rounded toward zero, per value.
+
+    Rounding to the nearest level could push a perturbation that sits on its L2 ball (or an
+    L∞ bound that is not a multiple of 1/255) outside the bound; truncating toward the
+    natural image never makes any Lp norm larger. Values within 1e-3 of a level count as that
+    level, so float error cannot cost a whole step. Returns ``[N, H, W, 3]`` uint8.
+    """
+    delta = adversarial.detach().double().cpu().permute(
+        0, 2, 3, 1
+    ).numpy() * 255 - natural_u8.astype(np.float64)
+    steps = np.trunc(delta + np.sign(delta) * 1e-3)
+    return np.clip(natural_u8.astype(np.int16) + steps.astype(np.int16), 0, 255).astype(np.uint8)
+
+
+def from_uint8(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[N, H, W, 3]`` uint8 → ``[N, 3, H, W]`` float32 in [0, 1] on ``device``."""
+    return (
+        torch.from_numpy(np.ascontiguousarray(pixels))
+        .permute(0, 3, 1, 2)
+        .float()
+        .div(255)
+        .to(device)
+    )
+
+
+def condition_slug(spec: str) -> str:
+    """A file-safe folder name for a spec: ``linf:bound=0.0157`` → ``linf_bound-0.0157``."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in spec.replace("=", "-"))
+
+
+def _perturbation_size(attack, natural: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
+    """Size of ``other − natural`` in the attack's own bound units, if the attack defines it."""
+    measure = getattr(attack, "perturbation_size", None)
+    return measure(natural, other) if measure is not None else None
+
+
+def _write(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def generate_stimuli(
+    sources: list[SourceImage],
+    attack_specs: list[str],
+    classifier: ImageClassifier,
+    out_dir: str | Path,
+    *,
+    lpips_models: dict[str, LPIPS] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    sentinels: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Manifest:
+    """Attack every source under every spec and write pairs, sentinels and the manifest.
+
+    ``sentinels`` is how many sentinel pairs to add (default: one per source image, capped by
+    the number of sources), chosen reproducibly from the sources. Raises
+    :class:`EngineError` for unknown or malformed specs before anything is written.
+    Deterministic for a seed: the same inputs give byte-identical PNGs and manifest.
+    """
+    if not sources:
+        raise EngineError("no source images to build stimuli from")
+    if not attack_specs:
+        raise EngineError("at least one attack spec (condition) is needed")
+    if batch_size < 1:
+        raise EngineError(f"batch_size must be at least 1, got {batch_size}")
+    attacks = [parse_attack(spec) for spec in attack_specs]  # every spec checked before work
+    canonical = [a.spec for a in attacks]
+    duplicates = {s for s in canonical if canonical.count(s) > 1}
+    if duplicates:
+        raise EngineError(f"condition given twice: {', '.join(sorted(duplicates))}")
+    sizes = {s.pixels.shape for s in sources}
+    if len(sizes) != 1:
+        raise EngineError(f"source images must share one size, got {sorted(sizes)}")
+    n_sentinels = len(sources) if sentinels is None else sentinels
+    if not 0 <= n_sentinels <= len(sources):
+        raise EngineError(f"sentinels must be between 0 and {len(sources)}, got {n_sentinels}")
+
+    out_dir = Path(out_dir)
+    device = torch.device(device)
+    lpips_models = {name: m.to(device).eval() for name, m in (lpips_models or {}).items()}
+    classifier = classifier.to(device).eval()
+    height, width = sources[0].pixels.shape[:2]
+
+    natural_u8 = np.stack([s.pixels for s in sources])
+    with torch.no_grad():
+        labels = torch.cat(
+            [
+                classifier(from_uint8(natural_u8[i : i + batch_size], device)).argmax(1)
+                for i in range(0, len(sources), batch_size)
+            ]
+        )
+    natural_paths, natural_hashes = [], []
+    for s in sources:
+        rel = f"natural/{s.id}.png"
+        natural_hashes.append(_write(out_dir / rel, png_bytes(s.pixels)))
+        natural_paths.append(rel)
+
+    generator_info = {
+        **classifier.description,
+        "lpips_models": {name: m.description for name, m in lpips_models.items()},
+        "seed": seed,
+        "image_size": [height, width],
+        "labels": "classifier prediction on the natural image (untargeted attacks)",
+        "torch": torch.__version__,
+        "device": str(device),
+        "python": platform.python_version(),
+    }
+    manifest = Manifest(
+        generator=generator_info,
+        conditions=[
+            {
+                "spec": a.spec,
+                "threat_model": a.name,
+                "bound": float(a.bound),
+                "slug": condition_slug(a.spec),
+                "parameters": a.describe(),
+            }
+            for a in attacks
+        ],
+    )
+
+    batches = [(a, i) for a in attacks for i in range(0, len(sources), batch_size)]
+    for attack, start in tqdm(batches, desc="attacking", unit="batch", disable=not progress):
+        stop = min(start + batch_size, len(sources))
+        natural = from_uint8(natural_u8[start:stop], device)
+        generator = torch.Generator().manual_seed(
+            zlib.crc32(f"{seed}|{attack.spec}|{start}".encode())
+        )
+        result = attack(classifier, natural, labels[start:stop], generator=generator)
+        adversarial_u8 = quantize_toward(natural_u8[start:stop], result.adversarial)
+        shown = from_uint8(adversarial_u8, device)  # measure what is stored and shown
+        with torch.no_grad():
+            predicted = classifier(shown).argmax(1)
+            distances = pairwise_distances(natural, shown, lpips_models)
+            size = _perturbation_size(attack, natural, shown)
+        slug = condition_slug(attack.spec)
+        for j, idx in enumerate(range(start, stop)):
+            src = sources[idx]
+            rel = f"{slug}/{src.id}.png"
+            other_hash = _write(out_dir / rel, png_bytes(adversarial_u8[j]))
+            manifest.pairs.append(
+                PairRecord(
+                    key=f"{src.id}|{attack.spec}",
+                    source_image=src.id,
+                    is_sentinel=False,
+                    condition=attack.spec,
+                    threat_model=attack.name,
+                    bound=float(attack.bound),
+                    natural_path=natural_paths[idx],
+                    other_path=rel,
+                    width=width,
+                    height=height,
+                    label=int(labels[idx]),
+                    adversarial_label=int(predicted[j]),
+                    attack_success=bool(predicted[j] != labels[idx]),
+                    within_bound=None
+                    if size is None
+                    else bool(size[j] <= attack.bound * (1 + 1e-4)),
+                    distances={k: float(v[j]) for k, v in distances.items()},
+                    natural_sha256=natural_hashes[idx],
+                    other_sha256=other_hash,
+                    origin=src.origin,
+                )
+            )
+
+    rng = np.random.default_rng(seed)
+    for idx in sorted(rng.choice(len(sources), size=n_sentinels, replace=False).tolist()):
+        src = sources[idx]
+        natural = from_uint8(natural_u8[idx : idx + 1], device)
+        with torch.no_grad():
+            distances = pairwise_distances(natural, natural, lpips_models)
+        manifest.pairs.append(
+            PairRecord(
+                key=f"{src.id}|sentinel",
+                source_image=src.id,
+                is_sentinel=True,
+                condition=None,
+                threat_model=None,
+                bound=None,
+                natural_path=natural_paths[idx],
+                other_path=natural_paths[idx],
+                width=width,
+                height=height,
+                label=int(labels[idx]),
+                adversarial_label=int(labels[idx]),
+                attack_success=None,
+                within_bound=None,
+                distances={k: float(v[0]) for k, v in distances.items()},
+                natural_sha256=natural_hashes[idx],
+                other_sha256=natural_hashes[idx],
+                origin=src.origin,
+            )
+        )
+    manifest.write(out_dir)
+    return manifest

@@ -1,0 +1,1 @@
+"""Django project and app of the perceptual-study platform (JND studies with crowdworkers)."""

@@ -1,0 +1,128 @@
+"""``manage.py demo``: a ready-to-take JND study built from the bundled photographs."""
+
+from __future__ import annotations
+
+import secrets
+
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from engine.attacks import parse_attack
+from engine.distances import build_lpips
+from engine.errors import EngineError, WeightsUnavailableError
+from engine.models import load_classifier
+from studyapp.models import Study
+from studyapp.services import (
+    GenerationRequest,
+    StimulusImportError,
+    generate_into_study,
+    pretrained_or_untrained,
+)
+
+# PAT paper, table 4 (ImageNet-100, 224 px): small / medium / large bounds, given there for
+# images in [0, 255]; divided by 255 here because our images are in [0, 1].
+DEMO_CONDITIONS = [
+    ("linf", "2/255", "small"),
+    ("linf", "4/255", "medium"),
+    ("linf", "8/255", "large"),
+    ("l2", "600/255", "small"),
+    ("l2", "1200/255", "medium"),
+    ("l2", "2400/255", "large"),
+]
+DEMO_INSTRUCTIONS = (
+    "You will see an image for one second, a short blank, then a second image for one second."
+    " Sometimes the two are exactly the same image; sometimes the second has been changed very"
+    " slightly. After each pair, answer whether the two images were the SAME or DIFFERENT"
+    " (keys F and J, or the buttons). Answer as well as you can; guessing is fine."
+)
+
+
+class Command(BaseCommand):
+    help = (
+        "Build (or refresh) the demo study from scikit-image's bundled photographs: L-inf and L2"
+        " PGD at the PAT paper's three ImageNet bounds each, plus sentinel pairs. Uses"
+        " ImageNet-pretrained torchvision weights when they load, else explicitly untrained"
+        " networks (said in the output and in the study's description). Prints the"
+        " participant link, the staff link and staff credentials."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--slug", default="demo")
+        parser.add_argument("--classifier", default="resnet18")
+        parser.add_argument("--lpips", default="alexnet")
+        parser.add_argument("--size", type=int, default=224, help="crop side in pixels")
+        parser.add_argument("--crops-per-image", type=int, default=2)
+        parser.add_argument("--num-iterations", type=int, default=10)
+        parser.add_argument("--trials-per-session", type=int, default=20)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--host", default="127.0.0.1:8000", help="host:port for the links")
+        parser.add_argument("--staff-user", default="staff")
+        parser.add_argument("--serve", action="store_true", help="then run the dev server")
+        parser.add_argument("--no-progress", action="store_true")
+
+    def handle(self, *args, **opts):
+        call_command("migrate", verbosity=0, interactive=False)
+        log = self.stdout.write
+        classifier = pretrained_or_untrained(load_classifier, opts["classifier"], log)
+        lpips = pretrained_or_untrained(build_lpips, opts["lpips"], log)
+        untrained = [s for s in (classifier, lpips) if s.endswith(":untrained")]
+        specs = tuple(
+            f"{name}:bound={bound},num_iterations={opts['num_iterations']}"
+            for name, bound, _ in DEMO_CONDITIONS
+        )
+        description = (
+            f"Demo study: bundled scikit-image photographs, {opts['crops_per_image']} crop(s)"
+            f" each at {opts['size']} px; L-inf and L2 PGD at the PAT paper's table-4 bounds"
+            f" against {classifier}; LPIPS measured with {lpips}."
+        )
+        if untrained:
+            description += (
+                f" Networks are UNTRAINED ({', '.join(untrained)}): pretrained weights were not"
+                " available offline, so attack success is against a random network."
+            )
+        study, _ = Study.objects.update_or_create(
+            slug=opts["slug"],
+            defaults={
+                "title": "Demo: are these two images the same?",
+                "description": description,
+                "instructions": DEMO_INSTRUCTIONS,
+                "trials_per_session": opts["trials_per_session"],
+                "is_active": True,
+            },
+        )
+        request = GenerationRequest(
+            specs=specs,
+            images="skimage",
+            classifier=classifier,
+            lpips=(lpips,),
+            size=opts["size"],
+            crops_per_image=opts["crops_per_image"],
+            seed=opts["seed"],
+        )
+        try:
+            summary = generate_into_study(study, request, progress=not opts["no_progress"])
+        except (EngineError, WeightsUnavailableError, StimulusImportError) as exc:
+            raise CommandError(str(exc)) from exc
+        for spec, (_, _, label) in zip(specs, DEMO_CONDITIONS, strict=True):
+            study.conditions.filter(spec=parse_attack(spec).spec).update(label=label)
+        password = secrets.token_urlsafe(12)
+        user, _ = get_user_model().objects.get_or_create(username=opts["staff_user"])
+        user.is_staff = user.is_superuser = True
+        user.set_password(password)
+        user.save()
+        base = f"http://{opts['host']}"
+        log(
+            f"\nDemo study {study.slug!r}: {study.pairs.count()} pairs"
+            f" ({study.pairs.filter(is_sentinel=True).count()} sentinels),"
+            f" {study.conditions.count()} conditions"
+            f" [{summary.created} new, {summary.updated} updated, {summary.unchanged} unchanged]"
+        )
+        if untrained:
+            log(f"NOTE: UNTRAINED networks were used: {', '.join(untrained)}")
+        log(f"Participant link: {base}/study/{study.slug}/")
+        log(f"Staff page:       {base}/staff/   (admin: {base}/admin/)")
+        log(f"Staff login:      {opts['staff_user']} / {password}")
+        log(f"Results:          python manage.py analyze --study {study.slug}")
+        if opts["serve"]:
+            call_command("runserver", opts["host"], use_reloader=False)

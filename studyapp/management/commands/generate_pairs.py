@@ -1,0 +1,87 @@
+"""``manage.py generate_pairs``: attack natural images under conditions and store the pairs."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from engine.errors import EngineError, WeightsUnavailableError
+from studyapp.models import Study
+from studyapp.services import GenerationRequest, StimulusImportError, generate_into_study
+
+
+class Command(BaseCommand):
+    help = (
+        "Generate adversarial image pairs (one per source image and attack spec) plus sentinel"
+        " pairs, store them as lossless PNGs and rows of a study. Re-running with the same"
+        " arguments updates rows in place and never duplicates them."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--study", required=True, help="study slug (created if missing)")
+        parser.add_argument("--title", help="title of a new study (default: the slug)")
+        parser.add_argument(
+            "--spec",
+            dest="specs",
+            action="append",
+            required=True,
+            metavar="SPEC",
+            help="attack spec, repeatable, e.g. 'linf:bound=4/255,num_iterations=10'",
+        )
+        parser.add_argument(
+            "--images",
+            default="skimage",
+            help="'skimage' (bundled photographs), a folder path, or torchvision:NAME[:ROOT]",
+        )
+        parser.add_argument(
+            "--classifier", default="resnet50", help="e.g. resnet50, alexnet:untrained"
+        )
+        parser.add_argument(
+            "--lpips",
+            action="append",
+            metavar="NETWORK",
+            help="LPIPS network(s) to measure every pair with (default: alexnet), repeatable",
+        )
+        parser.add_argument("--size", type=int, default=224, help="crop side in pixels")
+        parser.add_argument("--crops-per-image", type=int, default=1)
+        parser.add_argument("--max-images", type=int, help="use at most this many crops")
+        parser.add_argument("--sentinels", type=int, help="sentinel pairs (default: one per image)")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--batch-size", type=int, default=16)
+        parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        parser.add_argument("--no-progress", action="store_true")
+
+    def handle(self, *args, **opts):
+        request = GenerationRequest(
+            specs=tuple(opts["specs"]),
+            images=opts["images"],
+            classifier=opts["classifier"],
+            lpips=tuple(opts["lpips"] or ["alexnet"]),
+            size=opts["size"],
+            crops_per_image=opts["crops_per_image"],
+            max_images=opts["max_images"],
+            sentinels=opts["sentinels"],
+            seed=opts["seed"],
+            batch_size=opts["batch_size"],
+            device=opts["device"],
+        )
+        study = Study.objects.filter(slug=opts["study"]).first()
+        created = study is None
+        if created:
+            study = Study(slug=opts["study"], title=opts["title"] or opts["study"])
+            try:
+                study.full_clean()
+            except Exception as exc:
+                raise CommandError(f"invalid study: {exc}") from exc
+            study.save()
+        try:
+            summary = generate_into_study(study, request, progress=not opts["no_progress"])
+        except (EngineError, WeightsUnavailableError, StimulusImportError) as exc:
+            if created:
+                study.delete()
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(
+            f"study {study.slug}: {summary.created} pairs created, {summary.updated} updated,"
+            f" {summary.unchanged} unchanged; {summary.conditions} conditions"
+        )
+        if summary.untrained:
+            self.stdout.write(f"UNTRAINED networks used: {', '.join(summary.untrained)}")

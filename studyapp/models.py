@@ -1,0 +1,264 @@
+"""Data model of a just-noticeable-difference (JND) study.
+
+Study ─┬─ Condition (threat model × bound)
+       ├─ Pair (natural image + its perturbed copy, or a sentinel: the same image twice)
+       └─ Participant ── Session ── Trial (one pair shown in a random order) ── Judgment
+
+Pair images are files under ``MEDIA_ROOT`` referenced by relative path; they are never served
+by path, only through per-trial URLs (``studyapp.views``), so nothing a participant sees names a
+condition or says whether a pair is a sentinel.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Count, Q
+
+
+def _session_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _completion_code() -> str:
+    return secrets.token_hex(4).upper()
+
+
+class Study(models.Model):
+    """A JND study: its pairs, its protocol settings, and who took it."""
+
+    slug = models.SlugField(unique=True, help_text="Appears in the participant link.")
+    title = models.CharField(max_length=200)
+    description = models.TextField(
+        blank=True, help_text="For staff: how the pairs were made (networks, weights, seed)."
+    )
+    instructions = models.TextField(
+        blank=True, help_text="Shown to participants before the first trial (plain text)."
+    )
+    is_active = models.BooleanField(default=True, help_text="Inactive studies refuse new sessions.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    # Protocol (PAT paper section 6; Zhang et al. 2018): image, blank, image, then same/different.
+    first_ms = models.PositiveIntegerField(
+        default=1000,
+        validators=[MinValueValidator(50), MaxValueValidator(10_000)],
+        help_text="How long the first image is shown, in milliseconds.",
+    )
+    blank_ms = models.PositiveIntegerField(
+        default=250,
+        validators=[MinValueValidator(0), MaxValueValidator(10_000)],
+        help_text="Blank screen between the images, in milliseconds.",
+    )
+    second_ms = models.PositiveIntegerField(
+        default=1000,
+        validators=[MinValueValidator(50), MaxValueValidator(10_000)],
+        help_text="How long the second image is shown, in milliseconds.",
+    )
+    trials_per_session = models.PositiveIntegerField(
+        default=20, validators=[MinValueValidator(1), MaxValueValidator(1000)]
+    )
+    sentinel_fraction = models.FloatField(
+        default=0.1,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share of each session's trials that are sentinel (identical) pairs.",
+    )
+    judgments_per_pair = models.PositiveIntegerField(
+        default=5,
+        validators=[MinValueValidator(1)],
+        help_text="How many judgments each non-sentinel pair should receive (K).",
+    )
+    generation = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="How the stimuli were generated: classifier, weights, LPIPS models, seed.",
+    )
+
+    class Meta:
+        verbose_name_plural = "studies"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.title or self.slug
+
+
+class Condition(models.Model):
+    """One threat model at one bound, e.g. ``linf:bound=4/255``."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="conditions")
+    threat_model = models.CharField(max_length=50, help_text="Registry name, e.g. linf, l2.")
+    bound = models.FloatField(
+        help_text="Bound in the threat model's own units (Lp: [0,1] pixel scale)."
+    )
+    spec = models.CharField(max_length=300, help_text="Canonical attack spec string.")
+    label = models.CharField(max_length=50, blank=True, help_text="e.g. small / medium / large")
+
+    class Meta:
+        ordering = ["threat_model", "bound"]
+        constraints = [
+            models.UniqueConstraint(fields=["study", "spec"], name="unique_condition_spec"),
+        ]
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+class PairQuerySet(models.QuerySet):
+    def with_judgment_counts(self) -> PairQuerySet:
+        """Annotate ``n_judgments``: judgments stored for this pair in any session."""
+        return self.annotate(n_judgments=Count("trials__judgment"))
+
+
+class Pair(models.Model):
+    """A natural image and a second image: its perturbed copy, or itself (a sentinel pair)."""
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="pairs")
+    condition = models.ForeignKey(
+        Condition,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="pairs",
+        help_text="Empty for sentinel pairs.",
+    )
+    is_sentinel = models.BooleanField(default=False)
+    key = models.CharField(
+        max_length=300,
+        help_text="Stable identity within the study (source image + spec); makes imports "
+        "idempotent.",
+    )
+    source_image = models.CharField(max_length=200, help_text="Which natural image (and crop).")
+    natural_path = models.CharField(max_length=500, help_text="PNG path relative to MEDIA_ROOT.")
+    other_path = models.CharField(
+        max_length=500,
+        help_text="Perturbed PNG (relative to MEDIA_ROOT); the natural one for sentinels.",
+    )
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    label = models.IntegerField(null=True, blank=True, help_text="Class the attack started from.")
+    adversarial_label = models.IntegerField(null=True, blank=True)
+    attack_success = models.BooleanField(null=True, blank=True)
+    distances = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Distances between the two images: l2, linf, ssim, lpips_<model> ...",
+    )
+    metadata = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = PairQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["study", "key"], name="unique_pair_key"),
+            models.CheckConstraint(
+                condition=Q(is_sentinel=True, condition__isnull=True)
+                | Q(is_sentinel=False, condition__isnull=False),
+                name="sentinel_iff_no_condition",
+            ),
+        ]
+
+    def clean(self) -> None:
+        if self.is_sentinel and self.natural_path != self.other_path:
+            raise ValidationError("a sentinel pair shows the same image twice")
+
+    def __str__(self) -> str:
+        return self.key
+
+
+class Participant(models.Model):
+    """Someone who took part, identified per recruitment source (anonymous for plain links)."""
+
+    SOURCES = [("link", "plain link"), ("mturk", "MTurk"), ("prolific", "Prolific")]
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="participants")
+    source = models.CharField(max_length=20, choices=SOURCES, default="link")
+    external_id = models.CharField(max_length=200)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["study", "source", "external_id"], name="unique_participant"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.external_id}"
+
+
+class Session(models.Model):
+    """One sitting of a participant: a fixed list of trials, then a completion code."""
+
+    participant = models.ForeignKey(Participant, on_delete=models.CASCADE, related_name="sessions")
+    token = models.CharField(max_length=64, unique=True, default=_session_token, editable=False)
+    started_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    completion_code = models.CharField(max_length=16, default=_completion_code, editable=False)
+    user_agent = models.TextField(blank=True)
+    client_info = models.JSONField(
+        default=dict, blank=True, help_text="Window size, device pixel ratio, refresh rate."
+    )
+
+    def __str__(self) -> str:
+        return f"session {self.pk} of {self.participant}"
+
+    @property
+    def study(self) -> Study:
+        return self.participant.study
+
+
+class Trial(models.Model):
+    """A pair as shown in one session, at one position, with the order of its two images."""
+
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="trials")
+    position = models.PositiveIntegerField(help_text="0-based order within the session.")
+    pair = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="trials")
+    natural_first = models.BooleanField(
+        help_text="True when the natural image was shown first (randomised per trial)."
+    )
+
+    class Meta:
+        ordering = ["session", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["session", "position"], name="unique_trial_position"),
+            models.UniqueConstraint(fields=["session", "pair"], name="unique_trial_pair"),
+        ]
+
+    def __str__(self) -> str:
+        return f"trial {self.position} of session {self.session_id}"
+
+    def image_path(self, slot: int) -> str:
+        """Relative path of the image shown in ``slot`` 1 (first) or 2 (second)."""
+        first_natural = self.natural_first
+        if slot not in (1, 2):
+            raise ValueError(f"slot must be 1 or 2, got {slot}")
+        natural = (slot == 1) == first_natural
+        return self.pair.natural_path if natural else self.pair.other_path
+
+
+class Judgment(models.Model):
+    """A participant's answer to one trial, with the on-screen durations the browser measured."""
+
+    RESPONSES = [("same", "same"), ("different", "different")]
+
+    trial = models.OneToOneField(Trial, on_delete=models.CASCADE, related_name="judgment")
+    response = models.CharField(max_length=10, choices=RESPONSES)
+    response_time_ms = models.FloatField(
+        help_text="From the response prompt appearing to the key press or click, in ms."
+    )
+    first_ms = models.FloatField(help_text="Measured on-screen time of the first image, ms.")
+    blank_ms = models.FloatField(help_text="Measured blank between the images, ms.")
+    second_ms = models.FloatField(help_text="Measured on-screen time of the second image, ms.")
+    idempotency_key = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.response} on {self.trial}"
+
+    @property
+    def said_different(self) -> bool:
+        return self.response == "different"

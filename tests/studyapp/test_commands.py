@@ -1,0 +1,273 @@
+"""Management commands generate_pairs, demo and analyze, end to end on real files and rows."""
+
+from __future__ import annotations
+
+import io
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from PIL import Image
+
+from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study
+from studyapp.scheduler import start_session
+from studyapp.services import GenerationRequest, StimulusImportError, generate_into_study
+
+FAST = [
+    "--size",
+    "64",
+    "--max-images",
+    "2",
+    "--classifier",
+    "resnet18:untrained",
+    "--lpips",
+    "alexnet:untrained",
+    "--no-progress",
+]
+SPEC = "linf:bound=8/255,num_iterations=2"
+
+
+@pytest.fixture(autouse=True)
+def media(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.VAR_DIR = tmp_path
+    return settings.MEDIA_ROOT
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No pretrained weights anywhere: the download fails as it does on a machine offline."""
+
+    def refuse(url, *args, **kwargs):
+        raise urllib.error.URLError("offline (test)")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+
+
+def run(*args) -> str:
+    out = io.StringIO()
+    call_command(*args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+def media_files(media) -> list:
+    return sorted(p for p in media.rglob("*") if p.is_file()) if media.exists() else []
+
+
+@pytest.mark.django_db
+def test_generate_pairs_creates_rows_and_files_and_is_idempotent(media):
+    out = run(
+        "generate_pairs",
+        "--study",
+        "s1",
+        "--spec",
+        SPEC,
+        "--spec",
+        "l2:bound=0.5,num_iterations=2",
+        *FAST,
+    )
+    assert "6 pairs created" in out and "UNTRAINED" in out
+    study = Study.objects.get(slug="s1")
+    assert study.conditions.count() == 2
+    assert study.pairs.filter(is_sentinel=True).count() == 2
+    for pair in study.pairs.all():
+        assert (media / pair.natural_path).is_file() and (media / pair.other_path).is_file()
+        assert {"l2", "linf", "ssim", "lpips_alexnet"} <= set(pair.distances)
+    assert "untrained" in study.description.lower()
+    files = media_files(media)
+    again = run(
+        "generate_pairs",
+        "--study",
+        "s1",
+        "--spec",
+        SPEC,
+        "--spec",
+        "l2:bound=0.5,num_iterations=2",
+        *FAST,
+    )
+    assert "0 pairs created, 0 updated, 6 unchanged" in again
+    assert Pair.objects.count() == 6 and Condition.objects.count() == 2
+    assert media_files(media) == files  # no staging leftovers, no new files
+
+
+NETS = ["--classifier", "resnet18:untrained", "--lpips", "alexnet:untrained"]
+SMALL = ["--size", "64", "--max-images", "2", "--no-progress"]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--spec", "nosuch:bound=1", *NETS], "nosuch"),
+        (["--spec", "linf:bound", *NETS], "bound"),
+        (
+            ["--spec", SPEC, "--classifier", "notanet", "--lpips", "alexnet:untrained"],
+            "unknown network 'notanet'",
+        ),
+        (["--spec", SPEC, "--classifier", "resnet18:untrained", "--lpips", "notanet"], "notanet"),
+        (["--spec", SPEC, "--images", "/no/such/folder", *NETS], "does not exist"),
+        (["--spec", SPEC, "--device", "tpu", *NETS], "unknown device"),
+    ],
+    ids=[
+        "unknown-attack",
+        "malformed-spec",
+        "unknown-classifier",
+        "unknown-lpips",
+        "missing-folder",
+        "bad-device",
+    ],
+)
+def test_generate_pairs_bad_input_writes_nothing(media, args, message):
+    with pytest.raises(CommandError, match=message):
+        run("generate_pairs", "--study", "bad", *SMALL, *args)
+    assert not Study.objects.exists() and not Pair.objects.exists()
+    assert media_files(media) == []
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("kind", ["corrupt", "grayscale"])
+def test_generate_pairs_rejects_bad_images(media, tmp_path, kind):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 40, 3), 128, np.uint8)).save(folder / "good.png")
+    if kind == "corrupt":
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    else:
+        Image.new("L", (40, 40)).save(folder / "gray.png")
+    with pytest.raises(CommandError, match="broken.png|gray.png"):
+        run("generate_pairs", "--study", "imgs", "--spec", SPEC, "--images", str(folder), *FAST)
+    assert not Study.objects.exists() and media_files(media) == []
+
+
+@pytest.mark.django_db
+def test_missing_pretrained_weights_is_a_clear_error(media, offline):
+    with pytest.raises(CommandError, match=r"resnet18.*checkpoints.*untrained"):
+        run(
+            "generate_pairs",
+            "--study",
+            "w",
+            "--spec",
+            SPEC,
+            "--size",
+            "64",
+            "--max-images",
+            "1",
+            "--classifier",
+            "resnet18",
+            "--lpips",
+            "alexnet:untrained",
+            "--no-progress",
+        )
+    assert not Study.objects.exists() and media_files(media) == []
+
+
+@pytest.mark.django_db
+def test_pairs_already_shown_are_never_changed(media):
+    study = Study.objects.create(slug="kept", title="kept")
+    request = GenerationRequest(
+        specs=(SPEC,),
+        classifier="resnet18:untrained",
+        lpips=("alexnet:untrained",),
+        size=64,
+        max_images=1,
+        seed=0,
+    )
+    generate_into_study(study, request, progress=False)
+    participant = Participant.objects.create(study=study, external_id="p1")
+    start_session(participant)
+    before = {p.key: (p.other_path, dict(p.metadata)) for p in study.pairs.all()}
+    snapshot = {p: p.read_bytes() for p in media_files(media)}
+    changed = GenerationRequest(**{**request.__dict__, "seed": 1})
+    with pytest.raises(StimulusImportError, match="already shown"):
+        generate_into_study(study, changed, progress=False)
+    assert {p.key: (p.other_path, dict(p.metadata)) for p in study.pairs.all()} == before
+    assert {p: p.read_bytes() for p in media_files(media)} == snapshot
+
+
+@pytest.mark.django_db
+def test_demo_builds_the_study_prints_links_and_reruns_cleanly(media, offline):
+    argv = [
+        "demo",
+        "--size",
+        "64",
+        "--crops-per-image",
+        "1",
+        "--num-iterations",
+        "1",
+        "--no-progress",
+        "--classifier",
+        "resnet18",
+        "--lpips",
+        "alexnet",
+    ]
+    out = run(*argv)
+    study = Study.objects.get(slug="demo")
+    assert study.conditions.count() == 6
+    assert sorted(study.conditions.values_list("label", flat=True)) == sorted(
+        ["small", "medium", "large"] * 2
+    )
+    assert study.pairs.filter(is_sentinel=False).count() == 6 * 6
+    assert study.pairs.filter(is_sentinel=True).count() == 6
+    assert "UNTRAINED" in out and "UNTRAINED" in study.description
+    assert "http://127.0.0.1:8000/study/demo/" in out and "/staff/" in out
+    password = out.split("Staff login:")[1].split("/")[1].split()[0]
+    assert get_user_model().objects.get(username="staff").check_password(password)
+    assert study.generation["weights"] == "untrained"
+    out2 = run(*argv)
+    assert Pair.objects.count() == 42 and Condition.objects.count() == 6
+    assert get_user_model().objects.count() == 1 and Study.objects.count() == 1
+    assert "0 new" in out2
+
+
+@pytest.mark.django_db
+def test_analyze_prints_perceptibility_and_writes_csv(media, tmp_path):
+    run(
+        "generate_pairs",
+        "--study",
+        "a",
+        "--spec",
+        SPEC,
+        "--spec",
+        "linf:bound=2/255,num_iterations=2",
+        "--spec",
+        "l2:bound=0.5,num_iterations=2",
+        *FAST,
+    )
+    study = Study.objects.get(slug="a")
+    study.trials_per_session = 8
+    study.save()
+    session = start_session(Participant.objects.create(study=study, external_id="x"))
+    answers = {}
+    for i, trial in enumerate(session.trials.select_related("pair")):
+        response = "different" if (i % 2 == 0) else "same"
+        Judgment.objects.create(
+            trial=trial,
+            response=response,
+            response_time_ms=500,
+            first_ms=1000,
+            blank_ms=250,
+            second_ms=1000,
+            idempotency_key=f"k{i}",
+        )
+        answers[trial.pair_id] = response
+    csv = tmp_path / "out.csv"
+    out = run("analyze", "--study", "a", "--csv", str(csv))
+    assert "Sentinel false-alarm rate" in out and "Pearson r" in out
+    import pandas as pd
+
+    table = pd.read_csv(csv).set_index("condition")
+    sentinel_pairs = set(study.pairs.filter(is_sentinel=True).values_list("id", flat=True))
+    said = [r == "different" for p, r in answers.items() if p in sentinel_pairs]
+    assert table.loc["sentinel", "n_judgments"] == len(said)
+    assert table.loc["sentinel", "perceptibility"] == pytest.approx(sum(said) / len(said))
+    assert table["n_judgments"].sum() == len(answers) == Session.objects.get().trials.count()
+    assert (tmp_path / "out_correlations.csv").exists()
+
+
+@pytest.mark.django_db
+def test_analyze_unknown_study():
+    with pytest.raises(CommandError, match="no study with slug 'nope'"):
+        run("analyze", "--study", "nope")
