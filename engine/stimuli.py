@@ -20,6 +20,7 @@ Output folder layout (all names are file-safe)::
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -35,6 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attacks import parse_attack
+from .attacks.presets import is_preset
 from .data import SourceImage
 from .distances import LPIPS, pairwise_distances
 from .errors import EngineError
@@ -136,6 +138,22 @@ def condition_slug(spec: str) -> str:
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in spec.replace("=", "-"))
 
 
+def bound_label(spec: str) -> str:
+    """The named bound of a spec as written (``linf:bound=small`` → ``small``), else ``""``."""
+    for piece in spec.partition(":")[2].split(","):
+        key, _, value = piece.partition("=")
+        if key.strip() == "bound" and is_preset(value):
+            return value.strip().lower()
+    return ""
+
+
+def autocast_context(autocast: str | None, device: torch.device):
+    """``torch.autocast`` in bfloat16 when asked, else a no-op context."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def _perturbation_size(attack, natural: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
     """Size of ``other − natural`` in the attack's own bound units, if the attack defines it."""
     measure = getattr(attack, "perturbation_size", None)
@@ -159,6 +177,7 @@ def generate_stimuli(
     batch_size: int = 16,
     sentinels: int | None = None,
     device: str | torch.device = "cpu",
+    autocast: str | None = None,
     progress: bool = True,
 ) -> Manifest:
     """Attack every source under every spec and write pairs, sentinels and the manifest.
@@ -167,7 +186,11 @@ def generate_stimuli(
     the number of sources), chosen reproducibly from the sources. Raises
     :class:`EngineError` for unknown or malformed specs before anything is written.
     Deterministic for a seed: the same inputs give byte-identical PNGs and manifest.
+    ``autocast="bf16"`` runs the attacks (not the distance measurements) under bfloat16
+    autocast, for GPUs.
     """
+    if autocast not in (None, "bf16"):
+        raise EngineError(f"autocast must be None or 'bf16', got {autocast!r}")
     if not sources:
         raise EngineError("no source images to build stimuli from")
     if not attack_specs:
@@ -214,6 +237,7 @@ def generate_stimuli(
         "labels": "classifier prediction on the natural image (untargeted attacks)",
         "torch": torch.__version__,
         "device": str(device),
+        "autocast": autocast,
         "python": platform.python_version(),
     }
     manifest = Manifest(
@@ -224,9 +248,10 @@ def generate_stimuli(
                 "threat_model": a.name,
                 "bound": float(a.bound),
                 "slug": condition_slug(a.spec),
+                "label": bound_label(text),
                 "parameters": a.describe(),
             }
-            for a in attacks
+            for a, text in zip(attacks, attack_specs, strict=True)
         ],
     )
 
@@ -237,7 +262,8 @@ def generate_stimuli(
         generator = torch.Generator().manual_seed(
             zlib.crc32(f"{seed}|{attack.spec}|{start}".encode())
         )
-        result = attack(classifier, natural, labels[start:stop], generator=generator)
+        with autocast_context(autocast, device):
+            result = attack(classifier, natural, labels[start:stop], generator=generator)
         adversarial_u8 = quantize_toward(natural_u8[start:stop], result.adversarial)
         shown = from_uint8(adversarial_u8, device)  # measure what is stored and shown
         with torch.no_grad():

@@ -47,6 +47,26 @@ class GenerationRequest:
     seed: int = 0
     batch_size: int = 16
     device: str = "cpu"
+    autocast: str | None = None
+
+
+def expand_specs(specs: list[str], bounds: list[str] | None) -> tuple[str, ...]:
+    """Each spec once per named or numeric bound in ``bounds`` (specs must then omit ``bound``).
+
+    ``expand_specs(["linf", "l2:num_iterations=20"], ["small", "large"])`` gives four specs.
+    Without ``bounds`` the specs are returned unchanged.
+    """
+    if not bounds:
+        return tuple(specs)
+    out = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        keys = [p.partition("=")[0].strip() for p in rest.split(",") if p.strip()]
+        if "bound" in keys:
+            raise EngineError(f"spec {spec!r} sets bound itself; drop it or drop --bounds")
+        for bound in bounds:
+            out.append(f"{name}:bound={bound}" + (f",{rest}" if rest.strip() else ""))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,8 @@ def _validate(request: GenerationRequest) -> None:
         parse_attack(spec)
     if request.device != "cpu" and not request.device.startswith("cuda"):
         raise EngineError(f"unknown device {request.device!r}; use cpu or cuda[:N]")
+    if request.autocast not in (None, "bf16"):
+        raise EngineError(f"unknown autocast {request.autocast!r}; use bf16 or leave it out")
     if request.device.startswith("cuda") and not torch.cuda.is_available():
         raise EngineError(f"device {request.device!r} requested but no CUDA GPU is available")
 
@@ -105,6 +127,7 @@ def generate_into_study(
             batch_size=request.batch_size,
             sentinels=request.sentinels,
             device=request.device,
+            autocast=request.autocast,
             progress=progress,
         )
         return import_manifest(study, manifest, staging)
@@ -154,7 +177,8 @@ def import_manifest(study: Study, manifest: Manifest, staging: Path) -> ImportSu
         conditions[c["spec"]], _ = Condition.objects.update_or_create(
             study=study,
             spec=c["spec"],
-            defaults={"threat_model": c["threat_model"], "bound": c["bound"]},
+            defaults={"threat_model": c["threat_model"], "bound": c["bound"],
+                      "label": c.get("label", "")},
         )
     created = updated = unchanged = 0
     for r in manifest.pairs:

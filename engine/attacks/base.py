@@ -150,10 +150,15 @@ def parse_number(name: str, text: str) -> float:
 def parse_bound(text: str) -> float:
     """Parse a ``bound`` value: a number or fraction in ``[0, 1]`` image units.
 
-    This is the one place bounds are read from text, so named presets (``bound=small``)
-    can be resolved here later.
+    Named bounds (``small``, ``medium``, ``large``, ``cifar10``) depend on the threat model
+    and are resolved by the registry (:mod:`engine.attacks.presets`) before this is called.
     """
-    return parse_number("bound", text)
+    try:
+        return parse_number("bound", text)
+    except EngineError as exc:
+        raise EngineError(
+            f"{exc} (or a named bound: small, medium, large, cifar10)"
+        ) from None
 
 
 def parse_int(name: str, text: str) -> int:

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from ..errors import EngineError
 from .base import Attack
+from .presets import is_preset, resolve_preset
 
 #: ``{name: attack class}``; filled by :func:`register_attack`.
 ATTACKS: dict[str, type[Attack]] = {}
@@ -97,6 +98,9 @@ def parse_attack(spec: str) -> Attack:
                 raise EngineError(f"parameter {key!r} is given twice {where} ({piece!r})")
             info = fields[key].metadata["param"]
             try:
+                if info.kind == "bound" and is_preset(text):
+                    values[key] = info.check(key, resolve_preset(name, text))
+                    continue
                 values[key] = info.check(key, info.parse(key, text))
             except EngineError as exc:
                 raise EngineError(f"bad value in {piece!r} {where}: {exc}") from None

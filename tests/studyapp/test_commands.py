@@ -271,3 +271,31 @@ def test_analyze_prints_perceptibility_and_writes_csv(media, tmp_path):
 def test_analyze_unknown_study():
     with pytest.raises(CommandError, match="no study with slug 'nope'"):
         run("analyze", "--study", "nope")
+
+
+@pytest.mark.django_db
+def test_named_bounds_expand_and_label_conditions(media):
+    run("generate_pairs", "--study", "named", "--spec", "linf:num_iterations=2",
+        "--bounds", "small,large", *NETS, *SMALL)
+    conditions = {c.label: c.bound for c in Condition.objects.filter(study__slug="named")}
+    assert conditions == {"small": pytest.approx(2 / 255), "large": pytest.approx(8 / 255)}
+    for pair in Pair.objects.filter(is_sentinel=False):
+        assert pair.metadata["within_bound"] is True
+        assert pair.distances["linf"] <= pair.condition.bound + 1e-6  # float32 distances
+
+
+@pytest.mark.django_db
+def test_bounds_and_bound_in_spec_conflict(media):
+    with pytest.raises(CommandError, match="sets bound itself"):
+        run("generate_pairs", "--study", "c", "--spec", SPEC, "--bounds", "small", *NETS, *SMALL)
+    assert not Study.objects.exists()
+
+
+@pytest.mark.django_db
+def test_bf16_autocast_generates_pairs_within_bound(media):
+    run("generate_pairs", "--study", "bf", "--spec", "l2:bound=small,num_iterations=2",
+        "--autocast", "bf16", *NETS, *SMALL)
+    study = Study.objects.get(slug="bf")
+    assert study.generation["autocast"] == "bf16"
+    for pair in study.pairs.filter(is_sentinel=False):
+        assert pair.distances["l2"] <= 600 / 255 + 1e-6

@@ -8,7 +8,6 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from engine.attacks import parse_attack
 from engine.distances import build_lpips
 from engine.errors import EngineError, WeightsUnavailableError
 from engine.models import load_classifier
@@ -16,20 +15,15 @@ from studyapp.models import Study
 from studyapp.services import (
     GenerationRequest,
     StimulusImportError,
+    expand_specs,
     generate_into_study,
     pretrained_or_untrained,
 )
 
-# PAT paper, table 4 (ImageNet-100, 224 px): small / medium / large bounds, given there for
-# images in [0, 255]; divided by 255 here because our images are in [0, 1].
-DEMO_CONDITIONS = [
-    ("linf", "2/255", "small"),
-    ("linf", "4/255", "medium"),
-    ("linf", "8/255", "large"),
-    ("l2", "600/255", "small"),
-    ("l2", "1200/255", "medium"),
-    ("l2", "2400/255", "large"),
-]
+# PAT paper, table 4 (ImageNet-100, 224 px): the named bounds resolve to its small / medium /
+# large bounds, divided by 255 for our [0, 1] images (engine.attacks.presets).
+DEMO_THREAT_MODELS = ("linf", "l2")
+DEMO_BOUNDS = ("small", "medium", "large")
 DEMO_INSTRUCTIONS = (
     "You will see an image for one second, a short blank, then a second image for one second."
     " Sometimes the two are exactly the same image; sometimes the second has been changed very"
@@ -67,9 +61,9 @@ class Command(BaseCommand):
         classifier = pretrained_or_untrained(load_classifier, opts["classifier"], log)
         lpips = pretrained_or_untrained(build_lpips, opts["lpips"], log)
         untrained = [s for s in (classifier, lpips) if s.endswith(":untrained")]
-        specs = tuple(
-            f"{name}:bound={bound},num_iterations={opts['num_iterations']}"
-            for name, bound, _ in DEMO_CONDITIONS
+        specs = expand_specs(
+            [f"{name}:num_iterations={opts['num_iterations']}" for name in DEMO_THREAT_MODELS],
+            list(DEMO_BOUNDS),
         )
         description = (
             f"Demo study: bundled scikit-image photographs, {opts['crops_per_image']} crop(s)"
@@ -104,8 +98,6 @@ class Command(BaseCommand):
             summary = generate_into_study(study, request, progress=not opts["no_progress"])
         except (EngineError, WeightsUnavailableError, StimulusImportError) as exc:
             raise CommandError(str(exc)) from exc
-        for spec, (_, _, label) in zip(specs, DEMO_CONDITIONS, strict=True):
-            study.conditions.filter(spec=parse_attack(spec).spec).update(label=label)
         password = secrets.token_urlsafe(12)
         user, _ = get_user_model().objects.get_or_create(username=opts["staff_user"])
         user.is_staff = user.is_superuser = True

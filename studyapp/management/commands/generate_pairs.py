@@ -6,7 +6,12 @@ from django.core.management.base import BaseCommand, CommandError
 
 from engine.errors import EngineError, WeightsUnavailableError
 from studyapp.models import Study
-from studyapp.services import GenerationRequest, StimulusImportError, generate_into_study
+from studyapp.services import (
+    GenerationRequest,
+    StimulusImportError,
+    expand_specs,
+    generate_into_study,
+)
 
 
 class Command(BaseCommand):
@@ -25,7 +30,13 @@ class Command(BaseCommand):
             action="append",
             required=True,
             metavar="SPEC",
-            help="attack spec, repeatable, e.g. 'linf:bound=4/255,num_iterations=10'",
+            help="attack spec, repeatable, e.g. 'linf:bound=4/255,num_iterations=10' or"
+            " 'stadv:bound=medium'; without bound= when --bounds is given",
+        )
+        parser.add_argument(
+            "--bounds",
+            help="comma-separated bounds applied to every --spec, named (small,medium,large,"
+            "cifar10: PAT tables 4 and 2) or numeric, e.g. --bounds small,medium,large",
         )
         parser.add_argument(
             "--images",
@@ -48,11 +59,19 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+        parser.add_argument(
+            "--autocast", choices=["bf16"], help="run the attacks under bfloat16 autocast (GPU)"
+        )
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **opts):
+        bounds = [b.strip() for b in opts["bounds"].split(",")] if opts["bounds"] else None
+        try:
+            specs = expand_specs(opts["specs"], bounds)
+        except EngineError as exc:
+            raise CommandError(str(exc)) from exc
         request = GenerationRequest(
-            specs=tuple(opts["specs"]),
+            specs=specs,
             images=opts["images"],
             classifier=opts["classifier"],
             lpips=tuple(opts["lpips"] or ["alexnet"]),
@@ -63,6 +82,7 @@ class Command(BaseCommand):
             seed=opts["seed"],
             batch_size=opts["batch_size"],
             device=opts["device"],
+            autocast=opts["autocast"],
         )
         study = Study.objects.filter(slug=opts["study"]).first()
         created = study is None

@@ -1,0 +1,25 @@
+"""Participant-facing pages, the participant API and the staff overview (mounted at ``""``)."""
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("study/<slug:slug>/", views.study_start, name="study-start"),
+    path("session/<str:token>/", views.session_page, name="session-page"),
+    path("session/<str:token>/done/", views.session_done, name="session-done"),
+    path(
+        "session/<str:token>/image/<int:position>/<int:slot>/",
+        views.trial_image, name="trial-image",
+    ),
+    path("staff/", views.staff_home, name="staff-home"),
+    path("api/sessions/<str:token>/", views.SessionStateView.as_view(), name="api-session"),
+    path(
+        "api/sessions/<str:token>/judgments/",
+        views.JudgmentCreateView.as_view(), name="api-judgments",
+    ),
+    path(
+        "api/sessions/<str:token>/complete/",
+        views.SessionCompleteView.as_view(), name="api-complete",
+    ),
+]

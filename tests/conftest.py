@@ -1,0 +1,84 @@
+"""Test-wide policy for tests that need external programs.
+
+Tests marked ``browser`` need Debian's Chromium; tests marked ``postgres`` need a PostgreSQL
+server binary (``initdb`` and ``pg_ctl``). Where one is missing the test is skipped with the
+reason, on a laptop; with ``CI=true`` in the environment it FAILS instead, so CI can never go
+green by skipping. The fixtures ``chromium_executable`` and ``postgres_bin_dir`` give the
+found paths.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM_CANDIDATES = ("/usr/bin/chromium",)
+
+
+def running_in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def find_chromium() -> str | None:
+    found = shutil.which("chromium")
+    if found:
+        return found
+    return next((p for p in CHROMIUM_CANDIDATES if os.access(p, os.X_OK)), None)
+
+
+def find_postgres_bin_dir() -> Path | None:
+    """The folder holding both ``initdb`` and ``pg_ctl``: PATH first, then Debian's layout."""
+    initdb = shutil.which("initdb")
+    if initdb and shutil.which("pg_ctl", path=str(Path(initdb).parent)):
+        return Path(initdb).parent
+    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
+        if all(os.access(Path(folder) / name, os.X_OK) for name in ("initdb", "pg_ctl")):
+            return Path(folder)
+    return None
+
+
+REQUIREMENTS = {
+    "browser": (
+        find_chromium,
+        "Chromium not found (neither `chromium` on PATH nor /usr/bin/chromium); "
+        "install Debian's chromium package",
+    ),
+    "postgres": (
+        find_postgres_bin_dir,
+        "PostgreSQL server binaries not found (initdb/pg_ctl on PATH or in "
+        "/usr/lib/postgresql/*/bin); install Debian's postgresql package",
+    ),
+}
+
+
+def missing(reason: str) -> None:
+    """Skip the current test, or fail it under ``CI=true``."""
+    if running_in_ci():
+        pytest.fail(f"CI=true, so this cannot be skipped: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for marker, (find, reason) in REQUIREMENTS.items():
+        if item.get_closest_marker(marker) is not None and find() is None:
+            missing(reason)
+
+
+@pytest.fixture(scope="session")
+def chromium_executable() -> str:
+    path = find_chromium()
+    if path is None:
+        missing(REQUIREMENTS["browser"][1])
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_bin_dir() -> Path:
+    path = find_postgres_bin_dir()
+    if path is None:
+        missing(REQUIREMENTS["postgres"][1])
+    return path
