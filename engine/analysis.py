@@ -10,7 +10,8 @@ Inputs are plain DataFrames so this runs without Django:
   said "different").
 
 *Perceptibility* of a condition is the fraction of its judgments answered "different"; the
-*sentinel false-alarm rate* is the same fraction over sentinel (identical) pairs.
+*sentinel false-alarm rate* is the same fraction over sentinel (identical) pairs and the
+*catch hit rate* over catch pairs (two different photographs; optional ``is_catch`` column).
 """
 
 from __future__ import annotations
@@ -22,7 +23,17 @@ import pandas as pd
 from scipy import stats
 
 SENTINEL = "sentinel"
-NON_DISTANCE_COLUMNS = {"pair", "condition", "threat_model", "bound", "label", "is_sentinel"}
+CATCH = "catch"
+CONTROLS = (SENTINEL, CATCH)
+NON_DISTANCE_COLUMNS = {
+    "pair",
+    "condition",
+    "threat_model",
+    "bound",
+    "label",
+    "is_sentinel",
+    "is_catch",
+}
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -50,6 +61,8 @@ def perceptibility_table(pairs: pd.DataFrame, judgments: pd.DataFrame) -> pd.Dat
     """
     pairs = pairs.copy()
     pairs["condition"] = pairs["condition"].where(~pairs["is_sentinel"], SENTINEL)
+    if "is_catch" in pairs:
+        pairs["condition"] = pairs["condition"].where(~pairs["is_catch"].astype(bool), CATCH)
     merged = judgments.merge(pairs[["pair", "condition"]], on="pair", how="inner")
     rows = []
     dist_cols = distance_columns(pairs)
@@ -61,8 +74,8 @@ def perceptibility_table(pairs: pd.DataFrame, judgments: pd.DataFrame) -> pd.Dat
         rows.append(
             {
                 "condition": condition,
-                "threat_model": SENTINEL if condition == SENTINEL else first["threat_model"],
-                "bound": np.nan if condition == SENTINEL else first["bound"],
+                "threat_model": condition if condition in CONTROLS else first["threat_model"],
+                "bound": np.nan if condition in CONTROLS else first["bound"],
                 "label": first.get("label", "") or "",
                 "n_pairs": len(group),
                 "n_judgments": n,
@@ -76,9 +89,10 @@ def perceptibility_table(pairs: pd.DataFrame, judgments: pd.DataFrame) -> pd.Dat
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    is_sentinel = table["condition"] == SENTINEL
+    is_control = table["condition"].isin(CONTROLS)
+    controls = table[is_control].sort_values("condition", key=lambda c: c.map(CONTROLS.index))
     return pd.concat(
-        [table[~is_sentinel].sort_values(["threat_model", "bound"]), table[is_sentinel]]
+        [table[~is_control].sort_values(["threat_model", "bound"]), controls]
     ).reset_index(drop=True)
 
 
@@ -88,7 +102,7 @@ def distance_correlations(table: pd.DataFrame) -> pd.DataFrame:
     Sentinels and unjudged conditions are left out. SSIM is a similarity, so a good SSIM
     has a negative r. Rows: ``distance, r, p_value, n_conditions`` (NaN when fewer than 3).
     """
-    judged = table[(table["condition"] != SENTINEL) & table["perceptibility"].notna()]
+    judged = table[~table["condition"].isin(CONTROLS) & table["perceptibility"].notna()]
     rows = []
     for col in [c for c in table.columns if c.startswith("mean_")]:
         x = judged[col].astype(float)

@@ -52,6 +52,7 @@ class PairRecord:
     key: str
     source_image: str
     is_sentinel: bool
+    is_catch: bool
     condition: str | None
     threat_model: str | None
     bound: float | None
@@ -176,6 +177,7 @@ def generate_stimuli(
     seed: int = 0,
     batch_size: int = 16,
     sentinels: int | None = None,
+    catch: int = 0,
     device: str | torch.device = "cpu",
     autocast: str | None = None,
     progress: bool = True,
@@ -183,7 +185,8 @@ def generate_stimuli(
     """Attack every source under every spec and write pairs, sentinels and the manifest.
 
     ``sentinels`` is how many sentinel pairs to add (default: one per source image, capped by
-    the number of sources), chosen reproducibly from the sources. Raises
+    the number of sources), chosen reproducibly from the sources; ``catch`` how many catch
+    pairs (a source and a different source image: obviously different, an attention check). Raises
     :class:`EngineError` for unknown or malformed specs before anything is written.
     Deterministic for a seed: the same inputs give byte-identical PNGs and manifest.
     ``autocast="bf16"`` runs the attacks (not the distance measurements) under bfloat16
@@ -208,6 +211,11 @@ def generate_stimuli(
     n_sentinels = len(sources) if sentinels is None else sentinels
     if not 0 <= n_sentinels <= len(sources):
         raise EngineError(f"sentinels must be between 0 and {len(sources)}, got {n_sentinels}")
+    if not 0 <= catch <= len(sources) or (catch and len(sources) < 2):
+        raise EngineError(
+            f"catch pairs need two or more sources and at most one per source ({len(sources)}),"
+            f" got {catch}"
+        )
 
     out_dir = Path(out_dir)
     device = torch.device(device)
@@ -280,6 +288,7 @@ def generate_stimuli(
                     key=f"{src.id}|{attack.spec}",
                     source_image=src.id,
                     is_sentinel=False,
+                    is_catch=False,
                     condition=attack.spec,
                     threat_model=attack.name,
                     bound=float(attack.bound),
@@ -300,31 +309,43 @@ def generate_stimuli(
                 )
             )
 
+    # Control pairs. Sentinels: a natural image twice. Catch pairs: a natural image and a
+    # different one (obviously different: an attention check). Both chosen reproducibly.
     rng = np.random.default_rng(seed)
-    for idx in sorted(rng.choice(len(sources), size=n_sentinels, replace=False).tolist()):
+    sentinel_ids = sorted(rng.choice(len(sources), size=n_sentinels, replace=False).tolist())
+    catch_ids = sorted(rng.choice(len(sources), size=catch, replace=False).tolist())
+    controls = [(i, i, "sentinel") for i in sentinel_ids]
+    controls += [(i, (i + 1) % len(sources), "catch") for i in catch_ids]
+    for idx, other, kind in controls:
         src = sources[idx]
-        natural = from_uint8(natural_u8[idx : idx + 1], device)
         with torch.no_grad():
-            distances = pairwise_distances(natural, natural, lpips_models)
+            distances = pairwise_distances(
+                from_uint8(natural_u8[idx : idx + 1], device),
+                from_uint8(natural_u8[other : other + 1], device),
+                lpips_models,
+            )
         manifest.pairs.append(
             PairRecord(
-                key=f"{src.id}|sentinel",
+                key=f"{src.id}|{kind}"
+                if kind == "sentinel"
+                else f"{src.id}|catch|{sources[other].id}",
                 source_image=src.id,
-                is_sentinel=True,
+                is_sentinel=kind == "sentinel",
+                is_catch=kind == "catch",
                 condition=None,
                 threat_model=None,
                 bound=None,
                 natural_path=natural_paths[idx],
-                other_path=natural_paths[idx],
+                other_path=natural_paths[other],
                 width=width,
                 height=height,
                 label=int(labels[idx]),
-                adversarial_label=int(labels[idx]),
+                adversarial_label=int(labels[other]),
                 attack_success=None,
                 within_bound=None,
                 distances={k: float(v[0]) for k, v in distances.items()},
                 natural_sha256=natural_hashes[idx],
-                other_sha256=natural_hashes[idx],
+                other_sha256=natural_hashes[other],
                 origin=src.origin,
             )
         )

@@ -76,6 +76,68 @@ class Study(models.Model):
         help_text="How the stimuli were generated: classifier, weights, LPIPS models, seed.",
     )
 
+    # Participant flow
+    consent_text = models.TextField(
+        blank=True,
+        help_text="Shown with an 'I agree' button before anything else; empty = no consent step.",
+    )
+    key_same = models.CharField(max_length=1, default="f", help_text="Key for 'same'.")
+    key_different = models.CharField(max_length=1, default="j", help_text="Key for 'different'.")
+    randomize_first = models.BooleanField(
+        default=True, help_text="Randomise per trial which image comes first (else natural first)."
+    )
+    catch_fraction = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share of trials that are catch pairs (obviously different images).",
+    )
+    practice_trials = models.PositiveIntegerField(
+        default=4,
+        validators=[MaxValueValidator(50)],
+        help_text="Practice trials with feedback before the main trials (never analysed).",
+    )
+    break_every = models.PositiveIntegerField(
+        default=0, help_text="Offer a break after this many main trials; 0 = no breaks."
+    )
+    lease_minutes = models.PositiveIntegerField(
+        default=30,
+        validators=[MinValueValidator(1)],
+        help_text="An unanswered trial returns to the pool this long after it was assigned.",
+    )
+
+    # Recruitment
+    allow_retakes = models.BooleanField(
+        default=False, help_text="Let one participant take several sessions of this study."
+    )
+    prolific_completion_code = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="Prolific's completion code; participants are sent back to Prolific with it.",
+    )
+
+    # Quality control (empty = rule not applied)
+    fast_response_ms = models.PositiveIntegerField(
+        default=150, help_text="Responses faster than this (ms) count as too fast."
+    )
+    max_sentinel_false_alarm = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Exclude sessions whose sentinel false-alarm rate is above this.",
+    )
+    min_catch_hit_rate = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Exclude sessions whose catch-trial hit rate is below this.",
+    )
+    max_fast_share = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Exclude sessions with a larger share of too-fast responses.",
+    )
+
     class Meta:
         verbose_name_plural = "studies"
         ordering = ["-created_at"]
@@ -124,6 +186,15 @@ class Pair(models.Model):
         help_text="Empty for sentinel pairs.",
     )
     is_sentinel = models.BooleanField(default=False)
+    is_catch = models.BooleanField(
+        default=False, help_text="Catch pair: two obviously different images (attention check)."
+    )
+    n_assigned = models.PositiveIntegerField(
+        default=0,
+        editable=False,
+        help_text="Main-session trials holding this pair (judged, or under an active lease). "
+        "Maintained by studyapp.scheduler only.",
+    )
     key = models.CharField(
         max_length=300,
         help_text="Stable identity within the study (source image + spec); makes imports "
@@ -155,9 +226,10 @@ class Pair(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["study", "key"], name="unique_pair_key"),
             models.CheckConstraint(
-                condition=Q(is_sentinel=True, condition__isnull=True)
-                | Q(is_sentinel=False, condition__isnull=False),
-                name="sentinel_iff_no_condition",
+                condition=Q(is_sentinel=True, is_catch=False, condition__isnull=True)
+                | Q(is_sentinel=False, is_catch=True, condition__isnull=True)
+                | Q(is_sentinel=False, is_catch=False, condition__isnull=False),
+                name="control_pairs_have_no_condition",
             ),
         ]
 
@@ -176,7 +248,9 @@ class Participant(models.Model):
 
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="participants")
     source = models.CharField(max_length=20, choices=SOURCES, default="link")
-    external_id = models.CharField(max_length=200)
+    external_id = models.CharField(
+        max_length=200, help_text="MTurk workerId, Prolific PROLIFIC_PID, or a random id."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -202,6 +276,30 @@ class Session(models.Model):
     client_info = models.JSONField(
         default=dict, blank=True, help_text="Window size, device pixel ratio, refresh rate."
     )
+    # Recruitment context (empty for plain links)
+    assignment_id = models.CharField(max_length=200, blank=True, help_text="MTurk assignmentId.")
+    hit_id = models.CharField(max_length=200, blank=True, help_text="MTurk hitId.")
+    turk_submit_to = models.URLField(blank=True, help_text="MTurk turkSubmitTo (sandbox or live).")
+    external_study_id = models.CharField(max_length=200, blank=True, help_text="Prolific STUDY_ID.")
+    external_session_id = models.CharField(
+        max_length=200, blank=True, help_text="Prolific SESSION_ID."
+    )
+    # Quality control: salted hashes only, never raw addresses
+    ip_hash = models.CharField(max_length=64, blank=True, help_text="Salted SHA-256 of the IP.")
+    browser_hash = models.CharField(
+        max_length=64, blank=True, help_text="Salted SHA-256 of user agent + screen properties."
+    )
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+    abandoned_at = models.DateTimeField(
+        null=True, blank=True, help_text="Set when its leases expired before it was completed."
+    )
+    excluded = models.BooleanField(default=False)
+    exclusion_reason = models.TextField(blank=True)
+    quality = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Sentinel false-alarm rate, catch hit rate, fast-response share, flags.",
+    )
 
     def __str__(self) -> str:
         return f"session {self.pk} of {self.participant}"
@@ -219,6 +317,17 @@ class Trial(models.Model):
     pair = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="trials")
     natural_first = models.BooleanField(
         help_text="True when the natural image was shown first (randomised per trial)."
+    )
+    is_practice = models.BooleanField(
+        default=False, help_text="Practice trial with feedback: stored, never analysed or counted."
+    )
+    leased_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="An unanswered main trial holds its pair until then; NULL once answered.",
+    )
+    released = models.BooleanField(
+        default=False, help_text="Its lease expired unanswered and the pair went back to the pool."
     )
 
     class Meta:

@@ -53,7 +53,7 @@ def start_session(
     seen = Trial.objects.filter(session__participant=participant).values("pair_id")
     fresh = study.pairs.exclude(id__in=seen)
     sentinels = fresh.filter(is_sentinel=True)
-    perturbed = fresh.filter(is_sentinel=False)
+    perturbed = fresh.filter(is_sentinel=False, is_catch=False)
     n_trials = study.trials_per_session
     n_sentinel = sentinel_count(study, n_trials, sentinels.count())
     chosen = _least_judged(sentinels, n_sentinel, rng)

@@ -44,6 +44,7 @@ class GenerationRequest:
     crops_per_image: int = 1
     max_images: int | None = None
     sentinels: int | None = None
+    catch: int = 0
     seed: int = 0
     batch_size: int = 16
     device: str = "cpu"
@@ -126,6 +127,7 @@ def generate_into_study(
             seed=request.seed,
             batch_size=request.batch_size,
             sentinels=request.sentinels,
+            catch=request.catch,
             device=request.device,
             autocast=request.autocast,
             progress=progress,
@@ -177,14 +179,18 @@ def import_manifest(study: Study, manifest: Manifest, staging: Path) -> ImportSu
         conditions[c["spec"]], _ = Condition.objects.update_or_create(
             study=study,
             spec=c["spec"],
-            defaults={"threat_model": c["threat_model"], "bound": c["bound"],
-                      "label": c.get("label", "")},
+            defaults={
+                "threat_model": c["threat_model"],
+                "bound": c["bound"],
+                "label": c.get("label", ""),
+            },
         )
     created = updated = unchanged = 0
     for r in manifest.pairs:
         fields = {
             "condition": conditions.get(r.condition) if r.condition else None,
             "is_sentinel": r.is_sentinel,
+            "is_catch": r.is_catch,
             "source_image": r.source_image,
             "natural_path": prefix + r.natural_path,
             "other_path": prefix + r.other_path,

@@ -90,3 +90,18 @@ def test_unjudged_conditions_have_nan_and_too_few_give_nan_r():
     table = perceptibility_table(pairs, judgments)
     assert table["perceptibility"].isna().sum() == 4  # three conditions and the sentinels
     assert distance_correlations(table)["r"].isna().all()
+
+
+def test_catch_pairs_get_their_own_row_and_stay_out_of_correlations():
+    pairs, judgments = make_study(np.random.default_rng(3))
+    pairs["is_catch"] = False
+    catch_id = pairs["pair"].max() + 1
+    pairs.loc[len(pairs)] = {"pair": catch_id, "condition": None, "threat_model": None,
+                             "bound": None, "is_sentinel": False, "is_catch": True,
+                             "l2": 50.0, "ssim": 0.1}
+    extra = pd.DataFrame({"pair": [catch_id] * 5, "different": [True, True, True, True, False]})
+    table = perceptibility_table(pairs, pd.concat([judgments, extra], ignore_index=True))
+    assert list(table["condition"])[-2:] == ["sentinel", "catch"]
+    assert table.iloc[-1]["perceptibility"] == pytest.approx(0.8)
+    corr = distance_correlations(table).set_index("distance")
+    assert corr.loc["l2", "n_conditions"] == 4  # the far-away catch pair is not a condition

@@ -214,3 +214,17 @@ def test_bad_specs_write_nothing(sources, tmp_path, specs, message):
     with pytest.raises(EngineError, match=message):
         generate_stimuli(sources, specs, tiny_classifier(), out, progress=False)
     assert not out.exists()
+
+
+def test_catch_pairs_show_two_different_photographs(sources, tmp_path):
+    manifest = generate_stimuli(
+        sources, SPECS[:1], tiny_classifier(), tmp_path, sentinels=0, catch=2, progress=False
+    )
+    catch = [p for p in manifest.pairs if p.is_catch]
+    assert len(catch) == 2 and not any(p.is_sentinel for p in manifest.pairs)
+    for record in catch:
+        assert record.condition is None and record.natural_path != record.other_path
+        assert record.distances["l2"] > 1.0  # different photographs, not a perturbation
+    with pytest.raises(EngineError, match="catch"):
+        generate_stimuli(sources, SPECS[:1], tiny_classifier(), tmp_path / "x", catch=9,
+                         progress=False)

@@ -209,15 +209,16 @@ def test_demo_builds_the_study_prints_links_and_reruns_cleanly(media, offline):
     assert sorted(study.conditions.values_list("label", flat=True)) == sorted(
         ["small", "medium", "large"] * 2
     )
-    assert study.pairs.filter(is_sentinel=False).count() == 6 * 6
+    assert study.pairs.filter(condition__isnull=False).count() == 6 * 6
     assert study.pairs.filter(is_sentinel=True).count() == 6
+    assert study.pairs.filter(is_catch=True).count() == 6
     assert "UNTRAINED" in out and "UNTRAINED" in study.description
     assert "http://127.0.0.1:8000/study/demo/" in out and "/staff/" in out
     password = out.split("Staff login:")[1].split("/")[1].split()[0]
     assert get_user_model().objects.get(username="staff").check_password(password)
     assert study.generation["weights"] == "untrained"
     out2 = run(*argv)
-    assert Pair.objects.count() == 42 and Condition.objects.count() == 6
+    assert Pair.objects.count() == 48 and Condition.objects.count() == 6
     assert get_user_model().objects.count() == 1 and Study.objects.count() == 1
     assert "0 new" in out2
 

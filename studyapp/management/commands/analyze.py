@@ -24,6 +24,7 @@ def study_frames(
                 "bound": p.condition.bound if p.condition else None,
                 "label": p.condition.label if p.condition else "",
                 "is_sentinel": p.is_sentinel,
+                "is_catch": p.is_catch,
                 **p.distances,
             }
             for p in study.pairs.select_related("condition")
@@ -85,13 +86,17 @@ class Command(BaseCommand):
         ):
             self.stdout.write(f"Study {study.slug!r}: {len(judgments)} judgments\n")
             self.stdout.write(table[shown].to_string(index=False))
-            sentinel = table[table["condition"] == "sentinel"]
-            if not sentinel.empty:
-                row = sentinel.iloc[0]
-                self.stdout.write(
-                    f"\nSentinel false-alarm rate: {row['perceptibility']:.4f}"
-                    f" ({int(row['n_different'])}/{int(row['n_judgments'])})"
-                )
+            for control, what in (
+                ("sentinel", "Sentinel false-alarm rate"),
+                ("catch", "Catch-trial hit rate"),
+            ):
+                rows = table[table["condition"] == control]
+                if not rows.empty and rows.iloc[0]["n_judgments"]:
+                    row = rows.iloc[0]
+                    self.stdout.write(
+                        f"\n{what}: {row['perceptibility']:.4f}"
+                        f" ({int(row['n_different'])}/{int(row['n_judgments'])})"
+                    )
             self.stdout.write(
                 "\nPearson r across conditions, mean distance vs perceptibility"
                 " (SSIM is a similarity: good means negative r):"

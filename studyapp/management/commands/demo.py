@@ -92,6 +92,7 @@ class Command(BaseCommand):
             lpips=(lpips,),
             size=opts["size"],
             crops_per_image=opts["crops_per_image"],
+            catch=6,
             seed=opts["seed"],
         )
         try:

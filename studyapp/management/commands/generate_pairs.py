@@ -56,6 +56,12 @@ class Command(BaseCommand):
         parser.add_argument("--crops-per-image", type=int, default=1)
         parser.add_argument("--max-images", type=int, help="use at most this many crops")
         parser.add_argument("--sentinels", type=int, help="sentinel pairs (default: one per image)")
+        parser.add_argument(
+            "--catch",
+            type=int,
+            default=0,
+            help="catch pairs: a photograph and a different one (attention checks)",
+        )
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--batch-size", type=int, default=16)
         parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -79,6 +85,7 @@ class Command(BaseCommand):
             crops_per_image=opts["crops_per_image"],
             max_images=opts["max_images"],
             sentinels=opts["sentinels"],
+            catch=opts["catch"],
             seed=opts["seed"],
             batch_size=opts["batch_size"],
             device=opts["device"],
