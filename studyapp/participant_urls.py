@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import views
+from . import participant_api, views
 
 urlpatterns = [
     path("study/<slug:slug>/", views.study_start, name="study-start"),
@@ -10,16 +10,21 @@ urlpatterns = [
     path("session/<str:token>/done/", views.session_done, name="session-done"),
     path(
         "session/<str:token>/image/<int:position>/<int:slot>/",
-        views.trial_image, name="trial-image",
+        views.trial_image,
+        name="trial-image",
     ),
     path("staff/", views.staff_home, name="staff-home"),
-    path("api/sessions/<str:token>/", views.SessionStateView.as_view(), name="api-session"),
+    path(
+        "api/sessions/<str:token>/", participant_api.SessionStateView.as_view(), name="api-session"
+    ),
     path(
         "api/sessions/<str:token>/judgments/",
-        views.JudgmentCreateView.as_view(), name="api-judgments",
+        participant_api.JudgmentCreateView.as_view(),
+        name="api-judgments",
     ),
     path(
         "api/sessions/<str:token>/complete/",
-        views.SessionCompleteView.as_view(), name="api-complete",
+        participant_api.SessionCompleteView.as_view(),
+        name="api-complete",
     ),
 ]
