@@ -63,7 +63,15 @@ class PairRecord:
     label: int
     adversarial_label: int
     attack_success: bool | None
+    #: Perturbation size in the bound's units where the attack optimised it (float image, or
+    #: its flow / colour lattice / DCT coefficients), and whether that is within the bound.
+    size: float | None
     within_bound: bool | None
+    #: The same measured on the stored 8-bit images, where it can be measured from images
+    #: alone (Lp, JPEG, LPIPS). 8-bit storage can push JPEG-L∞ sizes past tiny bounds.
+    stored_size: float | None
+    within_bound_stored: bool | None
+    attack_measures: dict[str, float]
     distances: dict[str, float]
     natural_sha256: str
     other_sha256: str
@@ -90,7 +98,9 @@ class Manifest:
     def write(self, out_dir: Path) -> None:
         (out_dir / "manifest.json").write_text(json.dumps(self.to_json(), indent=1))
         distance_keys = sorted({k for p in self.pairs for k in p.distances})
-        columns = [k for k in PairRecord.__dataclass_fields__ if k != "distances"]
+        columns = [
+            k for k in PairRecord.__dataclass_fields__ if k not in ("distances", "attack_measures")
+        ]
         with open(out_dir / "manifest.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(columns + distance_keys)
@@ -155,10 +165,9 @@ def autocast_context(autocast: str | None, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _perturbation_size(attack, natural: torch.Tensor, other: torch.Tensor) -> torch.Tensor | None:
-    """Size of ``other − natural`` in the attack's own bound units, if the attack defines it."""
-    measure = getattr(attack, "perturbation_size", None)
-    return measure(natural, other) if measure is not None else None
+def _le(size: torch.Tensor, bound: float) -> bool:
+    """Is a perturbation of ``size`` within ``bound`` (relative float tolerance 1e-4)?"""
+    return bool(float(size) <= bound * (1 + 1e-4))
 
 
 def _write(path: Path, data: bytes) -> str:
@@ -277,7 +286,11 @@ def generate_stimuli(
         with torch.no_grad():
             predicted = classifier(shown).argmax(1)
             distances = pairwise_distances(natural, shown, lpips_models)
-            size = _perturbation_size(attack, natural, shown)
+            stored_size = attack.perturbation_size(natural, shown)
+        size = result.size  # as the attack optimised it (float images / its own parameters)
+        measures = {  # per-image scalars the attack reports (flow_linf, lattice_smoothness ...)
+            k: v.float().cpu().tolist() for k, v in result.extras.items() if v.dim() == 1
+        }
         slug = condition_slug(attack.spec)
         for j, idx in enumerate(range(start, stop)):
             src = sources[idx]
@@ -299,9 +312,13 @@ def generate_stimuli(
                     label=int(labels[idx]),
                     adversarial_label=int(predicted[j]),
                     attack_success=bool(predicted[j] != labels[idx]),
-                    within_bound=None
-                    if size is None
-                    else bool(size[j] <= attack.bound * (1 + 1e-4)),
+                    size=None if size is None else float(size[j]),
+                    within_bound=None if size is None else _le(size[j], attack.bound),
+                    stored_size=None if stored_size is None else float(stored_size[j]),
+                    within_bound_stored=None
+                    if stored_size is None
+                    else _le(stored_size[j], attack.bound),
+                    attack_measures={k: v[j] for k, v in measures.items()},
                     distances={k: float(v[j]) for k, v in distances.items()},
                     natural_sha256=natural_hashes[idx],
                     other_sha256=other_hash,
@@ -342,7 +359,11 @@ def generate_stimuli(
                 label=int(labels[idx]),
                 adversarial_label=int(labels[other]),
                 attack_success=None,
+                size=None,
                 within_bound=None,
+                stored_size=None,
+                within_bound_stored=None,
+                attack_measures={},
                 distances={k: float(v[0]) for k, v in distances.items()},
                 natural_sha256=natural_hashes[idx],
                 other_sha256=natural_hashes[other],

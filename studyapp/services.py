@@ -203,7 +203,11 @@ def import_manifest(study: Study, manifest: Manifest, staging: Path) -> ImportSu
             "metadata": {
                 "natural_sha256": r.natural_sha256,
                 "other_sha256": r.other_sha256,
+                "size": r.size,
                 "within_bound": r.within_bound,
+                "stored_size": r.stored_size,
+                "within_bound_stored": r.within_bound_stored,
+                "attack_measures": r.attack_measures,
                 "origin": r.origin,
                 "threat_model": r.threat_model,
                 "bound": r.bound,

@@ -18,17 +18,41 @@ from .base import (
     param,
     parse_bound,
 )
+from .color import ReColorAdv
+from .jpeg import JPEGLinf
+from .lagrangian import LagrangianAttack
 from .lp import L2PGD, LinfPGD
+from .perceptual import (
+    FastLagrangianPerceptualAttack,
+    LagrangianPerceptualAttack,
+    LpipsAttack,
+    LpipsOracleInvariantAttack,
+    PerceptualPGD,
+)
 from .registry import ATTACKS, as_attack, available_attacks, parse_attack, register_attack
+from .spatial import StAdv
+from .strong import APGDCE, APGDDLR, Square
 
 __all__ = [
+    "APGDCE",
+    "APGDDLR",
     "ATTACKS",
     "LOSSES",
     "Attack",
     "AttackResult",
     "BestIterate",
+    "FastLagrangianPerceptualAttack",
+    "JPEGLinf",
     "L2PGD",
+    "LagrangianAttack",
+    "LagrangianPerceptualAttack",
     "LinfPGD",
+    "LpipsAttack",
+    "LpipsOracleInvariantAttack",
+    "PerceptualPGD",
+    "ReColorAdv",
+    "Square",
+    "StAdv",
     "as_attack",
     "available_attacks",
     "check_labels",

@@ -94,9 +94,7 @@ class ParamInfo:
                     f"unknown {name} {value!r}; choose one of: {', '.join(self.choices or ())}"
                 )
             if _FORBIDDEN_IN_STRINGS & set(value):
-                raise EngineError(
-                    f"{name} {value!r} must not contain spaces, ',', '=' or ':'"
-                )
+                raise EngineError(f"{name} {value!r} must not contain spaces, ',', '=' or ':'")
         if self.minimum is not None and value < self.minimum:
             raise EngineError(f"{name} must be >= {self.minimum:g}, got {value!r}")
         return value
@@ -141,9 +139,7 @@ def parse_number(name: str, text: str) -> float:
     except ZeroDivisionError:
         raise EngineError(f"{name} divides by zero: {raw!r}") from None
     if value is None or not math.isfinite(value):
-        raise EngineError(
-            f"{name} must be a number or a fraction like 8/255, got {raw!r}"
-        )
+        raise EngineError(f"{name} must be a number or a fraction like 8/255, got {raw!r}")
     return value
 
 
@@ -156,9 +152,7 @@ def parse_bound(text: str) -> float:
     try:
         return parse_number("bound", text)
     except EngineError as exc:
-        raise EngineError(
-            f"{exc} (or a named bound: small, medium, large, cifar10)"
-        ) from None
+        raise EngineError(f"{exc} (or a named bound: small, medium, large, cifar10)") from None
 
 
 def parse_int(name: str, text: str) -> int:
@@ -209,12 +203,19 @@ class AttackResult:
       the target label.
     - ``logits``: ``[N, C]`` model output on ``adversarial`` (detached).
     - ``clean_logits``: ``[N, C]`` model output on the input images (detached).
+    - ``size``: ``[N]`` size of each perturbation in the units of ``bound``, measured where
+      the attack optimised it (Lp norm, LPIPS distance, DCT-coefficient / flow / colour-lattice
+      L∞), or None where the threat model has no bound (e.g. ``lagrangian``).
+    - ``extras``: attack-specific per-image tensors (flow field, lattice, coefficients and
+      their sizes), detached; empty for most attacks.
     """
 
     adversarial: Tensor
     success: Tensor
     logits: Tensor
     clean_logits: Tensor
+    size: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def success_rate(self) -> float:
@@ -242,8 +243,9 @@ class BestIterate:
         self.images = torch.where(better[:, None, None, None], images.detach(), self.images)
 
 
-def noise_uniform(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
-                  like: Tensor) -> Tensor:
+def noise_uniform(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, like: Tensor
+) -> Tensor:
     """Uniform ``[0, 1)`` noise drawn on the generator's device (CPU when None) in float32,
     then moved to ``like``'s device/dtype — so a CPU generator seeds CUDA attacks too and the
     noise does not depend on the input dtype."""
@@ -252,8 +254,9 @@ def noise_uniform(shape: torch.Size | tuple[int, ...], generator: torch.Generato
     return noise.to(device=like.device, dtype=like.dtype)
 
 
-def noise_normal(shape: torch.Size | tuple[int, ...], generator: torch.Generator | None,
-                 like: Tensor) -> Tensor:
+def noise_normal(
+    shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, like: Tensor
+) -> Tensor:
     """Standard normal noise; device/dtype handling as :func:`noise_uniform`."""
     device = generator.device if generator is not None else torch.device("cpu")
     noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
@@ -409,10 +412,20 @@ class Attack(ABC):
             **{f.name: getattr(self, f.name) for f in self.parameter_fields()},
         }
 
+    #: Key of :meth:`perturb_with_extras`'s extras holding the size in bound units, for
+    #: threat models whose bound is on parameters rather than on the images (StAdv's flow).
+    size_extra: ClassVar[str | None] = None
+
     def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor | None:
         """Size of ``other - natural`` per image (``[N]``) in the units of ``bound``, or None
         where the threat model has no such closed-form size. Lp attacks return the norm."""
         return None
+
+    def perturb_with_extras(
+        self, model: Model, images: Tensor, labels: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`perturb` plus attack-specific per-image tensors (none by default)."""
+        return self.perturb(model, images, labels, generator), {}
 
     # -- losses --------------------------------------------------------------------------
 
@@ -435,8 +448,7 @@ class Attack(ABC):
         hit = logits.argmax(dim=1) == labels
         return hit if self.targeted else ~hit
 
-    def input_gradient(self, model: Model, images: Tensor, labels: Tensor
-                       ) -> tuple[Tensor, Tensor]:
+    def input_gradient(self, model: Model, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Gradient of ``objective(model(images)).sum()`` w.r.t. ``images`` (never touching
         parameter ``.grad``) and the detached logits of that forward pass."""
         images = images.detach().requires_grad_(True)
@@ -447,8 +459,9 @@ class Attack(ABC):
     # -- the call ------------------------------------------------------------------------
 
     @abstractmethod
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
+    def perturb(
+        self, model: Model, images: Tensor, labels: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
         """Return adversarial images ``[N, 3, H, W]`` in ``[0, 1]`` within the threat model.
 
         Called by :meth:`__call__` with validated, detached ``images``, the model in eval
@@ -456,8 +469,14 @@ class Attack(ABC):
         through :func:`noise_uniform` / :func:`noise_normal`.
         """
 
-    def __call__(self, model: Model, images: Tensor, labels: Tensor, *,
-                 generator: torch.Generator | None = None) -> AttackResult:
+    def __call__(
+        self,
+        model: Model,
+        images: Tensor,
+        labels: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> AttackResult:
         """Attack ``model`` on ``images`` (``[N, 3, H, W]`` in ``[0, 1]``).
 
         ``labels``: int64 ``[N]`` on the images' device — true classes, or target classes
@@ -481,18 +500,27 @@ class Attack(ABC):
             with torch.no_grad():
                 clean_logits = model(images)
             _check_logits(clean_logits, labels, "targets" if self.targeted else "labels")
+            extras: dict[str, Tensor] = {}
             if self.bound == 0:
                 adversarial = images.clone()
             else:
                 with torch.enable_grad():
-                    adversarial = self.perturb(model, images, labels, generator).detach()
+                    adversarial, extras = self.perturb_with_extras(model, images, labels, generator)
+                adversarial = adversarial.detach()
+                extras = {k: v.detach() for k, v in extras.items()}
             with torch.no_grad():
                 logits = model(adversarial)
+                if self.size_extra is not None:
+                    size = extras.get(self.size_extra, torch.zeros_like(labels, dtype=images.dtype))
+                else:
+                    size = self.perturbation_size(images, adversarial)
         return AttackResult(
             adversarial=adversarial,
             success=self.is_success(logits, labels),
             logits=logits.detach(),
             clean_logits=clean_logits.detach(),
+            size=None if size is None else size.detach(),
+            extras=extras,
         )
 
     def __str__(self) -> str:

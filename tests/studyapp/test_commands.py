@@ -239,6 +239,7 @@ def test_analyze_prints_perceptibility_and_writes_csv(media, tmp_path):
     )
     study = Study.objects.get(slug="a")
     study.trials_per_session = 8
+    study.practice_trials = 0  # this test counts every trial; practice is never analysed
     study.save()
     session = start_session(Participant.objects.create(study=study, external_id="x"))
     answers = {}
@@ -300,3 +301,44 @@ def test_bf16_autocast_generates_pairs_within_bound(media):
     assert study.generation["autocast"] == "bf16"
     for pair in study.pairs.filter(is_sentinel=False):
         assert pair.distances["l2"] <= 600 / 255 + 1e-6
+
+
+SUITE = [
+    "linf:bound=small,num_iterations=2",
+    "l2:bound=small,num_iterations=2",
+    "apgd_ce:bound=8/255,norm=linf,num_iterations=2",
+    "jpeg:bound=medium,num_iterations=2",
+    "stadv:bound=medium,num_iterations=2",
+    "recoloradv:bound=medium,num_iterations=2",
+    "ppgd:bound=medium,num_iterations=2,lpips_model=alexnet:untrained",
+    "lpa:bound=medium,num_iterations=2,num_lambdas=2,lpips_model=alexnet:untrained",
+    "fast_lpa:bound=medium,num_iterations=2",
+    "lagrangian:bound=cifar10",
+    "lpips_oa:bound=small,num_iterations=2",
+]
+
+
+@pytest.mark.django_db
+def test_every_threat_model_generates_stimuli(media):
+    args = ["generate_pairs", "--study", "suite", "--sentinels", "0", *NETS, *SMALL,
+            "--max-images", "1"]
+    for spec in SUITE:
+        args += ["--spec", spec]
+    out = run(*args)
+    assert f"{len(SUITE)} pairs created" in out
+    study = Study.objects.get(slug="suite")
+    seen = {}
+    for pair in study.pairs.select_related("condition"):
+        meta = pair.metadata
+        seen.setdefault(pair.condition.threat_model, []).append(meta)
+        assert (media / pair.other_path).is_file()
+        assert {"l2", "linf", "ssim", "lpips_alexnet"} <= set(pair.distances)
+    assert set(seen) == {s.split(":")[0] for s in SUITE}
+    for name, metas in seen.items():
+        for meta in metas:
+            if name == "lagrangian":  # no hard bound in that threat model
+                assert meta["size"] is None and meta["within_bound"] is None
+            elif name != "fast_lpa":  # Fast-LPA may exceed its bound (training only)
+                assert meta["within_bound"] is True, (name, meta)
+    assert all("flow_linf" in m["attack_measures"] for m in seen["stadv"])
+    assert all("lattice_linf" in m["attack_measures"] for m in seen["recoloradv"])
