@@ -75,6 +75,7 @@ def parse_attack(spec: str) -> Attack:
     valid = ", ".join(fields)
 
     values: dict[str, object] = {}
+    presets: dict[str, str] = {}
     if rest.strip():
         for raw_piece in rest.split(","):
             piece = raw_piece.strip()
@@ -99,11 +100,23 @@ def parse_attack(spec: str) -> Attack:
             info = fields[key].metadata["param"]
             try:
                 if info.kind == "bound" and is_preset(text):
-                    values[key] = info.check(key, resolve_preset(name, text))
+                    presets[key] = text  # resolved below, once ``norm`` is known
                     continue
                 values[key] = info.check(key, info.parse(key, text))
             except EngineError as exc:
                 raise EngineError(f"bad value in {piece!r} {where}: {exc}") from None
+
+    # Named bounds belong to a threat model: the attack's own, or for attacks with a ``norm``
+    # parameter (APGD, Square) the Lp threat model that norm names.
+    table = str(values.get("norm", fields["norm"].default)) if "norm" in fields else name
+    for key, text in presets.items():
+        info = fields[key].metadata["param"]
+        try:
+            values[key] = info.check(key, resolve_preset(table, text))
+        except EngineError as exc:
+            raise EngineError(
+                f"bad value in '{key}={text}' in attack spec {spec!r}: {exc}"
+            ) from None
 
     missing = [
         n for n, f in fields.items()

@@ -30,9 +30,8 @@ The optimisation loops are torchattacks' own; what this module adds, and why:
 - Device: torchattacks takes its device from the model's first parameter; the adapter puts
   an empty marker parameter on the images' device, so device follows the inputs.
 
-Named bounds (``bound=large``) are not offered here: the registry resolves them by attack
-name before ``norm`` is known, so ``apgd_ce:bound=large,norm=l2`` would silently get the L∞
-number. Give numbers (``8/255`` for L∞, ``1200/255`` for L2 at PAT's medium ImageNet bound).
+Named bounds (``bound=large``) resolve in the Lp threat model named by ``norm``:
+``apgd_ce:bound=large,norm=l2`` is PAT's large L2 bound, ``2400/255``.
 """
 
 from __future__ import annotations

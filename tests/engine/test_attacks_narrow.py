@@ -546,6 +546,19 @@ def test_defaults_follow_the_papers():
 
 
 @pytest.mark.parametrize(
+    "spec, bound",
+    [
+        ("apgd_ce:bound=large", 8 / 255),
+        ("apgd_ce:bound=large,norm=l2", 2400 / 255),
+        ("apgd_dlr:norm=l2,bound=cifar10", 1.0),
+        ("square:bound=small", 2 / 255),
+    ],
+)
+def test_named_bounds_follow_the_norm(spec, bound):
+    assert parse_attack(spec).bound == pytest.approx(bound)
+
+
+@pytest.mark.parametrize(
     "spec,expected",
     [
         ("jpeg:bound=0.1,eps=3", ["eps=3", "bound", "step_size"]),
@@ -553,7 +566,7 @@ def test_defaults_follow_the_papers():
         ("recoloradv:bound=-1", ["bound=-1", ">= 0"]),
         ("jpeg:bound=huge", ["bound=huge", "number"]),
         ("jpeg:bound=cifar10", ["jpeg", "no bound named 'cifar10'", "medium=0.125"]),
-        ("apgd_ce:bound=large", ["apgd_ce", "no named bounds"]),
+        ("apgd_ce:bound=small,norm=l2,n_restarts=0", ["n_restarts=0", ">= 1"]),
         ("apgd_ce:bound=0.1,norm=l1", ["norm=l1", "linf, l2"]),
         ("square:bound=0.1,norm=Linfinity", ["norm", "linf, l2"]),
         ("apgd_ce:bound=0.1,loss=dlr", ["loss=dlr", "ce"]),
