@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1:8000
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo serve test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 demo: setup
 	DJANGO_DEBUG=1 $(PY) manage.py demo --serve --host $(HOST)
+
+# Production server (see README, "Running a real study"): needs DJANGO_SECRET_KEY etc. in the
+# environment; migrates first (idempotent), then gunicorn with $(WORKERS) workers.
+WORKERS ?= 4
+serve: setup
+	$(PY) manage.py migrate --no-input
+	$(VENV)/bin/gunicorn studyapp.wsgi -w $(WORKERS) -b $(HOST)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

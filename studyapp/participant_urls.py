@@ -8,11 +8,8 @@ urlpatterns = [
     path("study/<slug:slug>/", views.study_start, name="study-start"),
     path("session/<str:token>/", views.session_page, name="session-page"),
     path("session/<str:token>/done/", views.session_done, name="session-done"),
-    path(
-        "session/<str:token>/image/<int:position>/<int:slot>/",
-        views.trial_image,
-        name="trial-image",
-    ),
+    # Opaque per-(trial, slot) stimulus URLs: see studyapp.image_tokens.
+    path("img/<str:token>/<str:key>/", views.trial_image, name="trial-image"),
     path("staff/", views.staff_home, name="staff-home"),
     path(
         "api/sessions/<str:token>/", participant_api.SessionStateView.as_view(), name="api-session"

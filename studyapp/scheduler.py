@@ -1,71 +1,615 @@
-"""Who sees which pair next. The one module where session-building transactions live.
+"""Who sees which pair next, leases, judgments and completion: every transaction of a session.
 
-A new session gets ``study.trials_per_session`` trials: ``round(sentinel_fraction · n)``
-sentinel pairs (at least one whenever the study has sentinels and the fraction is positive)
-and the rest non-sentinel pairs, least-judged first with a random tie-break, never a pair the
-participant already saw. The order is shuffled, so sentinels sit at random positions, and which
-image comes first is drawn per trial.
+Vocabulary
+----------
+- *data pair*: a perturbed pair (has a condition); needs ``study.judgments_per_pair`` = K
+  judgments from main trials. *Control pairs* are sentinels (the same image twice) and catch
+  pairs (two obviously different images); they are reused across participants freely.
+- *practice trial*: the first ``study.practice_trials`` trials of a session, with feedback;
+  judged and stored like any other (flagged by ``Trial.is_practice``), never counted towards
+  K and never analysed.
+- *main trial*: every other trial. A main trial of a data pair is *leased*: it holds one of
+  the pair's K slots until it is answered (then the judgment holds the slot for good) or until
+  its lease expires unanswered and :func:`release_expired` gives the slot back.
+
+Invariant (checked by :func:`assignment_errors`): for every data pair,
+``n_assigned == #main trials that are not released`` (= judged + leased-unanswered), and so
+never more than K; for control pairs ``n_assigned == 0``.
+
+Building a session (:func:`start_session`)
+------------------------------------------
+Main trials: sentinels and catch pairs as :func:`control_counts` says, the rest data pairs,
+least-assigned first (``Pair.n_assigned``) with a random tie-break, only pairs with
+``n_assigned < K``, never a pair the participant saw in any session (practice included). The
+main trials are shuffled, so controls sit at random positions. Practice trials come first:
+unused control pairs, half identical and half obviously different, topped up with data pairs
+the participant has not seen (the most-assigned first: the ones the study needs least).
+Which image comes first is drawn per trial (``study.randomize_first``).
+
+Concurrency (PostgreSQL, READ COMMITTED)
+----------------------------------------
+- Data pairs are taken with ``SELECT ... FOR NO KEY UPDATE SKIP LOCKED`` on ``n_assigned < K``:
+  PostgreSQL re-checks the condition on the newest row version before locking, so two sessions
+  can never both take a pair's last slot; a pair locked by another starting session is skipped
+  (not waited for: the next candidate is taken instead, so least-assigned-first is exact
+  without contention and approximate under it), and ``n_assigned`` is then raised with an
+  ``F()`` update guarded by ``n_assigned < K``. Near saturation, a session that comes up
+  short while pairs were locked by others, or while another transaction is releasing expired
+  leases, looks again after short sleeps: with no pair taken (so holding no pair lock) for up
+  to ~1.3 s before it is refused, so nobody is turned away while slots are only momentarily
+  locked; with some taken, twice after 5 ms, then it settles for fewer (a pair's row lock
+  blocks all its remaining slots, so at the very end of a study a session can come out
+  shorter than ``trials_per_session``).
+- ``NO KEY UPDATE`` (not ``UPDATE``) so the foreign-key checks of concurrent trial inserts,
+  which take ``KEY SHARE`` locks on pairs, never wait on a starting session.
+- :func:`release_expired` locks expired trials with ``SKIP LOCKED``, so a judgment being
+  recorded for a trial (which holds that trial's row lock) wins over its release and vice
+  versa; a judgment that loses finds ``released`` set and is refused (409).
+- :func:`record_judgment` locks the trial row, then re-reads the idempotency key, so a retry
+  racing its original sees the original's committed row and answers 200, not 409; if both
+  insert at once the unique constraint refuses one, which is retried once and answers 200.
+- Who waits for whom (so no deadlock cycle): session building never waits (SKIP LOCKED);
+  a release waits for pair rows (in id order) held by builders or other releases, and for
+  session rows held by a completion; a judgment waits for its own trial row and, renewing
+  its session's leases, for trial rows held by a release; nothing waits for a judgment
+  except requests for the same trial. Row locks are taken on one table only (``of=``, no
+  joined rows): FOR UPDATE on a joined pair row would block the foreign-key checks of
+  every session being built with that pair (the PostgreSQL test found exactly that).
+On SQLite ``select_for_update`` is a no-op and writers are serialised by the database lock;
+the guarded ``F()`` update still keeps K.
+
+Leases
+------
+A leased trial's ``leased_until`` is ``now + study.lease_minutes`` when the session starts and
+is pushed forward whenever the session records a judgment and half the lease is gone, so only
+a session idle for ``lease_minutes`` loses its leases (a long session with breaks keeps
+them). Expired leases are released lazily, by :func:`release_expired` at the start of every
+new session (and by anyone who calls it, e.g. a periodic job): the trial is marked
+``released``, the pair's slot returns to the pool, and the session is marked abandoned. Until
+that happens an expired-but-unreleased trial still holds its slot and a late answer for it is
+accepted. A released trial can never be answered (409 ``lease_expired``), so its session can
+never be completed (409 ``session_expired``): its participant has to start over.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from typing import Any
 
-from django.db import transaction
-from django.db.models import Count, Q
+from django.db import IntegrityError, transaction
+from django.db.models import Count, F, Q
+from django.utils import timezone
 
-from .models import Pair, Participant, Session, Study, Trial
+from .models import Judgment, Pair, Participant, Session, Study, Trial
+
+# Near saturation: how often, and after how long (seconds, doubling: 1.26 s in all), a session
+# that could not lock a single pair with room re-reads the pool before it is refused.
+LOCK_RETRIES = 6
+LOCK_RETRY_SLEEP_S = 0.02
+# ... and how often, after how long, one that locked some but not all re-reads it.
+PARTIAL_RETRIES = 2
+PARTIAL_RETRY_SLEEP_S = 0.005
 
 
-class StudyUnavailable(Exception):
-    """The study cannot start a session (inactive, or it has no pairs)."""
+# ------------------------------------------------------------------------------ errors
+
+
+class SchedulerError(Exception):
+    """Base of the scheduler's refusals; ``code`` is a stable machine-readable name."""
+
+    code = "error"
+
+
+class StudyUnavailable(SchedulerError):
+    """The study cannot start a session for this participant (the message says why)."""
+
+    code = "unavailable"
+
+
+class AlreadyParticipated(StudyUnavailable):
+    """The participant completed a session and the study does not allow retakes.
+
+    (Resuming an open session is the caller's business; a session abandoned by an expired
+    lease does not count as taking part, so its participant may start afresh.)
+    """
+
+    code = "already_participated"
+
+
+class UnknownTrial(SchedulerError, LookupError):
+    """The session has no trial at that position (→ 404)."""
+
+    code = "not_found"
+
+
+class JudgmentConflict(SchedulerError):
+    """The judgment contradicts what is stored (→ 409); nothing was written."""
+
+    code = "conflict"
+
+
+class IdempotencyKeyReused(JudgmentConflict):
+    code = "idempotency_key_reused"
+
+
+class AlreadyAnswered(JudgmentConflict):
+    code = "already_answered"
+
+
+class LeaseExpired(JudgmentConflict):
+    """The trial's lease expired and its pair went back to the pool."""
+
+    code = "lease_expired"
+
+
+class SessionIncomplete(SchedulerError):
+    """Some trial has no judgment yet (→ 409)."""
+
+    code = "incomplete"
+
+
+class SessionExpired(SessionIncomplete):
+    """Some trial was released: the session can never be completed (→ 409)."""
+
+    code = "session_expired"
+
+
+# ------------------------------------------------------------------------------ plan
+
+
+def _control_count(fraction: float, n_trials: int, n_available: int) -> int:
+    if n_available == 0 or fraction <= 0 or n_trials <= 0:
+        return 0
+    return min(max(1, round(fraction * n_trials)), n_available)
+
+
+def control_counts(
+    study: Study, n_trials: int, n_sentinels: int, n_catch: int
+) -> tuple[int, int]:
+    """``(sentinels, catch trials)`` among ``n_trials`` main trials, given how many are available.
+
+    ``round(fraction · n_trials)`` each, at least one when the fraction is positive and such
+    pairs exist, capped by what is available; together they leave at least one trial for a
+    data pair (sentinels keep priority over catch trials; a one-trial session has no controls).
+    """
+    room = max(n_trials - 1, 0)
+    sentinels = min(_control_count(study.sentinel_fraction, n_trials, n_sentinels), room)
+    catch = min(_control_count(study.catch_fraction, n_trials, n_catch), room - sentinels)
+    return sentinels, catch
 
 
 def sentinel_count(study: Study, n_trials: int, n_available: int) -> int:
-    """How many of ``n_trials`` are sentinels under the study's ``sentinel_fraction``."""
-    if n_available == 0 or study.sentinel_fraction <= 0:
-        return 0
-    wanted = max(1, round(study.sentinel_fraction * n_trials))
-    return min(wanted, n_available, n_trials)
+    """How many of ``n_trials`` main trials are sentinels (see :func:`control_counts`)."""
+    return control_counts(study, n_trials, n_available, 0)[0]
 
 
-def _least_judged(pairs, n: int, rng: random.Random) -> list[Pair]:
-    """The ``n`` pairs with the fewest judgments so far, ties broken at random."""
-    counted = list(pairs.annotate(n_seen=Count("trials", filter=Q(trials__judgment__isnull=False))))
-    rng.shuffle(counted)
-    counted.sort(key=lambda p: p.n_seen)  # stable: the shuffle decides ties
-    return counted[:n]
+def _data_pairs(study: Study):
+    return Pair.objects.filter(study=study, is_sentinel=False, is_catch=False)
 
 
-@transaction.atomic
+def _expired_leases(study: Study, now: datetime):
+    return Trial.objects.filter(
+        session__participant__study=study,
+        is_practice=False,
+        released=False,
+        leased_until__lt=now,  # answered trials have no lease (NULL)
+    )
+
+
+def _lease_data_pairs(
+    study: Study, exclude: set[int], n_wanted: int, rng: random.Random, now: datetime
+) -> list[int]:
+    """Take up to ``n_wanted`` data pairs with room (least-assigned first, random ties).
+
+    Each returned pair is locked by this transaction and had ``n_assigned < K`` under the
+    lock; the caller must increment their ``n_assigned`` in the same transaction.
+    """
+    k = study.judgments_per_pair
+    chosen: list[int] = []
+    empty_retries = partial_retries = 0
+    while True:
+        taken = exclude | set(chosen)
+        candidates = [
+            (pk, n)
+            for pk, n in _data_pairs(study).filter(n_assigned__lt=k).values_list("pk", "n_assigned")
+            if pk not in taken
+        ]
+        rng.shuffle(candidates)
+        candidates.sort(key=lambda c: c[1])  # stable: the shuffle breaks ties
+        skipped = False
+        start = 0
+        while len(chosen) < n_wanted and start < len(candidates):
+            batch = [pk for pk, _ in candidates[start : start + n_wanted - len(chosen)]]
+            start += len(batch)
+            locked = dict(
+                Pair.objects.select_for_update(skip_locked=True, no_key=True)
+                .filter(pk__in=batch, n_assigned__lt=k)
+                .values_list("pk", "n_assigned")
+            )
+            # Re-check under the lock (PostgreSQL already re-evaluated the condition on the
+            # newest row version; this guards against a backend that would not).
+            chosen += [pk for pk in batch if pk in locked and locked[pk] < k]
+            skipped |= len(locked) < len(batch)
+        if len(chosen) >= n_wanted:
+            break
+        # Short. Room may appear in a moment if candidates were locked by concurrent sessions
+        # (or filled up meanwhile), or if another transaction is releasing expired leases
+        # (those we could not lock ourselves): look again shortly, after releasing what has
+        # become free (a releaser that rolled back leaves its expired trials to us). With
+        # nothing taken we hold no pair lock and may wait longer (up to ~1.3 s) rather than
+        # refuse; with some pairs taken only briefly (our locks hold others up), then settle.
+        if not skipped and not _expired_leases(study, now).exists():
+            break
+        if not chosen and empty_retries < LOCK_RETRIES:
+            time.sleep(LOCK_RETRY_SLEEP_S * 2**empty_retries)
+            empty_retries += 1
+        elif chosen and partial_retries < PARTIAL_RETRIES:
+            time.sleep(PARTIAL_RETRY_SLEEP_S)
+            partial_retries += 1
+        else:
+            break
+        release_expired(study, now=now)
+    return chosen
+
+
+def _practice_pairs(
+    study: Study,
+    sentinels: list[int],
+    catch: list[int],
+    exclude: set[int],
+    n: int,
+    rng: random.Random,
+) -> list[int]:
+    """``n`` practice pairs, half identical (sentinels) and half obviously different (catch).
+
+    Where a kind runs short, "different" examples come from data pairs the participant will
+    not judge (the most-assigned first: those the study needs least; they are perturbed, so
+    "different" is the right feedback even where the difference is subtle), then identical
+    ones from spare sentinels. Shuffled.
+    """
+    n_same = min((n + 1) // 2, len(sentinels))
+    n_different = min(n - n_same, len(catch))
+    picked = sentinels[:n_same] + catch[:n_different]
+    if len(picked) < n:
+        others = list(
+            _data_pairs(study).exclude(pk__in=exclude | set(picked)).values_list("pk", "n_assigned")
+        )
+        rng.shuffle(others)
+        others.sort(key=lambda c: -c[1])  # stable: the shuffle breaks ties
+        picked += [pk for pk, _ in others[: n - len(picked)]]
+    picked += sentinels[n_same : n_same + n - len(picked)]
+    rng.shuffle(picked)
+    return picked
+
+
+def _why_no_data_pairs(study: Study, seen: set[int]) -> str:
+    data = _data_pairs(study)
+    k = study.judgments_per_pair
+    if not data.exists():
+        return f"study {study.slug!r} has no pairs to judge (only sentinel and catch pairs)"
+    open_pairs = set(data.filter(n_assigned__lt=k).values_list("pk", flat=True))
+    if not open_pairs:
+        return (
+            f"every pair of study {study.slug!r} has its {k} judgments "
+            "(or is held by a session in progress; try again later)"
+        )
+    if open_pairs <= seen:
+        return "this participant has already seen every pair that still needs judgments"
+    return (
+        f"every pair of study {study.slug!r} that still needs judgments is being assigned "
+        "to other sessions right now; try again in a moment"
+    )
+
+
 def start_session(
     participant: Participant,
     *,
     user_agent: str = "",
     client_info: dict | None = None,
     rng: random.Random | None = None,
+    now: datetime | None = None,
+    **session_fields: Any,
 ) -> Session:
-    """Create a session with its trials for ``participant``. Raises :class:`StudyUnavailable`."""
+    """Create a session with its practice and main trials for ``participant``.
+
+    ``session_fields`` are stored on the new :class:`Session` (``assignment_id``, ``ip_hash``
+    ...). Releases expired leases of the study first. Raises :class:`StudyUnavailable`
+    (inactive study, no data pair left for this participant) or :class:`AlreadyParticipated`;
+    then nothing is written.
+    """
     study = participant.study
     if not study.is_active:
         raise StudyUnavailable(f"study {study.slug!r} is not accepting participants")
+    now = now or timezone.now()
     rng = rng or random.SystemRandom()
-    seen = Trial.objects.filter(session__participant=participant).values("pair_id")
-    fresh = study.pairs.exclude(id__in=seen)
-    sentinels = fresh.filter(is_sentinel=True)
-    perturbed = fresh.filter(is_sentinel=False, is_catch=False)
-    n_trials = study.trials_per_session
-    n_sentinel = sentinel_count(study, n_trials, sentinels.count())
-    chosen = _least_judged(sentinels, n_sentinel, rng)
-    chosen += _least_judged(perturbed, n_trials - len(chosen), rng)
-    if not chosen:
-        raise StudyUnavailable(f"study {study.slug!r} has no pairs left for this participant")
-    rng.shuffle(chosen)
-    session = Session.objects.create(
-        participant=participant, user_agent=user_agent[:1000], client_info=client_info or {}
+    # Its own transaction when the caller has none, so releases stick even if we refuse.
+    release_expired(study, now=now)
+    with transaction.atomic():
+        # One start at a time per participant (double-clicks, two tabs).
+        participant = Participant.objects.select_for_update().get(pk=participant.pk)
+        if (
+            not study.allow_retakes
+            and participant.sessions.filter(completed_at__isnull=False).exists()
+        ):
+            raise AlreadyParticipated(
+                f"this participant has already completed study {study.slug!r}, "
+                "which does not allow retakes"
+            )
+        seen = set(
+            Trial.objects.filter(session__participant=participant).values_list(
+                "pair_id", flat=True
+            )
+        )
+        controls = Pair.objects.filter(study=study).filter(
+            Q(is_sentinel=True) | Q(is_catch=True)
+        )
+        sentinels, catch = [], []
+        for pk, is_sentinel in controls.values_list("pk", "is_sentinel"):
+            if pk not in seen:
+                (sentinels if is_sentinel else catch).append(pk)
+        rng.shuffle(sentinels)
+        rng.shuffle(catch)
+
+        n_main = study.trials_per_session
+        n_sentinel, n_catch = control_counts(study, n_main, len(sentinels), len(catch))
+        main_controls = [sentinels.pop() for _ in range(n_sentinel)]
+        main_controls += [catch.pop() for _ in range(n_catch)]
+        data = _lease_data_pairs(study, seen, n_main - len(main_controls), rng, now)
+        if not data:
+            raise StudyUnavailable(_why_no_data_pairs(study, seen))
+        taken = Pair.objects.filter(
+            pk__in=data, n_assigned__lt=study.judgments_per_pair
+        ).update(n_assigned=F("n_assigned") + 1)
+        if taken != len(data):  # cannot happen under the row locks; never exceed K regardless
+            raise StudyUnavailable(
+                "pairs filled up while this session was being built; try again in a moment"
+            )
+        practice = _practice_pairs(
+            study, sentinels, catch, seen | set(main_controls) | set(data),
+            study.practice_trials, rng,
+        )
+        main = [(pk, False) for pk in main_controls] + [(pk, True) for pk in data]
+        rng.shuffle(main)
+
+        session = Session.objects.create(
+            participant=participant,
+            user_agent=user_agent[:1000],
+            client_info=client_info or {},
+            **session_fields,
+        )
+        lease_end = now + timedelta(minutes=study.lease_minutes)
+
+        def natural_first() -> bool:
+            return rng.random() < 0.5 if study.randomize_first else True
+
+        trials = [
+            Trial(session=session, position=i, pair_id=pk, natural_first=natural_first(),
+                  is_practice=True)
+            for i, pk in enumerate(practice)
+        ]
+        trials += [
+            Trial(session=session, position=len(practice) + i, pair_id=pk,
+                  natural_first=natural_first(), leased_until=lease_end if leased else None)
+            for i, (pk, leased) in enumerate(main)
+        ]
+        Trial.objects.bulk_create(trials)
+        return session
+
+
+# ------------------------------------------------------------------------------ leases
+
+
+def release_expired(study: Study, now: datetime | None = None) -> int:
+    """Give back the slots of ``study``'s unanswered main trials whose lease has expired.
+
+    Marks each such trial ``released``, lowers its pair's ``n_assigned``, and sets
+    ``abandoned_at`` on its session unless that session is completed. Trials locked by a
+    concurrent transaction (a judgment being recorded) are skipped. Returns how many trials
+    were released.
+    """
+    now = now or timezone.now()
+    with transaction.atomic():
+        expired = list(
+            _expired_leases(study, now)
+            .select_for_update(skip_locked=True, of=("self",))
+            .values_list("pk", "pair_id", "session_id")
+        )
+        if not expired:
+            return 0
+        Trial.objects.filter(pk__in=[pk for pk, _, _ in expired]).update(released=True)
+        per_pair = Counter(pair_id for _, pair_id, _ in expired)
+        for pair_id in sorted(per_pair):  # in id order: two releases cannot deadlock
+            Pair.objects.filter(pk=pair_id).update(n_assigned=F("n_assigned") - per_pair[pair_id])
+        Session.objects.filter(
+            pk__in={session_id for _, _, session_id in expired},
+            completed_at__isnull=True,
+            abandoned_at__isnull=True,
+        ).update(abandoned_at=now)
+        return len(expired)
+
+
+def renew_leases(session: Session, now: datetime | None = None) -> int:
+    """Push the session's unanswered leases to ``now + lease_minutes`` once half is used up.
+
+    Called on every judgment (a heartbeat); cheap when there is nothing to renew. Released
+    trials stay released. Returns how many trials were renewed.
+    """
+    now = now or timezone.now()
+    lease = timedelta(minutes=session.study.lease_minutes)
+    return Trial.objects.filter(
+        session=session, released=False, leased_until__lt=now + lease / 2
+    ).update(leased_until=now + lease)
+
+
+# ------------------------------------------------------------------------------ judgments
+
+
+def _same_judgment(judgment: Judgment, session: Session, data: Mapping[str, Any]) -> bool:
+    durations = data["durations"]
+    return (
+        judgment.trial.session_id == session.pk
+        and judgment.trial.position == data["position"]
+        and judgment.response == data["response"]
+        and judgment.response_time_ms == data["response_time_ms"]
+        and judgment.first_ms == durations["first_ms"]
+        and judgment.blank_ms == durations["blank_ms"]
+        and judgment.second_ms == durations["second_ms"]
     )
-    Trial.objects.bulk_create(
-        Trial(session=session, position=i, pair=pair, natural_first=rng.random() < 0.5)
-        for i, pair in enumerate(chosen)
+
+
+def _by_key(session: Session, data: Mapping[str, Any]) -> Judgment | None:
+    key = data["idempotency_key"]
+    existing = Judgment.objects.select_related("trial").filter(idempotency_key=key).first()
+    if existing is None:
+        return None
+    if _same_judgment(existing, session, data):
+        return existing
+    raise IdempotencyKeyReused(
+        f"idempotency_key {key!r} was already used for a different judgment"
     )
-    return session
+
+
+def _record(session: Session, data: Mapping[str, Any], now: datetime) -> tuple[Judgment, bool]:
+    existing = _by_key(session, data)  # fast path for retries: no lock needed
+    if existing is not None:
+        return existing, False
+    position = data["position"]
+    # Lock the trial row only (no joins: FOR UPDATE on a joined pair row would block the
+    # foreign-key checks of every session being built with that pair).
+    trial = Trial.objects.select_for_update().filter(session=session, position=position).first()
+    if trial is None:
+        raise UnknownTrial(f"this session has no trial at position {position}")
+    # Holding the trial's lock: a concurrent request for it has committed or not started, so
+    # a retry that raced its original now sees the original's row.
+    existing = _by_key(session, data)
+    if existing is not None:
+        return existing, False
+    if Judgment.objects.filter(trial=trial).exists():
+        raise AlreadyAnswered(f"the trial at position {position} already has a judgment")
+    if trial.released:
+        raise LeaseExpired(
+            f"this trial's lease expired (no answer for {session.study.lease_minutes} minutes) "
+            "and its pair went to another participant; this session cannot be completed"
+        )
+    durations = data["durations"]
+    judgment = Judgment.objects.create(
+        trial=trial,
+        response=data["response"],
+        response_time_ms=data["response_time_ms"],
+        first_ms=durations["first_ms"],
+        blank_ms=durations["blank_ms"],
+        second_ms=durations["second_ms"],
+        idempotency_key=data["idempotency_key"],
+    )
+    if trial.leased_until is not None:
+        # The judgment now holds the pair's slot for good (n_assigned unchanged).
+        Trial.objects.filter(pk=trial.pk).update(leased_until=None)
+        trial.leased_until = None
+    renew_leases(session, now)
+    return judgment, True
+
+
+def record_judgment(
+    session: Session, data: Mapping[str, Any], now: datetime | None = None
+) -> tuple[Judgment, bool]:
+    """Store the judgment ``data`` (validated ``JudgmentInputSerializer`` data) for ``session``.
+
+    Returns ``(judgment, created)``: ``created`` is False when the identical judgment was
+    already stored under the same ``idempotency_key`` (a retry). Practice trials are recorded
+    like any other (``judgment.trial.is_practice`` tells them apart). Raises
+    :class:`UnknownTrial`, :class:`IdempotencyKeyReused`, :class:`AlreadyAnswered` or
+    :class:`LeaseExpired`; then nothing is written.
+    """
+    now = now or timezone.now()
+    try:
+        with transaction.atomic():
+            return _record(session, data, now)
+    except IntegrityError:
+        # A concurrent request with the same key (or for the same trial) committed first;
+        # run again to answer as if it had come second: 200 for a retry, 409 otherwise.
+        with transaction.atomic():
+            return _record(session, data, now)
+
+
+# ------------------------------------------------------------------------------ completion
+
+
+def complete_session(session: Session, now: datetime | None = None) -> Session:
+    """Mark ``session`` completed once every trial (practice and main) has a judgment.
+
+    Idempotent: a completed session is returned unchanged. Raises :class:`SessionExpired` when
+    some lease expired and was released (that trial can never be answered), else
+    :class:`SessionIncomplete` naming how many trials are unanswered. Releases nothing.
+    """
+    with transaction.atomic():
+        session = Session.objects.select_related("participant__study").select_for_update(
+            of=("self",)
+        ).get(pk=session.pk)
+        if session.completed_at is not None:
+            return session
+        counts = session.trials.aggregate(
+            n=Count("pk"),
+            n_open=Count("pk", filter=Q(judgment__isnull=True)),
+            n_released=Count("pk", filter=Q(released=True)),
+        )
+        if counts["n_released"]:
+            raise SessionExpired(
+                f"this session expired: {counts['n_released']} of its trials went unanswered "
+                f"for {session.study.lease_minutes} minutes and were given to other "
+                "participants, so it cannot be completed"
+            )
+        if counts["n_open"]:
+            raise SessionIncomplete(
+                f"{counts['n_open']} of {counts['n']} trials are still unanswered"
+            )
+        session.completed_at = now or timezone.now()
+        session.save(update_fields=["completed_at"])
+        return session
+
+
+# ------------------------------------------------------------------------------ audit
+
+
+def assignment_errors(study: Study, pairs: Iterable[Pair] | None = None) -> list[str]:
+    """Every pair whose ``n_assigned`` disagrees with its trials, or whose data break K.
+
+    Empty when the scheduler's bookkeeping is right: for data pairs ``n_assigned`` equals
+    the main trials not released (judged + leased), at most K; control pairs stay at 0; no
+    released trial has a judgment; no answered trial still holds a lease.
+    """
+    k = study.judgments_per_pair
+    queryset = Pair.objects.filter(study=study) if pairs is None else pairs
+    rows = queryset.annotate(
+        held=Count("trials", filter=Q(trials__is_practice=False, trials__released=False)),
+        judged=Count(
+            "trials",
+            filter=Q(trials__is_practice=False, trials__judgment__isnull=False),
+        ),
+        released_judged=Count(
+            "trials", filter=Q(trials__released=True, trials__judgment__isnull=False)
+        ),
+        answered_leased=Count(
+            "trials",
+            filter=Q(trials__judgment__isnull=False, trials__leased_until__isnull=False),
+        ),
+    ).values_list(
+        "pk", "is_sentinel", "is_catch", "n_assigned", "held", "judged", "released_judged",
+        "answered_leased",
+    )
+    errors = []
+    for pk, is_sentinel, is_catch, n_assigned, held, judged, released_judged, leased in rows:
+        control = is_sentinel or is_catch
+        expected = 0 if control else held
+        if n_assigned != expected:
+            errors.append(f"pair {pk}: n_assigned={n_assigned}, expected {expected}")
+        if not control and judged > k:
+            errors.append(f"pair {pk}: {judged} judged main trials > K={k}")
+        if released_judged:
+            errors.append(f"pair {pk}: {released_judged} released trials have a judgment")
+        if leased:
+            errors.append(f"pair {pk}: {leased} answered trials still hold a lease")
+    return errors

@@ -1,14 +1,16 @@
 """What the participant API reads and writes.
 
 Nothing here names a condition, a bound, a pair or whether a trial is a sentinel: the trial
-runner only ever sees positions and opaque per-trial image URLs.
+runner only ever sees positions and opaque per-trial image URLs (practice trials, which are
+never analysed, also carry their correct answer for the feedback).
 """
 
 from __future__ import annotations
 
-from django.urls import reverse
+from django.db.models import Exists, OuterRef
 from rest_framework import serializers
 
+from .image_tokens import image_url
 from .models import Judgment, Session
 
 MAX_RESPONSE_TIME_MS = 10 * 60 * 1000
@@ -99,29 +101,93 @@ class ClientInfoSerializer(serializers.Serializer):
     )
 
 
-def session_state(session: Session) -> dict:
-    """Body of ``GET /api/sessions/<token>/``: protocol timings and the trial list."""
-    study = session.study
-    answered = set(
-        Judgment.objects.filter(trial__session=session).values_list("trial__position", flat=True)
+class StudySettingsSerializer(serializers.Serializer):
+    """The protocol as the trial runner needs it (durations in ms, keys lower-case)."""
+
+    title = serializers.CharField()
+    first_ms = serializers.IntegerField(help_text="Intended duration of the first image, ms.")
+    blank_ms = serializers.IntegerField(help_text="Intended blank between the images, ms.")
+    second_ms = serializers.IntegerField(help_text="Intended duration of the second image, ms.")
+    key_same = serializers.CharField(help_text="Key that answers 'same' (one character).")
+    key_different = serializers.CharField(help_text="Key that answers 'different'.")
+    break_every = serializers.IntegerField(
+        help_text="A break is offered after this many main trials; 0 = no breaks."
     )
-    trials = [
-        {
+
+
+class StimulusSizeSerializer(serializers.Serializer):
+    """The largest image of the session, in CSS pixels (images are shown 1:1)."""
+
+    width = serializers.IntegerField()
+    height = serializers.IntegerField()
+
+
+class TrialStateSerializer(serializers.Serializer):
+    """One trial as the runner sees it: nothing about a main trial's pair is revealed."""
+
+    position = serializers.IntegerField(min_value=0)
+    images = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="Opaque URLs of the first and the second image (studyapp.image_tokens).",
+    )
+    answered = serializers.BooleanField()
+    practice = serializers.BooleanField(help_text="Practice trial: feedback, never analysed.")
+    answer = serializers.ChoiceField(
+        choices=["same", "different"],
+        required=False,
+        help_text="Practice trials only: the correct answer, for the feedback.",
+    )
+
+
+class SessionStateSerializer(serializers.Serializer):
+    """Body of ``GET /api/sessions/<token>/`` (see :func:`session_state`)."""
+
+    study = StudySettingsSerializer()
+    stimulus = StimulusSizeSerializer()
+    trials = TrialStateSerializer(many=True)
+    completed = serializers.BooleanField()
+
+
+def session_state(session: Session) -> dict:
+    """Body of ``GET /api/sessions/<token>/``: protocol, stimulus size, trials (practice first).
+
+    A main trial is ``{"position", "images", "answered", "practice": false}``: its image URLs
+    are opaque and nothing names its pair, condition, or sentinel/catch status. A practice
+    trial adds ``"answer"`` (``same``/``different``) so the runner can give feedback; practice
+    pairs are never analysed, so that reveals nothing about the study's data.
+    """
+    study = session.study
+    rows = (
+        session.trials.order_by("position")
+        .annotate(has_judgment=Exists(Judgment.objects.filter(trial=OuterRef("pk"))))
+        .values_list(
+            "position", "is_practice", "has_judgment", "pair__is_sentinel",
+            "pair__natural_path", "pair__other_path", "pair__width", "pair__height",
+        )
+    )
+    trials, width, height = [], 0, 0
+    for position, practice, answered, sentinel, natural, other, w, h in rows:
+        trial = {
             "position": position,
-            "images": [
-                reverse("trial-image", args=[session.token, position, slot]) for slot in (1, 2)
-            ],
-            "answered": position in answered,
+            "images": [image_url(session.token, position, slot) for slot in (1, 2)],
+            "answered": answered,
+            "practice": practice,
         }
-        for position in session.trials.order_by("position").values_list("position", flat=True)
-    ]
+        if practice:
+            trial["answer"] = "same" if sentinel or natural == other else "different"
+        trials.append(trial)
+        width, height = max(width, w), max(height, h)
     return {
         "study": {
             "title": study.title,
             "first_ms": study.first_ms,
             "blank_ms": study.blank_ms,
             "second_ms": study.second_ms,
+            "key_same": study.key_same.lower(),
+            "key_different": study.key_different.lower(),
+            "break_every": study.break_every,
         },
+        "stimulus": {"width": width, "height": height},
         "trials": trials,
         "completed": session.completed_at is not None,
     }

@@ -8,6 +8,25 @@ Everything that differs between a laptop demo and a real study comes from the en
 - ``DATABASE_URL``: e.g. ``postgres://user:pass@host:5432/db``; default SQLite in ``var/``.
 - ``DJANGO_ALLOWED_HOSTS``: comma-separated; default ``localhost,127.0.0.1``.
 - ``PERCEPTLAB_VAR``: folder for the SQLite file, the media (pair PNGs) and the key file.
+
+Production (see README, "Running a real study on MTurk / Prolific"):
+
+- ``DJANGO_SECURE``: ``1`` = HTTPS only: secure cookies, HSTS, redirect http → https.
+- ``PERCEPTLAB_TRUSTED_PROXIES``: how many reverse proxies (nginx, a load balancer) sit in
+  front of the app and append to ``X-Forwarded-For``; 0 (default) = trust no proxy header.
+- ``PERCEPTLAB_IP_SALT``: secret salt of the stored IP hashes (default: derived from the
+  secret key, so rotating the key changes every hash; set this to keep them comparable).
+- ``PERCEPTLAB_EMBED``: ``1`` = cookies usable inside the MTurk iframe (``SameSite=None``;
+  needs ``DJANGO_SECURE=1``).
+- ``DJANGO_CSRF_TRUSTED_ORIGINS``: comma-separated ``https://host`` origins, if a proxy
+  rewrites the Host header.
+- ``PERCEPTLAB_CACHE``: ``db`` (default with PostgreSQL: a table shared by every gunicorn
+  worker, holding the rate-limit counters) or ``locmem`` (default with SQLite: per process,
+  so limits apply per worker).
+- ``PERCEPTLAB_RATE_PARTICIPANT_WRITE`` / ``PERCEPTLAB_RATE_STAFF``: rate limits, e.g.
+  ``120/min`` (see :mod:`studyapp.throttling`).
+- ``PERCEPTLAB_ALLOW_FILE_SECRET``: ``1`` lets gunicorn start without ``DJANGO_SECRET_KEY``
+  (it refuses otherwise when DEBUG is off; see :mod:`studyapp.wiring`).
 """
 
 from __future__ import annotations
@@ -22,7 +41,17 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(os.environ.get("PERCEPTLAB_VAR", BASE_DIR / "var")).resolve()
 VAR_DIR.mkdir(parents=True, exist_ok=True)
 
-DEBUG = os.environ.get("DJANGO_DEBUG", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def _flag(name: str, default: str = "0") -> bool:
+    return os.environ.get(name, default).strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _csv(name: str, default: str = "") -> list[str]:
+    return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
+
+
+DEBUG = _flag("DJANGO_DEBUG")
 
 
 def _secret_key() -> str:
@@ -37,11 +66,10 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
-ALLOWED_HOSTS = [
-    h.strip()
-    for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]").split(",")
-    if h.strip()
-]
+# Where the key came from: gunicorn refuses the key file when DEBUG is off (studyapp.wiring).
+SECRET_KEY_FROM_ENV = bool(os.environ.get("DJANGO_SECRET_KEY"))
+ALLOWED_HOSTS = _csv("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
+CSRF_TRUSTED_ORIGINS = _csv("DJANGO_CSRF_TRUSTED_ORIGINS")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -52,7 +80,9 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
     "studyapp",
+    "studyapp.wiring.WiringConfig",
 ]
 
 MIDDLEWARE = [
@@ -119,6 +149,25 @@ MEDIA_ROOT = Path(os.environ.get("PERCEPTLAB_MEDIA", VAR_DIR / "media")).resolve
 
 LOGIN_URL = "/admin/login/"
 
+# Rate-limit counters must be shared by every gunicorn worker, so by default they live in a
+# database table (created by `migrate`, see studyapp.wiring). MAX_ENTRIES bounds the table;
+# expired counters are culled first.
+# SQLite (the embedded default) serves one process (runserver, tests): per-process counters are
+# exact there, and a cache table in SQLite would add "table is locked" errors under threads.
+# PostgreSQL deployments run several gunicorn workers, which must share the counters.
+_DEFAULT_CACHE = "locmem" if DATABASES["default"]["ENGINE"].endswith("sqlite3") else "db"
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+        if os.environ.get("PERCEPTLAB_CACHE", _DEFAULT_CACHE) == "locmem"
+        else {
+            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+            "LOCATION": "perceptlab_cache",
+            "OPTIONS": {"MAX_ENTRIES": 5000, "CULL_FREQUENCY": 3},
+        }
+    )
+}
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "rest_framework.authentication.SessionAuthentication",
@@ -126,11 +175,59 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "studyapp.api.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # One class handles every scope; it reads the rates below at request time.
+    "DEFAULT_THROTTLE_CLASSES": ["studyapp.throttling.ScopedTokenRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {
+        # Per session token. A participant answers about one trial per 3 s (20/min); the
+        # headroom covers the trial runner re-sending a buffer of judgments after a network
+        # outage. Unsafe methods only: reading the session state is never limited.
+        "participant-write": os.environ.get("PERCEPTLAB_RATE_PARTICIPANT_WRITE", "120/min"),
+        # Per staff user, every method (exports are the expensive ones).
+        "staff": os.environ.get("PERCEPTLAB_RATE_STAFF", "300/min"),
+    },
 }
 
-if not DEBUG:
-    SESSION_COOKIE_HTTPONLY = True
-    CSRF_COOKIE_SAMESITE = "Lax"
+SPECTACULAR_SETTINGS = {
+    "TITLE": "perceptlab API",
+    "DESCRIPTION": (
+        "Participant API (`/api/sessions/<token>/...`: the session token is the credential) and"
+        " staff API (`/api/staff/...`: Django staff login, CSRF token on unsafe methods). Every"
+        ' error is `{"error": "<one sentence>", "code": "<machine code>"}`; 400s add `fields`.'
+    ),
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "COMPONENT_SPLIT_REQUEST": True,
+    # The one PATCH (client info) validates a whole body: keep its required fields.
+    "COMPONENT_SPLIT_PATCH": False,
+    "ENUM_NAME_OVERRIDES": {"SameDifferentEnum": ["same", "different"]},
+    "SCHEMA_PATH_PREFIX": r"/api/",
+}
+
+# How many reverse proxies append to X-Forwarded-For in front of the app (0: ignore the header,
+# the client address is REMOTE_ADDR). Used for IP hashes and IP-keyed rate limits.
+PERCEPTLAB_TRUSTED_PROXIES = int(os.environ.get("PERCEPTLAB_TRUSTED_PROXIES", "0"))
+# Salt of the stored IP / browser hashes; None = derived from SECRET_KEY (studyapp.quality).
+PERCEPTLAB_IP_SALT = os.environ.get("PERCEPTLAB_IP_SALT") or None
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_SAMESITE = "Lax"
+if _flag("DJANGO_SECURE"):
+    # HTTPS only. Behind a TLS-terminating proxy, PERCEPTLAB_TRUSTED_PROXIES > 0 also trusts its
+    # X-Forwarded-Proto header (the proxy must set it and strip any client-sent value).
+    SECURE_SSL_REDIRECT = True
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_HSTS_SECONDS = int(os.environ.get("DJANGO_HSTS_SECONDS", str(365 * 24 * 3600)))
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = _flag("DJANGO_HSTS_INCLUDE_SUBDOMAINS", "1")
+    SECURE_HSTS_PRELOAD = _flag("DJANGO_HSTS_PRELOAD", "1")
+    if PERCEPTLAB_TRUSTED_PROXIES > 0:
+        SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    if _flag("PERCEPTLAB_EMBED"):
+        # MTurk shows the study inside an iframe on mturk.com: for the browser that is a
+        # third-party context, where SameSite=Lax cookies (session, CSRF) are not sent.
+        SESSION_COOKIE_SAMESITE = "None"
+        CSRF_COOKIE_SAMESITE = "None"
 
 LOGGING = {
     "version": 1,

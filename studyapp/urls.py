@@ -1,7 +1,16 @@
+"""Root URLs.
+
+``/admin/`` Django admin (staff) · ``/api/staff/`` staff API · ``/api/schema/`` OpenAPI schema
+(YAML; ``?format=json`` for JSON) · everything else: participant pages and API, ``/staff/``.
+"""
+
 from django.contrib import admin
 from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/staff/", include("studyapp.staff_urls")),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("", include("studyapp.participant_urls")),
 ]

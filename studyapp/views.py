@@ -1,11 +1,23 @@
 """Participant pages and a small staff overview.
 
 Pages (server-rendered):
-  ``/study/<slug>/``                      instructions + Start (POST creates participant+session)
-  ``/session/<token>/``                   trial runner (``static/js/trials.js``)
-  ``/session/<token>/image/<pos>/<slot>/`` one stimulus PNG, by opaque per-trial URL
-  ``/session/<token>/done/``              completion code
-  ``/staff/``                             studies with counts (staff only)
+  ``/study/<slug>/``             GET: landing page of a participant link (MTurk, Prolific or
+                                 plain; see :mod:`studyapp.recruitment`): consent (if the study
+                                 has a consent text) and Start, or the MTurk HIT preview, or a
+                                 page saying why not. POST (same query string): "I agree" creates
+                                 participant + session (or resumes the unfinished one), "I do not
+                                 agree" ends politely with nothing stored.
+  ``/session/<token>/``          the trial runner (``static/js/trials.js``): window check,
+                                 instructions with examples, practice with feedback, main trials,
+                                 breaks
+  ``/session/<token>/done/``     end page: MTurk form POST to ``turkSubmitTo``, Prolific
+                                 redirect, or the completion code
+  ``/img/<token>/<key>/``        one stimulus PNG, by opaque per-(trial, slot) key
+                                 (:mod:`studyapp.image_tokens`)
+  ``/staff/``                    studies with counts (staff only)
+
+The participant pages may be shown inside MTurk's iframe (``frame-ancestors``: this site and
+MTurk's two sites); every other page keeps Django's ``X-Frame-Options: DENY``.
 
 The participant JSON API lives in :mod:`studyapp.participant_api`.
 """
@@ -14,6 +26,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
 
 from django.conf import settings
@@ -24,20 +38,45 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.cache import never_cache
+from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 from rest_framework import status
 
-from .models import Judgment, Pair, Participant, Session, Study, Trial
-from .scheduler import StudyUnavailable, start_session
+from .image_tokens import NotAPNG, resolve_image_key, strip_png
+from .models import Judgment, Pair, Participant, Session, Study
+from .quality import assign_request_fingerprints
+from .recruitment import (
+    MTURK_SUBMIT_HOSTS,
+    BadRecruitmentLink,
+    Recruitment,
+    mturk_submit_url,
+    parse_recruitment,
+    prolific_complete_url,
+)
+from .scheduler import AlreadyParticipated, StudyUnavailable, start_session
 
 logger = logging.getLogger(__name__)
 
-# Django-session key under which a browser remembers its unfinished session per study, so a
-# double-clicked or re-submitted Start form resumes instead of creating a second participant.
+# Django-session key under which a browser remembers its latest session per study (plain links),
+# so a double-clicked Start resumes instead of creating a second participant, and a finished
+# participant is recognised when the study allows no retakes.
 _RESUME_KEY = "perceptlab_sessions"
+FRAME_ANCESTORS = " ".join(["'self'", *(f"https://{host}" for host in MTURK_SUBMIT_HOSTS)])
 
 
-# --------------------------------------------------------------------------- pages
+def participant_page(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """Never cached; may be framed by MTurk (ExternalQuestion pages live in an iframe)."""
+
+    @wraps(view)
+    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        response = view(request, *args, **kwargs)
+        response.setdefault("Content-Security-Policy", f"frame-ancestors {FRAME_ANCESTORS}")
+        return response
+
+    return never_cache(xframe_options_exempt(wrapped))
+
+
+# --------------------------------------------------------------------------- landing page
 
 
 def _unavailable_reason(study: Study) -> str | None:
@@ -48,102 +87,251 @@ def _unavailable_reason(study: Study) -> str | None:
     return None
 
 
-def _unfinished_session(request: HttpRequest, study: Study) -> Session | None:
-    token = request.session.get(_RESUME_KEY, {}).get(str(study.pk))
-    if not token:
-        return None
-    return Session.objects.filter(
-        token=token, participant__study=study, completed_at__isnull=True
-    ).first()
-
-
-def _unavailable(request: HttpRequest, study: Study, reason: str) -> HttpResponse:
+def _unavailable(
+    request: HttpRequest, study: Study, reason: str, recruitment: Recruitment | None = None
+) -> HttpResponse:
     return render(
         request,
         "study_unavailable.html",
-        {"study": study, "reason": reason},
+        {"study": study, "reason": reason, "recruitment": recruitment},
         status=status.HTTP_403_FORBIDDEN,
     )
 
 
-@never_cache
-@require_http_methods(["GET", "POST"])
-def study_start(request: HttpRequest, slug: str) -> HttpResponse:
-    """Instructions and a Start button; POST creates an anonymous participant and a session."""
-    study = get_object_or_404(Study, slug=slug)
-    resume = _unfinished_session(request, study)
-    if request.method == "POST":
-        if resume is not None:
-            return redirect("session-page", token=resume.token)
-        try:
-            with transaction.atomic():  # a refused start leaves no participant behind
+def _already_taken(request: HttpRequest, study: Study, recruitment: Recruitment) -> HttpResponse:
+    return _unavailable(
+        request,
+        study,
+        "You have already taken part in this study. Thank you! Each person can take it only "
+        "once.",
+        recruitment,
+    )
+
+
+def _bad_link(request: HttpRequest, study: Study, reason: str) -> HttpResponse:
+    return render(
+        request,
+        "bad_link.html",
+        {"study": study, "reason": reason},
+        status=status.HTTP_400_BAD_REQUEST,
+    )
+
+
+def _is_open(session: Session) -> bool:
+    return session.completed_at is None and session.abandoned_at is None
+
+
+def _remembered_session(request: HttpRequest, study: Study) -> Session | None:
+    token = request.session.get(_RESUME_KEY, {}).get(str(study.pk))
+    if not token:
+        return None
+    return (
+        Session.objects.select_related("participant")
+        .filter(token=token, participant__study=study)
+        .first()
+    )
+
+
+def _known_participant(
+    request: HttpRequest, study: Study, recruitment: Recruitment
+) -> Participant | None:
+    if recruitment.source == "link":
+        remembered = _remembered_session(request, study)
+        return remembered.participant if remembered else None
+    return Participant.objects.filter(
+        study=study, source=recruitment.source, external_id=recruitment.external_id
+    ).first()
+
+
+def _standing(participant: Participant | None) -> tuple[Session | None, bool]:
+    """(the participant's open session to resume, whether they completed a session)."""
+    if participant is None:
+        return None, False
+    sessions = list(participant.sessions.order_by("-started_at"))
+    resumable = next((s for s in sessions if _is_open(s)), None)
+    return resumable, any(s.completed_at is not None for s in sessions)
+
+
+def _resume(session: Session, recruitment: Recruitment) -> Session:
+    """Point an open session at the current assignment (a worker may return a HIT and accept it
+    again: the new ``assignmentId`` is the one to submit) or Prolific session."""
+    changed = [
+        name
+        for name, value in recruitment.session_fields.items()
+        if value and getattr(session, name) != value
+    ]
+    for name in changed:
+        setattr(session, name, recruitment.session_fields[name])
+    if changed:
+        session.save(update_fields=changed)
+    return session
+
+
+def _start(request: HttpRequest, study: Study, recruitment: Recruitment) -> Session | HttpResponse:
+    """Create (or, under the participant's row lock, find) the session to send them to."""
+    with transaction.atomic():  # a refused start leaves no participant behind
+        if recruitment.source == "link":
+            remembered = _remembered_session(request, study)
+            if remembered is not None:
+                participant = remembered.participant
+            else:
                 participant = Participant.objects.create(
                     study=study, source="link", external_id=str(uuid.uuid4())
                 )
-                session = start_session(
-                    participant, user_agent=request.headers.get("User-Agent", "")
-                )
-        except StudyUnavailable as exc:
-            logger.info("refused a session: %s", exc)
-            return _unavailable(request, study, _unavailable_reason(study) or str(exc))
-        remembered = request.session.get(_RESUME_KEY, {})
-        remembered[str(study.pk)] = session.token
-        request.session[_RESUME_KEY] = remembered
-        return redirect("session-page", token=session.token)
+        else:
+            participant, _ = Participant.objects.get_or_create(
+                study=study, source=recruitment.source, external_id=recruitment.external_id
+            )
+        # Two Start clicks of one worker at once must not make two sessions.
+        participant = Participant.objects.select_for_update().get(pk=participant.pk)
+        resumable, completed = _standing(participant)
+        if resumable is not None:
+            return _resume(resumable, recruitment)
+        if completed and not study.allow_retakes:
+            return _already_taken(request, study, recruitment)
+        session = start_session(
+            participant,
+            user_agent=request.headers.get("User-Agent", ""),
+            **recruitment.session_fields,
+        )
+        assign_request_fingerprints(session, request)
+    return session
+
+
+@participant_page
+@require_http_methods(["GET", "POST"])
+def study_start(request: HttpRequest, slug: str) -> HttpResponse:
+    """Landing page of a participant link; POST agrees (or declines) and starts the session."""
+    study = get_object_or_404(Study, slug=slug)
+    try:
+        recruitment = parse_recruitment(request.GET)
+    except BadRecruitmentLink as exc:
+        return _bad_link(request, study, str(exc))
     reason = _unavailable_reason(study)
     if reason:
-        return _unavailable(request, study, reason)
-    return render(
-        request,
-        "study_start.html",
-        {"study": study, "resume": resume, "n_trials": study.trials_per_session},
-    )
+        return _unavailable(request, study, reason, recruitment)
+    if recruitment.preview:
+        if request.method == "POST":
+            return _bad_link(request, study, "this is a preview of the HIT; accept it to start")
+        return render(request, "study_preview.html", {"study": study})
+
+    resumable, completed = _standing(_known_participant(request, study, recruitment))
+    if resumable is None and completed and not study.allow_retakes:
+        return _already_taken(request, study, recruitment)
+    context = {
+        "study": study,
+        "recruitment": recruitment,
+        "resume": resumable,
+        "action": request.get_full_path(),
+        "n_trials": study.trials_per_session,
+    }
+    if request.method == "GET":
+        return render(request, "study_start.html", context)
+
+    decision = request.POST.get("decision", "")
+    if resumable is None and decision == "decline":
+        return render(request, "consent_declined.html", context)
+    if resumable is None and study.consent_text and decision != "agree":
+        context["error"] = "Please choose “I agree” to take part, or “I do not agree” to leave."
+        return render(request, "study_start.html", context, status=status.HTTP_400_BAD_REQUEST)
+    try:
+        started = _start(request, study, recruitment)
+    except AlreadyParticipated:
+        return _already_taken(request, study, recruitment)
+    except StudyUnavailable as exc:
+        logger.info("refused a session: %s", exc)
+        return _unavailable(request, study, _unavailable_reason(study) or str(exc), recruitment)
+    if isinstance(started, HttpResponse):
+        return started
+    if recruitment.source == "link":
+        remembered = request.session.get(_RESUME_KEY, {})
+        remembered[str(study.pk)] = started.token
+        request.session[_RESUME_KEY] = remembered
+    return redirect("session-page", token=started.token)
 
 
-@never_cache
+# --------------------------------------------------------------------------- session pages
+
+
+def _session_or_404(token: str) -> Session:
+    return get_object_or_404(Session.objects.select_related("participant__study"), token=token)
+
+
+@participant_page
 @require_GET
 def session_page(request: HttpRequest, token: str) -> HttpResponse:
     """The trial runner; a completed session goes straight to its done page."""
-    session = get_object_or_404(Session.objects.select_related("participant__study"), token=token)
+    session = _session_or_404(token)
     if session.completed_at is not None:
         return redirect("session-done", token=token)
+    study = session.study
     return render(
         request,
         "session.html",
-        {"session": session, "study": session.study, "csrf_cookie_name": settings.CSRF_COOKIE_NAME},
+        {
+            "session": session,
+            "study": study,
+            "key_same": study.key_same.upper(),
+            "key_different": study.key_different.upper(),
+            "csrf_cookie_name": settings.CSRF_COOKIE_NAME,
+        },
     )
 
 
-@never_cache
+@participant_page
 @require_GET
 def session_done(request: HttpRequest, token: str) -> HttpResponse:
-    """The completion code, once the session is complete; before that, back to the trials."""
-    session = get_object_or_404(Session.objects.select_related("participant__study"), token=token)
+    """The end page, once the server holds every judgment and the session is complete.
+
+    MTurk: a form that POSTs ``assignmentId`` and ``completion_code`` to
+    ``{turkSubmitTo}/mturk/externalSubmit`` (submitted by ``static/js/done.js``, with a button
+    as fallback). Prolific: a redirect to Prolific's completion URL with the study's code
+    (shown too); without a study code, the session's code to paste. Plain link: the code.
+    """
+    session = _session_or_404(token)
     if session.completed_at is None:
         return redirect("session-page", token=token)
-    return render(request, "done.html", {"session": session, "study": session.study})
+    study = session.study
+    context = {"session": session, "study": study, "source": session.participant.source}
+    if context["source"] == "mturk" and session.assignment_id:
+        try:
+            context["mturk_submit_url"] = mturk_submit_url(session.turk_submit_to)
+        except BadRecruitmentLink:  # stored before validation existed, or edited by hand
+            logger.error("session %s has an invalid turk_submit_to", session.pk)
+    if context["source"] == "prolific" and study.prolific_completion_code:
+        context["prolific_url"] = prolific_complete_url(study.prolific_completion_code)
+    return render(request, "done.html", context)
 
 
 @require_GET
-def trial_image(request: HttpRequest, token: str, position: int, slot: int) -> HttpResponse:
-    """The PNG shown in ``slot`` (1 = first, 2 = second) of one trial.
+def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
+    """The PNG behind one opaque image URL (see :mod:`studyapp.image_tokens` for what it hides).
 
     The response names nothing: no filename, no Last-Modified (file times could tell the
-    natural image from the later-generated perturbed one), no ETag.
+    natural image from the later-generated perturbed one), no ETag; ancillary PNG chunks are
+    stripped.
     """
-    if slot not in (1, 2):
-        raise Http404("slot must be 1 or 2")
-    trial = get_object_or_404(
-        Trial.objects.select_related("pair"), session__token=token, position=position
-    )
+    session = Session.objects.filter(token=token).only("id", "token").first()
+    found = resolve_image_key(session, key) if session is not None else None
+    if found is None:
+        raise Http404("unknown image")
+    trial, slot = found
     media_root = Path(settings.MEDIA_ROOT).resolve()
     path = (media_root / trial.image_path(slot)).resolve()
     if not path.is_relative_to(media_root) or not path.is_file():
         logger.error("image of pair %s slot %s is missing: %s", trial.pair_id, slot, path)
         raise Http404("image missing")
-    response = HttpResponse(path.read_bytes(), content_type="image/png")
+    try:
+        data = strip_png(path.read_bytes())
+    except NotAPNG as exc:
+        logger.error("image of pair %s slot %s is not a PNG: %s", trial.pair_id, slot, exc)
+        raise Http404("image missing") from exc
+    response = HttpResponse(data, content_type="image/png")
     response["Cache-Control"] = "private, max-age=3600"
     return response
+
+
+# --------------------------------------------------------------------------- staff
 
 
 @staff_member_required

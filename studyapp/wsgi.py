@@ -1,4 +1,8 @@
-"""WSGI entry point (``gunicorn studyapp.wsgi``)."""
+"""WSGI entry point (``gunicorn studyapp.wsgi -w 4 -b 0.0.0.0:8000``).
+
+With DEBUG off it refuses to start without ``DJANGO_SECRET_KEY`` (see
+:func:`studyapp.wiring.require_production_secret`).
+"""
 
 import os
 
@@ -6,3 +10,12 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "studyapp.settings")
 application = get_wsgi_application()
+
+
+def _refuse_file_secret() -> None:
+    from studyapp.wiring import require_production_secret
+
+    require_production_secret()
+
+
+_refuse_file_secret()

@@ -1,117 +1,128 @@
 // Trial runner for a just-noticeable-difference session (PAT paper, section 6 protocol):
 // fixation, image 1 (first_ms), blank (blank_ms), image 2 (second_ms), then "same or different?".
 //
+// Steps: measure the display → refuse a window smaller than the stimulus (re-checked on every
+// resize, and before every trial) → instructions with two example pairs (first visit only) →
+// practice trials with feedback → main trials, with a break every `break_every` of them → wait
+// until the server has acknowledged every answer → complete the session → end page.
+//
 // Timing. Both images of a trial are fetched and decoded (`img.decode()`) before the trial
-// starts, so neither network nor decoding can delay a switch or hint at anything. Every switch
+// starts, so neither network nor decoding can delay a switch or hint at anything (the next
+// trial's images are fetched while the participant answers the current one). Every switch
 // happens inside a requestAnimationFrame callback: a phase ends at the first frame whose
 // timestamp is at least (intended duration - half a frame) after the frame that started it,
 // which picks the frame count closest to the intended duration. The measured duration of a
 // phase is the difference between the rAF timestamps of the two switches; the frame interval
 // is the median rAF interval measured before the first trial. Switching only toggles the CSS
-// `visibility` of elements that are already laid out, so no switch causes layout work.
+// `visibility` of elements that are already laid out, so no switch causes layout work, and no
+// request is started while a stimulus is on screen (retries wait for the prompt).
 //
-// Data. Each judgment is POSTed as soon as it is given, with an idempotency key, and retried
-// with capped exponential backoff on network errors, 5xx and 429 (a retry with the same key
-// can never store it twice). After the last trial the session is completed on the server,
-// which only hands out the completion code when every trial has a stored judgment.
+// Data (see buffer.js). Each judgment is written to localStorage and POSTed at once with an
+// idempotency key, retried with backoff until the server acknowledges it. A reload resumes at
+// the next trial that is neither stored on the server nor buffered locally, and re-sends the
+// buffer. The session is completed (and the end page shown) only once the buffer is empty.
+
+import { Outbox, backoffDelay, isRetryable, newKey, request, sleep } from "./buffer.js";
 
 const FIXATION_MS = 500;
 const INTER_TRIAL_MS = 300;
+const FEEDBACK_MS = 1500;
 const FRAME_SAMPLES = 60;
 const MAX_RESPONSE_MS = 10 * 60 * 1000; // the server refuses slower responses
-const KEYS = { f: "same", j: "different" };
+// Room the runner needs around the stimulus: progress line, prompt, status, gaps, padding (px).
+const MARGIN_WIDTH = 32;
+const MARGIN_HEIGHT = 240;
 
 const root = document.getElementById("runner");
+const $ = (id) => document.getElementById(id);
 const ui = {
-  progress: document.getElementById("progress"),
-  stage: document.getElementById("stage"),
-  fixation: document.getElementById("fixation"),
-  prompt: document.getElementById("prompt"),
-  ready: document.getElementById("ready"),
-  begin: document.getElementById("begin"),
-  status: document.getElementById("status"),
+  progress: $("progress"),
+  stage: $("stage"),
+  fixation: $("fixation"),
+  prompt: $("prompt"),
+  panel: $("panel"),
+  panelText: $("panel-text"),
+  continue: $("continue"),
+  feedback: $("feedback"),
+  status: $("status"),
+  tooSmallDetail: $("too-small-detail"),
+  introPractice: $("intro-practice"),
+  introStart: $("intro-start"),
   buttons: [...document.querySelectorAll("#prompt button[data-response]")],
 };
+const csrf = { cookie: root.dataset.csrfCookie, token: root.dataset.csrfToken };
 
 class FatalError extends Error {}
 
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve));
 const show = (el, visible) => el.classList.toggle("is-visible", visible);
+const setStep = (step) => (root.dataset.step = step);
 
 function setStatus(text, isError = false) {
   ui.status.textContent = text;
   ui.status.classList.toggle("error", isError);
 }
 
+// ------------------------------------------------------------------------------ presentation state
+
+// While a stimulus is on screen nothing else may start (requests, retries): `idle()` waits.
+const presentation = {
+  active: false,
+  waiters: [],
+  begin() {
+    this.active = true;
+  },
+  end() {
+    this.active = false;
+    for (const resolve of this.waiters.splice(0)) resolve();
+  },
+  idle() {
+    return this.active ? new Promise((resolve) => this.waiters.push(resolve)) : Promise.resolve();
+  },
+};
+
 // ------------------------------------------------------------------------------ server
 
-function csrfToken() {
-  const name = root.dataset.csrfCookie || "csrftoken";
-  for (const part of document.cookie.split(";")) {
-    const [key, ...value] = part.trim().split("=");
-    if (key === name) return decodeURIComponent(value.join("="));
+// "Connection problem" is shown while the outbox or any other request is being retried.
+const retrying = new Set();
+function showRetrying(source, on) {
+  const before = retrying.size > 0;
+  if (on) retrying.add(source);
+  else retrying.delete(source);
+  if (retrying.size > 0 && !before) {
+    setStatus("Connection problem: your answers are kept and will be sent when it is back.");
+  } else if (retrying.size === 0 && before && !ui.status.classList.contains("error")) {
+    setStatus("");
   }
-  return root.dataset.csrfToken || "";
 }
 
-// One JSON request; network errors, 5xx and 429 are retried for as long as it takes (the
-// participant sees a notice), anything else is returned as {status, data}.
-async function api(url, { method = "GET", body } = {}) {
-  let delay = 500;
-  for (;;) {
-    let response = null;
-    try {
-      response = await fetch(url, {
-        method,
-        credentials: "same-origin",
-        cache: "no-store",
-        headers: {
-          Accept: "application/json",
-          ...(body === undefined ? {} : { "Content-Type": "application/json" }),
-          ...(method === "GET" ? {} : { "X-CSRFToken": csrfToken() }),
-        },
-        body: body === undefined ? undefined : JSON.stringify(body),
-      });
-    } catch (error) {
-      console.warn(`${method} ${url} failed:`, error);
+// A request that is retried (backoff with jitter) on network errors, 5xx and 429.
+async function persistent(url, options = {}) {
+  for (let attempt = 1; ; attempt++) {
+    const result = await request(url, { ...options, csrf });
+    if (!isRetryable(result.status)) {
+      if (attempt > 1) showRetrying(url, false);
+      return result;
     }
-    if (response && response.status < 500 && response.status !== 429) {
-      let data;
-      try {
-        data = await response.json();
-      } catch {
-        data = { error: `unexpected answer (HTTP ${response.status})` };
-      }
-      if (ui.status.dataset.retrying) {
-        delete ui.status.dataset.retrying;
-        setStatus("");
-      }
-      return { status: response.status, data };
-    }
-    ui.status.dataset.retrying = "1";
-    setStatus("Connection problem: trying again… (your answers are kept)");
-    await sleep(delay * (0.75 + Math.random() / 2));
-    delay = Math.min(delay * 2, 15000);
+    showRetrying(url, true);
+    await sleep(backoffDelay(attempt, result.retryAfterMs));
+    await presentation.idle();
   }
 }
 
 async function fetchState() {
-  const { status, data } = await api(root.dataset.stateUrl);
+  const { status, data } = await persistent(root.dataset.stateUrl);
   if (status !== 200) throw new FatalError(data.error || `could not load the session (${status})`);
   return data;
 }
 
-async function saveJudgment(judgment) {
-  const { status, data } = await api(root.dataset.judgmentsUrl, { method: "POST", body: judgment });
-  if (status === 200 || status === 201) return;
-  if (status === 409) {
-    // Already answered (e.g. in another tab): the first stored answer stands.
-    console.warn("judgment not stored:", data.error);
-    return;
-  }
-  throw new FatalError(`Your answer could not be saved: ${data.error || status}`);
-}
+const outbox = new Outbox(root.dataset.judgmentsUrl, root.dataset.token, {
+  csrf,
+  idle: () => presentation.idle(),
+  onRetrying: (on) => showRetrying("outbox", on),
+  onRejected: (body, status, data) =>
+    setStatus(`An answer could not be saved (${data.error || status}).`, true),
+});
 
 // ------------------------------------------------------------------------------ display
 
@@ -139,32 +150,74 @@ function sendClientInfo({ frameMs, samples }) {
     refresh_hz: Math.round((1000 / frameMs) * 100) / 100,
     frame_samples: samples,
   };
-  api(root.dataset.stateUrl, { method: "PATCH", body: info }).then(({ status, data }) => {
+  persistent(root.dataset.stateUrl, { method: "PATCH", body: info }).then(({ status, data }) => {
     if (status !== 200) console.warn("client info not stored:", data.error);
   });
 }
 
-async function loadImage(url) {
+// The window must hold the stimulus at its own pixel size plus the runner around it. Until it
+// does, a message says so; it is re-checked on every resize.
+function windowFits(stimulus) {
+  const need = { width: stimulus.width + MARGIN_WIDTH, height: stimulus.height + MARGIN_HEIGHT };
+  const fits = window.innerWidth >= need.width && window.innerHeight >= need.height;
+  return { fits, need };
+}
+
+async function ensureWindowFits(stimulus, resumeStep) {
+  if (windowFits(stimulus).fits) return;
+  setStep("too-small");
+  await new Promise((resolve) => {
+    const check = () => {
+      const { fits, need } = windowFits(stimulus);
+      ui.tooSmallDetail.textContent =
+        `The images are ${stimulus.width} × ${stimulus.height} pixels, so this study needs a ` +
+        `window of at least ${need.width} × ${need.height} pixels; yours is ` +
+        `${window.innerWidth} × ${window.innerHeight}.`;
+      if (fits) {
+        window.removeEventListener("resize", check);
+        resolve();
+      }
+    };
+    window.addEventListener("resize", check);
+    check();
+  });
+  setStep(resumeStep);
+}
+
+function loadImage(url) {
   const img = new Image();
   img.alt = "";
   img.decoding = "sync";
   img.src = url;
-  await img.decode(); // rejects if the image cannot be fetched or decoded
-  img.width = img.naturalWidth;
-  img.height = img.naturalHeight;
-  return img;
+  return img.decode().then(() => {
+    img.width = img.naturalWidth;
+    img.height = img.naturalHeight;
+    return img;
+  });
 }
 
-async function loadTrialImages(trial) {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await Promise.all(trial.images.map(loadImage));
-    } catch (error) {
-      if (attempt >= 5) throw new FatalError("The images could not be loaded. Please reload.");
-      setStatus("Loading the images is slow: trying again…");
-      await sleep(500 * 2 ** attempt);
-    }
+// Both images of a trial, fetched and decoded; retried (with a notice) until they arrive.
+const imageCache = new Map(); // position → Promise<[first, second]>
+function trialImages(trial) {
+  if (!imageCache.has(trial.position)) {
+    imageCache.set(
+      trial.position,
+      (async () => {
+        for (let attempt = 1; ; attempt++) {
+          try {
+            const images = await Promise.all(trial.images.map(loadImage));
+            if (attempt > 1) setStatus("");
+            return images;
+          } catch (error) {
+            console.warn(`images of trial ${trial.position} failed to load:`, error.message || error);
+            if (attempt >= 2) setStatus("Loading the images is slow: trying again…");
+            await sleep(backoffDelay(attempt));
+          }
+        }
+      })(),
+    );
   }
+  return imageCache.get(trial.position);
 }
 
 let hiddenDuringTrial = false;
@@ -220,8 +273,9 @@ function present(first, second, study, frameMs) {
   });
 }
 
-// ------------------------------------------------------------------------------ responses
+// ------------------------------------------------------------------------------ input
 
+let keys = { f: "same", j: "different" };
 let answerWaiter = null; // set while the prompt accepts an answer
 
 function openPrompt(open) {
@@ -238,14 +292,10 @@ function answer(response, timeStamp) {
   resolve({ response, at: timeStamp });
 }
 
-function waitForAnswer() {
-  return new Promise((resolve) => {
-    answerWaiter = resolve;
-  });
-}
+const waitForAnswer = () => new Promise((resolve) => (answerWaiter = resolve));
 
 document.addEventListener("keydown", (event) => {
-  const response = KEYS[event.key.toLowerCase()];
+  const response = keys[event.key.toLowerCase()];
   if (!response || event.repeat || event.ctrlKey || event.metaKey || event.altKey) return;
   event.preventDefault();
   answer(response, event.timeStamp);
@@ -257,27 +307,65 @@ for (const button of ui.buttons) {
   });
 }
 
-function waitForBegin() {
-  show(ui.ready, true);
-  ui.begin.disabled = false;
-  ui.begin.focus();
+// Resolves when `button` is clicked or the space bar is pressed.
+function waitForSpaceOr(button) {
+  button.disabled = false;
+  button.focus();
   return new Promise((resolve) => {
     const go = (event) => {
       if (event.type === "keydown" && event.key !== " ") return;
       event.preventDefault();
       document.removeEventListener("keydown", go);
-      ui.begin.removeEventListener("click", go);
-      ui.begin.disabled = true;
-      ui.begin.blur();
-      show(ui.ready, false);
+      button.removeEventListener("click", go);
+      button.disabled = true;
+      button.blur();
       resolve();
     };
     document.addEventListener("keydown", go);
-    ui.begin.addEventListener("click", go);
+    button.addEventListener("click", go);
   });
 }
 
-// ------------------------------------------------------------------------------ session
+async function pause(text) {
+  ui.panelText.textContent = text;
+  show(ui.panel, true);
+  await waitForSpaceOr(ui.continue);
+  show(ui.panel, false);
+}
+
+// ------------------------------------------------------------------------------ steps
+
+// Instructions with two example pairs: a practice pair of each kind (shown through the same
+// opaque image URLs as the trials), else the static illustration in the template.
+async function showIntro(state, nPractice) {
+  for (const figure of document.querySelectorAll(".example[data-answer]")) {
+    const trial = state.trials.find((t) => t.practice && t.answer === figure.dataset.answer);
+    if (!trial) continue;
+    figure.querySelectorAll("img").forEach((img, slot) => {
+      img.src = trial.images[slot];
+    });
+  }
+  ui.introPractice.textContent = nPractice
+    ? `First come ${nPractice} practice pair${nPractice === 1 ? "" : "s"}: after each one you ` +
+      "will see whether you were right. Then the real pairs begin."
+    : "";
+  ui.introStart.textContent = nPractice ? "Start the practice" : "Start";
+  setStep("intro");
+  ui.progress.textContent = state.study.title;
+  await waitForSpaceOr(ui.introStart);
+  setStep("trials");
+}
+
+async function showFeedback(trial, response) {
+  const correct = response === trial.answer;
+  const truth = trial.answer === "same" ? "they were the same." : "they were different.";
+  ui.feedback.textContent = `${correct ? "Correct" : "Not quite"}: ${truth}`;
+  ui.feedback.classList.toggle("correct", correct);
+  ui.feedback.classList.toggle("wrong", !correct);
+  show(ui.feedback, true);
+  await sleep(FEEDBACK_MS);
+  show(ui.feedback, false);
+}
 
 function placeImages(first, second) {
   const width = Math.max(first.width, second.width);
@@ -287,15 +375,16 @@ function placeImages(first, second) {
   ui.stage.replaceChildren(ui.fixation, first, second);
 }
 
-async function runTrial(trial, study, frameMs) {
-  const [first, second] = await loadTrialImages(trial);
+async function runTrial(trial, next, study, frameMs) {
+  const [first, second] = await trialImages(trial);
   first.dataset.slot = "1";
   second.dataset.slot = "2";
-  setStatus("");
   placeImages(first, second);
   for (;;) {
     await nextFrame(); // the new images are laid out before the fixation starts
+    presentation.begin();
     const shown = await present(first, second, study, frameMs);
+    presentation.end();
     if (shown.interrupted) {
       setStatus("The page was hidden, so that pair will be shown again.");
       while (document.hidden) await sleep(200);
@@ -303,6 +392,7 @@ async function runTrial(trial, study, frameMs) {
       setStatus("");
       continue;
     }
+    if (next) trialImages(next); // fetch the next pair while this one is answered
     const { response, at } = await waitForAnswer();
     const responseTime = at - shown.promptAt;
     if (responseTime > MAX_RESPONSE_MS) {
@@ -316,49 +406,101 @@ async function runTrial(trial, study, frameMs) {
       response,
       response_time_ms: Math.max(0, responseTime),
       durations: { first_ms: shown.first_ms, blank_ms: shown.blank_ms, second_ms: shown.second_ms },
-      idempotency_key: crypto.randomUUID(),
+      idempotency_key: newKey(),
     };
   }
 }
 
+// The message (if any) to show before `trial`; `resumed`: the first trial after a reload.
+function pauseBefore(trial, state, resumed) {
+  const main = state.trials.filter((t) => !t.practice);
+  const hasPractice = state.trials.some((t) => t.practice);
+  const mainIndex = main.indexOf(trial);
+  const every = state.study.break_every;
+  const practiceOver =
+    "The practice is over. From now on you will not be told whether you were right. " +
+    "Answer with your first impression.";
+  if (resumed) {
+    return `Welcome back: you can continue where you left off.${mainIndex === 0 && hasPractice ? ` ${practiceOver}` : ""}`;
+  }
+  if (mainIndex === 0 && hasPractice) return practiceOver;
+  if (mainIndex > 0 && every > 0 && mainIndex % every === 0) {
+    return `Time for a short break (${mainIndex} of ${main.length} pairs done). Press the space bar to continue.`;
+  }
+  return null;
+}
+
+function progressText(trial, state) {
+  const group = state.trials.filter((t) => t.practice === trial.practice);
+  const label = trial.practice ? "Practice pair" : "Pair";
+  return `${label} ${group.indexOf(trial) + 1} of ${group.length}`;
+}
+
 async function complete() {
-  const { status, data } = await api(root.dataset.completeUrl, { method: "POST", body: {} });
+  const { status, data } = await persistent(root.dataset.completeUrl, { method: "POST", body: {} });
   if (status === 200) return true;
-  if (status === 409) return false; // some judgment is missing: run what is left again
+  if (status === 409 && data.code === "session_expired") {
+    throw new FatalError(
+      "This session has expired: it was left unfinished for too long, so its pairs went to " +
+        "other participants. Please open the study link again to start afresh.",
+    );
+  }
+  if (status === 409) return false; // some judgment is missing on the server: run it again
   throw new FatalError(data.error || `could not finish the session (${status})`);
 }
 
 async function main() {
   let state = await fetchState();
   if (state.completed) {
+    outbox.clear();
     window.location.replace(root.dataset.doneUrl);
     return;
   }
-  ui.progress.textContent = "Preparing…";
-  const display = await measureFrameInterval();
-  sendClientInfo(display);
-  root.dataset.frameMs = String(display.frameMs);
-  ui.progress.textContent = state.study.title;
-  await waitForBegin();
+  // Answered: stored on the server, or given here (or before a reload) and still buffered.
+  let finished = new Set();
+  const noteFinished = () => {
+    outbox.reconcile(state.trials);
+    finished = new Set(state.trials.filter((t) => t.answered || outbox.has(t.position)).map((t) => t.position));
+  };
+  noteFinished();
+  outbox.start(); // re-send what an earlier page left unacknowledged
+  keys = { [state.study.key_same]: "same", [state.study.key_different]: "different" };
+  const fresh = finished.size === 0;
 
+  ui.progress.textContent = state.study.title;
+  const display = await measureFrameInterval();
+  root.dataset.frameMs = String(display.frameMs);
+  await ensureWindowFits(state.stimulus, "trials");
+  sendClientInfo(display);
+  if (fresh) await showIntro(state, state.trials.filter((t) => t.practice).length);
+  setStep("trials");
+
+  let resumed = !fresh;
   for (let round = 0; round < 3; round++) {
-    const total = state.trials.length;
-    const open = state.trials.filter((t) => !t.answered);
-    let saving = Promise.resolve();
-    for (const trial of open) {
-      ui.progress.textContent = `Pair ${total - open.length + open.indexOf(trial) + 1} of ${total}`;
-      const judgment = await runTrial(trial, state.study, display.frameMs);
-      await saving; // the previous answer must be stored before the next one is sent
-      saving = saveJudgment(judgment);
+    const open = state.trials.filter((t) => !finished.has(t.position));
+    for (const [i, trial] of open.entries()) {
+      trialImages(trial); // fetch while a pause message is read
+      ui.progress.textContent = progressText(trial, state);
+      const message = pauseBefore(trial, state, resumed);
+      resumed = false;
+      if (message) await pause(message);
+      await ensureWindowFits(state.stimulus, "trials");
+      const judgment = await runTrial(trial, open[i + 1], state.study, display.frameMs);
+      outbox.add(judgment); // buffered, and sent at once
+      finished.add(trial.position);
+      imageCache.delete(trial.position);
+      if (trial.practice) await showFeedback(trial, judgment.response);
       await sleep(INTER_TRIAL_MS);
     }
-    await saving;
-    ui.progress.textContent = "Saving…";
+    ui.progress.textContent = "Saving your answers…";
+    await outbox.drain();
     if (await complete()) {
+      outbox.clear();
       window.location.assign(root.dataset.doneUrl);
       return;
     }
     state = await fetchState();
+    noteFinished();
   }
   throw new FatalError("Some answers could not be saved. Please reload the page.");
 }
@@ -367,5 +509,5 @@ main().catch((error) => {
   console.error(error);
   openPrompt(false);
   const message = error instanceof FatalError ? error.message : `Something went wrong (${error}).`;
-  setStatus(`${message} Your saved answers are kept; reloading continues where you left off.`, true);
+  setStatus(`${message} Your answers are kept; reloading continues where you left off.`, true);
 });

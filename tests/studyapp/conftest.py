@@ -60,15 +60,25 @@ def make_study(media_root):
     """``make_study(slug=..., with_pairs=True, **study_fields)`` → a Study with real PNG pairs.
 
     With pairs: 2 conditions × 3 photos = 6 perturbed pairs, and 3 sentinel pairs (the
-    natural image twice, no condition). Needs database access (``django_db``).
+    natural image twice, no condition). ``conditions=[(threat_model, bound, label), ...]``
+    replaces the two conditions (3 perturbed pairs each); ``catch_pairs=n`` adds n catch pairs
+    (two different photographs, n ≤ 3). Needs database access (``django_db``).
     """
 
-    def make(slug: str = "jnd-demo", *, with_pairs: bool = True, **fields) -> Study:
+    def make(
+        slug: str = "jnd-demo",
+        *,
+        with_pairs: bool = True,
+        conditions: list[tuple[str, float, str]] = CONDITIONS,
+        catch_pairs: int = 0,
+        **fields,
+    ) -> Study:
         fields = {
             "title": "Do these images differ?",
             "instructions": "Look closely at the centre of the screen.\nAnswer quickly.",
             "trials_per_session": 5,
             "sentinel_fraction": 0.2,
+            "practice_trials": 0,  # tests about practice trials ask for them
             **fields,
         }
         study = Study.objects.create(slug=slug, **fields)
@@ -81,7 +91,7 @@ def make_study(media_root):
                 source_image=name, natural_path=natural, other_path=natural,
                 width=SIZE, height=SIZE,
             )
-            for i, (threat_model, bound, label) in enumerate(CONDITIONS):
+            for i, (threat_model, bound, label) in enumerate(conditions):
                 spec = f"{threat_model}:bound={bound:.6f}"
                 condition, _ = Condition.objects.get_or_create(
                     study=study, spec=spec,
@@ -96,6 +106,14 @@ def make_study(media_root):
                     natural_path=natural, other_path=other, width=SIZE, height=SIZE,
                     distances={"linf": bound},
                 )
+        names = list(PHOTOS)
+        for n in range(catch_pairs):  # two different photographs: obviously different
+            a, b = names[n % len(names)], names[(n + 1) % len(names)]
+            Pair.objects.create(
+                study=study, is_catch=True, key=f"{a}|catch|{b}", source_image=a,
+                natural_path=f"{slug}/natural/{a}.png", other_path=f"{slug}/natural/{b}.png",
+                width=SIZE, height=SIZE,
+            )
         return study
 
     return make

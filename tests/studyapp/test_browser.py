@@ -1,10 +1,28 @@
-"""A whole session in Debian's headless Chromium, driven by Playwright against a live server."""
+"""Whole sessions in Debian's headless Chromium, driven by Playwright against a live server.
+
+Two scenarios, each one test so that the browser and the study are set up once:
+
+- an MTurk worker: HIT preview (no start, nothing written), a forged turkSubmitTo (400), then
+  the accepted HIT: consent, a window too small for the stimulus (message, then resized),
+  instructions with example pairs, practice with feedback, main trials (durations checked
+  against what a MutationObserver saw on screen, one answer lost on the way back and
+  re-sent), and the end page's form POST to MTurk, intercepted;
+- a Prolific participant over 40 main trials: the network cut for a few trials and restored,
+  cut again and the page reloaded while answers are still unacknowledged (it resumes at the
+  next unanswered trial and re-sends them), a break, every judgment stored exactly once, the
+  redirect to Prolific with the study's code, and the 99th percentile of
+  |measured - intended| phase duration within one frame.
+"""
 
 from __future__ import annotations
 
+import json
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import numpy as np
 import pytest
 
-from studyapp.models import Judgment, Session
+from studyapp.models import Judgment, Participant, Session, Trial
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -16,8 +34,13 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-sync",
     "--disable-quic",
+    "--disable-renderer-backgrounding",
+    "--disable-background-timer-throttling",
+    "--disable-backgrounding-occluded-windows",
 ]
-FRAME_TOLERANCE_MS = 17  # one frame at 60 Hz
+FRAME_MS = 1000 / 60  # one frame at 60 Hz (headless Chromium's frame rate)
+FRAME_TOLERANCE_MS = 17  # one frame, plus timer jitter
+MTURK_SANDBOX = "https://workersandbox.mturk.com"
 
 # Reports every change of what is visible in the stimulus area and the prompt to the test as
 # recordShown(time (performance.now()), element ("fixation", "img1", "img2", "prompt"), visible).
@@ -34,8 +57,7 @@ new MutationObserver((mutations) => {
 }).observe(document, {subtree: true, attributes: true, attributeFilter: ["class"]});
 new PerformanceObserver((list) => {
   for (const entry of list.getEntries()) {
-    const match = entry.name.match(/\\/image\\/(\\d+)\\/(\\d)\\/$/);
-    if (match) window.recordImage(entry.responseEnd, Number(match[1]), Number(match[2]));
+    if (entry.name.includes("/img/")) window.recordImage(entry.responseEnd, entry.name);
   }
 }).observe({type: "resource", buffered: true});
 """
@@ -55,12 +77,23 @@ def visible_sequence(events: list) -> list[tuple[float, frozenset]]:
 
 
 @pytest.fixture
-def browser(chromium_executable):
+def browser(chromium_executable, tmp_path):
+    """Chromium at a raised CPU priority (nice -10) where the OS allows it.
+
+    A participant's browser is the foreground application of an otherwise quiet computer; a
+    shared test machine may run a dozen other busy processes, and Chromium then misses frames
+    that no page could keep. The raised priority keeps the timing measurement about the trial
+    runner, not about the neighbours. Without the privilege, ``nice`` says so on stderr and
+    starts Chromium at normal priority.
+    """
     from playwright.sync_api import sync_playwright
 
+    launcher = tmp_path / "chromium-nice"
+    launcher.write_text(f'#!/bin/sh\nexec nice -n -10 "{chromium_executable}" "$@"\n')
+    launcher.chmod(0o755)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=chromium_executable, headless=True, args=CHROMIUM_ARGS
+            executable_path=str(launcher), headless=True, args=CHROMIUM_ARGS
         )
         yield browser
         browser.close()
@@ -73,131 +106,320 @@ def allow_orm_next_to_playwright(monkeypatch):
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
 
 
-def test_a_participant_completes_a_session(
+class Watcher:
+    """Console messages and judgment POSTs (position, idempotency key) of one page."""
+
+    def __init__(self, page):
+        self.console: list[str] = []
+        self.posted: list[tuple[int, str]] = []
+        page.on("console", lambda m: self.console.append(f"{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.console.append(f"pageerror: {e}"))
+        page.on("request", self._request)
+
+    def _request(self, request):
+        if request.method == "POST" and request.url.endswith("/judgments/"):
+            body = request.post_data_json
+            self.posted.append((body["position"], body["idempotency_key"]))
+
+    def errors(self, *expected: str) -> list[str]:
+        """Console errors other than lines containing one of ``expected``."""
+        return [
+            line for line in self.console
+            if line.startswith(("error", "pageerror")) and not any(e in line for e in expected)
+        ]
+
+
+def next_screen(page) -> str:
+    """Wait for the answer prompt or a pause panel; return ``"prompt"`` or ``"panel"``."""
+    page.wait_for_selector("#prompt.is-visible, #panel.is-visible", timeout=20_000)
+    return "prompt" if page.is_visible("#prompt.is-visible") else "panel"
+
+
+def answer(page, key: str) -> None:
+    assert next_screen(page) == "prompt", page.text_content("#panel-text")
+    page.keyboard.press(key)
+    page.wait_for_selector("#prompt:not(.is-visible)", state="attached")
+
+
+def continue_after(page, *words: str) -> str:
+    """Expect a pause panel containing every word; press space; return its text."""
+    assert next_screen(page) == "panel"
+    text = page.text_content("#panel-text")
+    assert all(w in text for w in words), text
+    page.keyboard.press("Space")
+    page.wait_for_selector("#panel:not(.is-visible)", state="attached")
+    return text
+
+
+def db_counts() -> tuple[int, int, int]:
+    return Participant.objects.count(), Session.objects.count(), Judgment.objects.count()
+
+
+def test_an_mturk_worker_previews_accepts_and_submits_the_hit(
     live_server, browser, make_study, allow_orm_next_to_playwright
 ):
-    study = make_study(trials_per_session=5, sentinel_fraction=0.2)
-    page = browser.new_page(viewport={"width": 1024, "height": 768})
-    console: list[str] = []
-    page.on("console", lambda message: console.append(f"{message.type}: {message.text}"))
-    page.on("pageerror", lambda error: console.append(f"pageerror: {error}"))
+    study = make_study(
+        trials_per_session=3, sentinel_fraction=0.34, practice_trials=2, catch_pairs=2,
+        consent_text="You agree that your answers are stored anonymously.",
+    )
+    base = f"{live_server.url}/study/{study.slug}/"
+    page = browser.new_page(viewport={"width": 200, "height": 200})
+    watch = Watcher(page)
     events: list[tuple[float, str, bool]] = []
     page.expose_function("recordShown", lambda t, name, on: events.append((t, name, on)))
-    loaded: dict[tuple[int, int], float] = {}  # (position, slot) → when its bytes arrived
-    page.expose_function("recordImage", lambda t, pos, slot: loaded.setdefault((pos, slot), t))
+    loaded: dict[str, float] = {}  # image URL → when its bytes arrived
+    page.expose_function("recordImage", lambda t, url: loaded.setdefault(urlsplit(url).path, t))
     page.add_init_script(RECORD_VISIBILITY)
 
-    # The first judgment reaches the server, but its answer is lost on the way back: the page
+    # Preview: instructions and examples, no way to start, nothing written.
+    preview = {"assignmentId": "ASSIGNMENT_ID_NOT_AVAILABLE", "hitId": "HIT1",
+               "turkSubmitTo": MTURK_SANDBOX}
+    assert page.goto(f"{base}?{urlencode(preview)}").status == 200
+    assert "Accept the HIT" in page.text_content("#preview-notice")
+    assert page.locator("form, button").count() == 0
+    assert page.locator(".example img").count() == 4
+    # A link whose turkSubmitTo is not MTurk is refused, before anything is written.
+    forged = {"assignmentId": "A1", "hitId": "HIT1", "workerId": "W1",
+              "turkSubmitTo": "https://evil.example"}
+    refused = page.goto(f"{base}?{urlencode(forged)}")
+    assert refused.status == 400 and "turkSubmitTo" in page.text_content("main")
+    assert db_counts() == (0, 0, 0)
+
+    # The first judgment reaches the server but its answer is lost on the way back: the page
     # must retry with the same idempotency key, and the server must not store it twice.
-    judgment_posts: list[str] = []
+    losses: list[int] = []
 
     def lose_first_answer(route):
-        judgment_posts.append(route.request.post_data_json["idempotency_key"])
-        if len(judgment_posts) == 1:
+        if not losses:
+            losses.append(route.request.post_data_json["position"])
             route.fetch()
             route.abort("connectionreset")
         else:
             route.continue_()
 
     page.route("**/api/sessions/*/judgments/", lose_first_answer)
+    submitted: list[dict] = []
 
-    page.goto(f"{live_server.url}/study/{study.slug}/")
-    page.get_by_role("button", name="Start").click()
+    def mturk(route):
+        # What MTurk would receive, and whether the server held everything at that moment.
+        session = Session.objects.get()
+        submitted.append({
+            "url": route.request.url, "method": route.request.method,
+            "form": parse_qs(route.request.post_data or ""),
+            "completed": session.completed_at is not None,
+            "judgments": Judgment.objects.filter(trial__session=session).count(),
+        })
+        route.fulfill(status=200, content_type="text/html", body="<p>HIT submitted</p>")
+
+    page.route(f"{MTURK_SANDBOX}/**", mturk)
+
+    accepted = {"assignmentId": "ASSIGN1", "hitId": "HIT1", "workerId": "WORKER1",
+                "turkSubmitTo": MTURK_SANDBOX}
+    page.goto(f"{base}?{urlencode(accepted)}")
+    assert "stored anonymously" in page.text_content(".consent")
+    assert db_counts() == (0, 0, 0)
+    page.get_by_role("button", name="I agree").click()
     page.wait_for_url("**/session/*/")
-    token = page.url.rstrip("/").rsplit("/", 1)[-1]
-    session = Session.objects.get(token=token)
-    assert session.user_agent.startswith("Mozilla/5.0")
+    session = Session.objects.select_related("participant").get()
+    assert (session.participant.source, session.participant.external_id) == ("mturk", "WORKER1")
+    assert (session.assignment_id, session.hit_id, session.turk_submit_to) == (
+        "ASSIGN1", "HIT1", MTURK_SANDBOX)
+    assert session.user_agent.startswith("Mozilla/5.0") and session.ip_hash
 
-    page.wait_for_selector("#begin:enabled")
+    # 200×200 cannot hold a 96×96 stimulus with the prompt: a message, until it is resized.
+    page.wait_for_selector("#too-small", state="visible")
+    assert "96 × 96" in page.text_content("#too-small") and "200 × 200" in page.text_content(
+        "#too-small")
+    assert not page.is_visible("#intro")
+    page.set_viewport_size({"width": 1024, "height": 768})
+    page.wait_for_selector("#intro", state="visible")
+    assert not page.is_visible("#too-small")
+    # The examples are a practice pair of each kind, through opaque per-session image URLs.
+    page.wait_for_function(
+        "[...document.querySelectorAll('.example img')].every(i => i.complete && i.naturalWidth)")
+    examples = page.eval_on_selector_all(
+        ".example img", "imgs => imgs.map(i => [new URL(i.src).pathname, i.naturalWidth])")
+    assert all(path.startswith(f"/img/{session.token}/") and w == 96 for path, w in examples)
+    assert "2 practice pairs" in page.text_content("#intro-practice")
     page.keyboard.press("Space")
-    pressed = {}
-    for position in range(study.trials_per_session):
-        page.wait_for_selector("#prompt.is-visible", timeout=15_000)
-        if position == study.trials_per_session - 1:  # the buttons work too
+
+    trials = {t.position: t for t in Trial.objects.filter(session=session).select_related("pair")}
+    assert [p for p, t in trials.items() if t.is_practice] == [0, 1]
+    pressed: dict[int, str] = {}
+    for position in (0, 1):  # practice: feedback says what the pair was
+        truth = "same" if trials[position].pair.is_sentinel else "different"
+        key = "f" if position == 0 else "j"
+        assert next_screen(page) == "prompt"
+        assert page.text_content("#progress") == f"Practice pair {position + 1} of 2"
+        answer(page, key)
+        pressed[position] = {"f": "same", "j": "different"}[key]
+        page.wait_for_selector("#feedback.is-visible")
+        feedback = page.text_content("#feedback")
+        verdict = "Correct" if pressed[position] == truth else "Not quite"
+        assert feedback == f"{verdict}: they were {'the same' if truth == 'same' else 'different'}."
+    continue_after(page, "practice is over")
+    for i, position in enumerate((2, 3, 4)):
+        assert next_screen(page) == "prompt"
+        assert page.text_content("#progress") == f"Pair {i + 1} of 3"
+        if i == 2:  # the buttons work too
             page.get_by_role("button", name="Same").click()
             pressed[position] = "same"
         else:
-            key = "f" if position in (0, 3) else "j"
-            page.keyboard.press(key)
-            pressed[position] = {"f": "same", "j": "different"}[key]
-        page.wait_for_selector("#prompt:not(.is-visible)", state="attached")
-    page.wait_for_url("**/done/", timeout=15_000)
-    shown = visible_sequence(events)
-    shown_code = page.text_content("#completion-code").strip()
+            answer(page, "j")
+            pressed[position] = "different"
+    page.wait_for_url(f"{MTURK_SANDBOX}/mturk/externalSubmit", timeout=20_000)
 
     session.refresh_from_db()
-    assert session.completed_at is not None, console
-    assert shown_code == session.completion_code
-    judgments = list(
-        Judgment.objects.filter(trial__session=session).select_related("trial__pair")
-        .order_by("trial__position")
-    )
-    assert len(judgments) == study.trials_per_session
-    assert len(judgment_posts) == study.trials_per_session + 1  # one retry
-    assert judgment_posts[0] == judgment_posts[1]
-    assert {j.trial.position: j.response for j in judgments} == pressed
-    assert sum(j.trial.pair.is_sentinel for j in judgments) == 1
-    assert all(isinstance(j.trial.natural_first, bool) for j in judgments)
+    assert session.completed_at is not None, watch.console
+    assert len(submitted) == 1, submitted
+    post = submitted[0]
+    assert post["method"] == "POST" and post["completed"] and post["judgments"] == 5
+    assert post["form"] == {"assignmentId": ["ASSIGN1"], "completion_code": [
+        session.completion_code]}
+    judgments = {
+        j.trial.position: j
+        for j in Judgment.objects.filter(trial__session=session).select_related("trial")
+    }
+    assert {p: j.response for p, j in judgments.items()} == pressed
+    # The lost answer was re-sent once with the same key and stored once.
+    keys = [k for p, k in watch.posted if p == losses[0]]
+    assert len(keys) == 2 and keys[0] == keys[1] == judgments[losses[0]].idempotency_key
 
-    errors = []
-    for j in judgments:
-        for name, measured, intended in [
-            ("first", j.first_ms, study.first_ms),
-            ("blank", j.blank_ms, study.blank_ms),
-            ("second", j.second_ms, study.second_ms),
-        ]:
-            errors.append(measured - intended)
-            assert abs(measured - intended) <= FRAME_TOLERANCE_MS, (
-                f"trial {j.trial.position} {name}: measured {measured:.1f} ms, "
-                f"intended {intended} ms", console,
-            )
-        assert 0 <= j.response_time_ms < 15_000
-    print("duration errors (ms):", [round(e, 1) for e in errors], session.client_info)
-
-    # What was on screen: per trial fixation, image 1, blank, image 2, prompt, never two at once,
-    # and the switches (seen by a MutationObserver) agree with the stored durations.
+    # What was on screen in each main trial: fixation, image 1, blank, image 2, prompt, never two
+    # at once, both images loaded before the fixation, and the switches (seen by a
+    # MutationObserver) agree with the stored durations.
+    shown = visible_sequence(events)
     phases = [{"fixation"}, {"img1"}, set(), {"img2"}, {"prompt"}, set()]
-    assert [set(v) for _, v in shown] == phases * study.trials_per_session
-    for i, j in enumerate(judgments):
-        times = [t for t, _ in shown[i * len(phases) : (i + 1) * len(phases)]]
+    assert [set(v) for _, v in shown] == phases * 5
+    state = page.context.request.get(f"{live_server.url}/api/sessions/{session.token}/").json()
+    for position in (2, 3, 4):
+        j = judgments[position]
+        times = [t for t, _ in shown[position * len(phases) : (position + 1) * len(phases)]]
         observed = [times[2] - times[1], times[3] - times[2], times[4] - times[3]]
         stored = [j.first_ms, j.blank_ms, j.second_ms]
-        fixation_at = shown[i * len(phases)][0]
-        assert loaded[(i, 1)] < fixation_at and loaded[(i, 2)] < fixation_at
         assert all(abs(o - s) <= FRAME_TOLERANCE_MS for o, s in zip(observed, stored, strict=True))
+        urls = state["trials"][position]["images"]
+        assert all(loaded[url] < times[0] for url in urls)
 
     info = session.client_info
-    assert info["window_width"] == 1024 and info["window_height"] == 768
-    assert info["device_pixel_ratio"] == 1
-    assert 20 <= info["refresh_hz"] <= 250, info
-    expected = "error: Failed to load resource: net::ERR_CONNECTION_RESET"  # the lost answer
-    unexpected = [
-        line for line in console if line.startswith(("error", "pageerror")) and line != expected
-    ]
-    assert not unexpected, console
+    assert (info["window_width"], info["window_height"]) == (1024, 768)
+    assert info["device_pixel_ratio"] == 1 and 20 <= info["refresh_hz"] <= 250, info
+    assert not watch.errors("net::ERR_CONNECTION_RESET", "status of 400"), watch.console
 
 
-def test_a_reloaded_session_continues_with_the_unanswered_trials(
-    live_server, browser, make_study, new_session, allow_orm_next_to_playwright
+def test_a_prolific_session_survives_network_loss_and_a_reload_with_frame_accurate_timing(
+    live_server, browser, make_study, allow_orm_next_to_playwright
 ):
-    study = make_study(trials_per_session=5, sentinel_fraction=0.2)
-    session = new_session(study)
-    for trial in session.trials.filter(position__lt=3):
-        Judgment.objects.create(
-            trial=trial, response="same", response_time_ms=500, first_ms=1000, blank_ms=250,
-            second_ms=1000, idempotency_key=f"earlier-{trial.position}",
-        )
-    page = browser.new_page()
-    page.goto(f"{live_server.url}/session/{session.token}/")
-    page.wait_for_selector("#begin:enabled")
-    page.get_by_role("button", name="Begin").click()
-    for position in (3, 4):
-        page.wait_for_selector("#prompt.is-visible", timeout=15_000)
-        assert page.text_content("#progress") == f"Pair {position + 1} of 5"
-        page.keyboard.press("j")
-        page.wait_for_selector("#prompt:not(.is-visible)", state="attached")
-    page.wait_for_url("**/done/", timeout=15_000)
+    n_main, n_practice = 40, 2
+    study = make_study(
+        # 14 conditions × 3 photos = 42 data pairs, 3 sentinels (some used for practice)
+        conditions=[("linf", k / 255, f"b{k}") for k in range(4, 32, 2)],
+        trials_per_session=n_main, sentinel_fraction=0.05, practice_trials=n_practice,
+        break_every=25, prolific_completion_code="C0DE-42",
+    )
+    page = browser.new_page(viewport={"width": 1024, "height": 768})
+    watch = Watcher(page)
+    redirected: list[str] = []
+
+    def prolific(route):
+        redirected.append(route.request.url)
+        route.fulfill(status=200, content_type="text/html", body="<p>Prolific</p>")
+
+    page.route("https://app.prolific.com/**", prolific)
+    params = {"PROLIFIC_PID": "5f1a2b3c4d5e6f7a8b9c0d1e", "STUDY_ID": "S1", "SESSION_ID": "X1"}
+    page.goto(f"{live_server.url}/study/{study.slug}/?{urlencode(params)}")
+    page.get_by_role("button", name="Start").click()
+    page.wait_for_url("**/session/*/")
+    session = Session.objects.select_related("participant").get()
+    assert (session.participant.source, session.participant.external_id) == (
+        "prolific", params["PROLIFIC_PID"])
+    assert (session.external_study_id, session.external_session_id) == ("S1", "X1")
+    page.wait_for_selector("#intro", state="visible")
+    page.keyboard.press("Space")
+
+    def buffered() -> list[int]:
+        raw = page.evaluate(f"localStorage.getItem('perceptlab:v1:judgments:{session.token}')")
+        return sorted(j["position"] for j in json.loads(raw)["judgments"]) if raw else []
+
+    pressed: dict[int, str] = {}
+
+    def answer_main(index: int) -> None:
+        assert next_screen(page) == "prompt"
+        assert page.text_content("#progress") == f"Pair {index + 1} of {n_main}"
+        key = "f" if index % 3 == 0 else "j"
+        answer(page, key)
+        pressed[n_practice + index] = {"f": "same", "j": "different"}[key]
+
+    for position in range(n_practice):
+        answer(page, "f")
+        pressed[position] = "same"
+    continue_after(page, "practice is over")
+    for index in range(0, 5):
+        answer_main(index)
+
+    # Network cut for three trials, then back: the answers wait in the buffer and go out later.
+    page.route("**/api/**", lambda route: route.abort())
+    for index in range(5, 8):
+        answer_main(index)
+    assert buffered() == [n_practice + i for i in range(5, 8)]
+    page.unroute("**/api/**")
+    for index in range(8, 12):
+        answer_main(index)
+    page.wait_for_function(
+        f"!localStorage.getItem('perceptlab:v1:judgments:{session.token}')", timeout=30_000)
+    assert Judgment.objects.filter(trial__session=session).count() == n_practice + 12
+
+    # Cut again, answer three, and reload while they are still unacknowledged: the page comes
+    # back (waiting for the network), counts them as answered, re-sends them and goes on with
+    # the next unanswered trial.
+    page.route("**/api/**", lambda route: route.abort())
+    for index in range(12, 15):
+        answer_main(index)
+    unacknowledged = [n_practice + i for i in range(12, 15)]
+    assert buffered() == unacknowledged
+    page.reload()
+    page.wait_for_timeout(1500)
+    assert buffered() == unacknowledged
+    page.unroute("**/api/**")
+    continue_after(page, "Welcome back")
+    for index in range(15, n_main):
+        if index == 25:
+            continue_after(page, "short break", f"25 of {n_main}")
+        answer_main(index)
+    page.wait_for_url("https://app.prolific.com/**", timeout=30_000)
+
+    assert redirected == ["https://app.prolific.com/submissions/complete?cc=C0DE-42"]
     session.refresh_from_db()
-    assert page.text_content("#completion-code").strip() == session.completion_code
-    responses = Judgment.objects.filter(trial__session=session).order_by("trial__position")
-    assert [j.response for j in responses] == ["same"] * 3 + ["different"] * 2
+    assert session.completed_at is not None
+    judgments = list(
+        Judgment.objects.filter(trial__session=session).select_related("trial")
+        .order_by("trial__position")
+    )
+    # Every trial answered exactly once, with the key the page first sent for it.
+    assert [j.trial.position for j in judgments] == list(range(n_practice + n_main))
+    assert {j.trial.position: j.response for j in judgments} == pressed
+    first_key: dict[int, str] = {}
+    for position, key in watch.posted:
+        first_key.setdefault(position, key)
+        assert key == first_key[position], f"trial {position} was sent under two keys"
+    assert {j.trial.position: j.idempotency_key for j in judgments} == first_key
+    assert all(watch.posted.count((p, first_key[p])) >= 2 for p in unacknowledged)
+
+    main = [j for j in judgments if not j.trial.is_practice]
+    errors = np.array([
+        abs(measured - intended)
+        for j in main
+        for measured, intended in [
+            (j.first_ms, study.first_ms), (j.blank_ms, study.blank_ms),
+            (j.second_ms, study.second_ms),
+        ]
+    ])
+    p99 = float(np.percentile(errors, 99))
+    print(
+        f"\n{len(main)} main trials, {errors.size} phases: |measured - intended| p50 "
+        f"{np.percentile(errors, 50):.2f} ms, p99 {p99:.2f} ms, max {errors.max():.2f} ms; "
+        f"refresh {session.client_info.get('refresh_hz')} Hz"
+    )
+    assert len(main) >= 40
+    assert p99 <= FRAME_MS + 0.5, sorted(errors)[-5:]
+    assert not watch.errors("net::ERR_FAILED"), watch.console

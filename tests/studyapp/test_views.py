@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 
+import numpy as np
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
+from PIL import Image, PngImagePlugin
 from rest_framework.test import APIClient
 
+from studyapp.image_tokens import image_url
 from studyapp.models import Judgment, Participant, Session, Study, Trial
 
 pytestmark = pytest.mark.django_db
@@ -128,7 +132,7 @@ def test_session_page_loads_the_trial_runner(client: Client, session: Session):
 
 
 def test_unknown_session_is_404(client: Client, session: Session):
-    for url in ["/session/nope/", "/session/nope/done/", "/session/nope/image/0/1/"]:
+    for url in ["/session/nope/", "/session/nope/done/", "/img/nope/AAAAAAAAAAAAAAAAAAAAAA/"]:
         assert client.get(url).status_code == 404, url
 
 
@@ -154,15 +158,20 @@ def test_done_page_shows_the_code_and_the_trial_page_redirects_there(
 # ------------------------------------------------------------------------------ images
 
 
+def _image_url(session: Session, position: int, slot: int) -> str:
+    return image_url(session.token, position, slot)
+
+
 def test_image_endpoint_serves_the_png_and_names_nothing(
     client: Client, session: Session, media_root
 ):
     for trial in session.trials.select_related("pair"):
         for slot in (1, 2):
-            response = client.get(f"/session/{session.token}/image/{trial.position}/{slot}/")
+            response = client.get(_image_url(session, trial.position, slot))
             assert response.status_code == 200
             assert response["Content-Type"] == "image/png"
             assert response["Cache-Control"] == "private, max-age=3600"
+            # PIL writes IHDR, IDAT and IEND only: served byte for byte
             assert response.content == (media_root / trial.image_path(slot)).read_bytes()
             assert response.content.startswith(b"\x89PNG\r\n\x1a\n")
             for header in ("Content-Disposition", "Last-Modified", "ETag"):
@@ -170,6 +179,33 @@ def test_image_endpoint_serves_the_png_and_names_nothing(
             header_text = " ".join(f"{k}: {v}" for k, v in response.items()).lower()
             for leak in ("png\"", trial.pair.source_image, "sentinel", "linf", "natural"):
                 assert leak not in header_text
+
+
+def test_image_urls_are_opaque_per_session_and_slot(
+    client: Client, api: APIClient, study: Study, session: Session, new_session
+):
+    state = api.get(reverse("api-session", args=[session.token])).json()
+    urls = [url for trial in state["trials"] for url in trial["images"]]
+    assert len(set(urls)) == len(urls) == 2 * len(state["trials"])
+    for trial in state["trials"]:
+        for slot, url in enumerate(trial["images"], start=1):
+            token, key = url.removeprefix("/img/").rstrip("/").split("/")
+            assert token == session.token and len(key) == 22
+            assert f"/{trial['position']}/" not in url and f"/{slot}/" not in url
+            assert client.get(url).status_code == 200
+    # Another session's token with this session's key, a tampered key, a made-up key: 404.
+    other = new_session(study)
+    first = state["trials"][0]["images"][0]
+    key = first.rstrip("/").rsplit("/", 1)[1]
+    tampered = key[:-1] + ("A" if key[-1] != "A" else "B")
+    for url in (f"/img/{other.token}/{key}/", f"/img/{session.token}/{tampered}/",
+                f"/img/{session.token}/short/", f"/img/nope/{key}/"):
+        assert client.get(url).status_code == 404, url
+
+
+def test_the_old_position_and_slot_urls_are_gone(client: Client, session: Session):
+    for url in (f"/session/{session.token}/image/0/1/", f"/session/{session.token}/image/0/2/"):
+        assert client.get(url).status_code == 404
 
 
 def test_sentinel_slots_have_different_urls_and_the_same_bytes(
@@ -188,22 +224,35 @@ def test_natural_first_decides_which_file_each_slot_serves(
     trial = session.trials.filter(pair__is_sentinel=False).select_related("pair").first()
     for natural_first in (True, False):
         Trial.objects.filter(pk=trial.pk).update(natural_first=natural_first)
-        first = client.get(f"/session/{session.token}/image/{trial.position}/1/").content
+        first = client.get(_image_url(session, trial.position, 1)).content
         expected = trial.pair.natural_path if natural_first else trial.pair.other_path
         assert first == (media_root / expected).read_bytes()
 
 
-@pytest.mark.parametrize("position,slot", [(99, 1), (0, 0), (0, 3)])
-def test_image_endpoint_404s_on_unknown_position_or_slot(
-    client: Client, session: Session, position: int, slot: int
+def test_metadata_chunks_are_stripped_from_served_pngs(
+    client: Client, session: Session, media_root
 ):
-    assert client.get(f"/session/{session.token}/image/{position}/{slot}/").status_code == 404
+    trial = session.trials.filter(pair__is_sentinel=False).select_related("pair").first()
+    path = media_root / trial.pair.other_path
+    with Image.open(path) as img:
+        pixels = np.asarray(img).copy()
+        info = PngImagePlugin.PngInfo()
+        info.add_text("attack", "linf:bound=0.031")
+        img.save(path, format="PNG", pnginfo=info, dpi=(72, 72))
+    assert b"linf" in path.read_bytes() and b"pHYs" in path.read_bytes()
+    Trial.objects.filter(pk=trial.pk).update(natural_first=True)
+    served = client.get(_image_url(session, trial.position, 2)).content
+    assert b"linf" not in served and b"tEXt" not in served and b"pHYs" not in served
+    with Image.open(io.BytesIO(served)) as img:
+        assert np.array_equal(np.asarray(img), pixels)
 
 
 def test_image_endpoint_404s_when_the_file_is_missing(client: Client, session: Session, media_root):
     trial = session.trials.select_related("pair").first()
+    url = _image_url(session, trial.position, 1)
+    assert client.get(url).status_code == 200
     (media_root / trial.image_path(1)).unlink()
-    assert client.get(f"/session/{session.token}/image/{trial.position}/1/").status_code == 404
+    assert client.get(url).status_code == 404
 
 
 # ------------------------------------------------------------------------------ session state
@@ -216,17 +265,42 @@ def test_state_lists_trials_with_opaque_image_urls(api: APIClient, session: Sess
     state = response.json()
     assert state["study"] == {
         "title": "Do these images differ?", "first_ms": 1000, "blank_ms": 250, "second_ms": 1000,
+        "key_same": "f", "key_different": "j", "break_every": 0,
     }
+    assert state["stimulus"] == {"width": 96, "height": 96}  # for the window-size check
     assert state["completed"] is False
     assert [t["position"] for t in state["trials"]] == list(range(5))
     for trial in state["trials"]:
-        assert trial["answered"] is False
+        assert set(trial) == {"position", "images", "answered", "practice"}
+        assert trial["answered"] is False and trial["practice"] is False
         assert trial["images"] == [
-            f"/session/{session.token}/image/{trial['position']}/{slot}/" for slot in (1, 2)
+            _image_url(session, trial["position"], slot) for slot in (1, 2)
         ]
     text = json.dumps(state).lower()
-    for leak in ("sentinel", "linf", "condition", "bound", ".png", "astronaut", "natural"):
+    for leak in ("sentinel", "linf", "condition", "bound", ".png", "astronaut", "natural",
+                 "catch", '"answer"'):
         assert leak not in text
+
+
+def test_state_gives_the_answer_of_practice_trials_only(
+    api: APIClient, make_study, new_session
+):
+    study = make_study(practice_trials=2, catch_pairs=2, key_same="d", key_different="k",
+                       break_every=10)
+    session = new_session(study)
+    state = api.get(reverse("api-session", args=[session.token])).json()
+    assert (state["study"]["key_same"], state["study"]["key_different"]) == ("d", "k")
+    assert state["study"]["break_every"] == 10
+    trials = {t.position: t for t in session.trials.select_related("pair")}
+    practice = [t for t in state["trials"] if t["practice"]]
+    assert [t["position"] for t in practice] == [0, 1]
+    assert all(trials[t["position"]].is_practice for t in practice)
+    for t in state["trials"]:
+        pair = trials[t["position"]].pair
+        if t["practice"]:
+            assert t["answer"] == ("same" if pair.is_sentinel else "different")
+        else:
+            assert "answer" not in t
 
 
 def test_state_marks_answered_trials(api: APIClient, session: Session, judgment_body):

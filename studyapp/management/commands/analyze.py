@@ -8,13 +8,17 @@ import pandas as pd
 from django.core.management.base import BaseCommand, CommandError
 
 from engine.analysis import distance_correlations, perceptibility_table
-from studyapp.models import Judgment, Study
+from studyapp.models import Judgment, Session, Study
 
 
 def study_frames(
-    study: Study, *, completed_only: bool = False
+    study: Study, *, completed_only: bool = False, include_excluded: bool = False
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's pairs and judgments as the DataFrames ``engine.analysis`` expects."""
+    """The study's pairs and judgments as the DataFrames ``engine.analysis`` expects.
+
+    Judgments of practice trials are never included; those of sessions excluded by quality
+    control (``manage.py quality --apply``) only with ``include_excluded``.
+    """
     pairs = pd.DataFrame(
         [
             {
@@ -30,7 +34,11 @@ def study_frames(
             for p in study.pairs.select_related("condition")
         ]
     )
-    judgments = Judgment.objects.filter(trial__session__participant__study=study)
+    judgments = Judgment.objects.filter(
+        trial__session__participant__study=study, trial__is_practice=False
+    )
+    if not include_excluded:
+        judgments = judgments.filter(trial__session__excluded=False)
     if completed_only:
         judgments = judgments.filter(trial__session__completed_at__isnull=False)
     judged = pd.DataFrame(
@@ -60,6 +68,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--completed-only", action="store_true", help="ignore sessions not completed"
         )
+        parser.add_argument(
+            "--include-excluded",
+            action="store_true",
+            help="keep sessions excluded by quality control (left out by default)",
+        )
 
     def handle(self, *args, **opts):
         from django.conf import settings
@@ -68,7 +81,15 @@ class Command(BaseCommand):
         if study is None:
             known = ", ".join(Study.objects.values_list("slug", flat=True)) or "none"
             raise CommandError(f"no study with slug {opts['study']!r} (studies: {known})")
-        pairs, judgments = study_frames(study, completed_only=opts["completed_only"])
+        pairs, judgments = study_frames(
+            study,
+            completed_only=opts["completed_only"],
+            include_excluded=opts["include_excluded"],
+        )
+        excluded = Session.objects.filter(participant__study=study, excluded=True)
+        n_excluded_judgments = Judgment.objects.filter(
+            trial__session__in=excluded, trial__is_practice=False
+        ).count()
         if pairs.empty:
             raise CommandError(f"study {study.slug!r} has no pairs; run generate_pairs first")
         table = perceptibility_table(pairs, judgments)
@@ -84,7 +105,19 @@ class Command(BaseCommand):
         with pd.option_context(
             "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format
         ):
-            self.stdout.write(f"Study {study.slug!r}: {len(judgments)} judgments\n")
+            self.stdout.write(f"Study {study.slug!r}: {len(judgments)} judgments")
+            n_sessions = excluded.count()
+            if opts["include_excluded"]:
+                self.stdout.write(
+                    f"Including {n_sessions} session(s) excluded by quality control"
+                    f" ({n_excluded_judgments} judgments)."
+                )
+            else:
+                self.stdout.write(
+                    f"Left out {n_sessions} session(s) excluded by quality control"
+                    f" ({n_excluded_judgments} judgments); --include-excluded keeps them."
+                )
+            self.stdout.write("")
             self.stdout.write(table[shown].to_string(index=False))
             for control, what in (
                 ("sentinel", "Sentinel false-alarm rate"),

@@ -1,0 +1,510 @@
+"""Staff JSON API: ``/api/staff/...`` (studies, progress, export, quality control).
+
+Staff only (``is_staff``, DRF's ``IsAdminUser``) through the Django login session; unsafe
+methods need the CSRF token (DRF's SessionAuthentication enforces it for logged-in users).
+Anonymous and non-staff requests get 403 in the API's JSON error shape. Limited per staff
+user by the ``staff`` throttle scope (:mod:`studyapp.throttling`).
+
+The export carries the raw recruitment ids (MTurk workerId, Prolific PID): they are what
+staff need to approve, pay and bonus workers, and only staff can read it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from django.db.models import Count, Q
+from django.shortcuts import get_object_or_404
+from django.urls import reverse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import serializers
+from rest_framework.permissions import IsAdminUser
+from rest_framework.renderers import BaseRenderer, JSONRenderer
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .models import Condition, Judgment, Pair, Session, Study
+from .quality import apply_exclusions, compute_quality, summary
+from .schema import errors
+from .throttling import STAFF
+
+TAG = ["staff"]
+
+
+class StaffAPIView(APIView):
+    permission_classes = [IsAdminUser]
+    throttle_scope = STAFF
+
+    def get_study(self, slug: str) -> Study:
+        return get_object_or_404(Study, slug=slug)
+
+    def finalize_response(self, request, response, *args, **kwargs):
+        response = super().finalize_response(request, response, *args, **kwargs)
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+# ----------------------------------------------------------------------------- studies
+
+
+class StudySummarySerializer(serializers.Serializer):
+    slug = serializers.SlugField()
+    title = serializers.CharField()
+    is_active = serializers.BooleanField()
+    created_at = serializers.DateTimeField()
+    judgments_per_pair = serializers.IntegerField(help_text="K: judgments wanted per pair.")
+    n_conditions = serializers.IntegerField()
+    n_pairs = serializers.IntegerField(help_text="Pairs with a condition (not sentinel/catch).")
+    n_sentinel_pairs = serializers.IntegerField()
+    n_catch_pairs = serializers.IntegerField()
+    n_sessions = serializers.IntegerField()
+    n_completed = serializers.IntegerField()
+    n_excluded = serializers.IntegerField()
+    n_judgments = serializers.IntegerField(help_text="Judgments of main trials, all sessions.")
+    participant_url = serializers.URLField()
+    progress_url = serializers.URLField()
+    export_url = serializers.URLField()
+
+
+def _by(queryset, key: str, **aggregates) -> dict[Any, dict[str, int]]:
+    return {row[key]: row for row in queryset.values(key).annotate(**aggregates)}
+
+
+class StudyListView(StaffAPIView):
+    @extend_schema(
+        tags=TAG,
+        summary="Every study with pair, session and judgment counts",
+        responses={200: StudySummarySerializer(many=True), **errors(403, 429)},
+    )
+    def get(self, request: Request) -> Response:
+        pairs = _by(
+            Pair.objects,
+            "study",
+            n_sentinel=Count("id", filter=Q(is_sentinel=True)),
+            n_catch=Count("id", filter=Q(is_catch=True)),
+            n_all=Count("id"),
+        )
+        conditions = _by(Condition.objects, "study", n=Count("id"))
+        sessions = _by(
+            Session.objects,
+            "participant__study",
+            n=Count("id"),
+            n_completed=Count("id", filter=Q(completed_at__isnull=False)),
+            n_excluded=Count("id", filter=Q(excluded=True)),
+        )
+        judgments = _by(
+            Judgment.objects.filter(trial__is_practice=False),
+            "trial__session__participant__study",
+            n=Count("id"),
+        )
+        rows = []
+        for study in Study.objects.order_by("-created_at", "slug"):
+            p, s = pairs.get(study.pk, {}), sessions.get(study.pk, {})
+            url = request.build_absolute_uri
+            rows.append(
+                {
+                    "slug": study.slug,
+                    "title": study.title,
+                    "is_active": study.is_active,
+                    "created_at": study.created_at,
+                    "judgments_per_pair": study.judgments_per_pair,
+                    "n_conditions": conditions.get(study.pk, {}).get("n", 0),
+                    "n_pairs": p.get("n_all", 0) - p.get("n_sentinel", 0) - p.get("n_catch", 0),
+                    "n_sentinel_pairs": p.get("n_sentinel", 0),
+                    "n_catch_pairs": p.get("n_catch", 0),
+                    "n_sessions": s.get("n", 0),
+                    "n_completed": s.get("n_completed", 0),
+                    "n_excluded": s.get("n_excluded", 0),
+                    "n_judgments": judgments.get(study.pk, {}).get("n", 0),
+                    "participant_url": url(reverse("study-start", args=[study.slug])),
+                    "progress_url": url(reverse("staff-api-progress", args=[study.slug])),
+                    "export_url": url(reverse("staff-api-export", args=[study.slug])),
+                }
+            )
+        return Response(StudySummarySerializer(rows, many=True).data)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class ConditionProgressSerializer(serializers.Serializer):
+    condition = serializers.CharField(help_text="Attack spec, or 'sentinel' / 'catch'.")
+    threat_model = serializers.CharField()
+    bound = serializers.FloatField(allow_null=True)
+    label = serializers.CharField(allow_blank=True)
+    n_pairs = serializers.IntegerField()
+    n_judgments = serializers.IntegerField(help_text="Main-trial judgments, all sessions.")
+    n_judgments_excluded = serializers.IntegerField(help_text="…of them in excluded sessions.")
+    n_pairs_at_k = serializers.IntegerField(
+        allow_null=True,
+        help_text="Pairs with at least K judgments from sessions not excluded (null for"
+        " sentinel/catch pairs, which have no K).",
+    )
+
+
+class SessionCountsSerializer(serializers.Serializer):
+    started = serializers.IntegerField()
+    completed = serializers.IntegerField()
+    in_progress = serializers.IntegerField(help_text="Neither completed nor abandoned.")
+    abandoned = serializers.IntegerField(help_text="Leases expired before completion.")
+    excluded = serializers.IntegerField()
+
+
+class ProgressSerializer(serializers.Serializer):
+    study = serializers.SlugField()
+    judgments_per_pair = serializers.IntegerField()
+    conditions = ConditionProgressSerializer(many=True)
+    sessions = SessionCountsSerializer()
+    n_judgments_needed = serializers.IntegerField(help_text="K × pairs with a condition.")
+    n_judgments_valid = serializers.IntegerField(
+        help_text="Judgments towards that target: not excluded, at most K per pair."
+    )
+
+
+def study_progress(study: Study) -> dict[str, Any]:
+    """Per condition: pairs, judgments, pairs that reached K; session counts."""
+    k = study.judgments_per_pair
+    main = Q(trials__is_practice=False, trials__judgment__isnull=False)
+    pairs = (
+        study.pairs.select_related("condition")
+        .annotate(
+            n_j=Count("trials", filter=main),
+            n_excl=Count("trials", filter=main & Q(trials__session__excluded=True)),
+        )
+        .order_by("id")
+    )
+    groups: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        c = pair.condition
+        name = "sentinel" if pair.is_sentinel else "catch" if pair.is_catch else c.spec
+        row = groups.setdefault(
+            name,
+            {
+                "condition": name,
+                "threat_model": c.threat_model if c else name,
+                "bound": c.bound if c else None,
+                "label": c.label if c else "",
+                "n_pairs": 0,
+                "n_judgments": 0,
+                "n_judgments_excluded": 0,
+                "n_pairs_at_k": None if c is None else 0,
+                "_valid": 0,
+            },
+        )
+        row["n_pairs"] += 1
+        row["n_judgments"] += pair.n_j
+        row["n_judgments_excluded"] += pair.n_excl
+        if c is not None:
+            valid = pair.n_j - pair.n_excl
+            row["n_pairs_at_k"] += valid >= k
+            row["_valid"] += min(valid, k)
+    controls = [groups.pop(n) for n in ("sentinel", "catch") if n in groups]
+    conditions = sorted(groups.values(), key=lambda r: (r["threat_model"], r["bound"]))
+    sessions = Session.objects.filter(participant__study=study).aggregate(
+        started=Count("id"),
+        completed=Count("id", filter=Q(completed_at__isnull=False)),
+        abandoned=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=False)),
+        in_progress=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=True)),
+        excluded=Count("id", filter=Q(excluded=True)),
+    )
+    rows = conditions + controls
+    needed = k * sum(r["n_pairs"] for r in conditions)
+    valid = sum(r.pop("_valid") for r in rows)
+    return {
+        "study": study.slug,
+        "judgments_per_pair": k,
+        "conditions": rows,
+        "sessions": sessions,
+        "n_judgments_needed": needed,
+        "n_judgments_valid": valid,
+    }
+
+
+class StudyProgressView(StaffAPIView):
+    @extend_schema(
+        tags=TAG,
+        summary="Progress towards K judgments per pair, per condition; session counts",
+        responses={200: ProgressSerializer, **errors(403, 404, 429)},
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        return Response(ProgressSerializer(study_progress(self.get_study(slug))).data)
+
+
+# ----------------------------------------------------------------------------- export
+
+EXPORT_COLUMNS = [
+    "study",
+    "session_id",
+    "participant_source",
+    "participant_id",
+    "assignment_id",
+    "hit_id",
+    "external_study_id",
+    "external_session_id",
+    "session_completed",
+    "session_excluded",
+    "exclusion_reason",
+    "trial_position",
+    "pair_id",
+    "pair_key",
+    "source_image",
+    "condition",
+    "threat_model",
+    "bound",
+    "condition_label",
+    "is_sentinel",
+    "is_catch",
+    "natural_first",
+    "response",
+    "response_time_ms",
+    "first_ms",
+    "blank_ms",
+    "second_ms",
+    "judged_at",
+]
+
+
+class ExportRowSerializer(serializers.Serializer):
+    """One judgment of a main trial. Distance columns (``l2``, ``linf``, ``ssim``,
+    ``lpips_alexnet`` …, as measured on the pair) follow the fixed columns."""
+
+    study = serializers.SlugField()
+    session_id = serializers.IntegerField()
+    participant_source = serializers.ChoiceField(choices=["link", "mturk", "prolific"])
+    participant_id = serializers.CharField(help_text="MTurk workerId / Prolific PID / random id.")
+    assignment_id = serializers.CharField(allow_blank=True)
+    hit_id = serializers.CharField(allow_blank=True)
+    external_study_id = serializers.CharField(allow_blank=True)
+    external_session_id = serializers.CharField(allow_blank=True)
+    session_completed = serializers.BooleanField()
+    session_excluded = serializers.BooleanField()
+    exclusion_reason = serializers.CharField(allow_blank=True)
+    trial_position = serializers.IntegerField()
+    pair_id = serializers.IntegerField()
+    pair_key = serializers.CharField()
+    source_image = serializers.CharField()
+    condition = serializers.CharField(allow_null=True, help_text="Attack spec; null for controls.")
+    threat_model = serializers.CharField(allow_null=True)
+    bound = serializers.FloatField(allow_null=True)
+    condition_label = serializers.CharField(allow_null=True)
+    is_sentinel = serializers.BooleanField()
+    is_catch = serializers.BooleanField()
+    natural_first = serializers.BooleanField()
+    response = serializers.ChoiceField(choices=["same", "different"])
+    response_time_ms = serializers.FloatField()
+    first_ms = serializers.FloatField(help_text="Measured, ms.")
+    blank_ms = serializers.FloatField(help_text="Measured, ms.")
+    second_ms = serializers.FloatField(help_text="Measured, ms.")
+    judged_at = serializers.DateTimeField()
+
+
+def export_rows(study: Study) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and one row per main-trial judgment of ``study`` (session, then position)."""
+    fields = {
+        "session_id": "trial__session_id",
+        "participant_source": "trial__session__participant__source",
+        "participant_id": "trial__session__participant__external_id",
+        "assignment_id": "trial__session__assignment_id",
+        "hit_id": "trial__session__hit_id",
+        "external_study_id": "trial__session__external_study_id",
+        "external_session_id": "trial__session__external_session_id",
+        "completed_at": "trial__session__completed_at",
+        "session_excluded": "trial__session__excluded",
+        "exclusion_reason": "trial__session__exclusion_reason",
+        "trial_position": "trial__position",
+        "pair_id": "trial__pair_id",
+        "pair_key": "trial__pair__key",
+        "source_image": "trial__pair__source_image",
+        "condition": "trial__pair__condition__spec",
+        "threat_model": "trial__pair__condition__threat_model",
+        "bound": "trial__pair__condition__bound",
+        "condition_label": "trial__pair__condition__label",
+        "is_sentinel": "trial__pair__is_sentinel",
+        "is_catch": "trial__pair__is_catch",
+        "natural_first": "trial__natural_first",
+        "distances": "trial__pair__distances",
+        "response": "response",
+        "response_time_ms": "response_time_ms",
+        "first_ms": "first_ms",
+        "blank_ms": "blank_ms",
+        "second_ms": "second_ms",
+        "judged_at": "created_at",
+    }
+    judgments = (
+        Judgment.objects.filter(trial__session__participant__study=study, trial__is_practice=False)
+        .order_by("trial__session_id", "trial__position")
+        .values_list(*fields.values())
+    )
+    rows = []
+    distance_names: set[str] = set()
+    for values in judgments:
+        row = dict(zip(fields, values, strict=True))
+        row["study"] = study.slug
+        row["session_completed"] = row.pop("completed_at") is not None
+        distances = row.pop("distances") or {}
+        for name, value in distances.items():
+            column = name if name not in fields and name not in EXPORT_COLUMNS else f"d_{name}"
+            row[column] = value
+            distance_names.add(column)
+        rows.append(row)
+    columns = EXPORT_COLUMNS + sorted(distance_names)
+    return columns, [{c: row.get(c) for c in columns} for row in rows]
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+class CSVRenderer(BaseRenderer):
+    """``text/csv`` with a header row; the view names the columns in ``renderer_context``."""
+
+    media_type = "text/csv"
+    format = "csv"
+    charset = "utf-8"
+
+    def render(self, data, accepted_media_type=None, renderer_context=None) -> bytes:
+        out = io.StringIO()
+        if isinstance(data, dict) and "error" in data:  # an error response: one-row table
+            columns, rows = list(data), [data]
+        else:
+            columns = (renderer_context or {}).get("csv_columns") or (list(data[0]) if data else [])
+            rows = data
+        writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(v) for k, v in row.items()})
+        return out.getvalue().encode(self.charset)
+
+
+class StudyExportView(StaffAPIView):
+    renderer_classes = [JSONRenderer, CSVRenderer]
+
+    @extend_schema(
+        tags=TAG,
+        summary="Every judgment of the study's main trials (CSV or JSON)",
+        description="One row per judgment of a main trial (practice trials are left out), with"
+        " the pair's condition and distances and the session's exclusion flag and reason."
+        " Excluded sessions are included, flagged. `?format=csv` (or `Accept: text/csv`)"
+        " gives a CSV file; JSON is the default.",
+        parameters=[
+            OpenApiParameter(
+                "format", OpenApiTypes.STR, OpenApiParameter.QUERY, enum=["csv", "json"]
+            )
+        ],
+        responses={
+            (200, "application/json"): ExportRowSerializer(many=True),
+            (200, "text/csv"): OpenApiResponse(OpenApiTypes.STR, description="CSV file."),
+            **errors(403, 404, 406, 429),
+        },
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        study = self.get_study(slug)
+        columns, rows = export_rows(study)
+        response = Response(rows)
+        if getattr(request.accepted_renderer, "format", "") == "csv":
+            response["Content-Disposition"] = f'attachment; filename="{study.slug}-judgments.csv"'
+        self.csv_columns = columns
+        return response
+
+    def get_renderer_context(self) -> dict[str, Any]:
+        context = super().get_renderer_context()
+        context["csv_columns"] = getattr(self, "csv_columns", None)
+        return context
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+class SessionQualitySerializer(serializers.Serializer):
+    session_id = serializers.IntegerField()
+    participant = serializers.CharField(help_text="source:id")
+    completed = serializers.BooleanField()
+    n_main_trials = serializers.IntegerField()
+    n_answered = serializers.IntegerField()
+    n_sentinel = serializers.IntegerField()
+    n_sentinel_different = serializers.IntegerField()
+    sentinel_false_alarm_rate = serializers.FloatField(allow_null=True)
+    n_catch = serializers.IntegerField()
+    n_catch_different = serializers.IntegerField()
+    catch_hit_rate = serializers.FloatField(allow_null=True)
+    n_fast = serializers.IntegerField()
+    fast_share = serializers.FloatField(allow_null=True)
+    ip_shared_with = serializers.ListField(
+        child=serializers.IntegerField(), help_text="Other participant ids with the same IP hash."
+    )
+    browser_shared_with = serializers.ListField(child=serializers.IntegerField())
+    flags = serializers.ListField(child=serializers.CharField())
+    violations = serializers.ListField(child=serializers.CharField())
+    staff_decision = serializers.ChoiceField(choices=["exclude", "include"], allow_null=True)
+    excluded = serializers.BooleanField()
+    exclusion_reason = serializers.CharField(allow_blank=True)
+
+
+class QualityRulesSerializer(serializers.Serializer):
+    fast_response_ms = serializers.IntegerField()
+    max_sentinel_false_alarm = serializers.FloatField(allow_null=True)
+    min_catch_hit_rate = serializers.FloatField(allow_null=True)
+    max_fast_share = serializers.FloatField(allow_null=True)
+
+
+class QualityTableSerializer(serializers.Serializer):
+    study = serializers.SlugField()
+    applied = serializers.BooleanField(help_text="True when the exclusions were stored.")
+    rules = QualityRulesSerializer()
+    n_sessions = serializers.IntegerField()
+    n_excluded = serializers.IntegerField()
+    n_excluded_by_staff = serializers.IntegerField()
+    n_violating = serializers.DictField(child=serializers.IntegerField())
+    n_flagged_ip = serializers.IntegerField()
+    n_flagged_browser = serializers.IntegerField()
+    sessions = SessionQualitySerializer(many=True)
+
+
+class QualityRequestSerializer(serializers.Serializer):
+    include_incomplete = serializers.BooleanField(
+        default=False, help_text="Also evaluate sessions that are not completed."
+    )
+
+
+class StudyQualityView(StaffAPIView):
+    def _table(self, study: Study, rows, applied: bool) -> Response:
+        data = {
+            **summary(rows, study),
+            "applied": applied,
+            "sessions": [q.as_dict() for q in rows],
+        }
+        return Response(QualityTableSerializer(data).data)
+
+    @extend_schema(
+        tags=TAG,
+        summary="Quality-control table as the rules would decide now (writes nothing)",
+        parameters=[OpenApiParameter("include_incomplete", OpenApiTypes.BOOL)],
+        responses={200: QualityTableSerializer, **errors(400, 403, 404, 429)},
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        params = QualityRequestSerializer(data=request.query_params)
+        params.is_valid(raise_exception=True)
+        study = self.get_study(slug)
+        rows = compute_quality(study, **params.validated_data)
+        return self._table(study, rows, applied=False)
+
+    @extend_schema(
+        tags=TAG,
+        summary="Apply the study's exclusion rules and store the result",
+        request=QualityRequestSerializer,
+        responses={200: QualityTableSerializer, **errors(400, 403, 404, 429)},
+    )
+    def post(self, request: Request, slug: str) -> Response:
+        body = QualityRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        study = self.get_study(slug)
+        rows = apply_exclusions(study, **body.validated_data)
+        return self._table(study, rows, applied=True)
