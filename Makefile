@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1:8000
 PYTEST_ARGS ?=
 
-.PHONY: setup demo serve test lint bench clean
+.PHONY: setup demo serve test lint clean
 
 setup: $(VENV)/.installed
 

@@ -525,3 +525,20 @@ class Attack(ABC):
 
     def __str__(self) -> str:
         return self.spec
+
+
+class ParametricAttack(Attack):
+    """An attack whose bound is on parameters (a flow field, a colour lattice, DCT
+    coefficients) rather than on the image: it implements :meth:`perturb_with_extras`, which
+    also returns those parameters and their size (the extra named by ``size_extra``)."""
+
+    def perturb(
+        self, model: Model, images: Tensor, labels: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        return self.perturb_with_extras(model, images, labels, generator)[0]
+
+    @abstractmethod
+    def perturb_with_extras(
+        self, model: Model, images: Tensor, labels: Tensor, generator: torch.Generator | None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`perturb` (same contract) plus the parameters and their sizes per image."""

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from kornia.color import luv_to_rgb, rgb_to_luv
 from torch import Tensor
 
-from .base import LOSSES, Attack, BestIterate, Model, noise_uniform, param
+from .base import LOSSES, BestIterate, Model, ParametricAttack, noise_uniform, param
 from .registry import register_attack
 
 #: Added under the square root of the smoothness terms, as in ``recoloradv.norms``.
@@ -143,7 +143,7 @@ def lattice_smoothness(lattice: Tensor) -> Tensor:
     " <= bound in normalised LUV units",
 )
 @dataclass(frozen=True, kw_only=True)
-class ReColorAdv(Attack):
+class ReColorAdv(ParametricAttack):
     """ReColorAdv PGD: sign steps on a per-image CIELUV colour lattice, clipped to the bound.
 
     ``bound`` is the L∞ bound on each lattice perturbation in normalised CIELUV units
@@ -182,10 +182,6 @@ class ReColorAdv(Attack):
     resolution_z: int = param(32, kind="int", minimum=2, doc="lattice points along v* (>= 2)")
 
     size_extra: ClassVar[str | None] = "lattice_linf"
-
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
-        return self.perturb_with_extras(model, images, labels, generator)[0]
 
     def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
                             generator: torch.Generator | None

@@ -51,7 +51,7 @@ from kornia.color import rgb_to_ycbcr
 from torch import Tensor
 
 from ..errors import EngineError
-from .base import Attack, BestIterate, Model, noise_uniform, param
+from .base import BestIterate, Model, ParametricAttack, noise_uniform, param
 from .registry import register_attack
 
 #: JPEG block size.
@@ -267,7 +267,7 @@ def project_jpeg(images: Tensor, coefficients: Tensor, bound: float,
     " steps",
 )
 @dataclass(frozen=True, kw_only=True)
-class JPEGLinf(Attack):
+class JPEGLinf(ParametricAttack):
     """JPEG-L∞ PGD (Kang et al. 2019, as used by PAT): sign steps on the DCT coefficients.
 
     ``bound`` is Kang et al.'s ``eps`` (PAT table 4: small 0.0625, medium 0.125, large 0.25):
@@ -321,10 +321,6 @@ class JPEGLinf(Attack):
         return (images + transform.pixels(delta)).clamp(0, 1), delta
 
     size_extra: ClassVar[str | None] = "coefficient_linf"
-
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
-        return self.perturb_with_extras(model, images, labels, generator)[0]
 
     def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
                             generator: torch.Generator | None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LOSSES, Attack, BestIterate, Model, noise_uniform, param
+from .base import LOSSES, BestIterate, Model, ParametricAttack, noise_uniform, param
 from .registry import register_attack
 
 #: Added under the square root of the smoothness terms (as in mister_ed), so the gradient
@@ -86,7 +86,7 @@ def flow_smoothness(flow: Tensor) -> Tensor:
     " grid units ([-1, 1] spans the image)",
 )
 @dataclass(frozen=True, kw_only=True)
-class StAdv(Attack):
+class StAdv(ParametricAttack):
     """StAdv PGD: sign steps on a per-pixel flow field, clipped to ``[-bound, bound]``.
 
     ``bound`` is the L∞ bound on the flow in ``grid_sample`` units (``[-1, 1]`` spans the
@@ -124,10 +124,6 @@ class StAdv(Attack):
     )
 
     size_extra: ClassVar[str | None] = "flow_linf"
-
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
-        return self.perturb_with_extras(model, images, labels, generator)[0]
 
     def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
                             generator: torch.Generator | None
