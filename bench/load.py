@@ -16,8 +16,9 @@ What one run does (everything on this machine; nothing asserts on time):
    - *sessions*: every participant does a whole session as the trial runner does it: landing
      page (CSRF cookie) → "I agree" POST → redirect to the runner page → session state →
      client-info PATCH → per trial: session state ("next trial"), both images, judgment POST →
-     complete POST → end page. ``--think-ms`` pauses before every answer (0: as fast as the
-     server answers, the stress case).
+     complete POST → end page; every ``--resend-every``-th judgment is sent again with its
+     idempotency key (must answer 200). ``--think-ms`` pauses before every answer (0: as fast
+     as the server answers, the stress case).
    - *submit burst*: as many fresh participants start sessions (timed, not part of the burst),
      then, released together, post all their judgments back to back; then complete.
    - *ping*: as many threads call ``/bench/ping/`` back to back for ``--ping-seconds``; run
@@ -35,13 +36,15 @@ Results: section "Study server load (gunicorn + PostgreSQL)" of ``BENCHMARKS.md`
 ``--no-write``), raw data and the gunicorn log under ``bench/out/load/``.
 
 Rate limit: production's (``participant-write`` 120/min per session token, counters in the
-database cache table) stays on. A session sends ``trials + practice + 2`` writes in all (the
-judgments, the client-info PATCH, the completion), so below about 118 trials per session it
-can never be throttled, whatever the pace; a throttled request (429) would count as an error.
+database cache table) stays on. A whole session sends ``trials + practice`` judgments, their
+re-sends (``--resend-every``), the client-info PATCH and the completion: 14 writes in all by
+default, far below the limit whatever the pace; a throttled request (429) would count as an
+error.
 ``--write-rate`` overrides the limit (``PERCEPTLAB_RATE_PARTICIPANT_WRITE``) for experiments.
 
-    .venv/bin/python bench/load.py                       # 200 participants, 4 workers (≈3 min)
-    .venv/bin/python bench/load.py --participants 50 --trials 10 --no-write   # smoke run
+    .venv/bin/python bench/load.py                       # 200 participants, 4 workers (2–4 min)
+    .venv/bin/python bench/load.py --think-ms 2500       # paced participants (own section)
+    .venv/bin/python bench/load.py --participants 20 --trials 4 --no-write   # smoke run
 """
 
 from __future__ import annotations
@@ -653,13 +656,16 @@ def free_port() -> int:
 def start_gunicorn(args, env: dict, port: int, log: Path) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "gunicorn", "studyapp.wsgi", "--chdir", str(ROOT),
-        "-w", str(args.workers), "-b", f"127.0.0.1:{port}", "--backlog", "2048",
-        "--timeout", "120", "--log-level", "warning", "--error-logfile", str(log),
+        "-w", str(args.workers), "-b", f"127.0.0.1:{port}",  # else gunicorn's defaults
+        "--log-level", "warning", "--error-logfile", "-",
     ]
     if args.threads > 1:
         command += ["-k", "gthread", "--threads", str(args.threads)]
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    # gunicorn's own log and the workers' stderr (Django logs 5xx tracebacks to the console
+    # handler, i.e. stderr) both go to ``log``.
+    with log.open("ab") as sink:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=sink,
+                                start_new_session=True)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -1129,8 +1135,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="threads per gunicorn worker; > 1 uses the gthread worker")
     parser.add_argument("--trials", type=int, default=8,
-                        help="main trials per session (default 8: the default run fits in ~3 min"
-                        " on 2 shared cores; the PAT study used 20)")
+                        help="main trials per session (default 8, so the default run stays"
+                        " near 2–3 min on 2 shared cores; a study's default is 20)")
     parser.add_argument("--practice", type=int, default=2, help="practice trials per session")
     parser.add_argument("--pairs", type=int, default=2800, help="data pairs (PAT study: 2800)")
     parser.add_argument("--k", type=int, default=5, help="judgments per pair (PAT study: 5)")
