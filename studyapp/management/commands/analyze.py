@@ -100,7 +100,15 @@ class Command(BaseCommand):
         corr_path = out.with_name(out.stem + "_correlations.csv")
         correlations.to_csv(corr_path, index=False)
 
-        shown = ["condition", "n_pairs", "n_judgments", "perceptibility", "ci_low", "ci_high"]
+        shown = [
+            "condition",
+            "label",
+            "n_pairs",
+            "n_judgments",
+            "perceptibility",
+            "ci_low",
+            "ci_high",
+        ]
         shown += [c for c in table.columns if c.startswith("mean_")]
         with pd.option_context(
             "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format
