@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from attack_helpers import ModeRecorder
 
 from engine.attacks import (
     L2PGD,
@@ -65,19 +65,6 @@ def random_noise_success(model, images, labels, name: str, bound: float, draws: 
             predictions = model((images + noise).clamp(0, 1)).argmax(1)
         best = max(best, float((predictions != labels).float().mean()))
     return best
-
-
-class ModeRecorder(nn.Module):
-    """Wraps a model and records ``self.training`` at every forward pass."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        self.modes: list[bool] = []
-
-    def forward(self, x):
-        self.modes.append(self.training)
-        return self.inner(x)
 
 
 # --------------------------------------------------------------------------------------------

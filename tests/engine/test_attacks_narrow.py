@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
+from attack_helpers import ModeRecorder
 from torch import nn
 
 from engine.attacks import available_attacks, margin_loss, parse_attack
@@ -130,19 +131,6 @@ def random_noise_success(model, images, labels, case: str, draws: int = 5) -> fl
             noisy = (images + direction / per_image_norm(direction) * bound).clamp(0, 1)
         best = max(best, success_rate(model, noisy, labels))
     return best
-
-
-class ModeRecorder(nn.Module):
-    """Wraps a model and records ``self.training`` at every forward pass."""
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-        self.modes: list[bool] = []
-
-    def forward(self, x):
-        self.modes.append(self.training)
-        return self.inner(x)
 
 
 # --------------------------------------------------------------------------------------------
