@@ -1,0 +1,549 @@
+"""Psychometric calibration of attack bounds from JND judgments.
+
+Model (per threat model), with ``b`` the bound in the threat model's own units::
+
+    P(different | b) = γ + (1 − γ − λ) · F(α + β · ln b)
+
+- ``γ`` guess rate: the sentinel false-alarm rate (identical images answered "different");
+- ``λ`` lapse rate: fitted (``lapse="fit"``, in [0, 0.5]) or fixed (``lapse=0.02``);
+- ``F`` the logistic ``1 / (1 + e^{−z})`` or the Weibull ``1 − exp(−e^{z})`` (a Weibull in
+  ``b``: ``1 − exp(−(b/t)^β)`` with ``t = e^{−α/β}``; the Gumbel CDF in ``ln b``).
+
+Fitting is maximum likelihood on binomial counts per bound (Wichmann & Hill 2001). A
+*threshold* ``b_p`` is the bound where ``P(different) = p`` on the full scale (so p = 0.5 means
+half the answers are "different", guesses included): ``b_p = exp((F⁻¹((p − γ)/(1 − γ − λ)) −
+α) / β)``; NaN when ``p`` is outside ``(γ, 1 − λ)``. Goodness of fit: the deviance
+``D = 2 Σ [k ln(k / nP) + (n − k) ln((n − k) / n(1 − P))]`` against χ² with
+``levels − fitted parameters`` degrees of freedom (Wichmann & Hill 2001; overdispersion between
+people inflates it).
+
+psignifit 4 (Schütt et al. 2016) is the test oracle: its stimulus is ``x = ln b``, its
+``threshold`` ``m`` the ``x`` where ``F = 0.5`` and its ``width`` ``w`` the ``x`` span from
+``F = 0.05`` to ``0.95``; for the logistic ``β = 2 ln 19 / w``, ``α = −β m``; for its
+``weibull`` (= Gumbel on ``x``) ``β = (ln(−ln 0.05) − ln(−ln 0.95)) / w``,
+``α = −β m + ln ln 2``. With flat priors and ``eta`` (overdispersion) fixed at 0 its MAP is
+this ML fit.
+
+Intervals: participant bootstrap (multinomial weights as in :mod:`engine.analysis`), every
+replicate refitted (vectorised Fisher scoring) with its own sentinel false-alarm rate as ``γ``;
+95 % percentile intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special, stats
+
+from engine.analysis import CONTROLS, _json_safe, _prepare, participant_weights
+
+SIGMOIDS = ("logistic", "weibull")
+EPS = 1e-10
+
+
+def sigmoid_cdf(z, sigmoid: str):
+    """``F(z)``: logistic ``1/(1+e^{−z})`` or Weibull/Gumbel ``1 − exp(−e^{z})``."""
+    z = np.asarray(z, float)
+    if sigmoid == "logistic":
+        return special.expit(z)
+    if sigmoid == "weibull":
+        return -np.expm1(-np.exp(np.minimum(z, 50.0)))
+    raise ValueError(f"unknown sigmoid {sigmoid!r}; use one of {SIGMOIDS}")
+
+
+def sigmoid_pdf(z, sigmoid: str):
+    z = np.asarray(z, float)
+    if sigmoid == "logistic":
+        e = special.expit(z)
+        return e * (1 - e)
+    if sigmoid == "weibull":
+        ez = np.exp(np.minimum(z, 50.0))
+        return ez * np.exp(-ez)
+    raise ValueError(f"unknown sigmoid {sigmoid!r}; use one of {SIGMOIDS}")
+
+
+def sigmoid_ppf(u, sigmoid: str):
+    u = np.asarray(u, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if sigmoid == "logistic":
+            return special.logit(u)
+        if sigmoid == "weibull":
+            return np.log(-np.log1p(-u))
+    raise ValueError(f"unknown sigmoid {sigmoid!r}; use one of {SIGMOIDS}")
+
+
+def psychometric(bounds, alpha, beta, guess_rate, lapse_rate, sigmoid="logistic"):
+    """``γ + (1 − γ − λ) F(α + β ln b)``; broadcasting over all arguments (b > 0)."""
+    b = np.asarray(bounds, float)
+    with np.errstate(divide="ignore"):
+        z = alpha + beta * np.log(b)
+    return guess_rate + (1 - guess_rate - lapse_rate) * sigmoid_cdf(z, sigmoid)
+
+
+def threshold_of(p, alpha, beta, guess_rate, lapse_rate, sigmoid="logistic"):
+    """Bound where ``P(different) = p`` (full scale); NaN outside ``(γ, 1 − λ)``."""
+    u = (np.asarray(p, float) - guess_rate) / (1 - guess_rate - lapse_rate)
+    ok = (u > 0) & (u < 1)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        z = sigmoid_ppf(np.where(ok, u, 0.5), sigmoid)
+        out = np.exp((z - alpha) / beta)
+    return np.where(ok & np.isfinite(out), out, np.nan)
+
+
+def _loglik(x, k, n, alpha, beta, gamma, lam, sigmoid):
+    """Binomial log-likelihood (without the constant) per row; x (L,), k/n (B, L)."""
+    p = gamma[:, None] + (1 - gamma - lam)[:, None] * sigmoid_cdf(
+        alpha[:, None] + beta[:, None] * x[None, :], sigmoid)
+    p = np.clip(p, EPS, 1 - EPS)
+    return (k * np.log(p) + (n - k) * np.log1p(-p)).sum(1)
+
+
+def fisher_scoring(x, k, n, gamma, theta0, *, sigmoid="logistic", fit_lapse=True,
+                   lapse_rate=None, iterations=60):
+    """Vectorised ML fit of many data sets at once.
+
+    ``x`` (L,) log bounds; ``k``, ``n`` (B, L) counts; ``gamma`` (B,); ``theta0`` (B, d) with
+    columns ``α, β`` (and ``λ`` when ``fit_lapse``). Fisher scoring with step halving and
+    projection onto ``β ≥ 1e-4``, ``0 ≤ λ ≤ 0.5``. Returns ``(theta, loglik)``.
+    """
+    x = np.asarray(x, float)
+    k, n = np.atleast_2d(k).astype(float), np.atleast_2d(n).astype(float)
+    gamma = np.broadcast_to(np.asarray(gamma, float), (k.shape[0],)).copy()
+    theta = np.array(theta0, float, copy=True)
+    b = k.shape[0]
+    d = theta.shape[1]
+    fixed_lam = np.broadcast_to(
+        np.asarray(0.0 if lapse_rate is None else lapse_rate, float), (b,)).copy()
+
+    def unpack(t):
+        lam = t[:, 2] if fit_lapse else fixed_lam
+        return t[:, 0], t[:, 1], lam
+
+    def project(t):
+        t[:, 1] = np.clip(t[:, 1], 1e-4, 1e3)
+        if fit_lapse:
+            t[:, 2] = np.clip(t[:, 2], 0.0, 0.5)
+        return t
+
+    theta = project(theta)
+    ll = _loglik(x, k, n, *unpack(theta)[:2], gamma, unpack(theta)[2], sigmoid)
+    for _ in range(iterations):
+        a, bt, lam = unpack(theta)
+        z = a[:, None] + bt[:, None] * x[None, :]
+        cdf, pdf = sigmoid_cdf(z, sigmoid), sigmoid_pdf(z, sigmoid)
+        scale = (1 - gamma - lam)[:, None]
+        p = np.clip(gamma[:, None] + scale * cdf, EPS, 1 - EPS)
+        g = [scale * pdf, scale * pdf * x[None, :]]
+        if fit_lapse:
+            g.append(-cdf)
+        g = np.stack(g, axis=-1)  # (B, L, d)
+        resid = (k - n * p) / (p * (1 - p))
+        score = np.einsum("bl,bld->bd", resid, g)
+        info = np.einsum("bl,bld,ble->bde", n / (p * (1 - p)), g, g)
+        info += np.eye(d)[None] * 1e-9 * (1 + np.abs(info).max(axis=(1, 2)))[:, None, None]
+        try:
+            step = np.linalg.solve(info, score[..., None])[..., 0]
+        except np.linalg.LinAlgError:
+            step = score * 1e-3
+        step = np.where(np.isfinite(step), step, 0.0)
+        improved = np.zeros(b, bool)
+        size = np.ones(b)
+        new = theta.copy()
+        for _h in range(12):
+            cand = project(theta + size[:, None] * step)
+            a2, b2, l2 = unpack(cand)
+            ll2 = _loglik(x, k, n, a2, b2, gamma, l2, sigmoid)
+            ok = (ll2 >= ll - 1e-12) & ~improved
+            new[ok] = cand[ok]
+            ll = np.where(ok, ll2, ll)
+            improved |= ok
+            if improved.all():
+                break
+            size = np.where(improved, size, size / 2)
+        if np.max(np.abs(new - theta)) < 1e-9:
+            theta = new
+            break
+        theta = new
+    return theta, ll
+
+
+def _saturated(k, n):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1 = np.where(k > 0, k * np.log(np.where(k > 0, k / n, 1)), 0.0)
+        t2 = np.where(n - k > 0, (n - k) * np.log(np.where(n - k > 0, (n - k) / n, 1)), 0.0)
+    return (t1 + t2).sum(-1)
+
+
+@dataclass
+class PsychometricFit:
+    """A fitted ``P(different | b) = γ + (1 − γ − λ) F(α + β ln b)`` (see module docstring)."""
+
+    alpha: float
+    beta: float
+    guess_rate: float
+    lapse_rate: float
+    sigmoid: str = "logistic"
+    lapse_fitted: bool = True
+    log_likelihood: float = math.nan
+    deviance: float = math.nan
+    df: int = 0
+    p_value: float = math.nan
+    bounds: list = field(default_factory=list)
+    n_different: list = field(default_factory=list)
+    n_total: list = field(default_factory=list)
+
+    def predict(self, bounds) -> np.ndarray:
+        """``P(different)`` at the given bounds."""
+        return psychometric(bounds, self.alpha, self.beta, self.guess_rate, self.lapse_rate,
+                            self.sigmoid)
+
+    def threshold(self, p) -> float | np.ndarray:
+        """Bound where ``P(different) = p`` (full scale, guesses included); NaN outside
+        ``(γ, 1 − λ)``."""
+        out = threshold_of(p, self.alpha, self.beta, self.guess_rate, self.lapse_rate,
+                           self.sigmoid)
+        return float(out) if np.ndim(out) == 0 else out
+
+    @property
+    def goodness_of_fit(self) -> dict:
+        return {"deviance": self.deviance, "df": self.df, "p_value": self.p_value}
+
+    def to_dict(self) -> dict:
+        return _json_safe({
+            "alpha": self.alpha, "beta": self.beta, "guess_rate": self.guess_rate,
+            "lapse_rate": self.lapse_rate, "sigmoid": self.sigmoid,
+            "lapse_fitted": self.lapse_fitted, "log_likelihood": self.log_likelihood,
+            "deviance": self.deviance, "df": self.df, "p_value": self.p_value,
+            "bounds": list(map(float, self.bounds)),
+            "n_different": list(map(int, self.n_different)),
+            "n_total": list(map(int, self.n_total)),
+        })
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PsychometricFit:
+        nan = math.nan
+        return cls(
+            alpha=float(data["alpha"]), beta=float(data["beta"]),
+            guess_rate=float(data["guess_rate"]), lapse_rate=float(data["lapse_rate"]),
+            sigmoid=data.get("sigmoid", "logistic"),
+            lapse_fitted=bool(data.get("lapse_fitted", True)),
+            log_likelihood=_f(data.get("log_likelihood"), nan),
+            deviance=_f(data.get("deviance"), nan), df=int(data.get("df", 0)),
+            p_value=_f(data.get("p_value"), nan), bounds=list(data.get("bounds", [])),
+            n_different=list(data.get("n_different", [])), n_total=list(data.get("n_total", [])),
+        )
+
+
+def _f(v, default):
+    return default if v is None else float(v)
+
+
+def _check_data(bounds, n_different, n_total):
+    b = np.asarray(bounds, float).ravel()
+    k = np.asarray(n_different, float).ravel()
+    n = np.asarray(n_total, float).ravel()
+    if not (len(b) == len(k) == len(n)):
+        raise ValueError("bounds, n_different and n_total must have the same length")
+    if len(b) == 0:
+        raise ValueError("no data: bounds is empty")
+    if np.any(~np.isfinite(b)) or np.any(b <= 0):
+        raise ValueError("bounds must be finite and > 0 (the fit is on log bound)")
+    if np.any(n < 0) or np.any(k < 0) or np.any(k > n):
+        raise ValueError("counts must satisfy 0 ≤ n_different ≤ n_total")
+    keep = n > 0
+    if len(np.unique(b[keep])) < 2:
+        raise ValueError("a psychometric fit needs judgments at ≥ 2 distinct bounds")
+    return b, k, n
+
+
+def _starts(x, k, n, gamma, lam, sigmoid):
+    """Starting values: a grid of slopes with the threshold at the data's 50 % point."""
+    mid = np.median(x)
+    span = max(np.ptp(x), 1e-3)
+    out = []
+    for beta in (0.5, 2.0, 6.0, 15.0):
+        for shift in (-0.5, 0.0, 0.5, 1.0):
+            beta_s = beta * 2.0 / span
+            out.append([-beta_s * (mid + shift * span), beta_s, lam])
+    return np.array(out)
+
+
+def fit_psychometric(
+    bounds,
+    n_different,
+    n_total,
+    *,
+    guess_rate: float,
+    lapse: str | float = "fit",
+    sigmoid: str = "logistic",
+) -> PsychometricFit:
+    """Maximum-likelihood fit of ``γ + (1 − γ − λ) F(α + β ln b)`` to binomial counts.
+
+    ``guess_rate`` γ is fixed (the sentinel false-alarm rate); ``lapse`` is ``"fit"`` (λ in
+    [0, 0.5]) or a fixed float. ``bounds`` > 0 (the threat model's units); one entry per
+    level (repeated bounds are pooled). Multi-start vectorised Fisher scoring, polished with
+    scipy's L-BFGS-B.
+    """
+    if sigmoid not in SIGMOIDS:
+        raise ValueError(f"unknown sigmoid {sigmoid!r}; use one of {SIGMOIDS}")
+    if not (0 <= guess_rate < 1):
+        raise ValueError(f"guess_rate must be in [0, 1), got {guess_rate}")
+    fit_lapse = lapse == "fit"
+    if not fit_lapse:
+        try:
+            lapse = float(lapse)
+        except (TypeError, ValueError):
+            raise ValueError(f"lapse must be 'fit' or a float, got {lapse!r}") from None
+        if not (0 <= lapse < 1 - guess_rate):
+            raise ValueError(f"lapse must be in [0, 1 − guess_rate), got {lapse}")
+    b, k, n = _check_data(bounds, n_different, n_total)
+    levels, inv = np.unique(b, return_inverse=True)
+    k = np.bincount(inv, weights=k)
+    n = np.bincount(inv, weights=n)
+    x = np.log(levels)
+    lam0 = 0.02 if fit_lapse else lapse
+    starts = _starts(x, k, n, guess_rate, lam0, sigmoid)
+    if not fit_lapse:
+        starts = starts[:, :2]
+    m = len(starts)
+    theta, ll = fisher_scoring(x, np.tile(k, (m, 1)), np.tile(n, (m, 1)),
+                               np.full(m, guess_rate), starts, sigmoid=sigmoid,
+                               fit_lapse=fit_lapse, lapse_rate=None if fit_lapse else lapse)
+    best = theta[np.nanargmax(ll)]
+
+    def nll(t):
+        lam_t = t[2] if fit_lapse else lapse
+        return -_loglik(x, k[None], n[None], np.array([t[0]]), np.array([t[1]]),
+                        np.array([guess_rate]), np.array([lam_t]), sigmoid)[0]
+
+    box = [(None, None), (1e-4, 1e3)] + ([(0.0, 0.5)] if fit_lapse else [])
+    res = optimize.minimize(nll, best, method="L-BFGS-B", bounds=box)
+    if res.fun <= nll(best):
+        best = res.x
+    alpha, beta = float(best[0]), float(best[1])
+    lam = float(best[2]) if fit_lapse else float(lapse)
+    loglik = -nll(best)
+    deviance = float(2 * (_saturated(k, n) - loglik))
+    n_params = 3 if fit_lapse else 2
+    levels_used = int((n > 0).sum())
+    df = levels_used - n_params
+    p_value = float(stats.chi2.sf(max(deviance, 0.0), df)) if df > 0 else math.nan
+    return PsychometricFit(
+        alpha=alpha, beta=beta, guess_rate=float(guess_rate), lapse_rate=lam, sigmoid=sigmoid,
+        lapse_fitted=fit_lapse, log_likelihood=float(loglik), deviance=max(deviance, 0.0),
+        df=df, p_value=p_value, bounds=levels.tolist(), n_different=k.astype(int).tolist(),
+        n_total=n.astype(int).tolist(),
+    )
+
+
+# ------------------------------------------------------------------------------- calibrate
+def target_label(target: float) -> str:
+    """``0.1 → "p10"``, ``0.25 → "p25"``, ``0.5 → "p50"`` (``0.125 → "p12.5"``)."""
+    pct = target * 100
+    return f"p{round(pct):02d}" if abs(pct - round(pct)) < 1e-9 else f"p{pct:g}"
+
+
+@dataclass
+class ThreatModelCalibration:
+    """One threat model's fit, its thresholds with intervals, and the counts behind them."""
+
+    threat_model: str
+    fit: PsychometricFit
+    thresholds: pd.DataFrame  # target, label, bound, low, high, n_boot_valid
+    counts: pd.DataFrame  # bound, n_judgments, n_different, perceptibility
+    n_participants: int
+    n_judgments: int
+
+    def to_dict(self) -> dict:
+        from engine.analysis import frame_records
+
+        return {
+            "threat_model": self.threat_model, "fit": self.fit.to_dict(),
+            "thresholds": frame_records(self.thresholds), "counts": frame_records(self.counts),
+            "n_participants": self.n_participants, "n_judgments": self.n_judgments,
+        }
+
+
+@dataclass
+class CalibrationResult:
+    """Per-threat-model calibrations plus the shared sentinel guess rate and settings.
+
+    ``to_dict()`` keys: ``targets, sigmoid, lapse, n_boot, seed, guess_rate, n_sentinel,
+    n_sentinel_different, threat_models`` (threat model → ``{threat_model, fit, thresholds,
+    counts, n_participants, n_judgments}``) and ``skipped`` (threat model → reason).
+    """
+
+    threat_models: dict[str, ThreatModelCalibration]
+    targets: tuple
+    sigmoid: str
+    lapse: Any
+    n_boot: int
+    seed: int
+    guess_rate: float
+    n_sentinel: int
+    n_sentinel_different: int
+    skipped: dict = field(default_factory=dict)
+
+    def presets(self) -> dict[str, dict[str, float]]:
+        """``{threat_model: {"p10": bound, "p25": bound, "p50": bound}}`` (finite only)."""
+        out = {}
+        for tm, cal in self.threat_models.items():
+            out[tm] = {r["label"]: float(r["bound"]) for _, r in cal.thresholds.iterrows()
+                       if np.isfinite(r["bound"])}
+        return out
+
+    def table(self) -> pd.DataFrame:
+        """Long table: ``threat_model, target, label, bound, low, high, n_boot_valid, alpha,
+        beta, guess_rate, lapse_rate, deviance, df, p_value, n_judgments, n_participants``."""
+        rows = []
+        for tm, cal in self.threat_models.items():
+            for _, r in cal.thresholds.iterrows():
+                rows.append({"threat_model": tm, **r.to_dict(), "alpha": cal.fit.alpha,
+                             "beta": cal.fit.beta, "guess_rate": cal.fit.guess_rate,
+                             "lapse_rate": cal.fit.lapse_rate, "deviance": cal.fit.deviance,
+                             "df": cal.fit.df, "p_value": cal.fit.p_value,
+                             "n_judgments": cal.n_judgments,
+                             "n_participants": cal.n_participants})
+        return pd.DataFrame(rows)
+
+    def to_dict(self) -> dict:
+        return _json_safe({
+            "targets": list(self.targets), "sigmoid": self.sigmoid, "lapse": self.lapse,
+            "n_boot": self.n_boot, "seed": self.seed, "guess_rate": self.guess_rate,
+            "n_sentinel": self.n_sentinel, "n_sentinel_different": self.n_sentinel_different,
+            "threat_models": {tm: c.to_dict() for tm, c in self.threat_models.items()},
+            "skipped": dict(self.skipped),
+        })
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CalibrationResult:
+        tms = {}
+        for tm, c in data["threat_models"].items():
+            tms[tm] = ThreatModelCalibration(
+                threat_model=tm, fit=PsychometricFit.from_dict(c["fit"]),
+                thresholds=pd.DataFrame(c["thresholds"]).astype(
+                    {"bound": float, "low": float, "high": float}),
+                counts=pd.DataFrame(c["counts"]), n_participants=int(c["n_participants"]),
+                n_judgments=int(c["n_judgments"]))
+        return cls(threat_models=tms, targets=tuple(data["targets"]), sigmoid=data["sigmoid"],
+                   lapse=data["lapse"], n_boot=int(data["n_boot"]), seed=int(data["seed"]),
+                   guess_rate=_f(data.get("guess_rate"), math.nan),
+                   n_sentinel=int(data["n_sentinel"]),
+                   n_sentinel_different=int(data["n_sentinel_different"]),
+                   skipped=dict(data.get("skipped", {})))
+
+
+def calibrate(
+    pairs: pd.DataFrame,
+    judgments: pd.DataFrame,
+    *,
+    targets=(0.1, 0.25, 0.5),
+    n_boot: int = 500,
+    seed: int = 0,
+    sigmoid: str = "logistic",
+    lapse: str | float = "fit",
+    guess_rate: float | None = None,
+) -> CalibrationResult:
+    """Fit every threat model's psychometric function of the bound and invert it at the target
+    perceptibilities; participant-bootstrap 95 % intervals for the thresholds.
+
+    ``γ`` is the sentinel false-alarm rate (pooled over the study; pass ``guess_rate`` to
+    override, e.g. when there are no sentinels). Judgments are used as given (apply
+    :func:`engine.analysis.apply_exclusions` first). Threat models with judgments at fewer
+    than 2 bounds are listed in ``skipped``.
+    """
+    targets = tuple(float(t) for t in targets)
+    if not targets or any(not (0 < t < 1) for t in targets):
+        raise ValueError(f"targets must be perceptibilities in (0, 1), got {targets}")
+    if sigmoid not in SIGMOIDS:
+        raise ValueError(f"unknown sigmoid {sigmoid!r}; use one of {SIGMOIDS}")
+    prep = _prepare(pairs, judgments)
+    p_count = prep.n_participants
+    pr = prep.pairs
+    main = ~pr["group"].isin(CONTROLS).to_numpy()
+    bad = main & ~(pr["bound"].to_numpy(float) > 0)
+    if bad.any():
+        raise ValueError(f"pairs {pr.loc[bad, 'pair'].head(5).tolist()} need a bound > 0")
+    # cells: (threat_model, bound) per main pair; column −1 for controls
+    cell_keys = pr.loc[main, ["threat_model", "bound"]].drop_duplicates().sort_values(
+        ["threat_model", "bound"]).reset_index(drop=True)
+    cell_index = {(t, b): i for i, (t, b) in enumerate(
+        zip(cell_keys["threat_model"], cell_keys["bound"], strict=True))}
+    pcell = np.full(len(pr), -1)
+    pcell[main] = [cell_index[(t, b)] for t, b in zip(
+        pr.loc[main, "threat_model"], pr.loc[main, "bound"], strict=True)]
+    sentinel_col = len(cell_keys)
+    pcell[prep.is_sentinel] = sentinel_col
+    width = len(cell_keys) + 1
+    jcell = pcell[prep.j_pair]
+    ok = jcell >= 0
+    flat = prep.j_part[ok] * width + jcell[ok]
+    n_pc = np.bincount(flat, minlength=p_count * width).reshape(p_count, width).astype(float)
+    k_pc = np.bincount(flat, weights=prep.j_diff[ok], minlength=p_count * width).reshape(
+        p_count, width)
+    w = participant_weights(p_count, n_boot, seed)
+    kb, nb = w @ k_pc, w @ n_pc
+    k_tot, n_tot = k_pc.sum(0), n_pc.sum(0)
+    n_s, k_s = n_tot[sentinel_col], k_tot[sentinel_col]
+    if guess_rate is None:
+        if n_s == 0:
+            raise ValueError("no sentinel judgments: pass guess_rate to calibrate")
+        gamma = k_s / n_s
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gamma_b = np.where(nb[:, sentinel_col] > 0, kb[:, sentinel_col] / nb[:, sentinel_col],
+                               gamma)
+    else:
+        gamma = float(guess_rate)
+        gamma_b = np.full(n_boot, gamma)
+    gamma_b = np.minimum(gamma_b, 0.99)
+    result = {}
+    skipped = {}
+    fit_lapse = lapse == "fit"
+    for tm in cell_keys["threat_model"].unique():
+        cols = cell_keys.index[cell_keys["threat_model"] == tm].to_numpy()
+        bounds = cell_keys.loc[cols, "bound"].to_numpy(float)
+        if (n_tot[cols] > 0).sum() < 2:
+            skipped[str(tm)] = "judgments at fewer than 2 bounds"
+            continue
+        use_lapse = lapse
+        if fit_lapse and (n_tot[cols] > 0).sum() < 3:
+            use_lapse = 0.0  # λ is not identifiable from two levels
+        fit = fit_psychometric(bounds, k_tot[cols], n_tot[cols], guess_rate=gamma,
+                               lapse=use_lapse, sigmoid=sigmoid)
+        keep = n_tot[cols] > 0
+        x = np.log(bounds[keep])
+        fl = use_lapse == "fit"
+        theta0 = np.tile([fit.alpha, fit.beta] + ([fit.lapse_rate] if fl else []), (n_boot, 1))
+        if n_boot:
+            theta, _ = fisher_scoring(x, kb[:, cols][:, keep], nb[:, cols][:, keep], gamma_b,
+                                      theta0, sigmoid=sigmoid, fit_lapse=fl,
+                                      lapse_rate=None if fl else float(use_lapse))
+            lam_b = theta[:, 2] if fl else np.full(n_boot, float(use_lapse))
+        rows = []
+        for t in targets:
+            if n_boot:
+                tb = threshold_of(t, theta[:, 0], theta[:, 1], gamma_b, lam_b, sigmoid)
+                valid = np.isfinite(tb)
+                low, high = (np.percentile(tb[valid], [2.5, 97.5]) if valid.sum() else
+                             (math.nan, math.nan))
+            else:
+                valid, low, high = np.zeros(0, bool), math.nan, math.nan
+            rows.append({"target": t, "label": target_label(t), "bound": fit.threshold(t),
+                         "low": float(low), "high": float(high),
+                         "n_boot_valid": int(valid.sum())})
+        with np.errstate(invalid="ignore", divide="ignore"):
+            counts = pd.DataFrame({"bound": bounds, "n_judgments": n_tot[cols].astype(int),
+                                   "n_different": k_tot[cols].astype(int),
+                                   "perceptibility": k_tot[cols] / n_tot[cols]})
+        result[str(tm)] = ThreatModelCalibration(
+            threat_model=str(tm), fit=fit, thresholds=pd.DataFrame(rows), counts=counts,
+            n_participants=int((n_pc[:, cols].sum(1) > 0).sum()),
+            n_judgments=int(n_tot[cols].sum()))
+    return CalibrationResult(
+        threat_models=result, targets=targets, sigmoid=sigmoid, lapse=lapse, n_boot=n_boot,
+        seed=seed, guess_rate=float(gamma), n_sentinel=int(n_s),
+        n_sentinel_different=int(k_s), skipped=skipped)

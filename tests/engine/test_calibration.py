@@ -1,0 +1,187 @@
+"""engine.calibration against psignifit 4 (flat priors, η fixed at 0, so its MAP is the ML
+fit) and against scipy's optimiser; threshold recovery and interval coverage with simulated
+observers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import psignifit
+import pytest
+from scipy import optimize, special
+
+from engine.calibration import (
+    CalibrationResult,
+    PsychometricFit,
+    calibrate,
+    fit_psychometric,
+    psychometric,
+)
+from engine.observers import ObserverPopulation
+
+BOUNDS = np.array([1.0, 2.0, 4.0, 8.0, 16.0])
+N = np.full(5, 200)
+
+
+def data(seed=0, sigmoid="logistic"):
+    p = psychometric(BOUNDS, -3.0, 2.0, 0.05, 0.03, sigmoid)
+    return np.random.default_rng(seed).binomial(N, p)
+
+
+def psignifit_fit(k, sigmoid, gamma, lapse):
+    """psignifit 4 on x = ln b, mapped to (α, β, λ) — see engine.calibration's docstring."""
+    flat = np.ones_like
+    fixed = {"gamma": gamma, "eta": 0.0}
+    if lapse != "fit":
+        fixed["lambda"] = lapse
+    res = psignifit.psignifit(np.c_[np.log(BOUNDS), k, N], sigmoid=sigmoid,
+                              experiment_type="yes/no", fixed_parameters=fixed,
+                              priors={"threshold": flat, "width": flat, "lambda": flat},
+                              verbose=False)
+    e = res.parameter_estimate_MAP
+    if sigmoid == "logistic":
+        beta = 2 * np.log(19) / e["width"]
+        alpha = -beta * e["threshold"]
+    else:
+        beta = (np.log(-np.log(0.05)) - np.log(-np.log(0.95))) / e["width"]
+        alpha = -beta * e["threshold"] + np.log(np.log(2))
+    return alpha, beta, e["lambda"]
+
+
+@pytest.mark.parametrize("sigmoid", ["logistic", "weibull"])
+@pytest.mark.parametrize("lapse", [0.03, "fit"])
+def test_fit_agrees_with_psignifit(sigmoid, lapse):
+    k = data(0, sigmoid)
+    fit = fit_psychometric(BOUNDS, k, N, guess_rate=0.05, lapse=lapse, sigmoid=sigmoid)
+    # psignifit's optimiser does not keep λ ≥ 0, so compare where the ML λ is interior
+    assert lapse != "fit" or 0.005 < fit.lapse_rate < 0.5
+    alpha, beta, lam = psignifit_fit(k, sigmoid, 0.05, lapse)
+    # psignifit's optimiser stops at ~1e-4 relative; thresholds agree to 0.1 %
+    assert fit.alpha == pytest.approx(alpha, rel=2e-3, abs=2e-3)
+    assert fit.beta == pytest.approx(beta, rel=2e-3)
+    assert fit.lapse_rate == pytest.approx(lam, abs=1e-3)
+    assert fit.threshold(0.5) == pytest.approx(np.exp((
+        (special.logit if sigmoid == "logistic" else lambda u: np.log(-np.log1p(-u)))(
+            (0.5 - 0.05) / (1 - 0.05 - lam)) - alpha) / beta), rel=1e-3)
+
+
+def test_fit_is_the_maximum_likelihood_and_deviance_matches_scipy():
+    k = data(2)
+    fit = fit_psychometric(BOUNDS, k, N, guess_rate=0.05, lapse=0.03)
+
+    def nll(t):
+        p = 0.05 + 0.92 * special.expit(t[0] + t[1] * np.log(BOUNDS))
+        return -(k * np.log(p) + (N - k) * np.log(1 - p)).sum()
+
+    res = optimize.minimize(nll, [0.0, 1.0], method="Nelder-Mead",
+                            options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 10000})
+    assert [fit.alpha, fit.beta] == pytest.approx(res.x, abs=1e-4)
+    p = fit.predict(BOUNDS)
+    dev = 2 * np.sum(k * np.log(k / (N * p)) + (N - k) * np.log((N - k) / (N * (1 - p))))
+    assert fit.deviance == pytest.approx(dev, rel=1e-6)
+    assert fit.df == 3
+    from scipy.stats import chi2
+    assert fit.p_value == pytest.approx(chi2.sf(dev, 3), rel=1e-6)
+    # threshold inverts predict
+    for t in (0.1, 0.25, 0.5):
+        assert fit.predict(fit.threshold(t)) == pytest.approx(t, abs=1e-9)
+    assert math.isnan(fit.threshold(0.01))  # below the guess rate
+    assert PsychometricFit.from_dict(json.loads(json.dumps(fit.to_dict()))) == fit
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"bounds": [1, -2, 3]}, "> 0"),
+    ({"bounds": [1, 1, 1]}, "2 distinct"),
+    ({"n_different": [300, 0, 0, 0, 0]}, "n_different"),
+    ({"sigmoid": "probit"}, "sigmoid"),
+    ({"bounds": []}, "length|empty"),
+])
+def test_bad_fit_input(kwargs, message):
+    args = {"bounds": BOUNDS, "n_different": data(), "n_total": N, "guess_rate": 0.05}
+    args.update(kwargs)
+    if len(args["bounds"]) != 5:
+        args["n_different"], args["n_total"] = (args["n_different"][:len(args["bounds"])],
+                                                args["n_total"][:len(args["bounds"])])
+    with pytest.raises(ValueError, match=message):
+        fit_psychometric(**args)
+
+
+def study_pairs(bounds_by_tm):
+    rows = []
+    for tm, bounds in bounds_by_tm.items():
+        for b in bounds:
+            rows.append({"pair": len(rows), "condition": f"{tm}:bound={b}", "threat_model": tm,
+                         "bound": b, "is_sentinel": False})
+    rows.append({"pair": len(rows), "condition": None, "threat_model": None, "bound": None,
+                 "is_sentinel": True})
+    return pd.DataFrame(rows)
+
+
+def test_calibrate_recovers_thresholds_and_serialises():
+    pop = ObserverPopulation({"linf": (6.0, 2.5), "l2": (900.0, 1.5)}, guess_rate=0.04,
+                             lapse_rate=0.02, careless_share=0.05)
+    pairs = study_pairs({"linf": [2, 4, 8, 16], "l2": [300, 600, 1200, 2400, 4800]})
+    j = pop.simulate(pairs, n_participants=300, trials_per_participant=40,
+                     rng=np.random.default_rng(0))
+    cal = calibrate(pairs, j, n_boot=100, seed=1)
+    presets = cal.presets()
+    assert set(presets) == {"linf", "l2"} and set(presets["linf"]) == {"p10", "p25", "p50"}
+    for tm in ("linf", "l2"):
+        for _, row in cal.threat_models[tm].thresholds.iterrows():
+            truth = pop.true_threshold(row["target"], tm)
+            assert row["low"] < row["bound"] < row["high"]
+            assert abs(math.log(row["bound"] / truth)) < 0.2
+    merged = j.merge(pairs, on="pair")
+    assert cal.guess_rate == pytest.approx(merged[merged.is_sentinel].different.mean())
+    counts = cal.threat_models["linf"].counts
+    assert counts["n_judgments"].sum() == (merged.threat_model == "linf").sum()
+    back = CalibrationResult.from_dict(json.loads(json.dumps(cal.to_dict(), allow_nan=False)))
+    assert back.presets() == presets
+    assert set(cal.table().columns) >= {"threat_model", "label", "bound", "low", "high"}
+
+
+def test_calibrate_point_fit_equals_fit_psychometric_on_the_counts():
+    pop = ObserverPopulation({"linf": (6.0, 2.5)}, guess_rate=0.04, lapse_rate=0.02)
+    pairs = study_pairs({"linf": [2, 4, 8, 16]})
+    j = pop.simulate(pairs, n_participants=50, trials_per_participant=30,
+                     rng=np.random.default_rng(3))
+    cal = calibrate(pairs, j, n_boot=0, lapse=0.02, sigmoid="weibull")
+    m = j.merge(pairs, on="pair")
+    g = m[~m.is_sentinel].groupby("bound")["different"].agg(["sum", "size"])
+    fit = fit_psychometric(g.index, g["sum"], g["size"], guess_rate=m[m.is_sentinel].different
+                           .mean(), lapse=0.02, sigmoid="weibull")
+    assert cal.threat_models["linf"].fit.alpha == pytest.approx(fit.alpha)
+
+
+def test_calibrate_skips_single_bound_and_needs_sentinels():
+    pairs = study_pairs({"linf": [2, 4], "l2": [600]})
+    pop = ObserverPopulation({"*": (3.0, 2.0)})
+    j = pop.simulate(pairs, n_participants=10, trials_per_participant=20,
+                     rng=np.random.default_rng(0))
+    cal = calibrate(pairs, j, n_boot=10)
+    assert "l2" in cal.skipped and "linf" in cal.threat_models
+    no_sentinel = pairs[~pairs.is_sentinel]
+    with pytest.raises(ValueError, match="sentinel"):
+        calibrate(no_sentinel, j[j.pair.isin(no_sentinel.pair)], n_boot=10)
+    with pytest.raises(ValueError, match="targets"):
+        calibrate(pairs, j, targets=(0.5, 1.5))
+
+
+@pytest.mark.slow
+def test_interval_covers_true_threshold_in_90_percent_of_100_repetitions():
+    pop = ObserverPopulation({"linf": (6.0, 2.5)}, guess_rate=0.04, lapse_rate=0.02,
+                             careless_share=0.05)
+    pairs = study_pairs({"linf": [2, 4, 8, 16]})
+    truth = {t: pop.true_threshold(t, "linf") for t in (0.25, 0.5)}
+    rng = np.random.default_rng(1)
+    hits = {0.25: 0, 0.5: 0}
+    for r in range(100):
+        j = pop.simulate(pairs, n_participants=80, trials_per_participant=30, rng=rng)
+        th = calibrate(pairs, j, targets=(0.25, 0.5), n_boot=200, seed=r).threat_models[
+            "linf"].thresholds.set_index("target")
+        for t in hits:
+            hits[t] += th.loc[t, "low"] <= truth[t] <= th.loc[t, "high"]
+    assert hits[0.25] >= 90 and hits[0.5] >= 90, hits
