@@ -52,6 +52,7 @@ class QuestPlus:
         lapse_rate: float = 0.02,
         sigmoid: str = "logistic",
         prior=None,
+        targets=(0.25, 0.5),
     ):
         self.levels = np.asarray(levels, float)
         self.thresholds_grid = np.asarray(thresholds_grid, float)
@@ -81,6 +82,14 @@ class QuestPlus:
             raise ValueError(f"prior must be non-negative with shape {shape}")
         self._log_post = np.log(np.where(prior > 0, prior / prior.sum(), 1e-300))
         self.n_updates = 0
+        self.targets = tuple(float(t) for t in targets)
+        u = (np.asarray(self.targets) - guess_rate) / (1 - guess_rate - lapse_rate)
+        if np.any((u <= 0) | (u >= 1)):
+            raise ValueError(f"targets must lie in (guess_rate, 1 − lapse_rate): {targets}")
+        z = sigmoid_ppf(u, sigmoid)
+        # ln b_p at every grid point, (targets, T, S)
+        self._log_target = (np.log(self.thresholds_grid)[None, :, None]
+                            + z[:, None, None] / self.slopes_grid[None, None, :])
 
     # -------------------------------------------------------------------------- posterior
     @property
@@ -132,9 +141,36 @@ class QuestPlus:
             out += np.where(pr > 0, pr * h, 0.0)
         return out
 
-    def next_level(self) -> int:
-        """Index of the level with minimum expected entropy (lowest index on ties)."""
-        return int(np.argmin(self.expected_entropy()))
+    def expected_target_variance(self) -> np.ndarray:
+        """Per level, the expected posterior variance of ``ln b_p`` summed over ``targets``
+        after one more answer: ``Σ_r Σ_p [Σ J_r v_p² − (Σ J_r v_p)² / P(r)]`` with
+        ``J_r = posterior · L(r | j)`` (a psi-marginal-style objective, Prins 2013, aimed at
+        the thresholds the study reports rather than the joint (t, β) entropy)."""
+        post = self.posterior[None]
+        joint_d = post * self.likelihood
+        out = np.zeros(len(self.levels))
+        v = self._log_target.reshape(len(self.targets), -1)  # (P, T*S)
+        for joint in (joint_d, post - joint_d):
+            flat = joint.reshape(len(self.levels), -1)
+            pr = flat.sum(1)
+            m1 = flat @ v.T  # (levels, P)
+            m2 = flat @ (v * v).T
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out += np.where(pr > 0, (m2 - m1 * m1 / pr[:, None]).sum(1), 0.0)
+        return out
+
+    def next_level(self, objective: str = "entropy") -> int:
+        """Index of the next level (lowest index on ties).
+
+        ``objective="entropy"``: QUEST+'s minimum expected entropy of the joint (t, β)
+        posterior (Watson 2017). ``"targets"``: minimum expected posterior variance of the
+        ``targets`` thresholds (:meth:`expected_target_variance`).
+        """
+        if objective == "entropy":
+            return int(np.argmin(self.expected_entropy()))
+        if objective == "targets":
+            return int(np.argmin(self.expected_target_variance()))
+        raise ValueError(f"objective must be 'entropy' or 'targets', got {objective!r}")
 
     def entropy(self) -> float:
         p = self.posterior

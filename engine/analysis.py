@@ -257,17 +257,9 @@ def _prepare(pairs: pd.DataFrame, judgments: pd.DataFrame) -> _Prepared:
         pairs["label"] = ""
     pairs["bound"] = pd.to_numeric(pairs["bound"], errors="coerce")
     main = pairs[~pairs["group"].isin(CONTROLS)]
-    info = (
-        main.groupby("group", sort=False)
-        .agg(
-            threat_model=("threat_model", "first"),
-            bound=("bound", "first"),
-            label=("label", lambda s: s.iloc[0] if s.iloc[0] is not None else ""),
-            n_pairs=("pair", "size"),
-        )
-        .reset_index()
-        .sort_values(["threat_model", "bound", "group"], kind="stable")
-    )
+    info = main.drop_duplicates("group")[["group", "threat_model", "bound", "label"]].copy()
+    info["n_pairs"] = info["group"].map(main["group"].value_counts()).astype(int)
+    info = info.sort_values(["threat_model", "bound", "group"], kind="stable")
     controls = [c for c in CONTROLS if (pairs["group"] == c).any()]
     ctrl = pd.DataFrame(
         {

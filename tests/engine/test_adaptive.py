@@ -104,3 +104,26 @@ def test_ladder_and_bad_input():
         ours().update(99, True)
     with pytest.raises(ValueError, match="sigmoid"):
         QuestPlus(LEVELS, thresholds_grid=THRESHOLDS, slopes_grid=SLOPES, sigmoid="probit")
+
+
+def test_expected_target_variance_matches_a_direct_computation():
+    q = QuestPlus(LEVELS, thresholds_grid=THRESHOLDS, slopes_grid=SLOPES, sigmoid="logistic",
+                  targets=(0.25, 0.5))
+    q.update_many([3, 5, 6, 8], [False, True, False, True])
+    post = q.posterior
+    expected = []
+    for b in LEVELS:
+        L = 0.04 + 0.94 * special.expit(SLOPES[None] * (np.log(b) - np.log(THRESHOLDS)[:, None]))
+        total = 0.0
+        for like in (L, 1 - L):
+            pr = (post * like).sum()
+            c = post * like / pr
+            for p in (0.25, 0.5):
+                v = np.log(THRESHOLDS)[:, None] + special.logit((p - 0.04) / 0.94) / SLOPES[None]
+                mean = (c * v).sum()
+                total += pr * (c * (v - mean) ** 2).sum()
+        expected.append(total)
+    np.testing.assert_allclose(q.expected_target_variance(), expected, rtol=1e-8)
+    assert q.next_level("targets") == int(np.argmin(expected))
+    with pytest.raises(ValueError, match="objective"):
+        q.next_level("fastest")
