@@ -1,0 +1,248 @@
+"""The PAT paper's perceptual-study figures (Fig. 4a–c, Fig. 5) and psychometric curves.
+
+Every function takes an :class:`engine.analysis.AnalysisReport` (or a ``(pairs, judgments)``
+tuple, analysed on the spot) — or, for :func:`psychometric_curves`, a
+:class:`engine.calibration.CalibrationResult` — and returns ``(Figure, DataFrame)``: the
+matplotlib figure and exactly the numbers drawn, for the CSV download beside it. Figures are
+built with ``matplotlib.figure.Figure`` (Agg canvas, no pyplot global state), so they are
+safe in a web server thread. :func:`figure_bytes` renders PNG or SVG.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from engine.analysis import CONTROLS, AnalysisReport, _wilson_arrays, analyze
+
+DISTANCE_NAMES = {
+    "l2": "L2", "linf": "L∞", "ssim": "1 − SSIM", "lpips_alexnet": "LPIPS (AlexNet)",
+    "lpips_alexnet_untrained": "LPIPS (AlexNet, untrained)", "lpips_self": "LPIPS (self)",
+}
+
+
+def _report(report_or_frames, n_boot: int = 1000, seed: int = 0) -> AnalysisReport:
+    if isinstance(report_or_frames, AnalysisReport):
+        return report_or_frames
+    if isinstance(report_or_frames, tuple) and len(report_or_frames) == 2:
+        pairs, judgments = report_or_frames
+        return analyze(pairs, judgments, n_boot=n_boot, seed=seed)
+    raise ValueError("pass an AnalysisReport or a (pairs, judgments) tuple")
+
+
+def _figure(width=6.0, height=4.2, ncols=1, nrows=1):
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _colors(names):
+    return {n: f"C{i % 10}" for i, n in enumerate(sorted(map(str, names)))}
+
+
+def _interval(table, prefer="boot"):
+    low, high = f"{prefer}_low", f"{prefer}_high"
+    if low in table and table[low].notna().any():
+        return table[low], table[high]
+    return table["ci_low"], table["ci_high"]
+
+
+def figure_bytes(fig: Figure, fmt: str = "png", dpi: int = 110) -> bytes:
+    """The figure rendered as ``png`` or ``svg`` bytes."""
+    if fmt not in ("png", "svg"):
+        raise ValueError(f"format must be png or svg, got {fmt!r}")
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def fig4a_perceptibility_vs_lpips(report_or_frames, *, distance: str = "lpips_alexnet",
+                                  n_boot: int = 1000, seed: int = 0):
+    """Fig. 4a: perceptibility (95 % participant-bootstrap interval) against the mean
+    distance of each condition's pairs, one line per threat model through its bounds.
+
+    Frame: ``condition, threat_model, bound, label, mean_<distance>, perceptibility, ci_low,
+    ci_high, boot_low, boot_high, n_judgments`` (rows of ``report.perceptibility``).
+    """
+    report = _report(report_or_frames, n_boot, seed)
+    col = f"mean_{distance}"
+    table = report.perceptibility
+    if col not in table:
+        raise ValueError(f"no distance {distance!r} in the report (have "
+                         f"{[c[5:] for c in table.columns if c.startswith('mean_')]})")
+    data = table[~table["condition"].isin(CONTROLS) & table["perceptibility"].notna()][
+        ["condition", "threat_model", "bound", "label", col, "perceptibility", "ci_low",
+         "ci_high", "boot_low", "boot_high", "n_judgments"]].reset_index(drop=True)
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    colors = _colors(data["threat_model"].unique())
+    for tm, g in data.groupby("threat_model"):
+        g = g.sort_values("bound")
+        low, high = _interval(g)
+        ax.errorbar(g[col], g["perceptibility"], yerr=[g["perceptibility"] - low,
+                    high - g["perceptibility"]], fmt="o-", color=colors[str(tm)], label=str(tm),
+                    capsize=3)
+    ax.set(xlabel=f"mean {DISTANCE_NAMES.get(distance, distance)} distance",
+           ylabel="perceptibility (fraction 'different')", ylim=(0, 1),
+           title="Perceptibility vs distance (PAT Fig. 4a)")
+    if len(data):
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig, data
+
+
+def fig4b_strength_vs_perceptibility(report_or_frames, *, n_boot: int = 1000, seed: int = 0):
+    """Fig. 4b: attack strength (success rate) against perceptibility per threat model ×
+    bound (table 4), horizontal bars the perceptibility interval.
+
+    Frame: ``threat_model, bound, label, perceptibility, ci_low, ci_high, boot_low,
+    boot_high, strength, strength_source`` (rows of ``report.table4`` with a strength).
+    """
+    report = _report(report_or_frames, n_boot, seed)
+    t4 = report.table4
+    data = t4[t4["strength"].notna() & t4["perceptibility"].notna()][
+        ["threat_model", "bound", "label", "perceptibility", "ci_low", "ci_high", "boot_low",
+         "boot_high", "strength", "strength_source"]].reset_index(drop=True)
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    colors = _colors(data["threat_model"].unique())
+    for tm, g in data.groupby("threat_model"):
+        g = g.sort_values("bound")
+        low, high = _interval(g)
+        ax.errorbar(g["perceptibility"], g["strength"], xerr=[g["perceptibility"] - low,
+                    high - g["perceptibility"]], fmt="o-", color=colors[str(tm)],
+                    label=str(tm), capsize=3)
+    ax.set(xlabel="perceptibility", ylabel="strength (attack success rate)", xlim=(0, 1),
+           ylim=(0, 1.02), title="Strength vs perceptibility (PAT Fig. 4b)")
+    if len(data):
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "no strength data (pairs' success or evaluation results)",
+                ha="center", va="center", transform=ax.transAxes, fontsize=8)
+    fig.tight_layout()
+    return fig, data
+
+
+def fig4c_distance_correlations(report_or_frames, *, n_boot: int = 1000, seed: int = 0):
+    """Fig. 4c: Pearson r across conditions between each distance (1 − SSIM for SSIM) and
+    perceptibility, with the participant × pair bootstrap 95 % interval.
+
+    Frame: ``distance, transform, n_conditions, r, r_low, r_high, rho, rho_low, rho_high``
+    (rows of ``report.correlations``, sorted by r).
+    """
+    report = _report(report_or_frames, n_boot, seed)
+    data = report.correlations[["distance", "transform", "n_conditions", "r", "r_low",
+                                "r_high", "rho", "rho_low", "rho_high"]]
+    data = data.sort_values("r", na_position="first").reset_index(drop=True)
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    y = np.arange(len(data))
+    r = data["r"].fillna(0).to_numpy()
+    err = np.vstack([(data["r"] - data["r_low"]).fillna(0), (data["r_high"] - data["r"]).fillna(0)])
+    ax.barh(y, r, xerr=err, color="C0", capsize=3)
+    ax.set_yticks(y, [DISTANCE_NAMES.get(d, d) for d in data["distance"]], fontsize=8)
+    ax.set(xlabel="Pearson r with perceptibility (across conditions)", xlim=(-1, 1),
+           title="How well each distance tracks people (PAT Fig. 4c)")
+    ax.axvline(0, color="k", lw=0.6)
+    fig.tight_layout()
+    return fig, data
+
+
+def fig5_distance_violins(report_or_frames, *, distance: str = "lpips_alexnet",
+                          n_boot: int = 1000, seed: int = 0):
+    """Fig. 5: distribution of one distance over each threat model's pairs, a violin per
+    threat model × bound label.
+
+    Frame: ``pair, condition, threat_model, bound, label, distance, value`` (rows of
+    ``report.pair_distances`` for that distance).
+    """
+    report = _report(report_or_frames, n_boot, seed)
+    pdist = report.pair_distances
+    data = pdist[(pdist["distance"] == distance) & pdist["value"].notna()].reset_index(drop=True)
+    if pdist.empty or not (pdist["distance"] == distance).any():
+        raise ValueError(f"no distance {distance!r} in the report")
+    groups = data.sort_values(["threat_model", "bound"]).groupby(
+        ["threat_model", "bound"], sort=False)
+    fig, axes = _figure(width=max(6.0, 0.45 * groups.ngroups + 2))
+    ax = axes[0, 0]
+    colors = _colors(data["threat_model"].unique())
+    values, names, cols = [], [], []
+    for (tm, bound), g in groups:
+        values.append(g["value"].to_numpy())
+        label = g["label"].iloc[0] or f"{bound:g}"
+        names.append(f"{tm}\n{label}")
+        cols.append(colors[str(tm)])
+    if values:
+        parts = ax.violinplot(values, showmedians=True)
+        for body, c in zip(parts["bodies"], cols, strict=True):
+            body.set_facecolor(c)
+            body.set_alpha(0.6)
+        ax.set_xticks(np.arange(1, len(values) + 1), names, fontsize=7)
+    ax.set(ylabel=f"{DISTANCE_NAMES.get(distance, distance)} distance",
+           title="Distances per threat model and bound (PAT Fig. 5)")
+    fig.tight_layout()
+    return fig, data
+
+
+def psychometric_curves(calibration_or_frames, *, n_points: int = 200, **calibrate_kwargs):
+    """Per threat model: perceptibility at each bound (Wilson 95 %), the fitted psychometric
+    function, and the thresholds with their bootstrap intervals.
+
+    Accepts a :class:`engine.calibration.CalibrationResult` or ``(pairs, judgments)``
+    (calibrated with ``calibrate_kwargs``). Frame: ``kind`` (``"data"`` or ``"threshold"``),
+    ``threat_model``, then for data ``bound, n_judgments, n_different, perceptibility, ci_low,
+    ci_high, fitted`` and for thresholds ``label, target, bound, low, high``.
+    """
+    from engine.calibration import CalibrationResult, calibrate
+
+    cal = calibration_or_frames
+    if isinstance(cal, tuple) and len(cal) == 2:
+        cal = calibrate(*cal, **calibrate_kwargs)
+    if not isinstance(cal, CalibrationResult):
+        raise ValueError("pass a CalibrationResult or a (pairs, judgments) tuple")
+    tms = list(cal.threat_models)
+    ncols = min(3, max(1, len(tms)))
+    nrows = max(1, -(-len(tms) // ncols))
+    fig, axes = _figure(width=4.2 * ncols, height=3.4 * nrows, ncols=ncols, nrows=nrows)
+    rows = []
+    for i, tm in enumerate(tms):
+        ax = axes[i // ncols, i % ncols]
+        c = cal.threat_models[tm]
+        counts = c.counts[c.counts["n_judgments"] > 0]
+        low, high = _wilson_arrays(counts["n_different"], counts["n_judgments"])
+        fitted = c.fit.predict(counts["bound"])
+        for j, (_, r) in enumerate(counts.iterrows()):
+            rows.append({"kind": "data", "threat_model": tm, "bound": r["bound"],
+                         "n_judgments": int(r["n_judgments"]),
+                         "n_different": int(r["n_different"]),
+                         "perceptibility": r["perceptibility"], "ci_low": low[j],
+                         "ci_high": high[j], "fitted": fitted[j]})
+        ax.errorbar(counts["bound"], counts["perceptibility"],
+                    yerr=[counts["perceptibility"] - low, high - counts["perceptibility"]],
+                    fmt="o", color="k", capsize=3, label="data (Wilson 95%)")
+        lo = min(counts["bound"].min(), c.thresholds["low"].min(skipna=True)) / 1.5
+        hi = max(counts["bound"].max(), c.thresholds["high"].max(skipna=True)) * 1.5
+        grid = np.geomspace(lo, hi, n_points)
+        ax.plot(grid, c.fit.predict(grid), color="C0", label=f"{c.fit.sigmoid} fit")
+        for k, (_, t) in enumerate(c.thresholds.iterrows()):
+            rows.append({"kind": "threshold", "threat_model": tm, "label": t["label"],
+                         "target": t["target"], "bound": t["bound"], "low": t["low"],
+                         "high": t["high"]})
+            if np.isfinite(t["bound"]):
+                ax.errorbar([t["bound"]], [t["target"]], xerr=[[t["bound"] - t["low"]],
+                            [t["high"] - t["bound"]]], fmt="s", color=f"C{k + 1}", capsize=3,
+                            label=f"{t['label']} = {t['bound']:.3g}")
+        ax.axhline(c.fit.guess_rate, color="gray", lw=0.6, ls=":")
+        ax.set(xscale="log", ylim=(0, 1), xlabel="bound", ylabel="P(different)", title=tm)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=6)
+    for j in range(len(tms), nrows * ncols):
+        axes[j // ncols, j % ncols].set_visible(False)
+    fig.tight_layout()
+    return fig, pd.DataFrame(rows)
