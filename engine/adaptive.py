@@ -36,6 +36,16 @@ def ladder(low: float, high: float, n: int) -> np.ndarray:
     return np.exp(np.linspace(math.log(low), math.log(high), int(n)))
 
 
+#: Default slope grid (β on ln bound): shallow to steep psychometric functions.
+DEFAULT_SLOPES = np.geomspace(0.5, 8.0, 10)
+
+
+def default_thresholds_grid(levels, n: int = 40) -> np.ndarray:
+    """``n`` log-spaced thresholds from half the lowest to twice the highest level."""
+    levels = np.asarray(levels, float)
+    return ladder(levels.min() / 2, levels.max() * 2, n)
+
+
 class QuestPlus:
     """QUEST+ over threshold × slope for a yes/no ("different") task on a ladder of bounds.
 
@@ -46,8 +56,8 @@ class QuestPlus:
         self,
         levels,
         *,
-        thresholds_grid,
-        slopes_grid,
+        thresholds_grid=None,
+        slopes_grid=None,
         guess_rate: float = 0.04,
         lapse_rate: float = 0.02,
         sigmoid: str = "logistic",
@@ -55,10 +65,14 @@ class QuestPlus:
         targets=(0.25, 0.5),
     ):
         self.levels = np.asarray(levels, float)
-        self.thresholds_grid = np.asarray(thresholds_grid, float)
-        self.slopes_grid = np.asarray(slopes_grid, float)
         if self.levels.ndim != 1 or len(self.levels) < 1 or np.any(self.levels <= 0):
             raise ValueError("levels must be a non-empty 1-D array of bounds > 0")
+        if thresholds_grid is None:
+            thresholds_grid = default_thresholds_grid(self.levels)
+        if slopes_grid is None:
+            slopes_grid = DEFAULT_SLOPES
+        self.thresholds_grid = np.asarray(thresholds_grid, float)
+        self.slopes_grid = np.asarray(slopes_grid, float)
         if np.any(self.thresholds_grid <= 0) or len(self.thresholds_grid) == 0:
             raise ValueError("thresholds_grid must be non-empty, values > 0 (bounds)")
         if np.any(self.slopes_grid <= 0) or len(self.slopes_grid) == 0:
@@ -203,3 +217,14 @@ class QuestPlus:
         q = lambda x: float(v[min(np.searchsorted(c, x), len(v) - 1)])  # noqa: E731
         a = (1 - interval) / 2
         return {"bound": q(0.5), "low": q(a), "high": q(1 - a)}
+
+
+def choose_level(levels, level_idx=(), different=(), *, guess_rate: float = 0.04,
+                 lapse_rate: float = 0.02, sigmoid: str = "logistic",
+                 objective: str = "entropy", thresholds_grid=None, slopes_grid=None) -> int:
+    """One-shot for a scheduler: the pooled posterior of a threat model's ladder from all its
+    answers so far (``level_idx``, ``different``), then the next level's index."""
+    qp = QuestPlus(levels, thresholds_grid=thresholds_grid, slopes_grid=slopes_grid,
+                   guess_rate=guess_rate, lapse_rate=lapse_rate, sigmoid=sigmoid)
+    qp.update_many(level_idx, different)
+    return qp.next_level(objective)

@@ -127,3 +127,16 @@ def test_expected_target_variance_matches_a_direct_computation():
     assert q.next_level("targets") == int(np.argmin(expected))
     with pytest.raises(ValueError, match="objective"):
         q.next_level("fastest")
+
+
+def test_default_grids_and_choose_level():
+    from engine.adaptive import DEFAULT_SLOPES, choose_level, default_thresholds_grid
+
+    q = QuestPlus(LEVELS)
+    np.testing.assert_allclose(q.thresholds_grid, ladder(0.5, 32.0, 40))
+    np.testing.assert_allclose(q.slopes_grid, DEFAULT_SLOPES)
+    np.testing.assert_allclose(default_thresholds_grid(LEVELS), q.thresholds_grid)
+    idx, diff = [0, 4, 8, 4], [False, True, True, False]
+    q.update_many(idx, diff)
+    assert choose_level(LEVELS, idx, diff) == q.next_level()
+    assert choose_level(LEVELS) == QuestPlus(LEVELS).next_level()
