@@ -590,8 +590,30 @@ def _correlations(prep: _Prepared, n_boot: int, seed: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
+def _legacy_correlations(table: pd.DataFrame) -> pd.DataFrame:
+    """The pre-issue-8 form: Pearson r from a perceptibility table (raw SSIM, no intervals)."""
+    judged = table[~table["condition"].isin(CONTROLS) & table["perceptibility"].notna()]
+    rows = []
+    for col in [c for c in table.columns if c.startswith("mean_")]:
+        x = judged[col].astype(float)
+        y = judged["perceptibility"].astype(float)
+        ok = x.notna() & y.notna()
+        n = int(ok.sum())
+        if n >= 3 and x[ok].std() > 0 and y[ok].std() > 0:
+            r, p = stats.pearsonr(x[ok], y[ok])
+        else:
+            r, p = math.nan, math.nan
+        rows.append({"distance": col.removeprefix("mean_"), "r": float(r), "p_value": float(p),
+                     "n_conditions": n})
+    return pd.DataFrame(rows, columns=["distance", "r", "p_value", "n_conditions"])
+
+
 def distance_correlations(
-    pairs: pd.DataFrame, judgments: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
+    pairs: pd.DataFrame,
+    judgments: pd.DataFrame | None = None,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """How well each distance predicts perceptibility across conditions (PAT Fig. 4c).
 
@@ -604,7 +626,15 @@ def distance_correlations(
 
     Columns: ``distance, transform ("x" or "1-x"), n_conditions, r, r_low, r_high, p_value,
     rho, rho_low, rho_high, rho_p_value``.
+
+    Deprecated form kept for old callers: ``distance_correlations(perceptibility_table)``
+    (no judgments) returns the former ``distance, r, p_value, n_conditions`` from the
+    table's ``mean_*`` columns, SSIM raw.
     """
+    if judgments is None:
+        if isinstance(pairs, pd.DataFrame) and "perceptibility" in pairs.columns:
+            return _legacy_correlations(pairs)
+        raise ValueError("distance_correlations needs pairs and judgments")
     return _correlations(_prepare(pairs, judgments), n_boot, seed)
 
 

@@ -359,3 +359,15 @@ def test_bad_input_is_a_clear_value_error(mutate, message):
     p2, j2 = mutate(pairs, j)
     with pytest.raises(ValueError, match=message):
         perceptibility_table(p2, j2, n_boot=0)
+
+
+def test_legacy_table_form_of_distance_correlations_still_works():
+    pairs, j = make_study(seed=1)
+    table = perceptibility_table(pairs, j, n_boot=0)
+    corr = distance_correlations(table).set_index("distance")
+    conds = table[~table.condition.isin(["sentinel", "catch"])]
+    expected = np.corrcoef(conds["mean_l2"], conds["perceptibility"])[0, 1]
+    assert corr.loc["l2", "r"] == pytest.approx(expected, abs=1e-12)
+    assert list(corr.columns) == ["r", "p_value", "n_conditions"]
+    with pytest.raises(ValueError, match="judgments"):
+        distance_correlations(pairs)
