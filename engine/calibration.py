@@ -454,7 +454,13 @@ def calibrate(
     ``γ`` is the sentinel false-alarm rate (pooled over the study; pass ``guess_rate`` to
     override, e.g. when there are no sentinels). Judgments are used as given (apply
     :func:`engine.analysis.apply_exclusions` first). Threat models with judgments at fewer
-    than 2 bounds are listed in ``skipped``.
+    than 2 bounds are listed in ``skipped``; with only 2 bounds λ is fixed at 0 (not
+    identifiable).
+
+    Each threat model's ``thresholds`` frame has ``target, label, bound, low, high,
+    n_boot_valid``: replicates whose threshold is undefined (the target outside
+    ``(γ_b, 1 − λ_b)``) are left out of the percentiles and counted by ``n_boot_valid``, so a
+    small ``n_boot_valid`` flags an interval that is narrower than the truth.
     """
     targets = tuple(float(t) for t in targets)
     if not targets or any(not (0 < t < 1) for t in targets):
