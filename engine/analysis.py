@@ -124,15 +124,41 @@ def log_linear_rate(k, n):
     return (np.asarray(k, float) + 0.5) / (np.asarray(n, float) + 1.0)
 
 
+#: Bootstrap replicates drawn and multiplied at a time (bounds memory to chunk × participants).
+BOOT_CHUNK = 128
+
+
+def participant_weight_chunks(n_participants: int, n_boot: int, seed: int,
+                              chunk: int = BOOT_CHUNK):
+    """The rows of :func:`participant_weights`, ``chunk`` replicates at a time (same draws)."""
+    rng = np.random.default_rng(seed)
+    done = 0
+    while done < n_boot:
+        size = min(chunk, n_boot - done)
+        if n_participants == 0:
+            yield np.zeros((size, 0))
+        else:
+            yield rng.multinomial(n_participants, np.full(n_participants, 1.0 / n_participants),
+                                  size=size).astype(float)
+        done += size
+
+
 def participant_weights(n_participants: int, n_boot: int, seed: int) -> np.ndarray:
     """``(n_boot, n_participants)`` multinomial bootstrap weights (how often each participant,
     in sorted order, is drawn); ``numpy.random.default_rng(seed).multinomial``."""
-    if n_participants == 0 or n_boot == 0:
-        return np.zeros((n_boot, n_participants))
-    rng = np.random.default_rng(seed)
-    return rng.multinomial(
-        n_participants, np.full(n_participants, 1.0 / n_participants), size=n_boot
-    ).astype(float)
+    if n_boot == 0:
+        return np.zeros((0, n_participants))
+    return np.concatenate(list(participant_weight_chunks(n_participants, n_boot, seed)))
+
+
+def bootstrap_products(n_participants: int, n_boot: int, seed: int, *mats) -> list[np.ndarray]:
+    """``W @ M`` for each per-participant matrix ``M`` (P × C), computed chunk by chunk."""
+    outs = [[] for _ in mats]
+    for w in participant_weight_chunks(n_participants, n_boot, seed):
+        for out, m in zip(outs, mats, strict=True):
+            out.append(w @ m)
+    return [np.concatenate(o) if o else np.zeros((0, m.shape[1])) for o, m in zip(
+        outs, mats, strict=True)]
 
 
 def pair_weights(groups: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
@@ -367,8 +393,7 @@ def _group_rates(prep: _Prepared, n_boot: int, seed: int):
     """Point counts per group and bootstrap replicate rates ``(B, G)``."""
     k, n = prep.counts("group")
     k_tot, n_tot = k.sum(0), n.sum(0)
-    w = participant_weights(prep.n_participants, n_boot, seed)
-    kb, nb = w @ k, w @ n
+    kb, nb = bootstrap_products(prep.n_participants, n_boot, seed, k, n)
     with np.errstate(invalid="ignore", divide="ignore"):
         rb = kb / nb
     return k_tot, n_tot, kb, nb, rb
@@ -533,7 +558,6 @@ def _correlations(prep: _Prepared, n_boot: int, seed: int) -> pd.DataFrame:
     # two-way bootstrap: participant weights × pair weights, via a sparse participant × pair
     # count matrix (Σ_j w_p[part_j] w_q[pair_j] d_j = rows of (W_p M) · W_q).
     if n_boot and nc >= 3:
-        wp = participant_weights(prep.n_participants, n_boot, seed)
         wq = pair_weights(pgroup, n_boot, seed)
         shape = (prep.n_participants, len(prep.pairs))
         m_n = sparse.csr_matrix(
@@ -544,11 +568,18 @@ def _correlations(prep: _Prepared, n_boot: int, seed: int) -> pd.DataFrame:
             (np.ones((pgroup >= 0).sum()), (np.flatnonzero(pgroup >= 0), pgroup[pgroup >= 0])),
             shape=(len(prep.pairs), nc),
         )
-        # (B × Q) per-pair weighted counts, then × pair weights, summed per condition
-        kq = np.asarray((m_k.T @ wp.T).T) * wq
-        nq = np.asarray((m_n.T @ wp.T).T) * wq
-        with np.errstate(invalid="ignore", divide="ignore"):
-            yb = np.asarray(onehot.T @ kq.T).T / np.asarray(onehot.T @ nq.T).T
+        # (B × Q) per-pair weighted counts, then × pair weights, summed per condition;
+        # participant weights chunk by chunk to bound memory
+        m_kt, m_nt, oht = m_k.T.tocsr(), m_n.T.tocsr(), onehot.T.tocsr()
+        parts, row = [], 0
+        for wp in participant_weight_chunks(prep.n_participants, n_boot, seed):
+            sl = slice(row, row + len(wp))
+            kq = np.asarray(m_kt @ wp.T).T * wq[sl]
+            nq = np.asarray(m_nt @ wp.T).T * wq[sl]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                parts.append(np.asarray(oht @ kq.T).T / np.asarray(oht @ nq.T).T)
+            row += len(wp)
+        yb = np.concatenate(parts)
     else:
         wq = yb = None
     y = k_tot[cidx] / np.maximum(n_tot[cidx], 1)
@@ -830,9 +861,9 @@ def _table4(prep: _Prepared, strength: pd.DataFrame | None, n_boot: int, seed: i
     onehot[main, cell_of] = 1.0
     kc, nc = k @ onehot, n @ onehot
     k_tot, n_tot = kc.sum(0), nc.sum(0)
-    w = participant_weights(prep.n_participants, n_boot, seed)
+    kcb, ncb = bootstrap_products(prep.n_participants, n_boot, seed, kc, nc)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rb = (w @ kc) / (w @ nc)
+        rb = kcb / ncb
     blow, bhigh = _percentile_interval(rb)
     low, high = _wilson_arrays(k_tot, n_tot)
     table = cells.copy()

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize, special, stats
 
-from engine.analysis import CONTROLS, _json_safe, _prepare, participant_weights
+from engine.analysis import CONTROLS, _json_safe, _prepare, bootstrap_products
 
 SIGMOIDS = ("logistic", "weibull")
 EPS = 1e-10
@@ -491,8 +491,7 @@ def calibrate(
     n_pc = np.bincount(flat, minlength=p_count * width).reshape(p_count, width).astype(float)
     k_pc = np.bincount(flat, weights=prep.j_diff[ok], minlength=p_count * width).reshape(
         p_count, width)
-    w = participant_weights(p_count, n_boot, seed)
-    kb, nb = w @ k_pc, w @ n_pc
+    kb, nb = bootstrap_products(p_count, n_boot, seed, k_pc, n_pc)
     k_tot, n_tot = k_pc.sum(0), n_pc.sum(0)
     n_s, k_s = n_tot[sentinel_col], k_tot[sentinel_col]
     if guess_rate is None:
