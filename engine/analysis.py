@@ -132,6 +132,7 @@ def participant_weight_chunks(n_participants: int, n_boot: int, seed: int,
                               chunk: int = BOOT_CHUNK):
     """The rows of :func:`participant_weights`, ``chunk`` replicates at a time (same draws)."""
     rng = np.random.default_rng(seed)
+    chunk = max(1, min(chunk, 20_000_000 // max(n_participants, 1)))  # ≤ 160 MB a chunk
     done = 0
     while done < n_boot:
         size = min(chunk, n_boot - done)
