@@ -1,0 +1,156 @@
+"""The paper's figures for a study, rendered server-side, and the cache keyed by study state.
+
+Used by the staff dashboard (:mod:`studyapp.dashboard`) and ``analyze --figures``. Each figure
+comes from ``engine.figures`` as ``(matplotlib Figure, DataFrame behind it)``; here it becomes
+PNG, SVG and CSV bytes. The analysis and every rendered file are cached under a key built from
+the study's state (:func:`study_state`): the newest judgment id, the judgment count, the
+exclusion decisions, the pairs and the latest calibration. Any new judgment, exclusion,
+pair or calibration changes the key, so a cached figure is never stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # server-side: never a GUI backend
+
+import pandas as pd  # noqa: E402
+from django.core.cache import cache  # noqa: E402
+from django.db.models import Count, Max, Q, Sum  # noqa: E402
+
+from . import _engine_shim as engine_api  # noqa: E402 - TEMPORARY: engine.* after merge
+from .frames import judgments_frame, pairs_frame  # noqa: E402
+from .models import Calibration, Judgment, Pair, Session, Study  # noqa: E402
+
+FORMATS = {"png": "image/png", "svg": "image/svg+xml", "csv": "text/csv; charset=utf-8"}
+CACHE_SECONDS = 24 * 3600
+N_BOOT = 1000
+
+
+@dataclass
+class FigureContext:
+    """What every figure is drawn from: the study's frames, its report and calibration."""
+
+    study: Study
+    pairs: pd.DataFrame
+    judgments: pd.DataFrame
+    report: object  # engine AnalysisReport
+    calibration: object | None = None  # engine CalibrationResult
+
+    def used_judgments(self) -> pd.DataFrame:
+        """Judgments the analysis used: not excluded, not simulated."""
+        j = self.judgments
+        return j[~j["excluded"] & ~j["simulated"]]
+
+
+def _psychometric(ctx: FigureContext):
+    result = ctx.calibration
+    if result is None:
+        result = engine_api.calibrate(ctx.pairs, ctx.used_judgments(), n_boot=0)
+    return engine_api.psychometric_curves(result, ctx.pairs, ctx.used_judgments())
+
+
+FIGURES: dict[str, tuple[str, Callable[[FigureContext], tuple]]] = {
+    "fig4a": ("Fig. 4a: perceptibility vs LPIPS",
+              lambda c: engine_api.fig4a_perceptibility_vs_lpips(c.report)),
+    "fig4b": ("Fig. 4b: attack strength vs perceptibility",
+              lambda c: engine_api.fig4b_strength_vs_perceptibility(c.report)),
+    "fig4c": ("Fig. 4c: distance correlations with perceptibility",
+              lambda c: engine_api.fig4c_distance_correlations(c.report)),
+    "fig5": ("Fig. 5: distance distributions per threat model",
+             lambda c: engine_api.fig5_distance_violins(c.pairs)),
+    "psychometric": ("Psychometric functions with the data", _psychometric),
+}
+
+
+def study_state(study: Study) -> str:
+    """A short hash that changes whenever anything a dashboard number depends on changes."""
+    j = Judgment.objects.filter(trial__session__participant__study=study).aggregate(
+        n=Count("id"), last=Max("id")
+    )
+    s = Session.objects.filter(participant__study=study).aggregate(
+        n=Count("id"),
+        excluded=Count("id", filter=Q(excluded=True)),
+        excluded_ids=Sum("id", filter=Q(excluded=True)),
+        completed=Count("completed_at"),
+        abandoned=Count("abandoned_at"),
+    )
+    p = Pair.objects.filter(study=study).aggregate(n=Count("id"), last=Max("id"))
+    cal = Calibration.objects.filter(study=study).aggregate(last=Max("id"))
+    raw = repr((study.pk, sorted(j.items()), sorted(s.items()), sorted(p.items()), cal["last"]))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def latest_calibration(study: Study):
+    """The engine CalibrationResult of the study's latest ``calibrate`` run, or None."""
+    row = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
+    if row is None:
+        return None
+    fits = {tm: engine_api.PsychometricFit.from_dict(f) for tm, f in row.fit["fits"].items()}
+    return engine_api.CalibrationResult(
+        tuple(row.targets), fits, row.fit.get("sigmoid", "logistic"), row.counts
+    )
+
+
+def build_context(study: Study, *, n_boot: int = N_BOOT) -> FigureContext:
+    pairs = pairs_frame(study)
+    judgments = judgments_frame(study)
+    report = engine_api.analyze(pairs, judgments, n_boot=n_boot, seed=0)
+    return FigureContext(study, pairs, judgments, report, latest_calibration(study))
+
+
+def cached_context(study: Study) -> tuple[FigureContext, str]:
+    """The study's analysis, computed once per study state (see the module docstring)."""
+    state = study_state(study)
+    key = f"dashboard:{study.pk}:{state}:context"
+    ctx = cache.get(key)
+    if ctx is None:
+        ctx = build_context(study)
+        cache.set(key, ctx, CACHE_SECONDS)
+    ctx.study = study
+    return ctx, state
+
+
+def render(ctx: FigureContext, name: str, fmt: str) -> bytes:
+    """``name``'s figure as PNG or SVG, or the CSV behind it."""
+    if name not in FIGURES:
+        raise KeyError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    if fmt not in FORMATS:
+        raise KeyError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    fig, data = FIGURES[name][1](ctx)
+    if fmt == "csv":
+        return data.to_csv(index=False).encode()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    # metadata without dates, so the same state gives the same bytes
+    meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+    fig.savefig(buf, format=fmt, metadata=meta)
+    return buf.getvalue()
+
+
+def cached_render(study: Study, name: str, fmt: str) -> bytes:
+    ctx, state = cached_context(study)
+    key = f"dashboard:{study.pk}:{state}:{name}.{fmt}"
+    data = cache.get(key)
+    if data is None:
+        data = render(ctx, name, fmt)
+        cache.set(key, data, CACHE_SECONDS)
+    return data
+
+
+def write_all(ctx: FigureContext, folder: Path) -> list[Path]:
+    """Every figure as ``folder/<name>.png``, ``.svg`` and ``.csv``; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in FIGURES:
+        for fmt in FORMATS:
+            path = folder / f"{name}.{fmt}"
+            path.write_bytes(render(ctx, name, fmt))
+            written.append(path)
+    return written
