@@ -76,10 +76,10 @@ def study_state(study: Study) -> str:
     )
     s = Session.objects.filter(participant__study=study).aggregate(
         n=Count("id"),
-        excluded=Count("id", filter=Q(excluded=True)),
-        excluded_ids=Sum("id", filter=Q(excluded=True)),
-        completed=Count("completed_at"),
-        abandoned=Count("abandoned_at"),
+        n_excluded=Count("id", filter=Q(excluded=True)),
+        excluded_id_sum=Sum("id", filter=Q(excluded=True)),
+        n_completed=Count("completed_at"),
+        n_abandoned=Count("abandoned_at"),
     )
     p = Pair.objects.filter(study=study).aggregate(n=Count("id"), last=Max("id"))
     cal = Calibration.objects.filter(study=study).aggregate(last=Max("id"))
