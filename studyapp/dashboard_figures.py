@@ -26,7 +26,7 @@ from django.db.models import Count, Max, Q, Sum  # noqa: E402
 
 from . import _engine_shim as engine_api  # noqa: E402 - TEMPORARY: engine.* after merge
 from .frames import judgments_frame, pairs_frame  # noqa: E402
-from .models import Calibration, Judgment, Pair, Session, Study  # noqa: E402
+from .models import Calibration, Judgment, Pair, Participant, Session, Study  # noqa: E402
 
 FORMATS = {"png": "image/png", "svg": "image/svg+xml", "csv": "text/csv; charset=utf-8"}
 CACHE_SECONDS = 24 * 3600
@@ -81,9 +81,14 @@ def study_state(study: Study) -> str:
         n_completed=Count("completed_at"),
         n_abandoned=Count("abandoned_at"),
     )
+    people = Participant.objects.filter(study=study).aggregate(
+        n=Count("id"), simulated=Count("id", filter=Q(is_simulated=True)),
+        simulated_id_sum=Sum("id", filter=Q(is_simulated=True)),
+    )
     p = Pair.objects.filter(study=study).aggregate(n=Count("id"), last=Max("id"))
     cal = Calibration.objects.filter(study=study).aggregate(last=Max("id"))
-    raw = repr((study.pk, sorted(j.items()), sorted(s.items()), sorted(p.items()), cal["last"]))
+    raw = repr((study.pk, sorted(j.items()), sorted(s.items()), sorted(people.items()),
+                sorted(p.items()), cal["last"]))
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 

@@ -13,7 +13,7 @@ from django.core.cache import cache
 from django.core.management import call_command
 
 from studyapp import dashboard_figures
-from studyapp.models import Session
+from studyapp.models import Participant, Session
 from studyapp.simulation import simulate
 
 pytestmark = pytest.mark.django_db
@@ -38,8 +38,6 @@ def filled(make_study, settings, tmp_path):
                        catch_fraction=0.2)
     simulate(study, 5, seed=3)
     # make them count as people, and exclude one session, for the dashboard's numbers
-    from studyapp.models import Participant
-
     Participant.objects.filter(study=study).update(is_simulated=False)
     Session.objects.filter(pk=Session.objects.order_by("pk").first().pk).update(
         excluded=True, exclusion_reason="sentinel false-alarm rate 0.50 > 0.25")
@@ -132,3 +130,6 @@ def test_figures_are_cached_by_study_state(staff_client, filled, monkeypatch):
     simulate(filled, 1, seed=9)  # a new judgment changes it too
     staff_client.get(url)
     assert len(calls) == 3
+    Participant.objects.filter(study=filled).update(is_simulated=True)  # so does who is simulated
+    staff_client.get(url)
+    assert len(calls) == 4
