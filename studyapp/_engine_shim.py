@@ -84,11 +84,12 @@ def _boot_intervals(
     k = counts["sum"].unstack(fill_value=0)
     n = counts["count"].unstack(fill_value=0)
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(k), size=(n_boot, len(k)))
-    w = np.zeros((n_boot, len(k)))
-    np.add.at(w, (np.repeat(np.arange(n_boot), len(k)), idx.ravel()), 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = (w @ k.to_numpy()) / (w @ n.to_numpy())
+    kk, nn = k.to_numpy(float), n.to_numpy(float)
+    p = np.empty((n_boot, kk.shape[1]))
+    for b in range(n_boot):
+        w = np.bincount(rng.integers(0, len(kk), len(kk)), minlength=len(kk)).astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            p[b] = (w @ kk) / (w @ nn)
     low, high = np.nanpercentile(p, [2.5, 97.5], axis=0)
     return pd.DataFrame({"condition": k.columns, "boot_low": low, "boot_high": high})
 
@@ -126,19 +127,24 @@ def analyze(
 
     kind = labelled.set_index("pair")["condition"]
     part = used.assign(kind=used["pair"].map(kind))
-    part_rows = []
-    for pid, g in part.groupby("participant", sort=True):
-        sent = g[g["kind"] == "sentinel"]
-        data = g[~g["kind"].isin(CONTROLS)]
-        part_rows.append({
-            "participant": int(pid),
-            "n_judgments": len(g),
-            "false_alarm_rate": sent["different"].mean() if len(sent) else np.nan,
-            "hit_rate": data["different"].mean() if len(data) else np.nan,
-            "median_response_ms": float(g["response_ms"].median()),
+    part = part.assign(
+        sent=part["kind"] == "sentinel", data=~part["kind"].isin(CONTROLS),
+    )
+    part = part.assign(sent_diff=part["sent"] & part["different"],
+                       data_diff=part["data"] & part["different"])
+    g = part.groupby("participant", sort=True)
+    agg = g.agg(n_judgments=("pair", "size"), n_sent=("sent", "sum"),
+                k_sent=("sent_diff", "sum"), n_data=("data", "sum"),
+                k_data=("data_diff", "sum"), median_response_ms=("response_ms", "median"))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        part_rows = pd.DataFrame({
+            "participant": agg.index.to_numpy(np.int64),
+            "n_judgments": agg["n_judgments"].to_numpy(),
+            "false_alarm_rate": (agg["k_sent"] / agg["n_sent"].replace(0, np.nan)).to_numpy(),
+            "hit_rate": (agg["k_data"] / agg["n_data"].replace(0, np.nan)).to_numpy(),
+            "median_response_ms": agg["median_response_ms"].to_numpy(float),
         })
-    participants = pd.DataFrame(part_rows, columns=[
-        "participant", "n_judgments", "false_alarm_rate", "hit_rate", "median_response_ms"])
+    participants = part_rows
 
     t4 = table[~table["condition"].isin(CONTROLS)] if not table.empty else table
     if not t4.empty:

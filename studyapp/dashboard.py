@@ -23,6 +23,8 @@ from . import dashboard_figures
 from .models import Calibration, Session, Study
 from .staff_api import study_progress
 
+PARTICIPANT_ROWS = 100
+
 
 def _cell(value) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -84,8 +86,8 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
     study = get_object_or_404(Study, slug=slug)
     progress = study_progress(study)
     sessions = progress["sessions"]
-    ctx, state = dashboard_figures.cached_context(study)
-    report = ctx.report
+    summary, state = dashboard_figures.cached_summary(study)
+    report = summary["report"]
     perc_cols = ["condition", "threat_model", "bound", "label", "n_pairs", "n_judgments",
                  "perceptibility", "ci_low", "ci_high", "boot_low", "boot_high"]
     perc_cols += [c for c in report.perceptibility.columns if c.startswith("mean_")]
@@ -112,12 +114,18 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "completion_rate": (sessions["completed"] / sessions["started"]
                             if sessions["started"] else None),
         "session_stats": session_stats(study),
-        "n_used": int((~ctx.judgments["excluded"] & ~ctx.judgments["simulated"]).sum()),
-        "n_simulated": int(ctx.judgments["simulated"].sum()),
+        "n_used": summary["n_used"],
+        "n_simulated": summary["n_simulated"],
         "perceptibility": table(report.perceptibility, perc_cols, key="condition"),
         "controls": table(report.controls, key="condition"),
         "correlations": table(report.correlations, key="distance"),
-        "participants": table(report.participants, key="participant"),
+        # worst false-alarm rates first; the page shows at most PARTICIPANT_ROWS of them
+        "participants": table(
+            report.participants.sort_values("false_alarm_rate", ascending=False,
+                                            kind="stable").head(PARTICIPANT_ROWS),
+            key="participant"),
+        "n_participants": len(report.participants),
+        "participant_rows": PARTICIPANT_ROWS,
         "table4": table(report.table4, key="condition"),
         "exclusions": table(report.exclusions, key="what"),
         "excluded_sessions": excluded,

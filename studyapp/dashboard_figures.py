@@ -110,16 +110,31 @@ def build_context(study: Study, *, n_boot: int = N_BOOT) -> FigureContext:
     return FigureContext(study, pairs, judgments, report, latest_calibration(study))
 
 
-def cached_context(study: Study) -> tuple[FigureContext, str]:
-    """The study's analysis, computed once per study state (see the module docstring)."""
+def cached_summary(study: Study) -> tuple[dict, str]:
+    """The study's analysis tables for the page, computed once per study state.
+
+    ``{"report", "n_used", "n_simulated"}``; the frames themselves are not cached (at a
+    million judgments they would be copied in and out of the cache on every request).
+    """
     state = study_state(study)
-    key = f"dashboard:{study.pk}:{state}:context"
-    ctx = cache.get(key)
-    if ctx is None:
-        ctx = build_context(study)
-        cache.set(key, ctx, CACHE_SECONDS)
-    ctx.study = study
-    return ctx, state
+    summary = cache.get(f"dashboard:{study.pk}:{state}:summary")
+    if summary is None:
+        summary = _build_and_cache(study, state)[0]
+    return summary, state
+
+
+def _build_and_cache(study: Study, state: str) -> tuple[dict, dict[str, bytes]]:
+    """Analyse once; cache the page's summary and every figure file of this state."""
+    ctx = build_context(study)
+    j = ctx.judgments
+    summary = {"report": ctx.report, "n_used": int((~j["excluded"] & ~j["simulated"]).sum()),
+               "n_simulated": int(j["simulated"].sum())}
+    files = {f"{name}.{fmt}": render(ctx, name, fmt) for name in FIGURES for fmt in FORMATS}
+    cache.set_many(
+        {f"dashboard:{study.pk}:{state}:{k}": v for k, v in {**files, "summary": summary}.items()},
+        CACHE_SECONDS,
+    )
+    return summary, files
 
 
 def render(ctx: FigureContext, name: str, fmt: str) -> bytes:
@@ -140,12 +155,13 @@ def render(ctx: FigureContext, name: str, fmt: str) -> bytes:
 
 
 def cached_render(study: Study, name: str, fmt: str) -> bytes:
-    ctx, state = cached_context(study)
-    key = f"dashboard:{study.pk}:{state}:{name}.{fmt}"
-    data = cache.get(key)
+    """One figure file; on a miss every figure of this state is rendered and cached at once."""
+    if name not in FIGURES or fmt not in FORMATS:
+        raise KeyError(f"unknown figure {name}.{fmt}")
+    state = study_state(study)
+    data = cache.get(f"dashboard:{study.pk}:{state}:{name}.{fmt}")
     if data is None:
-        data = render(ctx, name, fmt)
-        cache.set(key, data, CACHE_SECONDS)
+        data = _build_and_cache(study, state)[1][f"{name}.{fmt}"]
     return data
 
 

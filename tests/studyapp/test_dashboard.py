@@ -115,21 +115,26 @@ def test_figures_download_as_png_svg_and_csv(staff_client, filled):
 
 
 def test_figures_are_cached_by_study_state(staff_client, filled, monkeypatch):
-    calls = []
-    real = dashboard_figures.render
-    monkeypatch.setattr(dashboard_figures, "render",
-                        lambda ctx, n, f: calls.append((n, f)) or real(ctx, n, f))
+    builds = []
+    real = dashboard_figures.build_context
+    monkeypatch.setattr(dashboard_figures, "build_context",
+                        lambda study, **kw: builds.append(study.pk) or real(study, **kw))
     url = f"/dashboard/{filled.slug}/figures/fig4a.png"
-    first = staff_client.get(url).content
-    assert staff_client.get(url).content == first and len(calls) == 1
+    assert staff_client.get(f"/dashboard/{filled.slug}/").status_code == 200
+    assert len(builds) == 1
+    first = staff_client.get(url).content  # rendered with the page: no new analysis
+    for name in dashboard_figures.FIGURES:
+        staff_client.get(f"/dashboard/{filled.slug}/figures/{name}.svg")
+    assert staff_client.get(url).content == first and len(builds) == 1
     before = dashboard_figures.study_state(filled)
     Session.objects.filter(excluded=True).update(excluded=False)  # a QC decision changes
     assert dashboard_figures.study_state(filled) != before
     staff_client.get(url)
-    assert len(calls) == 2
+    assert len(builds) == 2
     simulate(filled, 1, seed=9)  # a new judgment changes it too
     staff_client.get(url)
-    assert len(calls) == 3
+    assert len(builds) == 3
     Participant.objects.filter(study=filled).update(is_simulated=True)  # so does who is simulated
     staff_client.get(url)
-    assert len(calls) == 4
+    staff_client.get(f"/dashboard/{filled.slug}/")
+    assert len(builds) == 4
