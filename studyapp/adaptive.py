@@ -119,6 +119,21 @@ def calibrated_bounds(slug: str) -> tuple[Calibration, dict[str, dict[str, float
     return row, row.presets
 
 
+def named_and_calibrated(presets: dict[str, dict[str, float | None]]) -> list[dict]:
+    """One row per threat model: the named table-4 bounds beside the calibrated ones."""
+    rows = []
+    for tm in sorted(presets):
+        row: dict = {"threat_model": tm}
+        for name in ("small", "medium", "large"):
+            try:
+                row[name] = resolve_bound(tm, name)
+            except AdaptiveError:
+                row[name] = None
+        row.update(presets[tm])
+        rows.append(row)
+    return rows
+
+
 def calibrated_specs(specs: Sequence[str], slug: str):
     """``(specs, labels)``: each spec at each calibrated bound of its threat model."""
     row, presets = calibrated_bounds(slug)

@@ -19,7 +19,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_GET
 
-from . import dashboard_figures
+from . import adaptive, dashboard_figures
 from .models import Calibration, Session, Study
 from .staff_api import study_progress
 
@@ -131,6 +131,8 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "excluded_sessions": excluded,
         "calibration": calibration,
         "fits": table(pd.DataFrame(fits), key="label"),
+        "side_by_side": table(pd.DataFrame(adaptive.named_and_calibrated(
+            calibration.presets if calibration else {})), key="threat_model"),
         "figures": [(name, title) for name, (title, _) in dashboard_figures.FIGURES.items()],
     }
     return render(request, "dashboard/study.html", context)

@@ -76,6 +76,11 @@ def test_calibrate_recovers_the_simulated_thresholds_and_stores_presets(simulate
     with pytest.raises(adaptive.AdaptiveError, match="no presets for threat model 'l2'"):
         adaptive.calibrated_specs(["l2"], study.slug)
 
+    rows = adaptive.named_and_calibrated(row.presets)
+    assert rows[0]["small"] == pytest.approx(2 / 255) and rows[0]["large"] == pytest.approx(
+        8 / 255)
+    assert rows[0]["p50"] == row.presets["linf"]["p50"]
+
     # ... end to end: the new study's conditions sit at the calibrated bounds, labelled
     run("generate_pairs", "--study", "calibrated", "--spec", "linf:num_iterations=2",
         "--bounds", f"calibrated:{study.slug}", *FAST)
