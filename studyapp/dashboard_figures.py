@@ -42,11 +42,18 @@ class FigureContext:
     judgments: pd.DataFrame
     report: object  # engine AnalysisReport
     calibration: object | None = None  # engine CalibrationResult
+    include_excluded: bool = False
+    include_simulated: bool = False
 
     def used_judgments(self) -> pd.DataFrame:
-        """Judgments the analysis used: not excluded, not simulated."""
+        """Judgments the analysis used (excluded and simulated ones only when included)."""
         j = self.judgments
-        return j[~j["excluded"] & ~j["simulated"]]
+        keep = pd.Series(True, index=j.index)
+        if not self.include_excluded:
+            keep &= ~j["excluded"]
+        if not self.include_simulated:
+            keep &= ~j["simulated"]
+        return j[keep]
 
 
 def _psychometric(ctx: FigureContext):

@@ -139,3 +139,16 @@ def test_analyze_writes_figures_and_tables(answered, tmp_path):
 def test_analyze_refuses_a_negative_bootstrap(answered):
     with pytest.raises(CommandError, match="--n-boot must be >= 0"):
         call_command("analyze", "--study", answered[0].slug, "--n-boot", "-1")
+
+
+def test_analyze_figures_follow_the_include_flags(answered, tmp_path):
+    study, _ = answered
+    data = Judgment.objects.filter(trial__is_practice=False, trial__session__excluded=False,
+                                   trial__pair__condition__isnull=False)
+    for flag, expected in (([], data.filter(trial__session__participant__is_simulated=False)),
+                           (["--include-simulated"], data)):
+        out = tmp_path / f"fig{len(flag)}"
+        call_command("analyze", "--study", study.slug, "--csv", str(tmp_path / "a.csv"),
+                     "--figures", str(out), "--n-boot", "0", *flag, stdout=StringIO())
+        curve = pd.read_csv(out / "psychometric.csv")
+        assert curve["n"].sum() == expected.count() > 0

@@ -111,7 +111,12 @@ class Command(BaseCommand):
                 Path(opts["json"]).write_text(text + "\n")
                 written.append(Path(opts["json"]))
         if opts["figures"]:
-            context = dashboard_figures.FigureContext(study, pairs, judgments, report)
+            context = dashboard_figures.FigureContext(
+                study, pairs, judgments, report,
+                calibration=dashboard_figures.latest_calibration(study),
+                include_excluded=opts["include_excluded"],
+                include_simulated=opts["include_simulated"],
+            )
             written += dashboard_figures.write_all(context, Path(opts["figures"]))
         if not to_stdout:
             self._print(study, judgments, report, opts)
