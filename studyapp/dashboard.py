@@ -2,7 +2,7 @@
 calibrated fits and the paper's figures (server-rendered, PNG/SVG/CSV).
 
 Staff only. Counts of progress come from :func:`studyapp.staff_api.study_progress` (the same
-numbers as the staff API); statistics and figures from the engine through
+numbers as the staff API, cached by study state); statistics and figures from the engine through
 :mod:`studyapp.dashboard_figures`, cached by study state, with the same defaults as
 ``manage.py analyze`` (1000 bootstrap resamples, seed 0; excluded sessions and simulated
 observers left out), so the page and the command agree.
@@ -21,7 +21,6 @@ from django.views.decorators.http import require_GET
 
 from . import adaptive, dashboard_figures
 from .models import Calibration, Session, Study
-from .staff_api import study_progress
 
 PARTICIPANT_ROWS = 100
 
@@ -68,7 +67,7 @@ def session_stats(study: Study) -> dict:
 def study_list(request: HttpRequest) -> HttpResponse:
     rows = []
     for study in Study.objects.all():
-        progress = study_progress(study)
+        progress = dashboard_figures.cached_progress(study)
         s = progress["sessions"]
         rows.append({
             "study": study,
@@ -84,9 +83,9 @@ def study_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
     study = get_object_or_404(Study, slug=slug)
-    progress = study_progress(study)
-    sessions = progress["sessions"]
     summary, state = dashboard_figures.cached_summary(study)
+    progress = summary["progress"]
+    sessions = progress["sessions"]
     report = summary["report"]
     perc_cols = ["condition", "threat_model", "bound", "label", "n_pairs", "n_judgments",
                  "perceptibility", "ci_low", "ci_high", "boot_low", "boot_high"]

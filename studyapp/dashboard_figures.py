@@ -3,9 +3,10 @@
 Used by the staff dashboard (:mod:`studyapp.dashboard`) and ``analyze --figures``. Each figure
 comes from ``engine.figures`` as ``(matplotlib Figure, DataFrame behind it)``; here it becomes
 PNG, SVG and CSV bytes. The analysis and every rendered file are cached under a key built from
-the study's state (:func:`study_state`): the newest judgment id, the judgment count, the
-exclusion decisions, the pairs and the latest calibration. Any new judgment, exclusion,
-pair or calibration changes the key, so a cached figure is never stale.
+the study's state (:func:`study_state`): the newest judgment id and the judgment count (of all
+studies), the sessions and exclusion decisions, which participants are simulated, the pairs
+and the latest calibration. Any new judgment, session, exclusion, pair or calibration changes
+the key, so a cached figure is never stale.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from django.db.models import Count, Max, Q, Sum  # noqa: E402
 from . import _engine_shim as engine_api  # noqa: E402 - TEMPORARY: engine.* after merge
 from .frames import judgments_frame, pairs_frame  # noqa: E402
 from .models import Calibration, Judgment, Pair, Participant, Session, Study  # noqa: E402
+from .staff_api import study_progress  # noqa: E402
 
 FORMATS = {"png": "image/png", "svg": "image/svg+xml", "csv": "text/csv; charset=utf-8"}
 CACHE_SECONDS = 24 * 3600
@@ -78,9 +80,9 @@ FIGURES: dict[str, tuple[str, Callable[[FigureContext], tuple]]] = {
 
 def study_state(study: Study) -> str:
     """A short hash that changes whenever anything a dashboard number depends on changes."""
-    j = Judgment.objects.filter(trial__session__participant__study=study).aggregate(
-        n=Count("id"), last=Max("id")
-    )
+    # Judgments of every study (no join: a join over a million rows costs seconds). A judgment
+    # anywhere then changes every study's state: a recomputation, never a stale page.
+    j = Judgment.objects.aggregate(n=Count("id"), last=Max("id"))
     s = Session.objects.filter(participant__study=study).aggregate(
         n=Count("id"),
         n_excluded=Count("id", filter=Q(excluded=True)),
@@ -120,7 +122,7 @@ def build_context(study: Study, *, n_boot: int = N_BOOT) -> FigureContext:
 def cached_summary(study: Study) -> tuple[dict, str]:
     """The study's analysis tables for the page, computed once per study state.
 
-    ``{"report", "n_used", "n_simulated"}``; the frames themselves are not cached (at a
+    ``{"report", "n_used", "n_simulated", "progress"}``; the frames themselves are not cached (at a
     million judgments they would be copied in and out of the cache on every request).
     """
     state = study_state(study)
@@ -130,12 +132,24 @@ def cached_summary(study: Study) -> tuple[dict, str]:
     return summary, state
 
 
+def cached_progress(study: Study, state: str | None = None) -> dict:
+    """The staff API's progress counts (seconds at 100k judgments), cached by study state."""
+    state = state or study_state(study)
+    key = f"dashboard:{study.pk}:{state}:progress"
+    progress = cache.get(key)
+    if progress is None:
+        progress = study_progress(study)
+        cache.set(key, progress, CACHE_SECONDS)
+    return progress
+
+
 def _build_and_cache(study: Study, state: str) -> tuple[dict, dict[str, bytes]]:
     """Analyse once; cache the page's summary and every figure file of this state."""
     ctx = build_context(study)
     j = ctx.judgments
     summary = {"report": ctx.report, "n_used": int((~j["excluded"] & ~j["simulated"]).sum()),
-               "n_simulated": int(j["simulated"].sum())}
+               "n_simulated": int(j["simulated"].sum()),
+               "progress": cached_progress(study, state)}
     files = {f"{name}.{fmt}": render(ctx, name, fmt) for name in FIGURES for fmt in FORMATS}
     cache.set_many(
         {f"dashboard:{study.pk}:{state}:{k}": v for k, v in {**files, "summary": summary}.items()},
