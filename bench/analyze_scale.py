@@ -14,6 +14,7 @@ study state), through Django's test client as a staff user.
 
     .venv/bin/python bench/analyze_scale.py                 # 100k..1M, writes BENCHMARKS.md
     .venv/bin/python bench/analyze_scale.py --steps 20000,50000 --no-write   # smoke run
+    .venv/bin/python bench/analyze_scale.py --steps 100000 --dashboard-only  # page time only
 
 Never asserts on time; prints a table and writes the section "analyze at scale".
 """
@@ -43,6 +44,10 @@ def main() -> None:
     parser.add_argument("--pairs-per-condition", type=int, default=500)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--dashboard-at", type=int, default=100_000,
+                        help="measure the dashboard at the first step with at least this many")
+    parser.add_argument("--dashboard-only", action="store_true",
+                        help="stop after the dashboard measurement; write only its section")
     args = parser.parse_args()
     steps = [int(s) for s in args.steps.split(",")]
 
@@ -123,7 +128,31 @@ def main() -> None:
                 for t, d, rt in zip(trials, said, rts, strict=True)], batch_size=5000)
 
     from django.contrib.auth import get_user_model
+    from django.core.cache import cache
     from django.test import Client
+
+    def measure_dashboard(user, n: int) -> dict:
+        cache.clear()
+        client = Client()
+        client.force_login(user)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            r = client.get("/dashboard/scale/")
+            times.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.status_code
+        t = time.perf_counter()
+        client.get("/dashboard/")
+        listing = time.perf_counter() - t
+        t = time.perf_counter()
+        client.get("/dashboard/scale/figures/fig4a.png")
+        fig_warm = time.perf_counter() - t
+        out = {"n": n, "cold": times[0], "warm": min(times[1:]), "list": listing,
+               "fig_warm": fig_warm}
+        print(f"dashboard at {n:,}: page cold {times[0]:.2f} s (analysis + every figure),"
+              f" warm {out['warm']:.3f} s; study list {listing:.3f} s; a cached figure"
+              f" {fig_warm:.3f} s", flush=True)
+        return out
 
     staff = get_user_model().objects.create_user("bench", password="x", is_staff=True)
     results, page = [], {}
@@ -146,63 +175,68 @@ def main() -> None:
         results.append((n, t1 - t0, t2 - t1, t3 - t2))
         print(f"{n:>9,} judgments: frames {t1 - t0:6.2f} s, analyze {t2 - t1:6.2f} s,"
               f" command {t3 - t2:6.2f} s", flush=True)
-        if not page:
-            client = Client()
-            client.force_login(staff)
-            times = []
-            for _ in range(3):
-                t = time.perf_counter()
-                r = client.get("/dashboard/scale/")
-                times.append(time.perf_counter() - t)
-                assert r.status_code == 200, r.status_code
-            t = time.perf_counter()
-            client.get("/dashboard/scale/figures/fig4a.png")
-            fig_cold = time.perf_counter() - t
-            t = time.perf_counter()
-            client.get("/dashboard/scale/figures/fig4a.png")
-            fig_warm = time.perf_counter() - t
-            page = {"n": n, "cold": times[0], "warm": min(times[1:]), "fig_cold": fig_cold,
-                    "fig_warm": fig_warm}
-            print(f"dashboard at {n:,}: page cold {times[0]:.2f} s, warm {min(times[1:]):.3f} s;"
-                  f" figure cold {fig_cold:.2f} s, warm {fig_warm:.3f} s", flush=True)
+        if not page and args.dashboard_at <= n:
+            page = measure_dashboard(staff, n)
+            if args.dashboard_only:
+                break
 
-    base_n, *_, base_cmd = results[0]
-    lines = [
-        f"<!-- {SECTION}: start -->",
-        "## analyze at scale (SQLite, bulk-inserted simulated judgments)", "",
-        f"Command: `.venv/bin/python bench/analyze_scale.py --steps {args.steps}` "
-        f"({datetime.now():%Y-%m-%d %H:%M})", "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs,"
-        f" Python {platform.python_version()}, load average "
-        f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
-        f"Study: {len(specs)} conditions × {args.pairs_per_condition} pairs + 100 sentinels,"
-        f" {TRIALS_PER_SESSION} judgments per session; {args.n_boot} bootstrap resamples."
-        " Statistics from the temporary `studyapp/_engine_shim.py` (engine.analysis after"
-        " merge).", "",
-        "| judgments | frames s | analyze s | whole `analyze --json` s | command s per 100k |",
-        "|---|---|---|---|---|",
-        *[f"| {n:,} | {a:.2f} | {b:.2f} | {c:.2f} | {c / n * 1e5:.2f} |"
-          for n, a, b, c in results],
+    dash = [
+        f"<!-- {SECTION} dashboard: start -->",
+        "### Staff dashboard at scale", "",
+        f"Command: `.venv/bin/python bench/analyze_scale.py --steps {args.steps}"
+        f"{' --dashboard-only' if args.dashboard_only else ''}` ({datetime.now():%Y-%m-%d %H:%M})",
         "",
-        f"Growth of the whole command from {base_n:,} to {results[-1][0]:,} judgments:"
-        f" ×{results[-1][3] / base_cmd:.1f} for ×{results[-1][0] / base_n:.1f} the data.", "",
-        f"Dashboard study page at {page['n']:,} judgments (Django test client, staff):"
-        f" {page['cold']:.2f} s cold (analysis computed and cached), {page['warm']:.3f} s"
-        f" warm (cached by study state); one figure (Fig. 4a PNG) {page['fig_cold']:.2f} s"
-        f" cold, {page['fig_warm']:.3f} s warm.",
-        f"<!-- {SECTION}: end -->",
-    ]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_write:
-        path = ROOT / "BENCHMARKS.md"
-        old = path.read_text()
-        pattern = re.compile(rf"<!-- {re.escape(SECTION)}: start -->.*?<!-- "
-                             rf"{re.escape(SECTION)}: end -->", re.S)
-        new = pattern.sub(lambda _: text, old) if pattern.search(old) else \
-            old.rstrip("\n") + "\n\n" + text + "\n"
-        path.write_text(new)
-        print(f"wrote the section to {path}")
+        f"Study page `/dashboard/scale/` at {page['n']:,} judgments (Django test client, staff,"
+        f" SQLite): **{page['warm']:.3f} s warm** (analysis, progress counts and figures cached"
+        f" by study state), {page['cold']:.2f} s cold (once per study state: frames, analysis"
+        f" with {args.n_boot} resamples, progress counts, and all 5 figures × PNG/SVG/CSV"
+        f" rendered); study list {page['list']:.3f} s; a cached figure {page['fig_warm']:.3f} s.",
+        f"<!-- {SECTION} dashboard: end -->",
+    ] if page else []
+    sections = [("dashboard", dash)]
+    if not args.dashboard_only:
+        base_n, *_, base_cmd = results[0]
+        lines = [
+            f"<!-- {SECTION}: start -->",
+            "## analyze at scale (SQLite, bulk-inserted simulated judgments)", "",
+            f"Command: `.venv/bin/python bench/analyze_scale.py --steps {args.steps}` "
+            f"({datetime.now():%Y-%m-%d %H:%M})", "",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical"
+            f" CPUs shared with other work, Python {platform.python_version()}, load average "
+            f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
+            f"Study: {len(specs)} conditions × {args.pairs_per_condition} pairs + 100 sentinels,"
+            f" {TRIALS_PER_SESSION} judgments per session (one participant each);"
+            f" {args.n_boot} participant-bootstrap resamples. Statistics from the temporary"
+            " `studyapp/_engine_shim.py` (engine.analysis after merge).", "",
+            "| judgments | frames s | analyze s | whole `analyze --json` s |"
+            " command s per 100k |",
+            "|---|---|---|---|---|",
+            *[f"| {n:,} | {a:.2f} | {b:.2f} | {c:.2f} | {c / n * 1e5:.2f} |"
+              for n, a, b, c in results],
+            "",
+            f"Growth of the whole command from {base_n:,} to {results[-1][0]:,} judgments:"
+            f" ×{results[-1][3] / base_cmd:.1f} for ×{results[-1][0] / base_n:.1f} the data.",
+            f"<!-- {SECTION}: end -->",
+        ]
+        sections.insert(0, ("", lines))
+    for marker, lines in sections:
+        if not lines:
+            continue
+        text = "\n".join(lines)
+        print(text)
+        if not args.no_write:
+            write_section(f"{SECTION}{' ' + marker if marker else ''}", text)
+
+
+def write_section(name: str, text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    old = path.read_text()
+    pattern = re.compile(rf"<!-- {re.escape(name)}: start -->.*?<!-- "
+                         rf"{re.escape(name)}: end -->", re.S)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else \
+        old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+    print(f"wrote the section {name!r} to {path}")
 
 
 if __name__ == "__main__":
