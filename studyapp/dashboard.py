@@ -83,7 +83,8 @@ def study_list(request: HttpRequest) -> HttpResponse:
 @require_GET
 def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
     study = get_object_or_404(Study, slug=slug)
-    summary, state = dashboard_figures.cached_summary(study)
+    with_simulated = request.GET.get("simulated") == "1"
+    summary, state = dashboard_figures.cached_summary(study, include_simulated=with_simulated)
     progress = summary["progress"]
     sessions = progress["sessions"]
     report = summary["report"]
@@ -108,6 +109,7 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
     context = {
         "study": study,
         "state": state,
+        "with_simulated": with_simulated,
         "progress": progress,
         "sessions": sessions,
         "completion_rate": (sessions["completed"] / sessions["started"]
@@ -143,7 +145,9 @@ def figure(request: HttpRequest, slug: str, name: str, fmt: str) -> HttpResponse
     study = get_object_or_404(Study, slug=slug)
     if name not in dashboard_figures.FIGURES or fmt not in dashboard_figures.FORMATS:
         raise Http404(f"no figure {name}.{fmt}")
-    data = dashboard_figures.cached_render(study, name, fmt)
+    data = dashboard_figures.cached_render(
+        study, name, fmt, include_simulated=request.GET.get("simulated") == "1"
+    )
     response = HttpResponse(data, content_type=dashboard_figures.FORMATS[fmt])
     if request.GET.get("download"):
         response["Content-Disposition"] = f'attachment; filename="{study.slug}-{name}.{fmt}"'

@@ -112,23 +112,31 @@ def latest_calibration(study: Study):
     )
 
 
-def build_context(study: Study, *, n_boot: int = N_BOOT) -> FigureContext:
+def build_context(
+    study: Study, *, n_boot: int = N_BOOT, include_simulated: bool = False
+) -> FigureContext:
     pairs = pairs_frame(study)
     judgments = judgments_frame(study)
-    report = engine_api.analyze(pairs, judgments, n_boot=n_boot, seed=0)
-    return FigureContext(study, pairs, judgments, report, latest_calibration(study))
+    report = engine_api.analyze(pairs, judgments, n_boot=n_boot, seed=0,
+                                include_simulated=include_simulated)
+    return FigureContext(study, pairs, judgments, report, latest_calibration(study),
+                         include_simulated=include_simulated)
 
 
-def cached_summary(study: Study) -> tuple[dict, str]:
+def _state(study: Study, include_simulated: bool) -> str:
+    return study_state(study) + ("-with-simulated" if include_simulated else "")
+
+
+def cached_summary(study: Study, include_simulated: bool = False) -> tuple[dict, str]:
     """The study's analysis tables for the page, computed once per study state.
 
     ``{"report", "n_used", "n_simulated", "progress"}``; the frames themselves are not cached (at a
     million judgments they would be copied in and out of the cache on every request).
     """
-    state = study_state(study)
+    state = _state(study, include_simulated)
     summary = cache.get(f"dashboard:{study.pk}:{state}:summary")
     if summary is None:
-        summary = _build_and_cache(study, state)[0]
+        summary = _build_and_cache(study, state, include_simulated)[0]
     return summary, state
 
 
@@ -143,11 +151,13 @@ def cached_progress(study: Study, state: str | None = None) -> dict:
     return progress
 
 
-def _build_and_cache(study: Study, state: str) -> tuple[dict, dict[str, bytes]]:
+def _build_and_cache(
+    study: Study, state: str, include_simulated: bool
+) -> tuple[dict, dict[str, bytes]]:
     """Analyse once; cache the page's summary and every figure file of this state."""
-    ctx = build_context(study)
+    ctx = build_context(study, include_simulated=include_simulated)
     j = ctx.judgments
-    summary = {"report": ctx.report, "n_used": int((~j["excluded"] & ~j["simulated"]).sum()),
+    summary = {"report": ctx.report, "n_used": len(ctx.used_judgments()),
                "n_simulated": int(j["simulated"].sum()),
                "progress": cached_progress(study, state)}
     files = {f"{name}.{fmt}": render(ctx, name, fmt) for name in FIGURES for fmt in FORMATS}
@@ -175,14 +185,14 @@ def render(ctx: FigureContext, name: str, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def cached_render(study: Study, name: str, fmt: str) -> bytes:
+def cached_render(study: Study, name: str, fmt: str, include_simulated: bool = False) -> bytes:
     """One figure file; on a miss every figure of this state is rendered and cached at once."""
     if name not in FIGURES or fmt not in FORMATS:
         raise KeyError(f"unknown figure {name}.{fmt}")
-    state = study_state(study)
+    state = _state(study, include_simulated)
     data = cache.get(f"dashboard:{study.pk}:{state}:{name}.{fmt}")
     if data is None:
-        data = _build_and_cache(study, state)[1][f"{name}.{fmt}"]
+        data = _build_and_cache(study, state, include_simulated)[1][f"{name}.{fmt}"]
     return data
 
 

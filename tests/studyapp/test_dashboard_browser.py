@@ -73,13 +73,14 @@ def test_staff_sees_tables_and_figures_matching_analyze(
         assert download.value.suggested_filename == f"{study.slug}-{name}.svg"
     assert errors == []
 
-    # Now the same people counted as people: the page's numbers equal analyze's.
-    from studyapp.models import Participant
-
-    Participant.objects.filter(study=study).update(is_simulated=False)
-    page.reload()
+    # With the simulated observers included, the page's numbers equal
+    # `analyze --include-simulated`'s, and its figures load too.
+    page.click("text=include the simulated observers")
+    page.wait_for_url("**/?simulated=1")
+    assert "Including simulated observers" in page.inner_text("#simulated-note")
     for row in simulated["perceptibility"]:
-        for col in ("n_judgments", "perceptibility", "ci_low", "ci_high"):
+        for col in ("n_judgments", "perceptibility", "ci_low", "ci_high", "boot_low",
+                    "boot_high"):
             cell = page.locator(
                 f'#perceptibility tr[data-row="{row["condition"]}"] td[data-col="{col}"]'
             ).inner_text()
@@ -87,5 +88,12 @@ def test_staff_sees_tables_and_figures_matching_analyze(
             expect = "–" if value is None else (
                 str(value) if col == "n_judgments" else f"{value:.4f}")
             assert cell == expect, (row["condition"], col, cell, expect)
-    shown = page.locator('#progress td[data-col="completed"]').inner_text()
-    assert shown == "4"
+    assert int(page.locator('#perceptibility tr[data-row="sentinel"] td[data-col='
+                            '"n_judgments"]').inner_text()) > 0
+    img = page.locator("#figure-fig4a img")
+    img.scroll_into_view_if_needed()
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0",
+                           arg=img.element_handle(), timeout=30_000)
+    assert "simulated=1" in img.get_attribute("src")
+    assert page.locator('#progress td[data-col="completed"]').inner_text() == "4"
+    assert errors == []
