@@ -160,7 +160,8 @@ def _build_and_cache(
     summary = {"report": ctx.report, "n_used": len(ctx.used_judgments()),
                "n_simulated": int(j["simulated"].sum()),
                "progress": cached_progress(study, state)}
-    files = {f"{name}.{fmt}": render(ctx, name, fmt) for name in FIGURES for fmt in FORMATS}
+    files = {f"{name}.{fmt}": data for name in FIGURES
+             for fmt, data in render_files(ctx, name).items()}
     cache.set_many(
         {f"dashboard:{study.pk}:{state}:{k}": v for k, v in {**files, "summary": summary}.items()},
         CACHE_SECONDS,
@@ -168,21 +169,27 @@ def _build_and_cache(
     return summary, files
 
 
-def render(ctx: FigureContext, name: str, fmt: str) -> bytes:
-    """``name``'s figure as PNG or SVG, or the CSV behind it."""
+def render_files(ctx: FigureContext, name: str) -> dict[str, bytes]:
+    """``name``'s figure as ``{"png": ..., "svg": ..., "csv": ...}`` (drawn once)."""
     if name not in FIGURES:
         raise KeyError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    fig, data = FIGURES[name][1](ctx)
+    fig.tight_layout()
+    out = {"csv": data.to_csv(index=False).encode()}
+    for fmt in ("png", "svg"):
+        buf = io.BytesIO()
+        # metadata without dates, so the same state gives the same bytes
+        meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+        fig.savefig(buf, format=fmt, metadata=meta)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+def render(ctx: FigureContext, name: str, fmt: str) -> bytes:
+    """``name``'s figure as PNG or SVG, or the CSV behind it."""
     if fmt not in FORMATS:
         raise KeyError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    fig, data = FIGURES[name][1](ctx)
-    if fmt == "csv":
-        return data.to_csv(index=False).encode()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    # metadata without dates, so the same state gives the same bytes
-    meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
-    fig.savefig(buf, format=fmt, metadata=meta)
-    return buf.getvalue()
+    return render_files(ctx, name)[fmt]
 
 
 def cached_render(study: Study, name: str, fmt: str, include_simulated: bool = False) -> bytes:
@@ -201,8 +208,8 @@ def write_all(ctx: FigureContext, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name in FIGURES:
-        for fmt in FORMATS:
+        for fmt, data in render_files(ctx, name).items():
             path = folder / f"{name}.{fmt}"
-            path.write_bytes(render(ctx, name, fmt))
+            path.write_bytes(data)
             written.append(path)
     return written

@@ -120,8 +120,8 @@ def test_figures_are_cached_by_study_state(staff_client, filled, monkeypatch):
     monkeypatch.setattr(dashboard_figures, "build_context",
                         lambda study, **kw: builds.append(study.pk) or real(study, n_boot=20))
     # what is drawn does not matter here, only when: a cheap stand-in for matplotlib
-    monkeypatch.setattr(dashboard_figures, "render",
-                        lambda ctx, name, fmt: f"{name}.{fmt}:{len(builds)}".encode())
+    monkeypatch.setattr(dashboard_figures, "render_files", lambda ctx, name: {
+        fmt: f"{name}.{fmt}:{len(builds)}".encode() for fmt in dashboard_figures.FORMATS})
     url = f"/dashboard/{filled.slug}/figures/fig4a.png"
     assert staff_client.get(f"/dashboard/{filled.slug}/").status_code == 200
     assert len(builds) == 1
