@@ -273,17 +273,13 @@ def order_candidates(study: Study, candidates: list[tuple[int, int]]) -> list[tu
     if not study.adaptive or not candidates:
         return candidates
     chosen = next_levels(study)
-    where = dict(
-        Pair.objects.filter(pk__in=[pk for pk, _ in candidates]).values_list(
-            "pk", "condition__threat_model"
-        )
-    )
-    levels = dict(
-        Pair.objects.filter(pk__in=[pk for pk, _ in candidates]).values_list("pk", "level")
-    )
-
+    info = {
+        pk: (tm, level)
+        for pk, tm, level in Pair.objects.filter(pk__in=[pk for pk, _ in candidates])
+        .values_list("pk", "condition__threat_model", "level")
+    }
     def distance(c: tuple[int, int]) -> float:
-        level, tm = levels.get(c[0]), where.get(c[0])
+        tm, level = info.get(c[0], (None, None))
         if level is None or tm not in chosen:
             return math.inf
         return abs(level - chosen[tm])
