@@ -104,6 +104,17 @@ class Study(models.Model):
         validators=[MinValueValidator(1)],
         help_text="An unanswered trial returns to the pool this long after it was assigned.",
     )
+    # Adaptive bound placement (issue 8; studyapp.adaptive)
+    adaptive = models.BooleanField(
+        default=False,
+        help_text="Choose each session's ladder level per threat model with QUEST+ "
+        "(pairs need a ladder level, see generate_pairs --ladder).",
+    )
+    adaptive_config = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="QUEST+ settings: target, guess_rate, lapse_rate, sigmoid, grid sizes.",
+    )
 
     # Recruitment
     allow_retakes = models.BooleanField(
@@ -217,6 +228,12 @@ class Pair(models.Model):
         help_text="Distances between the two images: l2, linf, ssim, lpips_<model> ...",
     )
     metadata = models.JSONField(default=dict, blank=True)
+    level = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Ladder index of the pair's bound within its threat model (0 = smallest); "
+        "empty for fixed-bound studies and control pairs.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = PairQuerySet.as_manager()
@@ -250,6 +267,11 @@ class Participant(models.Model):
     source = models.CharField(max_length=20, choices=SOURCES, default="link")
     external_id = models.CharField(
         max_length=200, help_text="MTurk workerId, Prolific PROLIFIC_PID, or a random id."
+    )
+    is_simulated = models.BooleanField(
+        default=False,
+        help_text="A simulated observer (manage.py simulate_observers); analyses leave these "
+        "out unless asked.",
     )
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -371,3 +393,34 @@ class Judgment(models.Model):
     @property
     def said_different(self) -> bool:
         return self.response == "different"
+
+
+# --- analysis & calibration (issue 8) ---
+
+
+class Calibration(models.Model):
+    """Calibrated bound presets of a study: psychometric fits per threat model (``calibrate``).
+
+    ``presets`` maps threat model → label (``p10``, ``p25``, ``p50``) → bound, in the threat
+    model's own units; ``generate_pairs --bounds calibrated:SLUG`` uses the latest one.
+    """
+
+    study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="calibrations")
+    created_at = models.DateTimeField(auto_now_add=True)
+    targets = models.JSONField(help_text="Target perceptibilities, e.g. [0.1, 0.25, 0.5].")
+    fit = models.JSONField(help_text="engine.calibration CalibrationResult.to_dict().")
+    presets = models.JSONField(help_text="{threat_model: {label: bound}}.")
+    counts = models.JSONField(
+        default=dict, help_text="Judgments, participants and sessions the fit used."
+    )
+    settings = models.JSONField(
+        default=dict, help_text="sigmoid, lapse, n_boot, seed, include_simulated."
+    )
+    code_version = models.CharField(max_length=100, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        get_latest_by = ["created_at", "id"]
+
+    def __str__(self) -> str:
+        return f"calibration {self.pk} of {self.study}"

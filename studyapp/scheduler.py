@@ -84,6 +84,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
+from . import adaptive
 from .models import Judgment, Pair, Participant, Session, Study, Trial
 
 # Near saturation: how often, and after how long (seconds, doubling: 1.26 s in all), a session
@@ -220,6 +221,7 @@ def _lease_data_pairs(
         ]
         rng.shuffle(candidates)
         candidates.sort(key=lambda c: c[1])  # stable: the shuffle breaks ties
+        candidates = adaptive.order_candidates(study, candidates)  # issue 8: QUEST+ level first
         skipped = False
         start = 0
         while len(chosen) < n_wanted and start < len(candidates):

@@ -12,5 +12,6 @@ urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/staff/", include("studyapp.staff_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("dashboard/", include("studyapp.dashboard_urls")),
     path("", include("studyapp.participant_urls")),
 ]

@@ -501,5 +501,167 @@ def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads
     Path(report_path).write_text(json.dumps(report, indent=1, default=str))
 
 
+
+def test_adaptive_sessions_on_postgresql(postgres_bin_dir, tmp_path):
+    """Issue 8: an adaptive study (QUEST+ level choice) under 2 × 40 concurrent participants.
+
+    Every thread starts, answers and completes its session through the scheduler at once
+    (a barrier), twice over, until the study is full. Asserted: no error but clear refusals,
+    K never exceeded, ``n_assigned`` true for every pair, no pair twice in a session, every
+    session's sentinel count as the scheduler promises, and sessions concentrated on levels
+    (the adaptive hook was active).
+    """
+    from studyapp.pgserver import temporary_postgres
+
+    report_path = tmp_path / "adaptive.json"
+    with temporary_postgres(postgres_bin_dir) as pg:
+        env = {
+            **os.environ,
+            "DATABASE_URL": pg.url,
+            "DJANGO_SETTINGS_MODULE": "studyapp.settings",
+            "DJANGO_SECRET_KEY": "concurrency-test-only",
+            "DJANGO_DEBUG": "0",
+            "PERCEPTLAB_VAR": str(tmp_path / "var"),
+            "PYTHONPATH": str(ROOT),
+        }
+        runner = (
+            "import runpy, sys; "
+            f"runpy.run_path({str(Path(__file__))!r})['_adaptive_script'](sys.argv[1])"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", runner, str(report_path)],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )
+    output = f"--- stdout\n{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, output
+    report = json.loads(report_path.read_text())
+    print(json.dumps(report, indent=1))
+    assert report["errors"] == [], report
+    assert report["assignment_errors"] == []
+    assert report["max_judged_per_pair"] <= report["k"]
+    assert report["judged_slots"] == report["k"] * report["n_data_pairs"]  # ran to the end
+    assert report["repeats_in_a_session"] == 0
+    assert report["sessions_with_wrong_sentinel_count"] == 0
+    assert report["started"] + report["refused"] == 80 and report["started"] > 0
+    assert all("has its" in m or "already seen" in m for m in report["refusal_messages"])
+    assert report["levels_per_first_session"] <= 2  # the hook chose levels
+
+
+def _adaptive_script(report_path: str) -> None:
+    import random
+    import threading
+    import uuid
+
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+    from django.db import connection, connections
+    from django.db.models import Count, Q
+
+    from studyapp.models import Condition, Pair, Participant, Session, Study
+    from studyapp.scheduler import (
+        StudyUnavailable,
+        assignment_errors,
+        complete_session,
+        control_counts,
+        record_judgment,
+        start_session,
+    )
+
+    assert connection.vendor == "postgresql", connection.vendor
+    call_command("migrate", verbosity=0, interactive=False)
+    k, levels, per_level = 2, 5, 12
+    study = Study.objects.create(
+        slug="adaptive", title="adaptive", judgments_per_pair=k, trials_per_session=5,
+        practice_trials=1, sentinel_fraction=0.2, catch_fraction=0.2, adaptive=True,
+        adaptive_config={"guess_rate": 0.05},
+    )
+    pairs = []
+    for level in range(levels):
+        bound = 2 ** level / 255
+        condition = Condition.objects.create(
+            study=study, threat_model="linf", bound=bound, spec=f"linf:bound={bound}",
+            label=f"L{level}",
+        )
+        pairs += [Pair(study=study, key=f"d{level}-{i}", condition=condition, level=level,
+                       source_image="x", natural_path="n.png", other_path="o.png", width=8,
+                       height=8) for i in range(per_level)]
+    pairs += [Pair(study=study, key=f"s{i}", is_sentinel=True, source_image="x",
+                   natural_path="n.png", other_path="n.png", width=8, height=8)
+              for i in range(6)]
+    pairs += [Pair(study=study, key=f"c{i}", is_catch=True, source_image="x",
+                   natural_path="n.png", other_path="m.png", width=8, height=8)
+              for i in range(3)]
+    Pair.objects.bulk_create(pairs)
+    report = {"errors": [], "started": 0, "refused": 0, "refusal_messages": []}
+    lock = threading.Lock()
+
+    def participant_does_a_session(participant, barrier) -> None:
+        try:
+            barrier.wait()
+            session = start_session(participant, rng=random.Random(participant.pk))
+            with lock:
+                report["started"] += 1
+            for trial in session.trials.order_by("position").select_related("pair"):
+                different = trial.pair.is_catch or (
+                    trial.pair.level is not None and random.random() < trial.pair.level / 4
+                )
+                record_judgment(session, {
+                    "position": trial.position, "response": "different" if different else "same",
+                    "response_time_ms": 600.0,
+                    "durations": {"first_ms": 1000.0, "blank_ms": 250.0, "second_ms": 1000.0},
+                    "idempotency_key": uuid.uuid4().hex,
+                })
+            complete_session(session)
+        except StudyUnavailable as exc:
+            with lock:
+                report["refused"] += 1
+                report["refusal_messages"].append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - reported, and the test fails on it
+            with lock:
+                report["errors"].append(repr(exc))
+        finally:
+            connections.close_all()
+
+    for wave in range(2):
+        people = [Participant.objects.create(study=study, external_id=f"w{wave}-{i}")
+                  for i in range(40)]
+        barrier = threading.Barrier(len(people))
+        threads = [threading.Thread(target=participant_does_a_session, args=(p, barrier))
+                   for p in people]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+    data = Pair.objects.filter(study=study, condition__isnull=False).annotate(
+        judged=Count("trials", filter=Q(trials__is_practice=False,
+                                        trials__judgment__isnull=False)))
+    judged = list(data.values_list("judged", flat=True))
+    sessions = Session.objects.filter(participant__study=study)
+    expected_sentinels = control_counts(study, study.trials_per_session, 6, 3)[0]
+    wrong = repeats = 0
+    for session in sessions:
+        main = session.trials.filter(is_practice=False)
+        wrong += main.filter(pair__is_sentinel=True).count() != expected_sentinels
+        ids = list(session.trials.values_list("pair_id", flat=True))
+        repeats += len(ids) - len(set(ids))
+    first = sessions.order_by("pk").first()
+    report.update({
+        "k": k,
+        "n_data_pairs": len(judged),
+        "max_judged_per_pair": max(judged),
+        "judged_slots": sum(judged),
+        "assignment_errors": assignment_errors(study),
+        "repeats_in_a_session": repeats,
+        "sessions_with_wrong_sentinel_count": wrong,
+        "levels_per_first_session": len(set(
+            first.trials.filter(pair__level__isnull=False, is_practice=False)
+            .values_list("pair__level", flat=True))),
+        "refusal_messages": sorted(set(report["refusal_messages"])),
+    })
+    Path(report_path).write_text(json.dumps(report, indent=1, default=str))
+
 if __name__ == "__main__":
     _script(sys.argv[1])

@@ -1,69 +1,44 @@
-"""``manage.py analyze``: perceptibility per condition and distance–perceptibility correlations."""
+"""``manage.py analyze``: a study's statistics (engine.analysis) as tables, CSV, JSON, figures."""
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 from django.core.management.base import BaseCommand, CommandError
 
-from engine.analysis import distance_correlations, perceptibility_table
-from studyapp.models import Judgment, Session, Study
+from studyapp import dashboard_figures
+from studyapp._engine_shim import analyze  # TEMPORARY: engine.analysis.analyze after merge
+from studyapp.frames import judgments_frame, pairs_frame
+from studyapp.models import Study
 
 
-def study_frames(
-    study: Study, *, completed_only: bool = False, include_excluded: bool = False
-) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The study's pairs and judgments as the DataFrames ``engine.analysis`` expects.
-
-    Judgments of practice trials are never included; those of sessions excluded by quality
-    control (``manage.py quality --apply``) only with ``include_excluded``.
-    """
-    pairs = pd.DataFrame(
-        [
-            {
-                "pair": p.id,
-                "condition": p.condition.spec if p.condition else None,
-                "threat_model": p.condition.threat_model if p.condition else None,
-                "bound": p.condition.bound if p.condition else None,
-                "label": p.condition.label if p.condition else "",
-                "is_sentinel": p.is_sentinel,
-                "is_catch": p.is_catch,
-                **p.distances,
-            }
-            for p in study.pairs.select_related("condition")
-        ]
-    )
-    judgments = Judgment.objects.filter(
-        trial__session__participant__study=study, trial__is_practice=False
-    )
-    if not include_excluded:
-        judgments = judgments.filter(trial__session__excluded=False)
-    if completed_only:
-        judgments = judgments.filter(trial__session__completed_at__isnull=False)
-    judged = pd.DataFrame(
-        [
-            {"pair": pair, "different": response == "different"}
-            for pair, response in judgments.values_list("trial__pair_id", "response")
-        ],
-        columns=["pair", "different"],
-    )
-    return pairs, judged
+def get_study(slug: str) -> Study:
+    """The study with ``slug``, or a CommandError that lists the known ones."""
+    study = Study.objects.filter(slug=slug).first()
+    if study is None:
+        known = ", ".join(Study.objects.values_list("slug", flat=True)) or "none"
+        raise CommandError(f"no study with slug {slug!r} (studies: {known})")
+    return study
 
 
 class Command(BaseCommand):
     help = (
-        "Perceptibility (fraction 'different') per condition with 95% Wilson intervals, the"
-        " sentinel false-alarm rate, and the Pearson correlation across conditions between each"
-        " distance's mean and perceptibility. Prints tables and writes CSV."
+        "Statistics of a study (engine.analysis): perceptibility per condition with Wilson and"
+        " participant-bootstrap 95% intervals, sentinel false-alarm and catch hit rates,"
+        " distance correlations, per-participant rates, the table-4 view. Prints tables and"
+        " writes CSV; --json and --figures add a JSON report and the paper's figures."
+        " Simulated observers and excluded sessions are left out unless asked."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("--study", required=True, help="study slug")
         parser.add_argument(
             "--csv",
-            help="output CSV (default var/analysis/<slug>.csv); correlations go to"
-            " <name>_correlations.csv beside it",
+            help="output CSV (default var/analysis/<slug>.csv); the other tables go to"
+            " <name>_<table>.csv beside it (e.g. <name>_correlations.csv)",
         )
         parser.add_argument(
             "--completed-only", action="store_true", help="ignore sessions not completed"
@@ -73,65 +48,126 @@ class Command(BaseCommand):
             action="store_true",
             help="keep sessions excluded by quality control (left out by default)",
         )
+        parser.add_argument(
+            "--include-simulated",
+            action="store_true",
+            help="keep simulated observers (simulate_observers; left out by default)",
+        )
+        parser.add_argument(
+            "--json",
+            nargs="?",
+            const="-",
+            metavar="PATH",
+            help="also write the whole report as JSON to PATH ('-' or no PATH: stdout, and"
+            " nothing else is printed)",
+        )
+        parser.add_argument(
+            "--figures",
+            metavar="DIR",
+            help="write Fig. 4a/4b/4c, Fig. 5 and the psychometric curves to DIR as PNG, SVG"
+            " and the CSV behind each",
+        )
+        parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples")
+        parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
 
     def handle(self, *args, **opts):
         from django.conf import settings
 
-        study = Study.objects.filter(slug=opts["study"]).first()
-        if study is None:
-            known = ", ".join(Study.objects.values_list("slug", flat=True)) or "none"
-            raise CommandError(f"no study with slug {opts['study']!r} (studies: {known})")
-        pairs, judgments = study_frames(
-            study,
-            completed_only=opts["completed_only"],
-            include_excluded=opts["include_excluded"],
-        )
-        excluded = Session.objects.filter(participant__study=study, excluded=True)
-        n_excluded_judgments = Judgment.objects.filter(
-            trial__session__in=excluded, trial__is_practice=False
-        ).count()
+        if opts["n_boot"] < 0:
+            raise CommandError(f"--n-boot must be >= 0, got {opts['n_boot']}")
+        study = get_study(opts["study"])
+        pairs = pairs_frame(study)
         if pairs.empty:
             raise CommandError(f"study {study.slug!r} has no pairs; run generate_pairs first")
-        table = perceptibility_table(pairs, judgments)
-        correlations = distance_correlations(table)
+        judgments = judgments_frame(study, completed_only=opts["completed_only"])
+        report = analyze(
+            pairs,
+            judgments,
+            n_boot=opts["n_boot"],
+            seed=opts["seed"],
+            include_excluded=opts["include_excluded"],
+            include_simulated=opts["include_simulated"],
+        )
+        table = report.perceptibility
         out = Path(opts["csv"] or Path(settings.VAR_DIR) / "analysis" / f"{study.slug}.csv")
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False)
-        corr_path = out.with_name(out.stem + "_correlations.csv")
-        correlations.to_csv(corr_path, index=False)
+        written = [out]
+        for name, frame in report.tables().items():
+            if name != "perceptibility":
+                path = out.with_name(f"{out.stem}_{name}.csv")
+                frame.to_csv(path, index=False)
+                written.append(path)
 
-        shown = [
-            "condition",
-            "label",
-            "n_pairs",
-            "n_judgments",
-            "perceptibility",
-            "ci_low",
-            "ci_high",
+        to_stdout = opts["json"] == "-"
+        if opts["json"]:
+            text = json.dumps(
+                {"study": study.slug, **report.to_json()}, indent=1, allow_nan=False, default=str
+            )
+            if to_stdout:
+                self.stdout.write(text)
+            else:
+                Path(opts["json"]).parent.mkdir(parents=True, exist_ok=True)
+                Path(opts["json"]).write_text(text + "\n")
+                written.append(Path(opts["json"]))
+        if opts["figures"]:
+            context = dashboard_figures.FigureContext(
+                study, pairs, judgments, report,
+                calibration=dashboard_figures.latest_calibration(study),
+                include_excluded=opts["include_excluded"],
+                include_simulated=opts["include_simulated"],
+            )
+            written += dashboard_figures.write_all(context, Path(opts["figures"]))
+        if not to_stdout:
+            self._print(study, judgments, report, opts)
+            self.stdout.write("\nWrote " + ", ".join(str(p) for p in written))
+        else:
+            print(f"Wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+
+    def _print(self, study, judgments, report, opts) -> None:
+        table = report.perceptibility
+        excluded = judgments[judgments["excluded"]]
+        simulated = judgments[judgments["simulated"]]
+        used = judgments
+        if not opts["include_excluded"]:
+            used = used[~used["excluded"]]
+        if not opts["include_simulated"]:
+            used = used[~used["simulated"]]
+        shown = ["condition", "label", "n_pairs", "n_judgments", "perceptibility", "ci_low",
+                 "ci_high", "boot_low", "boot_high"]
+        shown = [c for c in shown if c in table] + [
+            c for c in table.columns if c.startswith("mean_")
         ]
-        shown += [c for c in table.columns if c.startswith("mean_")]
         with pd.option_context(
             "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format
         ):
-            self.stdout.write(f"Study {study.slug!r}: {len(judgments)} judgments")
-            n_sessions = excluded.count()
+            self.stdout.write(f"Study {study.slug!r}: {len(used)} judgments")
+            n_sessions, n_j = excluded["session"].nunique(), len(excluded)
             if opts["include_excluded"]:
                 self.stdout.write(
                     f"Including {n_sessions} session(s) excluded by quality control"
-                    f" ({n_excluded_judgments} judgments)."
+                    f" ({n_j} judgments)."
                 )
             else:
                 self.stdout.write(
                     f"Left out {n_sessions} session(s) excluded by quality control"
-                    f" ({n_excluded_judgments} judgments); --include-excluded keeps them."
+                    f" ({n_j} judgments); --include-excluded keeps them."
+                )
+            if len(simulated):
+                verb = "Including" if opts["include_simulated"] else "Left out"
+                self.stdout.write(
+                    f"{verb} {simulated['participant'].nunique()} simulated observer(s)"
+                    f" ({len(simulated)} judgments)"
+                    + ("." if opts["include_simulated"] else "; --include-simulated keeps them.")
                 )
             self.stdout.write("")
-            self.stdout.write(table[shown].to_string(index=False))
+            if not table.empty:
+                self.stdout.write(table[shown].to_string(index=False))
             for control, what in (
                 ("sentinel", "Sentinel false-alarm rate"),
                 ("catch", "Catch-trial hit rate"),
             ):
-                rows = table[table["condition"] == control]
+                rows = table[table["condition"] == control] if not table.empty else table
                 if not rows.empty and rows.iloc[0]["n_judgments"]:
                     row = rows.iloc[0]
                     self.stdout.write(
@@ -142,5 +178,7 @@ class Command(BaseCommand):
                 "\nPearson r across conditions, mean distance vs perceptibility"
                 " (SSIM is a similarity: good means negative r):"
             )
-            self.stdout.write(correlations.to_string(index=False))
-        self.stdout.write(f"\nWrote {out} and {corr_path}")
+            self.stdout.write(report.correlations.to_string(index=False))
+            if not report.table4.empty:
+                self.stdout.write("\nTable 4 (per threat model × bound):")
+                self.stdout.write(report.table4.to_string(index=False))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from engine.errors import EngineError, WeightsUnavailableError
+from studyapp import adaptive
 from studyapp.models import Study
 from studyapp.services import (
     GenerationRequest,
@@ -36,7 +37,15 @@ class Command(BaseCommand):
         parser.add_argument(
             "--bounds",
             help="comma-separated bounds applied to every --spec, named (small,medium,large,"
-            "cifar10: PAT tables 4 and 2) or numeric, e.g. --bounds small,medium,large",
+            "cifar10: PAT tables 4 and 2) or numeric, e.g. --bounds small,medium,large; or"
+            " calibrated:SLUG for the presets of that study's latest `calibrate`",
+        )
+        parser.add_argument(
+            "--ladder",
+            type=int,
+            metavar="N",
+            help="adaptive ladder: N log-spaced bounds per --spec between --bounds LOW,HIGH"
+            " (default: half the 'small' to twice the 'large' preset); sets Pair.level",
         )
         parser.add_argument(
             "--images",
@@ -72,9 +81,16 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         bounds = [b.strip() for b in opts["bounds"].split(",")] if opts["bounds"] else None
+        labels: dict[str, str] = {}  # issue 8: calibrated presets and ladders (studyapp.adaptive)
         try:
-            specs = expand_specs(opts["specs"], bounds)
-        except EngineError as exc:
+            if opts["ladder"] is not None:
+                specs, labels = adaptive.ladder_specs(opts["specs"], bounds, opts["ladder"])
+            elif bounds and bounds[0].startswith("calibrated:"):
+                slug = bounds[0].partition(":")[2]
+                specs, labels = adaptive.calibrated_specs(opts["specs"], slug)
+            else:
+                specs = expand_specs(opts["specs"], bounds)
+        except (EngineError, adaptive.AdaptiveError) as exc:
             raise CommandError(str(exc)) from exc
         request = GenerationRequest(
             specs=specs,
@@ -106,6 +122,10 @@ class Command(BaseCommand):
             if created:
                 study.delete()
             raise CommandError(str(exc)) from exc
+        if labels:
+            adaptive.label_conditions(
+                study, labels, ladder_levels=opts["ladder"] is not None, request=request
+            )
         self.stdout.write(
             f"study {study.slug}: {summary.created} pairs created, {summary.updated} updated,"
             f" {summary.unchanged} unchanged; {summary.conditions} conditions"

@@ -1,0 +1,243 @@
+"""How ``analyze`` and the staff dashboard scale with the number of judgments.
+
+Builds a throwaway SQLite study (its own ``PERCEPTLAB_VAR`` under ``bench/out/``), bulk-inserts
+simulated judgments in steps (100k, 200k, 500k, 1M by default: participants, sessions,
+trials and judgments with ``bulk_create``, answers drawn from a logistic psychometric
+function of the bound), and at each step times
+
+- ``frames``: reading the study's pairs and judgments into DataFrames (``studyapp.frames``);
+- ``analyze``: ``engine.analysis.analyze`` on them (1000 participant-bootstrap resamples);
+- ``command``: the whole ``manage.py analyze --json`` (frames + statistics + CSV + JSON);
+
+and, at the first step, the dashboard study page cold (analysis computed) and warm (cached by
+study state), through Django's test client as a staff user.
+
+    .venv/bin/python bench/analyze_scale.py                 # 100k..1M, writes BENCHMARKS.md
+    .venv/bin/python bench/analyze_scale.py --steps 20000,50000 --no-write   # smoke run
+    .venv/bin/python bench/analyze_scale.py --steps 100000 --dashboard-only  # page time only
+
+Never asserts on time; prints a table and writes the section "analyze at scale".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SECTION = "bench/analyze_scale.py"
+TRIALS_PER_SESSION = 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", default="100000,200000,500000,1000000",
+                        help="cumulative judgment counts to measure at")
+    parser.add_argument("--pairs-per-condition", type=int, default=500)
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--dashboard-at", type=int, default=100_000,
+                        help="measure the dashboard at the first step with at least this many")
+    parser.add_argument("--dashboard-only", action="store_true",
+                        help="stop after the dashboard measurement; write only its section")
+    args = parser.parse_args()
+    steps = [int(s) for s in args.steps.split(",")]
+
+    out = ROOT / "bench" / "out"
+    out.mkdir(parents=True, exist_ok=True)
+    var = Path(tempfile.mkdtemp(prefix="analyze-scale-", dir=out))
+    os.environ.update(PERCEPTLAB_VAR=str(var), DJANGO_SETTINGS_MODULE="studyapp.settings",
+                      DATABASE_URL=f"sqlite:///{var / 'db.sqlite3'}", DJANGO_DEBUG="0",
+                      DJANGO_SECRET_KEY="bench-only", DJANGO_ALLOWED_HOSTS="testserver")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import django
+
+    django.setup()
+    import numpy as np
+    from django.core.management import call_command
+    from django.db import connection
+    from tqdm import tqdm
+
+    from studyapp._engine_shim import analyze  # TEMPORARY: engine.analysis after merge
+    from studyapp.frames import judgments_frame, pairs_frame
+    from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study, Trial
+
+    call_command("migrate", verbosity=0)
+    with connection.cursor() as c:  # bulk loading: durability is not the point here
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("PRAGMA synchronous=OFF")
+    study = Study.objects.create(slug="scale", title="scale", trials_per_session=TRIALS_PER_SESSION,
+                                 judgments_per_pair=10**6)
+    rng = np.random.default_rng(0)
+    specs = [("linf", b) for b in (1 / 255, 2 / 255, 4 / 255, 8 / 255)] + [
+        ("l2", b) for b in (0.25, 0.5, 1.0, 2.0)]
+    pair_rows = []
+    for tm, bound in specs:
+        cond = Condition.objects.create(study=study, threat_model=tm, bound=bound,
+                                        spec=f"{tm}:bound={bound}")
+        pair_rows += [Pair(study=study, condition=cond, key=f"{tm}{bound}-{i}", source_image="x",
+                           natural_path="n.png", other_path="o.png", width=64, height=64,
+                           attack_success=bool(rng.random() < 0.8),
+                           distances={"l2": bound * (1 + 0.1 * rng.standard_normal()),
+                                      "lpips_alexnet": bound * rng.uniform(0.5, 1.5)})
+                      for i in range(args.pairs_per_condition)]
+    pair_rows += [Pair(study=study, is_sentinel=True, key=f"s{i}", source_image="x",
+                       natural_path="n.png", other_path="n.png", width=64, height=64)
+                  for i in range(100)]
+    Pair.objects.bulk_create(pair_rows, batch_size=2000)
+    pairs = list(Pair.objects.filter(study=study).values_list(
+        "pk", "is_sentinel", "condition__threat_model", "condition__bound"))
+    pair_ids = np.array([p[0] for p in pairs])
+    # P(different): logistic in log bound, 50% at 4/255 (linf) or 1.0 (l2); sentinels 5%
+    mid = {"linf": 4 / 255, "l2": 1.0}
+    p_diff = np.array([0.05 if s else 0.05 + 0.93 / (1 + np.exp(-3 * np.log(b / mid[tm])))
+                       for _, s, tm, b in pairs])
+
+    index = {int(pk): i for i, pk in enumerate(pair_ids)}
+
+    def insert(n_judgments: int, offset: int) -> None:
+        n_sessions = n_judgments // TRIALS_PER_SESSION
+        batch = 500
+        for start in tqdm(range(0, n_sessions, batch), desc=f"insert {n_judgments:,}",
+                          unit="×500 sessions"):
+            k = min(batch, n_sessions - start)
+            people = Participant.objects.bulk_create([
+                Participant(study=study, external_id=f"b{offset + start + i}", is_simulated=True)
+                for i in range(k)])
+            sessions = Session.objects.bulk_create([Session(participant=p) for p in people])
+            trials = []
+            for s in sessions:
+                chosen = rng.choice(len(pair_ids), TRIALS_PER_SESSION, replace=False)
+                trials += [Trial(session=s, position=j, pair_id=int(pair_ids[c]),
+                                 natural_first=True) for j, c in enumerate(chosen)]
+            trials = Trial.objects.bulk_create(trials, batch_size=5000)
+            said = rng.random(len(trials)) < p_diff[[index[t.pair_id] for t in trials]]
+            rts = rng.lognormal(6.4, 0.3, len(trials)).round(1).tolist()
+            Judgment.objects.bulk_create([
+                Judgment(trial=t, response="different" if d else "same", response_time_ms=rt,
+                         first_ms=1000.0, blank_ms=250.0, second_ms=1000.0,
+                         idempotency_key=str(t.pk))
+                for t, d, rt in zip(trials, said, rts, strict=True)], batch_size=5000)
+
+    from django.contrib.auth import get_user_model
+    from django.core.cache import cache
+    from django.test import Client
+
+    def measure_dashboard(user, n: int) -> dict:
+        cache.clear()
+        client = Client()
+        client.force_login(user)
+        times = []
+        for _ in range(3):
+            t = time.perf_counter()
+            r = client.get("/dashboard/scale/")
+            times.append(time.perf_counter() - t)
+            assert r.status_code == 200, r.status_code
+        t = time.perf_counter()
+        client.get("/dashboard/")
+        listing = time.perf_counter() - t
+        t = time.perf_counter()
+        client.get("/dashboard/scale/figures/fig4a.png")
+        fig_warm = time.perf_counter() - t
+        out = {"n": n, "cold": times[0], "warm": min(times[1:]), "list": listing,
+               "fig_warm": fig_warm}
+        print(f"dashboard at {n:,}: page cold {times[0]:.2f} s (analysis + every figure),"
+              f" warm {out['warm']:.3f} s; study list {listing:.3f} s; a cached figure"
+              f" {fig_warm:.3f} s", flush=True)
+        return out
+
+    staff = get_user_model().objects.create_user("bench", password="x", is_staff=True)
+    results, page = [], {}
+    have = 0
+    for step in steps:
+        insert(step - have, have)
+        have = step
+        n = Judgment.objects.count()
+        t0 = time.perf_counter()
+        p = pairs_frame(study)
+        j = judgments_frame(study)
+        t1 = time.perf_counter()
+        analyze(p, j, n_boot=args.n_boot, seed=0, include_simulated=True)
+        t2 = time.perf_counter()
+        with open(os.devnull, "w") as sink:
+            call_command("analyze", "--study", "scale", "--json", str(var / "a.json"),
+                         "--include-simulated", "--n-boot", str(args.n_boot),
+                         "--csv", str(var / "a.csv"), stdout=sink)
+        t3 = time.perf_counter()
+        results.append((n, t1 - t0, t2 - t1, t3 - t2))
+        print(f"{n:>9,} judgments: frames {t1 - t0:6.2f} s, analyze {t2 - t1:6.2f} s,"
+              f" command {t3 - t2:6.2f} s", flush=True)
+        if not page and args.dashboard_at <= n:
+            page = measure_dashboard(staff, n)
+            if args.dashboard_only:
+                break
+
+    dash = [
+        f"<!-- {SECTION} dashboard: start -->",
+        "### Staff dashboard at scale", "",
+        f"Command: `.venv/bin/python bench/analyze_scale.py --steps {args.steps}"
+        f"{' --dashboard-only' if args.dashboard_only else ''}` ({datetime.now():%Y-%m-%d %H:%M})",
+        "",
+        f"Study page `/dashboard/scale/` at {page['n']:,} judgments (Django test client, staff,"
+        f" SQLite): **{page['warm']:.3f} s warm** (analysis, progress counts and figures cached"
+        f" by study state), {page['cold']:.2f} s cold (once per study state: frames, analysis"
+        f" with {args.n_boot} resamples, progress counts, and all 5 figures × PNG/SVG/CSV"
+        f" rendered); study list {page['list']:.3f} s; a cached figure {page['fig_warm']:.3f} s.",
+        f"<!-- {SECTION} dashboard: end -->",
+    ] if page else []
+    sections = [("dashboard", dash)]
+    if not args.dashboard_only:
+        base_n, *_, base_cmd = results[0]
+        lines = [
+            f"<!-- {SECTION}: start -->",
+            "## analyze at scale (SQLite, bulk-inserted simulated judgments)", "",
+            f"Command: `.venv/bin/python bench/analyze_scale.py --steps {args.steps}` "
+            f"({datetime.now():%Y-%m-%d %H:%M})", "",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical"
+            f" CPUs shared with other work, Python {platform.python_version()}, load average "
+            f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
+            f"Study: {len(specs)} conditions × {args.pairs_per_condition} pairs + 100 sentinels,"
+            f" {TRIALS_PER_SESSION} judgments per session (one participant each);"
+            f" {args.n_boot} participant-bootstrap resamples. Statistics from the temporary"
+            " `studyapp/_engine_shim.py` (engine.analysis after merge).", "",
+            "| judgments | frames s | analyze s | whole `analyze --json` s |"
+            " command s per 100k |",
+            "|---|---|---|---|---|",
+            *[f"| {n:,} | {a:.2f} | {b:.2f} | {c:.2f} | {c / n * 1e5:.2f} |"
+              for n, a, b, c in results],
+            "",
+            f"Growth of the whole command from {base_n:,} to {results[-1][0]:,} judgments:"
+            f" ×{results[-1][3] / base_cmd:.1f} for ×{results[-1][0] / base_n:.1f} the data.",
+            f"<!-- {SECTION}: end -->",
+        ]
+        sections.insert(0, ("", lines))
+    for marker, lines in sections:
+        if not lines:
+            continue
+        text = "\n".join(lines)
+        print(text)
+        if not args.no_write:
+            write_section(f"{SECTION}{' ' + marker if marker else ''}", text)
+
+
+def write_section(name: str, text: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    old = path.read_text()
+    pattern = re.compile(rf"<!-- {re.escape(name)}: start -->.*?<!-- "
+                         rf"{re.escape(name)}: end -->", re.S)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else \
+        old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new)
+    print(f"wrote the section {name!r} to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,306 @@
+"""Adaptive bound placement: ladders of bounds, calibrated presets, QUEST+ level choice.
+
+The closed loop (issue 8):
+
+1. ``generate_pairs --ladder N`` makes N log-spaced bounds per threat model (levels 0..N−1,
+   ``Pair.level``, condition labels ``L0``..``L{N-1}``); the ladder is recorded in
+   ``study.adaptive_config["ladder"]``.
+2. In an adaptive study (``Study.adaptive``) the scheduler, when it builds a session, asks
+   :func:`order_candidates` to put first the pairs at the level that QUEST+ (Watson 2017)
+   chooses for each threat model: the level whose answer minimises the expected entropy of a
+   posterior over threshold × slope, pooled over every stored non-excluded main-trial judgment
+   of that threat model. Only the *order* of the candidate pairs changes: which pairs may be
+   taken (room under K, not seen by the participant, row locks) is decided by the scheduler
+   exactly as in a fixed study, so every guarantee holds unchanged. When the chosen level has
+   no pair with room left, its neighbours come next (nearest level first), so a session is
+   never refused for the posterior's sake.
+3. ``calibrate`` fits psychometric functions and stores presets; ``generate_pairs --bounds
+   calibrated:SLUG`` reads them back (:func:`calibrated_bounds`).
+4. ``refill`` tops up levels running short of open slots (:func:`short_levels`).
+
+Units: bounds are in each threat model's own units (Lp on the [0,1] pixel scale).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+from django.db.models import Count, F, Q, Sum
+
+from ._engine_shim import QuestPlus, ladder  # TEMPORARY: engine.adaptive after merge
+from .models import Calibration, Condition, Judgment, Pair, Study
+
+DEFAULTS = {
+    "lapse_rate": 0.02,
+    "guess_rate": None,  # None: the study's sentinel false-alarm rate (0.05 before any)
+    "sigmoid": "logistic",
+    "n_thresholds": 41,
+    "slopes": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+}
+
+
+class AdaptiveError(ValueError):
+    """A ladder, preset or adaptive setting that cannot be used (the message says why)."""
+
+
+# ------------------------------------------------------------------------------ specs
+
+
+def _with_bound(spec: str, bound: float) -> str:
+    name, _, rest = spec.partition(":")
+    keys = [p.partition("=")[0].strip() for p in rest.split(",") if p.strip()]
+    if "bound" in keys:
+        raise AdaptiveError(f"spec {spec!r} sets bound itself; drop it or drop --bounds/--ladder")
+    return f"{name}:bound={bound!r}" + (f",{rest}" if rest.strip() else "")
+
+
+def resolve_bound(spec: str, bound: str) -> float:
+    """A named (``small``) or numeric bound of ``spec``'s threat model, as a number."""
+    if _is_number(bound):
+        return float(bound)
+    from engine.attacks import parse_attack  # the engine owns the named presets
+
+    try:
+        return float(parse_attack(f"{spec.partition(':')[0]}:bound={bound}").bound)
+    except Exception as exc:
+        raise AdaptiveError(f"cannot resolve bound {bound!r} for {spec!r}: {exc}") from exc
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def ladder_specs(specs: Sequence[str], bounds: Sequence[str] | None, n: int):
+    """``(specs, labels)``: ``n`` log-spaced bounds per spec between its low and high bound.
+
+    ``bounds`` gives ``low,high`` (named or numeric); without it the ladder spans the named
+    ``small`` to ``large`` presets of each threat model (PAT table 4), widened ×0.5 and ×2.
+    ``labels`` maps each expanded spec to ``L<i>`` (its level).
+    """
+    if n < 2:
+        raise AdaptiveError(f"--ladder needs at least 2 levels, got {n}")
+    if bounds is not None and len(bounds) != 2:
+        raise AdaptiveError(f"--ladder takes --bounds LOW,HIGH (two values), got {list(bounds)}")
+    out, labels = [], {}
+    for spec in specs:
+        _with_bound(spec, 1.0)  # refuses a spec that sets bound itself
+        if bounds is None:
+            low, high = resolve_bound(spec, "small") / 2, resolve_bound(spec, "large") * 2
+        else:
+            low, high = resolve_bound(spec, bounds[0]), resolve_bound(spec, bounds[1])
+        if not 0 < low < high:
+            raise AdaptiveError(f"ladder for {spec!r} needs 0 < low < high, got {low}, {high}")
+        for i, b in enumerate(ladder(low, high, n)):
+            s = _with_bound(spec, float(b))
+            out.append(s)
+            labels[s] = f"L{i}"
+    return tuple(out), labels
+
+
+def calibrated_bounds(slug: str) -> tuple[Calibration, dict[str, dict[str, float]]]:
+    """The latest calibration of study ``slug`` and its presets ``{threat model: {label: b}}``."""
+    study = Study.objects.filter(slug=slug).first()
+    if study is None:
+        raise AdaptiveError(f"calibrated:{slug}: no study with slug {slug!r}")
+    row = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
+    if row is None:
+        raise AdaptiveError(
+            f"calibrated:{slug}: study {slug!r} has no calibration; run "
+            f"`manage.py calibrate --study {slug}` first"
+        )
+    return row, row.presets
+
+
+def named_and_calibrated(presets: dict[str, dict[str, float | None]]) -> list[dict]:
+    """One row per threat model: the named table-4 bounds beside the calibrated ones."""
+    rows = []
+    for tm in sorted(presets):
+        row: dict = {"threat_model": tm}
+        for name in ("small", "medium", "large"):
+            try:
+                row[name] = resolve_bound(tm, name)
+            except AdaptiveError:
+                row[name] = None
+        row.update(presets[tm])
+        rows.append(row)
+    return rows
+
+
+def calibrated_specs(specs: Sequence[str], slug: str):
+    """``(specs, labels)``: each spec at each calibrated bound of its threat model."""
+    row, presets = calibrated_bounds(slug)
+    out, labels = [], {}
+    for spec in specs:
+        tm = spec.partition(":")[0].strip()
+        if tm not in presets:
+            raise AdaptiveError(
+                f"calibration {row.pk} of study {slug!r} has no presets for threat model "
+                f"{tm!r} (it has: {', '.join(sorted(presets)) or 'none'})"
+            )
+        for label, bound in presets[tm].items():
+            if bound is None or not math.isfinite(bound) or bound <= 0:
+                raise AdaptiveError(
+                    f"calibration {row.pk}: {tm} {label} has no usable bound ({bound}); the "
+                    "fit did not reach that perceptibility inside its range"
+                )
+            s = _with_bound(spec, float(bound))
+            out.append(s)
+            labels[s] = label
+    return tuple(out), labels
+
+
+def label_conditions(
+    study: Study, labels: dict[str, str], *, ladder_levels: bool, request=None
+) -> int:
+    """Label the study's conditions made from ``labels``' specs; with ``ladder_levels`` set
+    ``Pair.level`` and record the ladder in ``adaptive_config``. Returns conditions labelled.
+
+    Conditions are matched by threat model and bound (the stored spec is the engine's
+    canonical form, not the string we built).
+    """
+    wanted = []
+    for spec, label in labels.items():
+        tm = spec.partition(":")[0].strip()
+        bound = float(spec.partition("bound=")[2].partition(",")[0])
+        wanted.append((tm, bound, label))
+    n = 0
+    ladder_cfg = dict(study.adaptive_config.get("ladder", {}))
+    for condition in Condition.objects.filter(study=study):
+        for tm, bound, label in wanted:
+            if condition.threat_model == tm and math.isclose(condition.bound, bound,
+                                                             rel_tol=1e-6):
+                Condition.objects.filter(pk=condition.pk).update(label=label)
+                n += 1
+                if ladder_levels:
+                    level = int(label.removeprefix("L"))
+                    Pair.objects.filter(condition=condition).update(level=level)
+                    bounds = ladder_cfg.setdefault(tm, {})
+                    bounds[str(level)] = {"bound": condition.bound, "spec": condition.spec}
+    if ladder_levels:
+        extra = {"ladder": ladder_cfg}
+        if request is not None:  # what refill needs to make more pairs the same way
+            extra["generation"] = {**dataclasses.asdict(request), "specs": None}
+        study.adaptive_config = {**study.adaptive_config, **extra}
+        study.save(update_fields=["adaptive_config"])
+    return n
+
+
+# ------------------------------------------------------------------------------ QUEST+
+
+
+def _config(study: Study) -> dict:
+    return {**DEFAULTS, **{k: v for k, v in study.adaptive_config.items() if k in DEFAULTS}}
+
+
+def level_bounds(study: Study) -> dict[str, dict[int, float]]:
+    """``{threat model: {level: bound}}`` of the study's data pairs that have a level."""
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    rows = (
+        Pair.objects.filter(study=study, level__isnull=False, condition__isnull=False)
+        .values_list("condition__threat_model", "level", "condition__bound")
+        .distinct()
+    )
+    for tm, level, bound in rows:
+        out[tm][level] = bound
+    return dict(out)
+
+
+def guess_rate(study: Study) -> float:
+    cfg = _config(study)
+    if cfg["guess_rate"] is not None:
+        return float(cfg["guess_rate"])
+    agg = Judgment.objects.filter(
+        trial__session__participant__study=study, trial__is_practice=False,
+        trial__pair__is_sentinel=True, trial__session__excluded=False,
+    ).aggregate(n=Count("id"), k=Count("id", filter=Q(response="different")))
+    # Add-one smoothing around 5 % so a handful of sentinels cannot set γ to 0 or 1.
+    return float(min((agg["k"] + 0.05 * 20) / (agg["n"] + 20), 0.5))
+
+
+def posteriors(study: Study) -> dict[str, tuple[QuestPlus, list[int]]]:
+    """Per threat model: a QUEST+ updated with every stored judgment, and its level list."""
+    cfg = _config(study)
+    gamma = guess_rate(study)
+    counts = (
+        Judgment.objects.filter(
+            trial__session__participant__study=study, trial__is_practice=False,
+            trial__session__excluded=False, trial__pair__level__isnull=False,
+        )
+        .values_list("trial__pair__condition__threat_model", "trial__pair__level", "response")
+        .annotate(n=Count("id"))
+    )
+    per_tm: dict[str, list[tuple[int, bool, int]]] = defaultdict(list)
+    for tm, level, response, n in counts:
+        per_tm[tm].append((level, response == "different", n))
+    out = {}
+    for tm, bounds in level_bounds(study).items():
+        levels = sorted(bounds)
+        values = np.array([bounds[lv] for lv in levels])
+        grid = np.geomspace(values.min() / 2, values.max() * 2, int(cfg["n_thresholds"]))
+        q = QuestPlus(values, thresholds_grid=grid, slopes_grid=cfg["slopes"],
+                      guess_rate=gamma, lapse_rate=float(cfg["lapse_rate"]),
+                      sigmoid=cfg["sigmoid"])
+        index = {lv: i for i, lv in enumerate(levels)}
+        rows = [(index[lv], d, n) for lv, d, n in per_tm.get(tm, []) if lv in index]
+        if rows:
+            idx = np.repeat([r[0] for r in rows], [r[2] for r in rows])
+            diff = np.repeat([r[1] for r in rows], [r[2] for r in rows])
+            q.update_many(idx, diff)
+        out[tm] = (q, levels)
+    return out
+
+
+def next_levels(study: Study) -> dict[str, int]:
+    """``{threat model: level}`` the next session's trials should come from."""
+    return {tm: levels[q.next_level()] for tm, (q, levels) in posteriors(study).items()}
+
+
+def order_candidates(study: Study, candidates: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The scheduler's hook: ``candidates`` (pair id, n_assigned), chosen levels first.
+
+    A no-op for a fixed (non-adaptive) study. Otherwise a stable sort by the distance of each
+    pair's level from its threat model's chosen level, so within a level the scheduler's own
+    order (least-assigned first, random ties) is kept. Pairs without a level go last.
+    """
+    if not study.adaptive or not candidates:
+        return candidates
+    chosen = next_levels(study)
+    info = {
+        pk: (tm, level)
+        for pk, tm, level in Pair.objects.filter(pk__in=[pk for pk, _ in candidates])
+        .values_list("pk", "condition__threat_model", "level")
+    }
+    def distance(c: tuple[int, int]) -> float:
+        tm, level = info.get(c[0], (None, None))
+        if level is None or tm not in chosen:
+            return math.inf
+        return abs(level - chosen[tm])
+
+    return sorted(candidates, key=distance)
+
+
+# ------------------------------------------------------------------------------ refill
+
+
+def open_slots(study: Study) -> dict[tuple[str, int], int]:
+    """``{(threat model, level): judgment slots still open}`` (K·pairs − n_assigned)."""
+    k = study.judgments_per_pair
+    rows = (
+        Pair.objects.filter(study=study, level__isnull=False, condition__isnull=False)
+        .values_list("condition__threat_model", "level")
+        .annotate(n=Count("id"), assigned=Sum(F("n_assigned")))
+    )
+    return {(tm, level): k * n - (assigned or 0) for tm, level, n, assigned in rows}
+
+
+def short_levels(study: Study, min_open: int) -> list[tuple[str, int]]:
+    """Levels with fewer than ``min_open`` open slots, sorted."""
+    return sorted(key for key, n in open_slots(study).items() if n < min_open)

@@ -1,0 +1,155 @@
+"""Staff dashboard (``/dashboard/``): study list, and per study progress, statistics, QC,
+calibrated fits and the paper's figures (server-rendered, PNG/SVG/CSV).
+
+Staff only. Counts of progress come from :func:`studyapp.staff_api.study_progress` (the same
+numbers as the staff API, cached by study state); statistics and figures from the engine through
+:mod:`studyapp.dashboard_figures`, cached by study state, with the same defaults as
+``manage.py analyze`` (1000 bootstrap resamples, seed 0; excluded sessions and simulated
+observers left out), so the page and the command agree.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pandas as pd
+from django.contrib.admin.views.decorators import staff_member_required
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, render
+from django.views.decorators.http import require_GET
+
+from . import adaptive, dashboard_figures
+from .models import Calibration, Session, Study
+
+PARTICIPANT_ROWS = 100
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def table(frame: pd.DataFrame, columns: list[str] | None = None, key: str | None = None):
+    """``{"columns", "rows"}`` for templates/dashboard/_table.html; cells formatted to 4 places.
+
+    Each row carries ``key`` (the value of column ``key``) so tests and scripts can find a
+    cell by ``data-row``/``data-col``.
+    """
+    if frame is None or frame.empty:
+        return {"columns": columns or [], "rows": []}
+    columns = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    rows = []
+    for record in frame.to_dict("records"):
+        rows.append({
+            "key": _cell(record.get(key)) if key else "",
+            "cells": [(c, _cell(record[c])) for c in columns],
+        })
+    return {"columns": columns, "rows": rows}
+
+
+def session_stats(study: Study) -> dict:
+    times = list(
+        Session.objects.filter(participant__study=study, completed_at__isnull=False)
+        .values_list("started_at", "completed_at")
+    )
+    minutes = [(done - start).total_seconds() / 60 for start, done in times]
+    return {"median_minutes": statistics.median(minutes) if minutes else None}
+
+
+@staff_member_required
+@require_GET
+def study_list(request: HttpRequest) -> HttpResponse:
+    rows = []
+    for study in Study.objects.all():
+        progress = dashboard_figures.cached_progress(study)
+        s = progress["sessions"]
+        rows.append({
+            "study": study,
+            "needed": progress["n_judgments_needed"],
+            "valid": progress["n_judgments_valid"],
+            "sessions": s,
+            "completion_rate": s["completed"] / s["started"] if s["started"] else None,
+        })
+    return render(request, "dashboard/study_list.html", {"rows": rows})
+
+
+@staff_member_required
+@require_GET
+def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    study = get_object_or_404(Study, slug=slug)
+    with_simulated = request.GET.get("simulated") == "1"
+    summary, state = dashboard_figures.cached_summary(study, include_simulated=with_simulated)
+    progress = summary["progress"]
+    sessions = progress["sessions"]
+    report = summary["report"]
+    perc_cols = ["condition", "threat_model", "bound", "label", "n_pairs", "n_judgments",
+                 "perceptibility", "ci_low", "ci_high", "boot_low", "boot_high"]
+    perc_cols += [c for c in report.perceptibility.columns if c.startswith("mean_")]
+    excluded = list(
+        Session.objects.filter(participant__study=study, excluded=True)
+        .order_by("pk").values("pk", "participant_id", "exclusion_reason")
+    )
+    calibration = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
+    fits = []
+    if calibration is not None:
+        for tm, fit in sorted(calibration.fit.get("fits", {}).items()):
+            for label, t in fit.get("thresholds", {}).items():
+                fits.append({
+                    "threat_model": tm, "label": label, "target": t.get("target"),
+                    "bound": t.get("bound"), "low": t.get("low"), "high": t.get("high"),
+                    "gamma": fit.get("gamma"), "lapse": fit.get("lapse"),
+                    "n_judgments": fit.get("n_judgments"),
+                })
+    context = {
+        "study": study,
+        "state": state,
+        "with_simulated": with_simulated,
+        "progress": progress,
+        "sessions": sessions,
+        "completion_rate": (sessions["completed"] / sessions["started"]
+                            if sessions["started"] else None),
+        "session_stats": session_stats(study),
+        "n_used": summary["n_used"],
+        "n_simulated": summary["n_simulated"],
+        "perceptibility": table(report.perceptibility, perc_cols, key="condition"),
+        "controls": table(report.controls, key="condition"),
+        "correlations": table(report.correlations, key="distance"),
+        # worst false-alarm rates first; the page shows at most PARTICIPANT_ROWS of them
+        "participants": table(
+            report.participants.sort_values("false_alarm_rate", ascending=False,
+                                            kind="stable").head(PARTICIPANT_ROWS),
+            key="participant"),
+        "n_participants": len(report.participants),
+        "participant_rows": PARTICIPANT_ROWS,
+        "table4": table(report.table4, key="condition"),
+        "exclusions": table(report.exclusions, key="what"),
+        "excluded_sessions": excluded,
+        "calibration": calibration,
+        "fits": table(pd.DataFrame(fits), key="label"),
+        "side_by_side": table(pd.DataFrame(adaptive.named_and_calibrated(
+            calibration.presets if calibration else {})), key="threat_model"),
+        "figures": [(name, title) for name, (title, _) in dashboard_figures.FIGURES.items()],
+    }
+    return render(request, "dashboard/study.html", context)
+
+
+@staff_member_required
+@require_GET
+def figure(request: HttpRequest, slug: str, name: str, fmt: str) -> HttpResponse:
+    study = get_object_or_404(Study, slug=slug)
+    if name not in dashboard_figures.FIGURES or fmt not in dashboard_figures.FORMATS:
+        raise Http404(f"no figure {name}.{fmt}")
+    data = dashboard_figures.cached_render(
+        study, name, fmt, include_simulated=request.GET.get("simulated") == "1"
+    )
+    response = HttpResponse(data, content_type=dashboard_figures.FORMATS[fmt])
+    if request.GET.get("download"):
+        response["Content-Disposition"] = f'attachment; filename="{study.slug}-{name}.{fmt}"'
+    response["Cache-Control"] = "private, max-age=60"
+    return response

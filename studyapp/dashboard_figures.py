@@ -1,0 +1,215 @@
+"""The paper's figures for a study, rendered server-side, and the cache keyed by study state.
+
+Used by the staff dashboard (:mod:`studyapp.dashboard`) and ``analyze --figures``. Each figure
+comes from ``engine.figures`` as ``(matplotlib Figure, DataFrame behind it)``; here it becomes
+PNG, SVG and CSV bytes. The analysis and every rendered file are cached under a key built from
+the study's state (:func:`study_state`): the newest judgment id and the judgment count (of all
+studies), the sessions and exclusion decisions, which participants are simulated, the pairs
+and the latest calibration. Any new judgment, session, exclusion, pair or calibration changes
+the key, so a cached figure is never stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # server-side: never a GUI backend
+
+import pandas as pd  # noqa: E402
+from django.core.cache import cache  # noqa: E402
+from django.db.models import Count, Max, Q, Sum  # noqa: E402
+
+from . import _engine_shim as engine_api  # noqa: E402 - TEMPORARY: engine.* after merge
+from .frames import judgments_frame, pairs_frame  # noqa: E402
+from .models import Calibration, Judgment, Pair, Participant, Session, Study  # noqa: E402
+from .staff_api import study_progress  # noqa: E402
+
+FORMATS = {"png": "image/png", "svg": "image/svg+xml", "csv": "text/csv; charset=utf-8"}
+CACHE_SECONDS = 24 * 3600
+N_BOOT = 1000
+
+
+@dataclass
+class FigureContext:
+    """What every figure is drawn from: the study's frames, its report and calibration."""
+
+    study: Study
+    pairs: pd.DataFrame
+    judgments: pd.DataFrame
+    report: object  # engine AnalysisReport
+    calibration: object | None = None  # engine CalibrationResult
+    include_excluded: bool = False
+    include_simulated: bool = False
+
+    def used_judgments(self) -> pd.DataFrame:
+        """Judgments the analysis used (excluded and simulated ones only when included)."""
+        j = self.judgments
+        keep = pd.Series(True, index=j.index)
+        if not self.include_excluded:
+            keep &= ~j["excluded"]
+        if not self.include_simulated:
+            keep &= ~j["simulated"]
+        return j[keep]
+
+
+def _psychometric(ctx: FigureContext):
+    result = ctx.calibration
+    if result is None:
+        result = engine_api.calibrate(ctx.pairs, ctx.used_judgments(), n_boot=0)
+    return engine_api.psychometric_curves(result, ctx.pairs, ctx.used_judgments())
+
+
+FIGURES: dict[str, tuple[str, Callable[[FigureContext], tuple]]] = {
+    "fig4a": ("Fig. 4a: perceptibility vs LPIPS",
+              lambda c: engine_api.fig4a_perceptibility_vs_lpips(c.report)),
+    "fig4b": ("Fig. 4b: attack strength vs perceptibility",
+              lambda c: engine_api.fig4b_strength_vs_perceptibility(c.report)),
+    "fig4c": ("Fig. 4c: distance correlations with perceptibility",
+              lambda c: engine_api.fig4c_distance_correlations(c.report)),
+    "fig5": ("Fig. 5: distance distributions per threat model",
+             lambda c: engine_api.fig5_distance_violins(c.pairs)),
+    "psychometric": ("Psychometric functions with the data", _psychometric),
+}
+
+
+def study_state(study: Study) -> str:
+    """A short hash that changes whenever anything a dashboard number depends on changes."""
+    # Judgments of every study (no join: a join over a million rows costs seconds). A judgment
+    # anywhere then changes every study's state: a recomputation, never a stale page.
+    j = Judgment.objects.aggregate(n=Count("id"), last=Max("id"))
+    s = Session.objects.filter(participant__study=study).aggregate(
+        n=Count("id"),
+        n_excluded=Count("id", filter=Q(excluded=True)),
+        excluded_id_sum=Sum("id", filter=Q(excluded=True)),
+        n_completed=Count("completed_at"),
+        n_abandoned=Count("abandoned_at"),
+    )
+    people = Participant.objects.filter(study=study).aggregate(
+        n=Count("id"), simulated=Count("id", filter=Q(is_simulated=True)),
+        simulated_id_sum=Sum("id", filter=Q(is_simulated=True)),
+    )
+    p = Pair.objects.filter(study=study).aggregate(n=Count("id"), last=Max("id"))
+    cal = Calibration.objects.filter(study=study).aggregate(last=Max("id"))
+    raw = repr((study.pk, sorted(j.items()), sorted(s.items()), sorted(people.items()),
+                sorted(p.items()), cal["last"]))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def latest_calibration(study: Study):
+    """The engine CalibrationResult of the study's latest ``calibrate`` run, or None."""
+    row = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
+    if row is None:
+        return None
+    fits = {tm: engine_api.PsychometricFit.from_dict(f) for tm, f in row.fit["fits"].items()}
+    return engine_api.CalibrationResult(
+        tuple(row.targets), fits, row.fit.get("sigmoid", "logistic"), row.counts
+    )
+
+
+def build_context(
+    study: Study, *, n_boot: int = N_BOOT, include_simulated: bool = False
+) -> FigureContext:
+    pairs = pairs_frame(study)
+    judgments = judgments_frame(study)
+    report = engine_api.analyze(pairs, judgments, n_boot=n_boot, seed=0,
+                                include_simulated=include_simulated)
+    return FigureContext(study, pairs, judgments, report, latest_calibration(study),
+                         include_simulated=include_simulated)
+
+
+def _state(study: Study, include_simulated: bool) -> str:
+    return study_state(study) + ("-with-simulated" if include_simulated else "")
+
+
+def cached_summary(study: Study, include_simulated: bool = False) -> tuple[dict, str]:
+    """The study's analysis tables for the page, computed once per study state.
+
+    ``{"report", "n_used", "n_simulated", "progress"}``; the frames themselves are not cached (at a
+    million judgments they would be copied in and out of the cache on every request).
+    """
+    state = _state(study, include_simulated)
+    summary = cache.get(f"dashboard:{study.pk}:{state}:summary")
+    if summary is None:
+        summary = _build_and_cache(study, state, include_simulated)[0]
+    return summary, state
+
+
+def cached_progress(study: Study, state: str | None = None) -> dict:
+    """The staff API's progress counts (seconds at 100k judgments), cached by study state."""
+    state = state or study_state(study)
+    key = f"dashboard:{study.pk}:{state}:progress"
+    progress = cache.get(key)
+    if progress is None:
+        progress = study_progress(study)
+        cache.set(key, progress, CACHE_SECONDS)
+    return progress
+
+
+def _build_and_cache(
+    study: Study, state: str, include_simulated: bool
+) -> tuple[dict, dict[str, bytes]]:
+    """Analyse once; cache the page's summary and every figure file of this state."""
+    ctx = build_context(study, include_simulated=include_simulated)
+    j = ctx.judgments
+    summary = {"report": ctx.report, "n_used": len(ctx.used_judgments()),
+               "n_simulated": int(j["simulated"].sum()),
+               "progress": cached_progress(study, state)}
+    files = {f"{name}.{fmt}": data for name in FIGURES
+             for fmt, data in render_files(ctx, name).items()}
+    cache.set_many(
+        {f"dashboard:{study.pk}:{state}:{k}": v for k, v in {**files, "summary": summary}.items()},
+        CACHE_SECONDS,
+    )
+    return summary, files
+
+
+def render_files(ctx: FigureContext, name: str) -> dict[str, bytes]:
+    """``name``'s figure as ``{"png": ..., "svg": ..., "csv": ...}`` (drawn once)."""
+    if name not in FIGURES:
+        raise KeyError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    fig, data = FIGURES[name][1](ctx)
+    fig.tight_layout()
+    out = {"csv": data.to_csv(index=False).encode()}
+    for fmt in ("png", "svg"):
+        buf = io.BytesIO()
+        # metadata without dates, so the same state gives the same bytes
+        meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+        fig.savefig(buf, format=fmt, metadata=meta)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+def render(ctx: FigureContext, name: str, fmt: str) -> bytes:
+    """``name``'s figure as PNG or SVG, or the CSV behind it."""
+    if fmt not in FORMATS:
+        raise KeyError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    return render_files(ctx, name)[fmt]
+
+
+def cached_render(study: Study, name: str, fmt: str, include_simulated: bool = False) -> bytes:
+    """One figure file; on a miss every figure of this state is rendered and cached at once."""
+    if name not in FIGURES or fmt not in FORMATS:
+        raise KeyError(f"unknown figure {name}.{fmt}")
+    state = _state(study, include_simulated)
+    data = cache.get(f"dashboard:{study.pk}:{state}:{name}.{fmt}")
+    if data is None:
+        data = _build_and_cache(study, state, include_simulated)[1][f"{name}.{fmt}"]
+    return data
+
+
+def write_all(ctx: FigureContext, folder: Path) -> list[Path]:
+    """Every figure as ``folder/<name>.png``, ``.svg`` and ``.csv``; returns the paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in FIGURES:
+        for fmt, data in render_files(ctx, name).items():
+            path = folder / f"{name}.{fmt}"
+            path.write_bytes(data)
+            written.append(path)
+    return written

@@ -1,0 +1,112 @@
+"""``manage.py calibrate``: psychometric fits per threat model → stored calibrated presets."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from django.core.management.base import BaseCommand, CommandError
+
+from studyapp._engine_shim import calibrate  # TEMPORARY: engine.calibration after merge
+from studyapp.frames import study_frames
+from studyapp.management.commands.analyze import get_study
+from studyapp.models import Calibration
+
+
+def parse_targets(text: str) -> tuple[float, ...]:
+    try:
+        targets = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise CommandError(f"--targets takes numbers like 0.1,0.25,0.5, got {text!r}") from None
+    if not targets or any(not 0 < t < 1 for t in targets):
+        raise CommandError(f"--targets must be perceptibilities strictly between 0 and 1: {text!r}")
+    return targets
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"perceptlab {version('perceptlab')}"
+    except PackageNotFoundError:
+        return "perceptlab (not installed)"
+
+
+class Command(BaseCommand):
+    help = (
+        "Fit P(different | bound) = γ + (1−γ−λ)·F(α + β·log bound) per threat model (γ from the"
+        " sentinel false-alarm rate, λ fitted or fixed, F logistic or Weibull), find the bounds"
+        " at the target perceptibilities with participant-bootstrap intervals, and store them"
+        " as calibrated presets (generate_pairs --bounds calibrated:SLUG)."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--study", required=True)
+        parser.add_argument("--targets", default="0.1,0.25,0.5")
+        parser.add_argument("--sigmoid", choices=["logistic", "weibull"], default="logistic")
+        parser.add_argument("--lapse", default="fit", help="'fit' or a fixed rate, e.g. 0.02")
+        parser.add_argument("--n-boot", type=int, default=200)
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--include-simulated", action="store_true")
+        parser.add_argument("--include-excluded", action="store_true")
+        parser.add_argument("--dry-run", action="store_true", help="fit and print; store nothing")
+
+    def handle(self, *args, **opts):
+        study = get_study(opts["study"])
+        targets = parse_targets(opts["targets"])
+        lapse = opts["lapse"]
+        if lapse != "fit":
+            try:
+                lapse = float(lapse)
+            except ValueError:
+                raise CommandError(f"--lapse must be 'fit' or a number, got {lapse!r}") from None
+            if not 0 <= lapse < 0.5:
+                raise CommandError(f"--lapse must be in [0, 0.5), got {lapse}")
+        if opts["n_boot"] < 0:
+            raise CommandError("--n-boot must be >= 0")
+        pairs, judgments = study_frames(
+            study, include_excluded=opts["include_excluded"],
+            include_simulated=opts["include_simulated"],
+        )
+        data = judgments.merge(pairs[["pair", "bound"]], on="pair").dropna(subset=["bound"])
+        if data.empty:
+            hint = "" if opts["include_simulated"] else " (simulated ones need --include-simulated)"
+            raise CommandError(f"study {study.slug!r} has no judgments of perturbed pairs{hint}")
+        per_tm = data.merge(pairs[["pair", "threat_model"]], on="pair").groupby(
+            "threat_model")["bound"].nunique()
+        few = sorted(per_tm[per_tm < 2].index)
+        if few:
+            raise CommandError(
+                f"threat model(s) {few} have judgments at fewer than 2 bounds; a psychometric"
+                " function needs at least 2 (better 3 or more)"
+            )
+        result = calibrate(
+            pairs, judgments, targets=targets, n_boot=opts["n_boot"], seed=opts["seed"],
+            sigmoid=opts["sigmoid"], lapse=lapse,
+        )
+        presets = result.presets()
+        for tm, fit in sorted(result.fits.items()):
+            self.stdout.write(f"{tm}: {fit.n_judgments} judgments")
+            for label, t in fit.thresholds.items():
+                self.stdout.write(
+                    f"  {label}: bound {t['bound']:.6g} (95% {t['low']:.6g} .. {t['high']:.6g})"
+                )
+        if opts["dry_run"]:
+            self.stdout.write("Dry run: nothing stored.")
+            return
+        clean = json.loads(json.dumps(presets, default=float).replace("NaN", "null"))
+        counts = {**result.counts, "n_sessions": int(judgments["session"].nunique())}
+        row = Calibration.objects.create(
+            study=study, targets=list(targets), fit=result.to_dict(),
+            presets={tm: {k: (v if v is not None and math.isfinite(v) else None)
+                          for k, v in d.items()} for tm, d in clean.items()},
+            counts=counts,
+            settings={"sigmoid": opts["sigmoid"], "lapse": lapse, "n_boot": opts["n_boot"],
+                      "seed": opts["seed"], "include_simulated": opts["include_simulated"],
+                      "include_excluded": opts["include_excluded"]},
+            code_version=code_version(),
+        )
+        self.stdout.write(
+            f"Stored calibration {row.pk} of study {study.slug}; use it with"
+            f" generate_pairs --bounds calibrated:{study.slug}"
+        )

@@ -1,0 +1,81 @@
+"""``manage.py simulate_observers``: simulated participants answering through the scheduler."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from studyapp.management.commands.analyze import get_study
+from studyapp.simulation import SimulationError, simulate
+
+
+def parse_thresholds(text: str | None) -> dict[str, float]:
+    """``linf=0.02,l2=0.6`` → ``{"linf": 0.02, "l2": 0.6}``."""
+    out: dict[str, float] = {}
+    for piece in (text or "").split(","):
+        if not piece.strip():
+            continue
+        name, eq, value = piece.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise CommandError(
+                f"--threshold takes THREAT_MODEL=VALUE,... (e.g. linf=0.02), got {piece!r}"
+            ) from None
+        if out[name.strip()] <= 0:
+            raise CommandError(f"--threshold {piece!r}: thresholds must be positive")
+    return out
+
+
+class Command(BaseCommand):
+    help = (
+        "Simulated observers take whole sessions of a study through the same scheduler code as"
+        " people (start, judgments, completion). P(different) is a psychometric function of a"
+        " stored distance of the pair (--distance) or of the bound, with guess rate, lapses,"
+        " bias and a share of careless responders. They are flagged simulated everywhere;"
+        " analyses leave them out unless --include-simulated."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--study", required=True)
+        parser.add_argument("--n", type=int, default=200, help="participants (one session each)")
+        parser.add_argument(
+            "--distance",
+            help="stored distance the observers respond to (e.g. lpips_alexnet); default: the"
+            " condition's bound",
+        )
+        parser.add_argument(
+            "--threshold",
+            help="THREAT_MODEL=VALUE,...: the 50%% point of the observers' function, in the"
+            " units of --distance or the bound (default: the median over the pairs)",
+        )
+        parser.add_argument("--slope", type=float, default=3.0, help="per log unit")
+        parser.add_argument("--guess-rate", type=float, default=0.05)
+        parser.add_argument("--lapse-rate", type=float, default=0.02)
+        parser.add_argument("--careless", type=float, default=0.0, help="share answering at random")
+        parser.add_argument("--bias-sd", type=float, default=0.0, help="criterion spread (logit)")
+        parser.add_argument("--threshold-sd", type=float, default=0.0,
+                            help="between-observer spread of log threshold")
+        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--no-progress", action="store_true")
+
+    def handle(self, *args, **opts):
+        study = get_study(opts["study"])
+        try:
+            summary = simulate(
+                study, opts["n"], distance=opts["distance"],
+                thresholds=parse_thresholds(opts["threshold"]), slope=opts["slope"],
+                guess_rate=opts["guess_rate"], lapse_rate=opts["lapse_rate"],
+                careless_share=opts["careless"], bias_sd=opts["bias_sd"],
+                threshold_sd=opts["threshold_sd"], seed=opts["seed"],
+                progress=not opts["no_progress"],
+            )
+        except SimulationError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(
+            f"study {study.slug}: {summary.sessions} simulated session(s) completed,"
+            f" {summary.judgments} judgments ({summary.careless} careless observer(s))"
+        )
+        if summary.refused:
+            self.stdout.write(f"Stopped early: {summary.refused}")

@@ -1,0 +1,145 @@
+"""Simulated observers taking a study through the same scheduler code as people.
+
+Each simulated participant is a ``Participant`` with ``is_simulated=True`` (external id
+``sim-…``), starts a session with :func:`studyapp.scheduler.start_session`, answers every
+trial with :func:`~studyapp.scheduler.record_judgment` and finishes with
+:func:`~studyapp.scheduler.complete_session` — the functions the participant API calls — so
+K per pair, sentinels, catch trials, leases and adaptive level choice apply to them exactly as
+to people. Their answers come from an engine observer (``engine.observers``): P(different) is
+a psychometric function of a stored distance of the pair (``distance="lpips_alexnet"``) or of
+the condition's bound (``distance=None``), relative to a threshold per threat model. Sentinel
+pairs are shown at value 0 (only guesses and bias answer "different"), catch pairs at +∞.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._engine_shim import ObserverPopulation  # TEMPORARY: engine.observers after merge
+from .models import Pair, Participant, Study, Trial
+from .scheduler import StudyUnavailable, complete_session, record_judgment, start_session
+
+
+class SimulationError(ValueError):
+    pass
+
+
+@dataclass
+class SimulationSummary:
+    participants: int
+    sessions: int
+    judgments: int
+    careless: int
+    refused: str = ""
+
+
+def reference_thresholds(study: Study, distance: str | None) -> dict[str, float]:
+    """Per threat model, the median of the value observers respond to (bound or distance)."""
+    values: dict[str, list[float]] = {}
+    rows = Pair.objects.filter(study=study, condition__isnull=False).values_list(
+        "condition__threat_model", "condition__bound", "distances"
+    )
+    for tm, bound, distances in rows:
+        v = bound if distance is None else (distances or {}).get(distance)
+        if v is not None and v > 0:
+            values.setdefault(tm, []).append(float(v))
+    if not values:
+        what = "bounds" if distance is None else f"distance {distance!r}"
+        raise SimulationError(f"study {study.slug!r} has no data pairs with positive {what}")
+    return {tm: float(np.median(v)) for tm, v in values.items()}
+
+
+def simulate(
+    study: Study,
+    n: int,
+    *,
+    distance: str | None = None,
+    thresholds: dict[str, float] | None = None,
+    slope: float = 3.0,
+    guess_rate: float = 0.05,
+    lapse_rate: float = 0.02,
+    careless_share: float = 0.0,
+    bias_sd: float = 0.0,
+    threshold_sd: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> SimulationSummary:
+    """Run ``n`` simulated participants through ``study`` (one full session each).
+
+    ``thresholds``: per threat model, in the units of ``distance`` (or of the bound); missing
+    ones default to the median over the threat model's pairs. Stops early, saying why, when
+    the scheduler refuses a session (the study is full).
+    """
+    if n < 1:
+        raise SimulationError(f"--n must be at least 1, got {n}")
+    for name, v, lo, hi in (("guess rate", guess_rate, 0, 1), ("lapse rate", lapse_rate, 0, 1),
+                            ("careless share", careless_share, 0, 1)):
+        if not lo <= v <= hi:
+            raise SimulationError(f"{name} must be in [{lo}, {hi}], got {v}")
+    if guess_rate + lapse_rate >= 1:
+        raise SimulationError("guess rate + lapse rate must be below 1")
+    reference = reference_thresholds(study, distance)
+    unknown = set(thresholds or {}) - set(reference)
+    if unknown:
+        raise SimulationError(
+            f"thresholds given for threat model(s) {sorted(unknown)} that the study lacks "
+            f"(it has {sorted(reference)})"
+        )
+    reference.update(thresholds or {})
+    rng = np.random.default_rng(seed)
+    population = ObserverPopulation(
+        threshold=1.0, slope=slope, guess_rate=guess_rate, lapse_rate=lapse_rate,
+        careless_share=careless_share, bias_sd=bias_sd, threshold_sd=threshold_sd,
+    )
+    observers = population.sample(n, rng)
+    summary = SimulationSummary(0, 0, 0, sum(o.careless for o in observers))
+    iterator = observers
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(observers, desc="simulated observers", unit="participant")
+    for i, observer in enumerate(iterator):
+        participant = Participant.objects.create(
+            study=study, external_id=f"sim-{uuid.uuid4().hex[:16]}", is_simulated=True
+        )
+        summary.participants += 1
+        try:
+            session = start_session(
+                participant, user_agent="perceptlab simulated observer",
+                rng=random.Random(seed * 1_000_003 + i),
+            )
+        except StudyUnavailable as exc:
+            summary.refused = str(exc)
+            break
+        summary.sessions += 1
+        trials = list(
+            Trial.objects.filter(session=session).order_by("position").values_list(
+                "position", "pair__is_sentinel", "pair__is_catch",
+                "pair__condition__threat_model", "pair__condition__bound", "pair__distances",
+            )
+        )
+        for position, is_sentinel, is_catch, tm, bound, distances in trials:
+            if is_sentinel:
+                value = 0.0
+            elif is_catch:
+                value = np.inf
+            else:
+                v = bound if distance is None else (distances or {}).get(distance, np.nan)
+                value = float(v) / reference[tm]
+            different = bool(observer.respond(np.array([value]), rng)[0])
+            rt = float(rng.lognormal(np.log(250 if observer.careless else 650), 0.3))
+            record_judgment(session, {
+                "position": position,
+                "response": "different" if different else "same",
+                "response_time_ms": round(rt, 1),
+                "durations": {"first_ms": 1000.0, "blank_ms": 250.0, "second_ms": 1000.0},
+                "idempotency_key": uuid.uuid4().hex,
+            })
+            summary.judgments += 1
+        complete_session(session)
+    return summary
+

@@ -1,0 +1,142 @@
+"""calibrate → Calibration rows → generate_pairs --bounds calibrated:SLUG; ladders."""
+
+from __future__ import annotations
+
+import math
+from io import StringIO
+
+import numpy as np
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from scipy.special import logit
+
+from studyapp import adaptive
+from studyapp.models import Calibration, Condition, Pair
+
+pytestmark = pytest.mark.django_db
+
+FAST = ["--size", "32", "--max-images", "2", "--classifier", "resnet18:untrained",
+        "--lpips", "alexnet:untrained", "--no-progress"]
+BOUNDS = [2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255]
+TRUTH, SLOPE, GUESS, LAPSE = 8 / 255, 2.5, 0.05, 0.02
+
+
+def run(*args) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def true_bound(target: float) -> float:
+    """Bound where γ + (1−γ−λ)·logistic(s·(log b − log t)) = target (the simulated truth)."""
+    q = (target - GUESS) / (1 - GUESS - LAPSE)
+    return TRUTH * math.exp(logit(q) / SLOPE)
+
+
+@pytest.fixture
+def simulated_study(make_study):
+    study = make_study(
+        conditions=[("linf", b, f"b{i}") for i, b in enumerate(BOUNDS)],
+        judgments_per_pair=60, trials_per_session=16, sentinel_fraction=0.12,
+    )
+    run("simulate_observers", "--study", study.slug, "--n", "50", "--threshold",
+        f"linf={TRUTH}", "--slope", str(SLOPE), "--guess-rate", str(GUESS), "--lapse-rate",
+        str(LAPSE), "--seed", "4", "--no-progress")
+    return study
+
+
+@pytest.mark.slow  # 800 judgments through the scheduler (~15 s)
+def test_calibrate_recovers_the_simulated_thresholds_and_stores_presets(simulated_study):
+    study = simulated_study
+    with pytest.raises(CommandError, match="simulated ones need --include-simulated"):
+        run("calibrate", "--study", study.slug)
+    text = run("calibrate", "--study", study.slug, "--include-simulated", "--n-boot", "40",
+               "--lapse", str(LAPSE))
+    row = Calibration.objects.get()
+    assert f"Stored calibration {row.pk}" in text
+    assert row.targets == [0.1, 0.25, 0.5] and set(row.presets) == {"linf"}
+    assert set(row.presets["linf"]) == {"p10", "p25", "p50"}
+    assert row.counts["n_judgments"] > 600 and row.counts["n_sessions"] == 50
+    assert row.settings["include_simulated"] and row.code_version.startswith("perceptlab")
+    for label, target in (("p25", 0.25), ("p50", 0.5)):
+        est = row.presets["linf"][label]
+        assert abs(math.log(est / true_bound(target))) < 0.25, (label, est, true_bound(target))
+        t = row.fit["fits"]["linf"]["thresholds"][label]
+        assert t["low"] < est < t["high"]
+    assert row.presets["linf"]["p10"] < row.presets["linf"]["p25"] < row.presets["linf"]["p50"]
+
+    # generate_pairs --bounds calibrated:SLUG expands to those bounds, labelled p10/p25/p50
+    specs, labels = adaptive.calibrated_specs(["linf:num_iterations=2"], study.slug)
+    assert sorted(labels.values()) == ["p10", "p25", "p50"]
+    for spec in specs:
+        bound = float(spec.partition("bound=")[2].partition(",")[0])
+        assert bound == pytest.approx(row.presets["linf"][labels[spec]])
+        assert spec.endswith(",num_iterations=2")
+    with pytest.raises(adaptive.AdaptiveError, match="no presets for threat model 'l2'"):
+        adaptive.calibrated_specs(["l2"], study.slug)
+
+    rows = adaptive.named_and_calibrated(row.presets)
+    assert rows[0]["small"] == pytest.approx(2 / 255) and rows[0]["large"] == pytest.approx(
+        8 / 255)
+    assert rows[0]["p50"] == row.presets["linf"]["p50"]
+
+    # ... end to end: the new study's conditions sit at the calibrated bounds, labelled
+    run("generate_pairs", "--study", "calibrated", "--spec", "linf:num_iterations=2",
+        "--bounds", f"calibrated:{study.slug}", *FAST)
+    made = {c.label: c.bound for c in Condition.objects.filter(study__slug="calibrated")}
+    assert made == pytest.approx(row.presets["linf"])
+    assert Pair.objects.filter(study__slug="calibrated", condition__isnull=False).count() == 6
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--targets", "0.1,x"], "--targets takes numbers"),
+        (["--targets", "0,0.5"], "strictly between 0 and 1"),
+        (["--lapse", "abc"], "--lapse must be 'fit' or a number"),
+        (["--lapse", "0.7"], r"--lapse must be in \[0, 0.5\)"),
+    ],
+)
+def test_calibrate_refuses_bad_input(make_study, args, message):
+    study = make_study()
+    with pytest.raises(CommandError, match=message):
+        run("calibrate", "--study", study.slug, *args)
+    assert not Calibration.objects.exists()
+
+
+def test_calibrate_needs_two_bounds_per_threat_model(make_study):
+    study = make_study(conditions=[("linf", 8 / 255, "small")], judgments_per_pair=2)
+    run("simulate_observers", "--study", study.slug, "--n", "2", "--no-progress")
+    with pytest.raises(CommandError, match=r"\['linf'\] have judgments at fewer than 2 bounds"):
+        run("calibrate", "--study", study.slug, "--include-simulated")
+
+
+def test_generate_pairs_calibrated_bounds_errors(make_study, settings, tmp_path):
+    make_study(slug="uncal")
+    base = ["generate_pairs", "--study", "new", "--spec", "linf:num_iterations=2"]
+    with pytest.raises(CommandError, match="no study with slug 'nope'"):
+        run(*base, "--bounds", "calibrated:nope")
+    with pytest.raises(CommandError, match="has no calibration; run `manage.py calibrate"):
+        run(*base, "--bounds", "calibrated:uncal")
+
+
+def test_ladder_specs_are_log_spaced_between_low_and_high():
+    specs, labels = adaptive.ladder_specs(["linf:num_iterations=2", "l2"], ["0.01", "0.16"], 5)
+    linf = [float(s.partition("bound=")[2].partition(",")[0]) for s in specs if s[:4] == "linf"]
+    assert np.allclose(linf, [0.01, 0.02, 0.04, 0.08, 0.16])
+    assert [labels[s] for s in specs[:5]] == ["L0", "L1", "L2", "L3", "L4"]
+    assert len(specs) == 10
+    named, _ = adaptive.ladder_specs(["linf"], ["small", "large"], 3)
+    from engine.attacks import parse_attack
+
+    low = parse_attack("linf:bound=small").bound
+    assert float(named[0].partition("bound=")[2]) == pytest.approx(low)
+    with pytest.raises(adaptive.AdaptiveError, match="at least 2 levels"):
+        adaptive.ladder_specs(["linf"], None, 1)
+    with pytest.raises(adaptive.AdaptiveError, match="LOW,HIGH"):
+        adaptive.ladder_specs(["linf"], ["1", "2", "3"], 3)
+    with pytest.raises(adaptive.AdaptiveError, match="0 < low < high"):
+        adaptive.ladder_specs(["linf"], ["0.2", "0.1"], 3)
+    with pytest.raises(adaptive.AdaptiveError, match="sets bound itself"):
+        adaptive.ladder_specs(["linf:bound=0.1"], ["0.01", "0.1"], 3)

@@ -1,0 +1,101 @@
+"""simulate_observers: simulated participants through the scheduler; power."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from studyapp.models import Judgment, Participant, Session
+from studyapp.scheduler import assignment_errors
+
+pytestmark = pytest.mark.django_db
+
+
+def run(*args) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def test_simulated_observers_answer_through_the_scheduler(make_study):
+    study = make_study(judgments_per_pair=3, trials_per_session=5, practice_trials=2,
+                       catch_pairs=2, catch_fraction=0.2)
+    # No guesses, no lapses, a threshold far below every bound: every perturbed and catch
+    # pair is "different", every sentinel "same".
+    text = run("simulate_observers", "--study", study.slug, "--n", "3", "--guess-rate", "0",
+               "--lapse-rate", "0", "--threshold", "linf=1e-9", "--no-progress")
+    assert "3 simulated session(s) completed" in text
+    people = Participant.objects.filter(study=study)
+    assert people.count() == 3 and all(p.is_simulated for p in people)
+    assert Session.objects.filter(completed_at__isnull=False).count() == 3
+    assert assignment_errors(study) == []
+    judged = Judgment.objects.filter(trial__session__participant__study=study)
+    assert judged.filter(trial__is_practice=True).exists()  # practice answered, like people
+    for j in judged.select_related("trial__pair"):
+        pair = j.trial.pair
+        assert j.response == ("same" if pair.is_sentinel else "different"), pair
+    # ... and a threshold far above: only "same" on perturbed pairs
+    run("simulate_observers", "--study", study.slug, "--n", "1", "--guess-rate", "0",
+        "--lapse-rate", "0", "--threshold", "linf=1e9", "--no-progress", "--seed", "3")
+    last = Session.objects.latest("pk")
+    data = Judgment.objects.filter(trial__session=last, trial__pair__condition__isnull=False)
+    assert data.exists() and not data.filter(response="different").exists()
+
+
+def test_simulation_stops_when_the_study_is_full(make_study):
+    study = make_study(judgments_per_pair=1, trials_per_session=5)
+    text = run("simulate_observers", "--study", study.slug, "--n", "50", "--no-progress")
+    assert "Stopped early" in text and "has its 1 judgments" in text
+    assert assignment_errors(study) == []
+    data = Judgment.objects.filter(trial__pair__condition__isnull=False, trial__is_practice=False)
+    assert sorted(data.values_list("trial__pair", flat=True)) == sorted(
+        study.pairs.filter(condition__isnull=False).values_list("pk", flat=True)
+    )  # every one of the 6 pairs judged exactly once (K=1), then refused
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--study", "nope"], "no study with slug 'nope'"),
+        (["--n", "0"], "--n must be at least 1"),
+        (["--threshold", "linf"], "THREAT_MODEL=VALUE"),
+        (["--threshold", "linf=-1"], "must be positive"),
+        (["--threshold", "l2=0.5"], "threat model(s) ['l2']"),
+        (["--guess-rate", "1.5"], "guess rate must be in"),
+        (["--distance", "lpips_vgg"], "no data pairs with positive distance 'lpips_vgg'"),
+    ],
+)
+def test_simulate_observers_refuses_bad_input(make_study, args, message):
+    make_study()
+    argv = ["simulate_observers", "--no-progress"]
+    if "--study" not in args:
+        argv += ["--study", "jnd-demo"]
+    with pytest.raises(CommandError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("[", r"\[").replace("]", r"\]")):
+        run(*argv, *args)
+    assert not Participant.objects.exists()
+
+
+def test_power_matches_the_wilson_interval_width():
+    from engine.analysis import wilson_interval
+
+    text = run("power", "--width", "0.1", "--p", "0.5")
+    n = int(text.split(": ")[1].split()[0])
+    low, high = wilson_interval(round(0.5 * n), n)
+    assert high - low <= 0.1
+    low, high = wilson_interval(round(0.5 * (n - 1)), n - 1)
+    assert high - low > 0.1  # the smallest such n
+    with pytest.raises(CommandError, match="--width must be between 0 and 1"):
+        run("power", "--width", "2")
+
+
+def test_power_per_condition_of_a_study(make_study):
+    study = make_study(judgments_per_pair=2)
+    with pytest.raises(CommandError, match="no judgments of perturbed pairs"):
+        run("power", "--study", study.slug, "--width", "0.2")
+    run("simulate_observers", "--study", study.slug, "--n", "2", "--no-progress")
+    text = run("power", "--study", study.slug, "--width", "0.2", "--include-simulated")
+    assert text.count("need") == 2
