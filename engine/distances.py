@@ -13,6 +13,7 @@ AlexNet and VGG-16 with ``linear=True`` and then reproduces the ``lpips`` packag
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import math
@@ -32,6 +33,8 @@ from .models import ImageClassifier, NetworkSpec, Normalize, build_backbone, par
 __all__ = [
     "LPIPS",
     "build_lpips",
+    "exact_precision",
+    "lpips_layers",
     "flatten_features",
     "l2_distance",
     "linf_distance",
@@ -339,12 +342,50 @@ def _check_layer_names(network: nn.Module, layers: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- standard backbones
 
 
+@contextmanager
+def exact_precision() -> Iterator[None]:
+    """Run LPIPS (and its derivatives) in the tensors' own precision, whatever the caller set.
+
+    Inside: autocast is off (CPU and CUDA) and TF32 is off for CUDA matmuls and cuDNN
+    convolutions; the previous settings are restored on exit. The perceptual attacks compute
+    their LPIPS distances, Jacobian-vector products and projections in here, so that
+    ``torch.autocast`` (bf16/fp16) or PyTorch's default TF32 convolutions on CUDA only affect
+    the classifier, never the geometry of the LPIPS ball. Nestable; cheap (flag flips only).
+    """
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def lpips_layers(arch: str, backbone: nn.Module) -> list[str]:
+    """Names of the standard LPIPS layers of a torchvision ``backbone`` of architecture ``arch``.
+
+    Dotted module names inside the torchvision network (e.g. ``features.1`` … ``features.11``
+    for AlexNet's 5 ReLUs, ``layer1`` … ``layer4`` for a ResNet), usable with
+    :class:`LPIPS` / :meth:`LPIPS.from_model` once prefixed by the wrapper's attribute
+    (``network.``). :class:`EngineError` for an architecture without a known layout.
+    """
+    return _trunk(arch, backbone)[1]
+
+
 def _trunk(arch: str, backbone: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
     """The backbone cut after its last LPIPS layer (named as in torchvision) and those layers."""
     if arch == "alexnet":  # the 5 ReLU outputs of `features`
         taps = [i for i, m in enumerate(backbone.features) if isinstance(m, nn.ReLU)]
     elif arch.startswith("vgg"):  # the ReLU right before each max-pool (relu1_2 ... relu5_3)
         taps = [i - 1 for i, m in enumerate(backbone.features) if isinstance(m, nn.MaxPool2d)]
+    elif arch == "alexnet_cifar":  # PAT's CifarAlexNet: the ReLUs of its 5 convolutions
+        taps = [i for i, m in enumerate(backbone.features) if isinstance(m, nn.ReLU)]
     elif arch.startswith(("resnet", "wide_resnet")):  # conv2_x ... conv5_x
         stem = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         return {name: getattr(backbone, name) for name in stem}, stem[4:]

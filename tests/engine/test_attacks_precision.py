@@ -1,0 +1,127 @@
+"""The LPIPS geometry of the perceptual attacks is exact under reduced precision (issue 7).
+
+Oracles: a float64 copy of the same LPIPS network (Jacobian-vector products by forward- and
+reverse-mode AD in float64), and the attacks' own float32 runs on the same inputs and seed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import Tensor
+
+from engine.attacks import parse_attack
+from engine.attacks.perceptual import _build_external_lpips, jtj_operator, lpips_slope
+from engine.data import load_sources
+from engine.distances import LPIPS, exact_precision, flatten_features
+from engine.models import load_classifier
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+LOGIT_SCALE = 300.0  # as bench/attacks.py --logit-scale 300: trained-like logit magnitudes
+
+
+def _features(lpips: LPIPS):
+    def features(x: Tensor) -> Tensor:
+        return flatten_features(lpips.features(x, check=False))
+    return features
+
+
+@pytest.fixture(scope="module")
+def alexnet_lpips() -> LPIPS:
+    return _build_external_lpips("alexnet:untrained")
+
+
+@pytest.fixture(scope="module")
+def photos() -> Tensor:
+    sources = load_sources("skimage", size=64, crops_per_image=1, seed=0)
+    return torch.stack([s.tensor() for s in sources[:4]])
+
+
+def _reference_products(lpips: LPIPS, x: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """float64 ``Jv`` and ``JᵀJv`` of the same network (forward mode, then reverse mode)."""
+    lpips64 = copy.deepcopy(lpips).double()
+    features = _features(lpips64)
+    x64, v64 = x.double(), v.double()
+    _, jv = torch.func.jvp(features, (x64,), (v64,))
+    _, vjp = torch.func.vjp(features, x64)
+    (jtj,) = vjp(jv)
+    return jv, jtj
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    return float(((a.double() - b).flatten(1).norm(dim=1) / b.flatten(1).norm(dim=1)).max())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_slope_and_gauss_newton_product_match_float64(alexnet_lpips, photos, autocast):
+    x = photos
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    jv_ref, jtj_ref = _reference_products(alexnet_lpips, x, v)
+    features = _features(alexnet_lpips)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else exact_precision()
+    with context:
+        slope = lpips_slope(features, x, v)
+        leaf = x.clone().requires_grad_(True)
+        phi = flatten_features(alexnet_lpips.features(leaf, check=False)) if not autocast \
+            else None
+        if phi is None:  # under autocast the attack's ball computes φ in full precision
+            with exact_precision():
+                phi = features(leaf)
+        product = jtj_operator(phi, leaf)(v)
+    assert slope.dtype == torch.float32 and product.dtype == torch.float32
+    slope_error = float(((slope.double() - jv_ref.norm(dim=1)).abs()
+                         / jv_ref.norm(dim=1)).max())
+    assert slope_error < 1e-3, slope_error
+    assert _relative(product, jtj_ref) < 1e-3, _relative(product, jtj_ref)
+
+
+def test_reduced_precision_features_would_be_far_off(alexnet_lpips, photos):
+    """The oracle can tell: bf16 features (what autocast gives without exact_precision)
+    put a finite-difference slope way off — the failure this issue fixes."""
+    x = photos
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    jv_ref, _ = _reference_products(alexnet_lpips, x, v)
+    features = _features(alexnet_lpips)
+    h = 1e-3
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fd = (features(x + h * v) - features(x)).float().norm(dim=1) / h
+    assert float(((fd.double() - jv_ref.norm(dim=1)).abs() / jv_ref.norm(dim=1)).max()) > 0.1
+
+
+@pytest.fixture(scope="module")
+def scaled_alexnet(photos):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        classifier = load_classifier("alexnet:untrained")
+    with torch.no_grad():
+        last = [m for m in classifier.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(LOGIT_SCALE)
+        last.bias.mul_(LOGIT_SCALE)
+        labels = classifier(photos).argmax(dim=1)
+    return classifier, labels
+
+
+@pytest.mark.parametrize("spec", [
+    "ppgd:bound=0.5,num_iterations=5,lpips_model=alexnet:untrained",
+    "lpa:bound=0.5,num_iterations=5,num_lambdas=2,lpips_model=alexnet:untrained",
+])
+def test_bf16_autocast_attacks_as_strong_as_fp32(scaled_alexnet, photos, spec):
+    classifier, labels = scaled_alexnet
+    attack = parse_attack(spec)
+    runs = {}
+    for name, context in (("fp32", exact_precision()),
+                          ("bf16", torch.autocast("cpu", dtype=torch.bfloat16))):
+        with context:
+            result = attack(classifier, photos, labels,
+                            generator=torch.Generator().manual_seed(0))
+        size = attack.perturbation_size(photos, result.adversarial)
+        runs[name] = (result, size)
+    (fp32, size32), (bf16, size16) = runs["fp32"], runs["bf16"]
+    assert bool((size16 <= 0.5 * (1 + 1e-5)).all()), size16
+    assert float(size16.mean()) >= 0.9 * float(size32.mean()), (size16, size32)
+    assert float(bf16.success.float().mean()) >= float(fp32.success.float().mean())
