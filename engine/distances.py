@@ -125,6 +125,8 @@ LPIPS_PACKAGE_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_PACKAGE_SCALE = (0.458, 0.448, 0.450)
 #: Which file of ``lpips/weights/v0.1/`` holds the linear calibration for an architecture.
 LINEAR_WEIGHT_FILES = {"alexnet": "alex.pth", "vgg16": "vgg.pth"}
+#: Seed of every untrained LPIPS backbone built by :func:`build_lpips`.
+UNTRAINED_SEED = 0
 
 
 def normalize_channels(activations: Tensor, eps: float = 1e-10) -> Tensor:
@@ -425,7 +427,9 @@ def build_lpips(spec: str | NetworkSpec, *, linear: bool = False) -> LPIPS:
 
     Raises :class:`EngineError` for an unknown backbone or an unsupported ``linear``, and
     :class:`WeightsUnavailableError` (from :func:`engine.models.build_backbone`) when
-    pretrained weights cannot be loaded. Untrained backbones use torch's global RNG: seed it.
+    pretrained weights cannot be loaded. Untrained backbones are initialised from seed
+    :data:`UNTRAINED_SEED` (torch's global RNG untouched), so ``alexnet:untrained`` is the
+    same network for an attack's bound and for the distances recorded with its stimuli.
     """
     if isinstance(spec, str):
         spec = parse_network(spec)
@@ -435,6 +439,12 @@ def build_lpips(spec: str | NetworkSpec, *, linear: bool = False) -> LPIPS:
             f" not {spec.arch!r}; use linear=False"
         )
     linear_weights = _lpips_package_linear_weights(spec.arch) if linear else None
+    if not spec.pretrained:  # the same untrained network in every process and every caller
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(UNTRAINED_SEED)
+            backbone = build_backbone(spec)
+    else:
+        backbone = build_backbone(spec)
     if linear:  # (2x − 1 − shift) / scale == (x − (1 + shift) / 2) / (scale / 2)
         normalize = Normalize(
             mean=[(1 + s) / 2 for s in LPIPS_PACKAGE_SHIFT],
@@ -442,7 +452,7 @@ def build_lpips(spec: str | NetworkSpec, *, linear: bool = False) -> LPIPS:
         )
     else:
         normalize = Normalize()
-    parts, layers = _trunk(spec.arch, build_backbone(spec))
+    parts, layers = _trunk(spec.arch, backbone)
     network = nn.Sequential(OrderedDict([("normalize", normalize), *parts.items()]))
     description = {"lpips_model": spec.arch, "lpips_weights": spec.weights_label}
     return LPIPS(network, layers, linear_weights=linear_weights, description=description)

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attacks import parse_attack
-from .attacks.presets import is_preset
+from .attacks.spec import bound_label as spec_bound_label
 from .data import SourceImage
 from .distances import LPIPS, pairwise_distances
 from .errors import EngineError
@@ -150,12 +150,10 @@ def condition_slug(spec: str) -> str:
 
 
 def bound_label(spec: str) -> str:
-    """The named bound of a spec as written (``linf:bound=small`` → ``small``), else ``""``."""
-    for piece in spec.partition(":")[2].split(","):
-        key, _, value = piece.partition("=")
-        if key.strip() == "bound" and is_preset(value):
-            return value.strip().lower()
-    return ""
+    """The label of a spec's bound as written: a named bound (``linf:bound=small`` →
+    ``small``), a labelled number (``ppgd:bound=0.31@human_medium`` → ``human_medium``), else
+    ``""`` (see :func:`engine.attacks.spec.bound_label`)."""
+    return spec_bound_label(spec)
 
 
 def autocast_context(autocast: str | None, device: torch.device):

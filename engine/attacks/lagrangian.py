@@ -23,7 +23,6 @@ from torch import Tensor
 
 from ..errors import EngineError
 from .base import LOSSES, Attack, Model, noise_normal, param
-from .presets import register_presets
 from .registry import register_attack
 
 #: Standard deviation of the random start ``δ ~ N(0, σ²)`` (0.01 in the authors' code).
@@ -90,4 +89,3 @@ class LagrangianAttack(Attack):
         return adversarial
 
 
-register_presets("lagrangian", {"cifar10": 0.15})

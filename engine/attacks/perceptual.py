@@ -77,7 +77,6 @@ from .base import (
     param,
     per_image_norm,
 )
-from .presets import BOUND_PRESETS, register_presets
 from .registry import register_attack
 
 #: ``lpips_model`` value for a self-bounded attack (the classifier defines LPIPS).
@@ -117,8 +116,8 @@ class _LpipsModelInfo(ParamInfo):
             raise EngineError(
                 f"{name} must be 'self' or a network spec like 'alexnet', got {value!r}"
             )
-        text = value.strip().lower()
-        if text == SELF:
+        text = value.strip()
+        if text.lower() == SELF:
             return SELF
         try:
             return str(parse_network(text))
@@ -785,5 +784,3 @@ class LpipsOracleInvariantAttack(LpipsAttack):
             adversarial = (images + (moved - images).clamp(-self.bound, self.bound)).clamp(0, 1)
         return adversarial
 
-
-register_presets("lpips_oa", BOUND_PRESETS["linf"])

@@ -123,7 +123,7 @@ def noise_success(model, images, labels, distance, bound: float, draws: int = 3)
 
 def test_attacks_are_registered_with_their_presets():
     assert {"ppgd", "lpa", "fast_lpa", "lpips_oa", "lagrangian"} <= set(available_attacks())
-    assert parse_attack("ppgd:bound=cifar10").bound == 0.5
+    assert parse_attack("ppgd:bound=cifar10,lpips_model=alexnet_cifar:untrained").bound == 0.5
     assert parse_attack("lpa:bound=small").bound == 0.25
     assert parse_attack("fast_lpa:bound=large").bound == 1.0
     assert parse_attack("lpips_oa:bound=cifar10").bound == 8 / 255  # L∞ units: linf's table
@@ -155,7 +155,9 @@ def test_defaults_follow_the_papers():
     [
         "ppgd:bound=0.5,lpips_model=alexnet:untrained,projection=bisection,cg_iterations=3",
         "lpa:bound=0.25,lpips_layers=network.1+network.4,num_lambdas=3",
-        "fast_lpa:bound=cifar10,lpips_model=ResNet50:Untrained,lam=5",
+        "fast_lpa:bound=0.5,lpips_model=ResNet50:Untrained,lam=5",
+        "ppgd:bound=medium,lpips_model=alexnet:untrained",
+        "lpa:bound=cifar10,lpips_model=alexnet_cifar:/some/Where/alexnet_cifar.pt",
         "lpips_oa:bound=16/255,lam=0.5,lpips_model=vgg16:untrained",
         "lagrangian:bound=0.25,lam=0.45,decay=0.2",
     ],
