@@ -242,6 +242,18 @@ class BestIterate:
         self.margin = torch.where(better, margin.detach(), self.margin)
         self.images = torch.where(better[:, None, None, None], images.detach(), self.images)
 
+    def update_rows(self, rows: Tensor, images: Tensor, margin: Tensor) -> None:
+        """:meth:`update` for the images ``rows`` (``[k]`` indices) only."""
+        better = margin.detach().to(self.margin.dtype) > self.margin[rows]
+        chosen = rows[better]
+        self.margin[chosen] = margin.detach().to(self.margin.dtype)[better]
+        self.images[chosen] = images.detach()[better].to(self.images.dtype)
+
+    def set_rows(self, rows: Tensor, images: Tensor, margin: Tensor) -> None:
+        """Make ``images`` the kept iterate of ``rows`` whatever was kept before."""
+        self.margin[rows] = margin.detach().to(self.margin.dtype)
+        self.images[rows] = images.detach().to(self.images.dtype)
+
 
 def noise_uniform(
     shape: torch.Size | tuple[int, ...], generator: torch.Generator | None, like: Tensor

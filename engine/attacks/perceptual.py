@@ -548,6 +548,12 @@ def _check_positive(name: str, value: float) -> None:
         raise EngineError(f"{name} must be > 0, got {value!r}")
 
 
+def _early_stop_param() -> Any:
+    return param(True, kind="bool",
+                 doc="stop attacking an image once an iterate inside the bound is"
+                     " misclassified (verified in full precision); false: run every iteration")
+
+
 def _projection_param() -> Any:
     return param("newton", kind="choice", choices=PROJECTIONS,
                  doc="projection onto the LPIPS ball: newton (PAT Alg. 4) or bisection (Alg. 5)")
@@ -579,37 +585,121 @@ class PerceptualPGD(LpipsAttack):
                                doc="conjugate-gradient iterations per step (PAT's K)")
     projection: str = _projection_param()
     kappa: float = _margin_param()
+    early_stop: bool = _early_stop_param()
 
     def default_step_size(self) -> float:
         """``2·bound / num_iterations`` (the authors' PPGD default, no decay)."""
         return 2 * self.bound / self.num_iterations
 
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
+    def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
+                            generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         ball = self._ball(model, images)
         project = project_newton if self.projection == "newton" else project_bisection
         adversarial = self._start(images, generator)
         best = BestIterate(images)
-        for _ in range(self.num_iterations):
-            leaf = adversarial.detach().requires_grad_(True)
-            logits, features = ball.logits_and_features(leaf)
-            self._keep_if_inside(best, ball, adversarial, logits, features, labels)
-            objective = self._clamped_objective(logits, labels, self.kappa)
+        tracker = _EarlyStop(self, model, images.shape[0], images.device)
+        for iteration in range(self.num_iterations):
+            rows = tracker.active
+            sub = ball.subset(rows) if tracker.partial else ball
+            x, y = adversarial[rows], labels[rows]
+            leaf = x.detach().requires_grad_(True)
+            logits, features = sub.logits_and_features(leaf)
+            tracker.observe(best, sub, x, logits, features, y, iteration)
+            if tracker.empty:
+                break
+            objective = self._clamped_objective(logits, y, self.kappa)
             (gradient,) = torch.autograd.grad(objective.sum(), leaf, retain_graph=True)
             delta = solve_jtj(features, leaf, gradient, iterations=self.cg_iterations)
-            step = lpips_step(ball.features, adversarial, delta, self.step_size)
+            step = lpips_step(sub.features, x, delta, self.step_size)
             del leaf, logits, features  # free the graph before the projection
-            adversarial = project(ball, images, (adversarial + step).clamp(0, 1), self.bound)
-        with torch.no_grad():
-            logits, features = ball.logits_and_features(adversarial)
-        self._keep_if_inside(best, ball, adversarial, logits, features, labels)
-        return best.images
+            keep = tracker.kept(rows)  # rows still active after this iteration's check
+            moved = project(sub.subset(keep), images[rows][keep],
+                            (x[keep] + step[keep]).clamp(0, 1), self.bound)
+            adversarial = adversarial.index_copy(0, rows[keep], moved)
+        if not tracker.empty:
+            rows = tracker.active
+            sub = ball.subset(rows) if tracker.partial else ball
+            with torch.no_grad():
+                logits, features = sub.logits_and_features(adversarial[rows])
+            tracker.observe(best, sub, adversarial[rows], logits, features, labels[rows],
+                            self.num_iterations)
+        return best.images, tracker.extras()
 
-    def _keep_if_inside(self, best: BestIterate, ball: LpipsBall, images: Tensor, logits: Tensor,
-                        features: Tensor, labels: Tensor) -> None:
-        inside = ball.distance(features.detach()) <= self.bound * (1 + FEASIBLE_SLACK)
-        margin = self.success_margin(logits.detach(), labels)
-        best.update(images, torch.where(inside, margin, torch.full_like(margin, -math.inf)))
+    def perturb(self, model: Model, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+        return self.perturb_with_extras(model, images, labels, generator)[0]
+
+
+class _EarlyStop:
+    """Per-image early exit of PPGD and LPA (``early_stop``), verified in full precision.
+
+    ``active`` are the rows still attacked. :meth:`observe` keeps each row's best iterate
+    inside the ball and, with ``early_stop``, retires the rows whose iterate is inside the
+    ball and misclassified — checked on that very iterate (the point returned for the row)
+    with full-precision logits: under autocast the classifier is re-run on the candidates
+    under :func:`exact_precision`. ``finished`` ``[N]`` (int64) records the iteration at which
+    each image finished: the number of gradient steps taken before its returned point was
+    verified, or ``num_iterations`` (all of them, LPA: ``num_iterations·num_lambdas``) when it
+    never finished early.
+    """
+
+    def __init__(self, attack: LpipsAttack, model: Model, n: int, device: torch.device):
+        self.attack = attack
+        self.model = model
+        self.n = n
+        self.enabled = bool(getattr(attack, "early_stop", False))
+        self.active = torch.arange(n, device=device)
+        self.finished = torch.full((n,), -1, dtype=torch.long, device=device)
+        self._retired = torch.zeros(0, dtype=torch.bool, device=device)
+
+    @property
+    def partial(self) -> bool:
+        return self.active.numel() < self.n
+
+    @property
+    def empty(self) -> bool:
+        return self.active.numel() == 0
+
+    def kept(self, rows: Tensor) -> Tensor:
+        """Boolean mask over ``rows`` (the rows of the last :meth:`observe`) still active."""
+        return ~self._retired
+
+    def observe(self, best: BestIterate, ball: LpipsBall, x: Tensor, logits: Tensor,
+                features: Tensor, labels: Tensor, iteration: int) -> None:
+        rows = self.active
+        bound = self.attack.bound
+        inside = ball.distance(features.detach()) <= bound * (1 + FEASIBLE_SLACK)
+        margin = self.attack.success_margin(logits.detach(), labels).to(x.dtype)
+        best.update_rows(rows, x, torch.where(inside, margin, torch.full_like(margin, -math.inf)))
+        self._retired = torch.zeros_like(inside)
+        if not self.enabled:
+            return
+        candidates = (inside & (margin > 0)).nonzero().flatten()
+        if candidates.numel() == 0:
+            return
+        verified = margin[candidates]
+        if _reduced_precision():
+            with torch.no_grad(), exact_precision():
+                verified = self.attack.success_margin(
+                    self.model(x[candidates].detach()), labels[candidates]).to(x.dtype)
+        good = candidates[verified > 0]
+        if good.numel() == 0:
+            return
+        best.set_rows(rows[good], x[good], verified[verified > 0])
+        self.finished[rows[good]] = iteration
+        self._retired[good] = True
+        self.active = rows[~self._retired]
+
+    def extras(self) -> dict[str, Tensor]:
+        total = self.attack.num_iterations * getattr(self.attack, "num_lambdas", 1)
+        return {"finished_iteration": torch.where(self.finished < 0, total, self.finished)}
+
+
+def _reduced_precision() -> bool:
+    """Is autocast on (CPU or CUDA), so that logits in the loop are not full precision?"""
+    if torch.is_autocast_enabled("cpu"):
+        return True
+    return torch.cuda.is_available() and torch.is_autocast_enabled("cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,6 +734,7 @@ class LagrangianPerceptualAttack(LpipsAttack):
                              doc="rounds of the λ search (PAT's S): λ = 0.01·10^round")
     projection: str = _projection_param()
     kappa: float = _margin_param()
+    early_stop: bool = _early_stop_param()
 
     #: Initial λ and its growth factor per round (PAT appendix A.2).
     LAMBDA_START = 0.01
@@ -653,40 +744,56 @@ class LagrangianPerceptualAttack(LpipsAttack):
         """``bound``: the first step is one bound long in LPIPS, decaying to ``bound/10``."""
         return self.bound
 
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
+    def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
+                            generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         ball = self._ball(model, images)
         adversarial = self._start(images, generator)
         best = BestIterate(images)
+        tracker = _EarlyStop(self, model, images.shape[0], images.device)
         lam = torch.full((images.shape[0],), self.LAMBDA_START, device=images.device,
                          dtype=images.dtype)
         steps = self.num_iterations
         for round_index in range(self.num_lambdas):
             for t in range(steps):
-                leaf = adversarial.detach().requires_grad_(True)
-                logits, features = ball.logits_and_features(leaf)
-                distance = ball.distance(features)
-                outside = distance.detach() > self.bound
+                rows = tracker.active
+                sub = ball.subset(rows) if tracker.partial else ball
+                x, y = adversarial[rows], labels[rows]
+                leaf = x.detach().requires_grad_(True)
+                logits, features = sub.logits_and_features(leaf)
+                distance = sub.distance(features)
                 if t == 0 and round_index > 0:  # this evaluates the previous round's result
-                    lam = torch.where(outside, lam * self.LAMBDA_FACTOR, lam)
-                margin = self.success_margin(logits.detach(), labels)
-                best.update(adversarial, torch.where(
-                    distance.detach() <= self.bound * (1 + FEASIBLE_SLACK), margin,
-                    torch.full_like(margin, -math.inf)))
-                objective = (self._clamped_objective(logits, labels, self.kappa)
-                             - lam * F.relu(distance - self.bound))
+                    outside = distance.detach() > self.bound
+                    lam[rows] = torch.where(outside, lam[rows] * self.LAMBDA_FACTOR, lam[rows])
+                tracker.observe(best, sub, x, logits, features, y, round_index * steps + t)
+                if tracker.empty:
+                    break
+                objective = (self._clamped_objective(logits, y, self.kappa)
+                             - lam[rows] * F.relu(distance - self.bound))
                 (gradient,) = torch.autograd.grad(objective.sum(), leaf)
+                keep = tracker.kept(rows)
                 size = self.step_size * 0.1 ** _decay(t, steps)
-                step = lpips_step(ball.features, adversarial, gradient, size)
-                adversarial = (adversarial + step).clamp(0, 1)
-        with torch.no_grad():
-            distance = ball.distance(ball.features(adversarial))
-        project = project_newton if self.projection == "newton" else project_bisection
-        adversarial = project(ball, images, adversarial, self.bound, distance=distance)
-        with torch.no_grad():
-            margin = self.success_margin(model(adversarial), labels)
-        best.update(adversarial, margin)  # inside by construction
-        return best.images
+                step = lpips_step(sub.subset(keep).features, x[keep], gradient[keep], size)
+                adversarial = adversarial.index_copy(0, rows[keep],
+                                                     (x[keep] + step).clamp(0, 1))
+            if tracker.empty:
+                break
+        if not tracker.empty:
+            rows = tracker.active
+            sub = ball.subset(rows) if tracker.partial else ball
+            with torch.no_grad():
+                distance = sub.distance(sub.features(adversarial[rows]))
+            project = project_newton if self.projection == "newton" else project_bisection
+            projected = project(sub, images[rows], adversarial[rows], self.bound,
+                                distance=distance)
+            with torch.no_grad():
+                logits, features = sub.logits_and_features(projected)
+            tracker.observe(best, sub, projected, logits, features, labels[rows],
+                            steps * self.num_lambdas)
+        return best.images, tracker.extras()
+
+    def perturb(self, model: Model, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+        return self.perturb_with_extras(model, images, labels, generator)[0]
 
 
 @register_attack("fast_lpa",

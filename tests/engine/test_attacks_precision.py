@@ -125,3 +125,28 @@ def test_bf16_autocast_attacks_as_strong_as_fp32(scaled_alexnet, photos, spec):
     assert bool((size16 <= 0.5 * (1 + 1e-5)).all()), size16
     assert float(size16.mean()) >= 0.9 * float(size32.mean()), (size16, size32)
     assert float(bf16.success.float().mean()) >= float(fp32.success.float().mean())
+
+
+@pytest.mark.parametrize("name", ["ppgd", "lpa"])
+def test_early_exit_is_verified_in_fp32_on_the_returned_point(scaled_alexnet, photos, name):
+    classifier, labels = scaled_alexnet
+    rounds = ",num_lambdas=2" if name == "lpa" else ""
+    spec = f"{name}:bound=0.5,num_iterations=4{rounds},lpips_model=alexnet:untrained"
+    total = 4 * (2 if name == "lpa" else 1)
+    eager = parse_attack(spec)
+    full = parse_attack(spec + ",early_stop=false")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = eager(classifier, photos, labels, generator=torch.Generator().manual_seed(0))
+    finished = result.extras["finished_iteration"]
+    assert finished.shape == (4,) and finished.dtype == torch.long
+    assert bool((finished >= 0).all()) and bool((finished <= total).all())
+    early = finished < total
+    assert bool(early.any()), finished  # the ×300 logits make these easy: most finish early
+    with torch.no_grad():  # full precision, the returned points
+        logits = classifier(result.adversarial)
+        size = eager.perturbation_size(photos, result.adversarial)
+    assert bool((logits.argmax(1)[early] != labels[early]).all())
+    assert bool((size <= 0.5 * (1 + 1e-5)).all())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        slow = full(classifier, photos, labels, generator=torch.Generator().manual_seed(0))
+    assert bool((slow.extras["finished_iteration"] == total).all())
