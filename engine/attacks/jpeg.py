@@ -51,7 +51,7 @@ from kornia.color import rgb_to_ycbcr
 from torch import Tensor
 
 from ..errors import EngineError
-from .base import BestIterate, Model, ParametricAttack, noise_uniform, param
+from .base import Model, ParametricAttack, noise_uniform, param, parametric_ascent
 from .registry import register_attack
 
 #: JPEG block size.
@@ -308,7 +308,8 @@ class JPEGLinf(ParametricAttack):
         """Kang et al.'s ``bound / sqrt(num_iterations)``."""
         return self.bound / math.sqrt(self.num_iterations)
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> Tensor:
         """Per-image ``max |δ|`` (``[N]``): the JPEG-L∞ size of ``other − natural`` in bound
         units (needs H, W multiples of 8)."""
         return jpeg_coefficients(other - natural).flatten(1).abs().amax(dim=1)
@@ -333,27 +334,17 @@ class JPEGLinf(ParametricAttack):
             start = (2 * noise_uniform(images.shape, generator, images) - 1) * self.bound
         else:
             start = torch.zeros_like(images)
-        adversarial, delta = self._project(images, start, transform)
-        best_images, best_delta = BestIterate(adversarial), BestIterate(delta)
-        for _ in range(self.num_iterations):
-            delta = delta.detach().requires_grad_(True)
-            pixels = transform.pixels(delta)
+
+        def render(delta: Tensor, adversarial: Tensor) -> Tensor:
             # value: exactly ``adversarial``; gradient: through the (linear) JPEG transform,
             # not through the projection (as Lp PGD ignores its clamp)
-            logits = model(adversarial + (pixels - pixels.detach()))
-            (grad,) = torch.autograd.grad(self.objective(logits, labels).sum(), delta)
-            margin = self.success_margin(logits.detach(), labels)
-            best_images.update(adversarial, margin)
-            best_delta.update(delta, margin)
-            adversarial, delta = self._project(
-                images, delta.detach() + self.step_size * grad.sign(), transform
-            )
-        with torch.no_grad():
-            margin = self.success_margin(model(adversarial), labels)
-        best_images.update(adversarial, margin)
-        best_delta.update(delta, margin)
-        delta = best_delta.images
-        return best_images.images, {
+            pixels = transform.pixels(delta)
+            return adversarial + (pixels - pixels.detach())
+
+        best_images, delta = parametric_ascent(
+            self, model, labels, start,
+            project=lambda delta: self._project(images, delta, transform), render=render)
+        return best_images, {
             "coefficients": delta,
             "coefficient_linf": delta.flatten(1).abs().amax(dim=1),
         }

@@ -62,7 +62,8 @@ class LagrangianAttack(Attack):
         """``bound``: the paper's initial step ``α``."""
         return self.bound
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> None:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> None:
         """None: the Lagrangian attack penalises ``‖δ‖₂`` but has no bound to compare with."""
         return None
 

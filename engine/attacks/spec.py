@@ -26,6 +26,10 @@ AlexNet). So with a named bound (:data:`NAMED_BOUND_LPIPS`):
   then mean a different perceptual size (self-bounded distances are about half AlexNet's).
 
 Give a number to bound any other LPIPS network.
+
+Iteration profiles: ``iterations=pat`` sets ``num_iterations`` to PAT's evaluation count
+(200; PPGD and LPA 40), ``iterations=pat_train`` to its training count (10) — see
+:data:`ITERATION_PROFILES`. ``Attack.spec`` records the resulting ``num_iterations``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,24 @@ NAMED_BOUND_LPIPS: Mapping[str, str] = MappingProxyType(
     {"small": "alexnet", "medium": "alexnet", "large": "alexnet", "cifar10": "alexnet_cifar"})
 #: Attacks whose named bounds are LPIPS distances in the :data:`NAMED_BOUND_LPIPS` network.
 AUTO_LPIPS_ATTACKS = ("ppgd", "lpa", "fast_lpa")
+
+
+#: Named iteration profiles, ``iterations=NAME`` in a spec (sets ``num_iterations``): PAT
+#: appendix H, "10 attack iterations for training and 200 for testing, except for PPGD and
+#: LPA, where we use 40 for testing". ``fast_lpa`` is a training attack: 10 in both.
+ITERATION_PROFILES: Mapping[str, Mapping[str, int]] = MappingProxyType({
+    "pat": MappingProxyType({
+        **{name: 200 for name in ("linf", "l2", "jpeg", "stadv", "recoloradv", "apgd_ce",
+                                  "apgd_dlr", "lpips_oa")},
+        "ppgd": 40, "lpa": 40, "fast_lpa": 10,
+    }),
+    "pat_train": MappingProxyType({
+        name: 10 for name in ("linf", "l2", "jpeg", "stadv", "recoloradv", "apgd_ce",
+                              "apgd_dlr", "lpips_oa", "ppgd", "lpa", "fast_lpa")
+    }),
+})
+#: The spec key of :data:`ITERATION_PROFILES` (not an attack parameter).
+PROFILE_KEY = "iterations"
 
 
 def bound_presets() -> dict[str, dict[str, float]]:
@@ -240,6 +262,9 @@ def build_attack(spec: str, attacks: Mapping[str, type[Attack]]) -> Attack:
     presets: dict[str, str] = {}
     for key, text in pieces:
         piece = f"{key}={text}"
+        if key == PROFILE_KEY and key not in fields:
+            values["num_iterations"] = _profile_iterations(name, text, pieces, spec)
+            continue
         if key not in fields:
             raise EngineError(
                 f"unknown parameter {key!r} ({piece!r}) for attack {name!r} {where};"
@@ -282,6 +307,21 @@ def build_attack(spec: str, attacks: Mapping[str, type[Attack]]) -> Attack:
         return cls(**values)
     except EngineError as exc:
         raise EngineError(f"invalid attack spec {spec!r}: {exc}") from None
+
+
+def _profile_iterations(name: str, text: str, pieces: list[tuple[str, str]], spec: str) -> int:
+    """``num_iterations`` of the profile ``iterations=text`` for attack ``name``."""
+    profile = ITERATION_PROFILES.get(text.strip().lower())
+    if profile is None:
+        raise EngineError(f"unknown iteration profile {text!r} in attack spec {spec!r};"
+                          f" profiles: {', '.join(ITERATION_PROFILES)}")
+    if any(key == "num_iterations" for key, _ in pieces):
+        raise EngineError(f"attack spec {spec!r} gives both iterations={text} and"
+                          " num_iterations; keep one")
+    if name not in profile:
+        raise EngineError(f"iteration profile {text!r} has no count for {name!r} (it covers"
+                          f" {', '.join(sorted(profile))}); give num_iterations instead")
+    return profile[name]
 
 
 def _table4_lpips(name: str, preset: str, values: dict[str, object], spec: str) -> None:

@@ -110,3 +110,78 @@ def test_alexnet_cifar_network_spec(tmp_path):
     lpips = attack.lpips_network(x)
     assert lpips.description["lpips_weights"] == str(path)
     assert len(lpips.layers) == 5
+
+
+def test_iteration_profiles():
+    assert parse_attack("ppgd:bound=medium,iterations=pat").num_iterations == 40
+    assert parse_attack("lpa:bound=medium,iterations=pat").num_iterations == 40
+    assert parse_attack("linf:bound=small,iterations=pat").num_iterations == 200
+    stadv = parse_attack("stadv:bound=medium,iterations=pat")
+    assert stadv.num_iterations == 200 and "num_iterations=200" in stadv.spec
+    assert parse_attack("jpeg:bound=small,iterations=pat_train").num_iterations == 10
+    with pytest.raises(EngineError, match="both iterations=pat and num_iterations"):
+        parse_attack("linf:bound=small,iterations=pat,num_iterations=3")
+    with pytest.raises(EngineError, match="unknown iteration profile 'paper'"):
+        parse_attack("linf:bound=small,iterations=paper")
+    with pytest.raises(EngineError, match="no count for 'lagrangian'"):
+        parse_attack("lagrangian:bound=cifar10,iterations=pat")
+
+
+def test_adam_defaults_are_pats_learning_rates():
+    assert parse_attack("stadv:bound=medium,optimizer=adam").step_size == 0.01
+    assert parse_attack("recoloradv:bound=medium,optimizer=adam").step_size == 0.001
+    assert parse_attack("stadv:bound=medium,num_iterations=10").step_size == pytest.approx(
+        2.5 * 0.05 / 10)
+    with pytest.raises(EngineError, match="sign, adam"):
+        parse_attack("stadv:bound=medium,optimizer=sgd")
+
+
+@pytest.mark.parametrize("name,extra", [("stadv", "flow_linf"), ("recoloradv", "lattice_linf")])
+def test_adam_parametric_attacks_stay_in_bound_and_succeed(digits_model, digits_batch, name,
+                                                           extra):
+    images, labels = digits_batch
+    images, labels = images[:16], labels[:16]
+    resolution = ",resolution_x=4,resolution_y=4,resolution_z=4" if name == "recoloradv" else ""
+    bound = 0.1 if name == "stadv" else 0.12
+    results = {}
+    for optimizer in ("sign", "adam"):
+        lr = ",step_size=0.02" if optimizer == "adam" else ""
+        attack = parse_attack(f"{name}:bound={bound},num_iterations=10,optimizer={optimizer}"
+                              f"{lr}{resolution}")
+        result = attack(digits_model, images, labels, generator=torch.Generator().manual_seed(0))
+        assert bool((result.extras[extra] <= bound * (1 + 1e-6)).all())
+        assert result.adversarial.min() >= 0 and result.adversarial.max() <= 1
+        results[optimizer] = result
+    # the two optimisers take different paths, and Adam attacks too
+    assert not torch.equal(results["sign"].adversarial, results["adam"].adversarial)
+    clean_margin = torch.nn.functional.cross_entropy(
+        digits_model(images), labels, reduction="none")
+    adam_margin = torch.nn.functional.cross_entropy(results["adam"].logits, labels,
+                                                    reduction="none")
+    assert float(adam_margin.mean()) > float(clean_margin.mean())
+
+
+def test_parametric_adam_steps_match_torch_optim_adam():
+    from engine.attacks.base import parametric_ascent
+
+    attack = parse_attack("stadv:bound=1,num_iterations=4,optimizer=adam,loss=ce")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 5).double()
+    model = lambda x: linear(x.flatten(1))  # noqa: E731
+    labels = torch.tensor([1, 3])
+    start = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    seen = []
+
+    def project(params):
+        seen.append(params.detach().clone())
+        return params.detach(), params.detach()
+
+    parametric_ascent(attack, model, labels, start, project=project,
+                      render=lambda params, _: params, optimizer="adam")
+    reference = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([reference], lr=attack.step_size, maximize=True)
+    for step in range(attack.num_iterations):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(reference), labels, reduction="sum").backward()
+        optimizer.step()
+        assert torch.allclose(seen[step + 1], reference.detach(), atol=1e-12), step
