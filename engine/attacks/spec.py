@@ -262,13 +262,16 @@ def build_attack(spec: str, attacks: Mapping[str, type[Attack]]) -> Attack:
     presets: dict[str, str] = {}
     for key, text in pieces:
         piece = f"{key}={text}"
-        if key == PROFILE_KEY and key not in fields:
+        if (key == PROFILE_KEY and key not in fields
+                and text.strip().lower() in ITERATION_PROFILES):
             values["num_iterations"] = _profile_iterations(name, text, pieces, spec)
             continue
         if key not in fields:
+            hint = (f" ({PROFILE_KEY}= takes a profile: {', '.join(ITERATION_PROFILES)})"
+                    if key == PROFILE_KEY else "")
             raise EngineError(
                 f"unknown parameter {key!r} ({piece!r}) for attack {name!r} {where};"
-                f" valid parameters: {', '.join(fields)}"
+                f" valid parameters: {', '.join(fields)}{hint}"
             )
         info = fields[key].metadata["param"]
         try:
@@ -311,10 +314,7 @@ def build_attack(spec: str, attacks: Mapping[str, type[Attack]]) -> Attack:
 
 def _profile_iterations(name: str, text: str, pieces: list[tuple[str, str]], spec: str) -> int:
     """``num_iterations`` of the profile ``iterations=text`` for attack ``name``."""
-    profile = ITERATION_PROFILES.get(text.strip().lower())
-    if profile is None:
-        raise EngineError(f"unknown iteration profile {text!r} in attack spec {spec!r};"
-                          f" profiles: {', '.join(ITERATION_PROFILES)}")
+    profile = ITERATION_PROFILES[text.strip().lower()]
     if any(key == "num_iterations" for key, _ in pieces):
         raise EngineError(f"attack spec {spec!r} gives both iterations={text} and"
                           " num_iterations; keep one")

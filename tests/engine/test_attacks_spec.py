@@ -121,7 +121,7 @@ def test_iteration_profiles():
     assert parse_attack("jpeg:bound=small,iterations=pat_train").num_iterations == 10
     with pytest.raises(EngineError, match="both iterations=pat and num_iterations"):
         parse_attack("linf:bound=small,iterations=pat,num_iterations=3")
-    with pytest.raises(EngineError, match="unknown iteration profile 'paper'"):
+    with pytest.raises(EngineError, match="takes a profile: pat, pat_train"):
         parse_attack("linf:bound=small,iterations=paper")
     with pytest.raises(EngineError, match="no count for 'lagrangian'"):
         parse_attack("lagrangian:bound=cifar10,iterations=pat")
