@@ -242,7 +242,7 @@ class LPIPS(nn.Module):
         """
         if check:
             check_images(x)
-        return self._run(x)[1]
+        return self._run(x, features_only=True)[1]
 
     def logits_and_features(self, x: Tensor, *, check: bool = True
                             ) -> tuple[Tensor, list[Tensor]]:
@@ -274,25 +274,35 @@ class LPIPS(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """LPIPS distance ``[N]`` between image batches ``x``, ``y`` ``[N, 3, H, W]`` in [0, 1]."""
         check_pair(x, y)
-        return self.distance_from_features(self._run(x)[1], self._run(y)[1])
+        return self.distance_from_features(self._run(x, features_only=True)[1],
+                                           self._run(y, features_only=True)[1])
 
-    def _run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """One forward pass of the network; returns its output and the normalised features."""
+    def _run(self, x: Tensor, *, features_only: bool = False
+             ) -> tuple[Tensor | None, list[Tensor]]:
+        """One forward pass of the network; returns its output and the normalised features.
+
+        ``features_only``: stop the pass once every LPIPS layer has run (the rest of a
+        classifier, e.g. AlexNet's 58M-parameter head, is skipped); the output is then None.
+        """
         reference = next(iter(self.network.parameters()), None)
         if reference is not None and (reference.device, reference.dtype) != (x.device, x.dtype):
             raise EngineError(
                 f"images are {x.dtype} on {x.device} but the LPIPS network is"
                 f" {reference.dtype} on {reference.device}; move it with lpips.to(images)"
             )
-        with self._capture() as captured:
-            output = self.network(x)
+        output = None
+        with self._capture(stop_when_done=features_only and self.returns_logits) as captured:
+            try:
+                output = self.network(x)
+            except _FeaturesDone:
+                pass
         missing = [name for name in self.layers if name not in captured]
         if missing:
             raise EngineError(f"LPIPS layers {missing} did not run in the network's forward pass")
         return output, [captured[name] for name in self.layers]
 
     @contextmanager
-    def _capture(self) -> Iterator[dict[str, Tensor]]:
+    def _capture(self, stop_when_done: bool = False) -> Iterator[dict[str, Tensor]]:
         """Forward hooks, only for the duration of one pass, that collect normalised outputs.
 
         Normalising inside the hook reads each output before later in-place operations (e.g.
@@ -310,6 +320,8 @@ class LPIPS(nn.Module):
                 if not isinstance(output, Tensor) or output.dim() < 2:
                     raise EngineError(f"LPIPS layer {name!r} must output a [N, C, ...] tensor")
                 captured[name] = normalize_channels(output)
+                if stop_when_done and len(captured) == len(self.layers):
+                    raise _FeaturesDone
 
             return hook
 
@@ -322,6 +334,10 @@ class LPIPS(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class _FeaturesDone(Exception):
+    """Raised by a capture hook once every LPIPS layer has run (ends a features-only pass)."""
 
 
 def flatten_features(features: Sequence[Tensor]) -> Tensor:

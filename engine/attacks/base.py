@@ -223,6 +223,14 @@ class AttackResult:
         return float(self.success.float().mean())
 
 
+#: Reserved keys of :meth:`Attack.perturb_with_extras`'s extras: the logits ``[N, C]`` and the
+#: size ``[N]`` of the returned images when the attack already has them (measured on exactly
+#: those images); :meth:`Attack.__call__` then uses them instead of recomputing, and drops
+#: the keys from :attr:`AttackResult.extras`.
+KNOWN_LOGITS = "_logits"
+KNOWN_SIZE = "_size"
+
+
 class BestIterate:
     """Keeps, per image, the iterate with the highest success margin seen so far.
 
@@ -475,6 +483,12 @@ class Attack(ABC):
 
     # -- the call ------------------------------------------------------------------------
 
+    def clean_logits(self, model: Model, images: Tensor) -> Tensor:
+        """The model's logits on the natural ``images`` (called by :meth:`__call__` under
+        ``no_grad`` before :meth:`perturb`); an attack that computes more in the same pass
+        (a self-bounded LPIPS attack: φ(natural)) overrides it and keeps the rest."""
+        return model(images)
+
     @abstractmethod
     def perturb(
         self, model: Model, images: Tensor, labels: Tensor, generator: torch.Generator | None
@@ -515,7 +529,7 @@ class Attack(ABC):
         labels = labels.clone() if labels.is_inference() else labels
         with eval_mode(model):
             with torch.no_grad():
-                clean_logits = model(images)
+                clean_logits = self.clean_logits(model, images)
             _check_logits(clean_logits, labels, "targets" if self.targeted else "labels")
             extras: dict[str, Tensor] = {}
             if self.bound == 0:
@@ -525,10 +539,14 @@ class Attack(ABC):
                     adversarial, extras = self.perturb_with_extras(model, images, labels, generator)
                 adversarial = adversarial.detach()
                 extras = {k: v.detach() for k, v in extras.items()}
+            known_logits = extras.pop(KNOWN_LOGITS, None)
+            known_size = extras.pop(KNOWN_SIZE, None)
             with torch.no_grad():
-                logits = model(adversarial)
+                logits = model(adversarial) if known_logits is None else known_logits
                 if self.size_extra is not None:
                     size = extras.get(self.size_extra, torch.zeros_like(labels, dtype=images.dtype))
+                elif known_size is not None:
+                    size = known_size
                 else:
                     size = self.perturbation_size(images, adversarial, model)
         return AttackResult(

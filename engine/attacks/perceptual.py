@@ -66,6 +66,8 @@ from ..distances import LPIPS, build_lpips, exact_precision, flatten_features, l
 from ..errors import EngineError
 from ..models import KNOWN_ARCHITECTURES, ImageClassifier, parse_network
 from .base import (
+    KNOWN_LOGITS,
+    KNOWN_SIZE,
     LOSSES,
     Attack,
     BestIterate,
@@ -146,12 +148,16 @@ class LpipsBall:
     valid; finite-difference points may sit a hair outside ``[0, 1]``).
     """
 
-    def __init__(self, model: Model, lpips: LPIPS, natural: Tensor, *, self_bounded: bool):
+    def __init__(self, model: Model, lpips: LPIPS, natural: Tensor, *, self_bounded: bool,
+                 natural_features: Tensor | None = None):
         self.model = model
         self.lpips = lpips
         self.self_bounded = self_bounded
-        with torch.no_grad():
-            self.natural = self.features(natural)
+        if natural_features is not None:  # already computed (e.g. with the clean logits)
+            self.natural = natural_features.detach()
+        else:
+            with torch.no_grad():
+                self.natural = self.features(natural)
 
     def features(self, x: Tensor) -> Tensor:
         """PAT's flattened ``φ(x)`` ``[N, M]`` (differentiable unless under ``no_grad``), in
@@ -520,9 +526,31 @@ class LpipsAttack(Attack):
             self._networks.pop("last_model", None)
         return super().__call__(model, images, labels, generator=generator)
 
+    def clean_logits(self, model: Model, images: Tensor) -> Tensor:
+        """Self-bounded: the logits and φ(natural) from one full-precision pass (φ kept for
+        this call's ball); externally bounded: the classifier's logits."""
+        if not self.self_bounded:
+            return model(images)
+        lpips = self.lpips_network(images, model)
+        with exact_precision():
+            logits, features = lpips.logits_and_features(images, check=False)
+        self._networks["natural"] = (images, flatten_features(features))
+        return logits
+
     def _ball(self, model: Model, images: Tensor) -> LpipsBall:
-        return LpipsBall(model, self.lpips_network(images, model), images,
-                         self_bounded=self.self_bounded)
+        known = self._networks.pop("natural", None)
+        natural = known[1] if known is not None and known[0] is images else None
+        ball = LpipsBall(model, self.lpips_network(images, model), images,
+                         self_bounded=self.self_bounded, natural_features=natural)
+        return ball
+
+    def _known(self, ball: LpipsBall, adversarial: Tensor) -> dict[str, Tensor]:
+        """The logits and LPIPS size of the returned images from one pass (self-bounded; the
+        natural images' features are not recomputed), as :data:`KNOWN_LOGITS` /
+        :data:`KNOWN_SIZE` extras."""
+        with torch.no_grad():
+            logits, features = ball.logits_and_features(adversarial)
+        return {KNOWN_LOGITS: logits, KNOWN_SIZE: ball.distance(features).to(adversarial.dtype)}
 
     def _clamped_objective(self, logits: Tensor, labels: Tensor, kappa: float | None) -> Tensor:
         """:meth:`objective`, with the margin clamped at ``kappa`` (PAT's MarginLoss)."""
@@ -651,6 +679,17 @@ class _EarlyStop:
         self.active = torch.arange(n, device=device)
         self.finished = torch.full((n,), -1, dtype=torch.long, device=device)
         self._retired = torch.zeros(0, dtype=torch.bool, device=device)
+        # logits and LPIPS size of each row's kept iterate (known: a kept iterate exists)
+        self.logits: Tensor | None = None
+        self.size = torch.zeros(n, device=device)
+        self.known = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def _record(self, rows: Tensor, logits: Tensor, size: Tensor) -> None:
+        if self.logits is None:
+            self.logits = torch.zeros(self.n, logits.shape[1], device=logits.device)
+        self.logits[rows] = logits.detach().float()
+        self.size[rows] = size.detach().float()
+        self.known[rows] = True
 
     @property
     def partial(self) -> bool:
@@ -668,31 +707,43 @@ class _EarlyStop:
                 features: Tensor, labels: Tensor, iteration: int) -> None:
         rows = self.active
         bound = self.attack.bound
-        inside = ball.distance(features.detach()) <= bound * (1 + FEASIBLE_SLACK)
+        distance = ball.distance(features.detach())
+        inside = distance <= bound * (1 + FEASIBLE_SLACK)
         margin = self.attack.success_margin(logits.detach(), labels).to(x.dtype)
-        best.update_rows(rows, x, torch.where(inside, margin, torch.full_like(margin, -math.inf)))
+        kept = torch.where(inside, margin, torch.full_like(margin, -math.inf))
+        better = kept > best.margin[rows]
+        best.update_rows(rows, x, kept)
+        self._record(rows[better], logits[better], distance[better])
         self._retired = torch.zeros_like(inside)
         if not self.enabled:
             return
         candidates = (inside & (margin > 0)).nonzero().flatten()
         if candidates.numel() == 0:
             return
-        verified = margin[candidates]
+        verified, verified_logits = margin[candidates], logits[candidates]
         if _reduced_precision():
             with torch.no_grad(), exact_precision():
+                verified_logits = self.model(x[candidates].detach())
                 verified = self.attack.success_margin(
-                    self.model(x[candidates].detach()), labels[candidates]).to(x.dtype)
+                    verified_logits, labels[candidates]).to(x.dtype)
         good = candidates[verified > 0]
         if good.numel() == 0:
             return
         best.set_rows(rows[good], x[good], verified[verified > 0])
+        self._record(rows[good], verified_logits[verified > 0], distance[good])
         self.finished[rows[good]] = iteration
         self._retired[good] = True
         self.active = rows[~self._retired]
 
     def extras(self) -> dict[str, Tensor]:
+        """``finished_iteration``, and the returned images' logits and size when every row
+        has a kept iterate (:data:`KNOWN_LOGITS`, :data:`KNOWN_SIZE`)."""
         total = self.attack.num_iterations * getattr(self.attack, "num_lambdas", 1)
-        return {"finished_iteration": torch.where(self.finished < 0, total, self.finished)}
+        extras = {"finished_iteration": torch.where(self.finished < 0, total, self.finished)}
+        if self.logits is not None and bool(self.known.all()):
+            extras[KNOWN_LOGITS] = self.logits
+            extras[KNOWN_SIZE] = self.size
+        return extras
 
 
 def _reduced_precision() -> bool:
@@ -821,8 +872,8 @@ class FastLagrangianPerceptualAttack(LpipsAttack):
         """``bound``: the first step is one bound long in LPIPS, decaying to ``bound/10``."""
         return self.bound
 
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
+    def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
+                            generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         ball = self._ball(model, images)
         adversarial = self._start(images, generator)
         steps = self.num_iterations
@@ -837,7 +888,11 @@ class FastLagrangianPerceptualAttack(LpipsAttack):
             step = lpips_step(ball.features, adversarial, gradient,
                               self.step_size * 0.1 ** progress)
             adversarial = (adversarial + step).clamp(0, 1)
-        return adversarial
+        return adversarial, self._known(ball, adversarial)
+
+    def perturb(self, model: Model, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+        return self.perturb_with_extras(model, images, labels, generator)[0]
 
 
 # --------------------------------------------------------------------------------------------

@@ -537,3 +537,29 @@ def test_runs_on_cuda_with_a_cpu_generator(digits_model, digits32):
         again = attack(model, images, labels, generator=seeded(3)).adversarial
         assert first.is_cuda and torch.allclose(first, again, atol=1e-5)
         assert attack.perturbation_size(images, first).is_cuda
+
+
+@pytest.mark.parametrize("name", ["ppgd", "lpa", "fast_lpa"])
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_reused_logits_and_size_match_a_fresh_measurement(digits_model, digits_batch, name,
+                                                          early_stop):
+    """The result's logits and size come from inside the attack (no recomputation): they must
+    be those of the returned images."""
+    images, labels = digits_batch
+    images, labels = images[:8], labels[:8]
+    params = {"num_iterations": 3}
+    if name == "fast_lpa" and not early_stop:
+        pytest.skip("fast_lpa has no early stop")
+    if name != "fast_lpa":
+        params["early_stop"] = "true" if early_stop else "false"
+    if name == "lpa":
+        params["num_lambdas"] = 2
+    attack = parse_attack(self_spec(name, **params))
+    result = attack(digits_model, images, labels, generator=seeded(0))
+    assert "_logits" not in result.extras and "_size" not in result.extras
+    with torch.no_grad():
+        logits = digits_model(result.adversarial)
+    size = attack.perturbation_size(images, result.adversarial, digits_model)
+    assert torch.allclose(result.logits, logits, atol=1e-4)
+    assert torch.allclose(result.size, size, atol=1e-5, rtol=1e-4)
+    assert torch.equal(result.success, logits.argmax(1) != labels)
