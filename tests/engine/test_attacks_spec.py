@@ -185,3 +185,33 @@ def test_parametric_adam_steps_match_torch_optim_adam():
         torch.nn.functional.cross_entropy(model(reference), labels, reduction="sum").backward()
         optimizer.step()
         assert torch.allclose(seen[step + 1], reference.detach(), atol=1e-12), step
+
+
+def test_jpeg_chroma_subsampling_transform_and_attack(digits_model, digits_batch):
+    from engine.attacks.jpeg import JPEGTransform
+
+    torch.manual_seed(0)
+    transform = JPEGTransform(16, 16, dtype=torch.float64, subsample=True)
+    like = torch.zeros(2, 3, 16, 16, dtype=torch.float64)
+    delta = (torch.rand(2, 3, 16, 16, dtype=torch.float64) * 2 - 1) * transform.mask(like)
+    pixels = transform.pixels(delta)
+    # chroma changes are constant over 2×2 pixels, and the transform round-trips
+    ycbcr = torch.einsum("ij,njhw->nihw", transform.to_ycbcr, pixels)
+    assert torch.allclose(ycbcr[:, 1:, ::2, ::2], ycbcr[:, 1:, 1::2, 1::2], atol=1e-12)
+    assert torch.allclose(transform.coefficients(pixels), delta, atol=1e-10)
+    assert torch.equal(transform.pixels(torch.zeros_like(delta)), torch.zeros_like(pixels))
+    with pytest.raises(EngineError, match="multiples of 16"):
+        JPEGTransform(24, 24, subsample=True)
+
+    images, labels = digits_batch
+    images, labels = images[:8], labels[:8]
+    for projection in ("exact", "clip"):
+        attack = parse_attack(f"jpeg:bound=0.5,num_iterations=5,chroma_subsampling=true,"
+                              f"projection={projection}")
+        result = attack(digits_model, images, labels, generator=torch.Generator().manual_seed(0))
+        assert bool((result.extras["coefficient_linf"] <= 0.5 * (1 + 1e-5)).all())
+        if projection == "exact":
+            size = attack.perturbation_size(images, result.adversarial)
+            assert bool((size <= 0.5 * (1 + 1e-4)).all()), size
+    plain = parse_attack("jpeg:bound=0.5,num_iterations=5")
+    assert plain.chroma_subsampling is False
