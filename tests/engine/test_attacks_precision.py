@@ -6,6 +6,7 @@ reverse-mode AD in float64), and the attacks' own float32 runs on the same input
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -150,3 +151,30 @@ def test_early_exit_is_verified_in_fp32_on_the_returned_point(scaled_alexnet, ph
     with torch.autocast("cpu", dtype=torch.bfloat16):
         slow = full(classifier, photos, labels, generator=torch.Generator().manual_seed(0))
     assert bool((slow.extras["finished_iteration"] == total).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", [None, torch.bfloat16, torch.float16],
+                         ids=["default-flags", "bf16-autocast", "fp16-autocast"])
+def test_cuda_slope_and_gauss_newton_product_match_float64(alexnet_lpips, photos, autocast):
+    """On CUDA with PyTorch's default flags (TF32 convolutions) and under autocast."""
+    cuda = copy.deepcopy(alexnet_lpips).cuda()
+    x = photos.cuda()
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).cuda()
+    v = v / v.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    jv_ref, jtj_ref = _reference_products(alexnet_lpips, photos, v.cpu())
+    features = _features(cuda)
+    assert torch.backends.cudnn.allow_tf32  # PyTorch's default, which exact_precision overrides
+    context = (torch.autocast("cuda", dtype=autocast) if autocast is not None
+               else contextlib.nullcontext())
+    with context:
+        slope = lpips_slope(features, x, v)
+        leaf = x.clone().requires_grad_(True)
+        with exact_precision():
+            phi = features(leaf)
+        product = jtj_operator(phi, leaf)(v)
+    slope_error = float(((slope.double().cpu() - jv_ref.norm(dim=1)).abs()
+                         / jv_ref.norm(dim=1)).max())
+    assert slope_error < 1e-3, slope_error
+    assert _relative(product.cpu(), jtj_ref) < 1e-3
+    assert torch.backends.cudnn.allow_tf32  # restored
