@@ -36,7 +36,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--bounds",
             help="comma-separated bounds applied to every --spec, named (small,medium,large,"
-            "cifar10: PAT tables 4 and 2) or numeric, e.g. --bounds small,medium,large",
+            "cifar10: PAT tables 4 and 2; ppgd/lpa/fast_lpa then use AlexNet LPIPS), numeric,"
+            " or VALUE@LABEL, e.g. --bounds small,medium,large or --bounds 0.31@human_medium",
         )
         parser.add_argument(
             "--images",
