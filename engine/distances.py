@@ -192,6 +192,7 @@ class LPIPS(nn.Module):
             self.register_buffer(f"lin{i}", weights.detach().reshape(1, -1, 1, 1).clone())
         self.frozen = frozen
         self.returns_logits = returns_logits
+        self._single_runs_checked = False  # set by the first complete forward pass
         self._description = dict(description or {})
         if frozen:
             self.network.requires_grad_(False)
@@ -282,7 +283,9 @@ class LPIPS(nn.Module):
         """One forward pass of the network; returns its output and the normalised features.
 
         ``features_only``: stop the pass once every LPIPS layer has run (the rest of a
-        classifier, e.g. AlexNet's 58M-parameter head, is skipped); the output is then None.
+        classifier, e.g. AlexNet's 58M-parameter head, is skipped; the output is then None)
+        — from the second pass on, after a complete pass has checked that no LPIPS layer
+        runs twice per pass.
         """
         reference = next(iter(self.network.parameters()), None)
         if reference is not None and (reference.device, reference.dtype) != (x.device, x.dtype):
@@ -291,7 +294,9 @@ class LPIPS(nn.Module):
                 f" {reference.dtype} on {reference.device}; move it with lpips.to(images)"
             )
         output = None
-        with self._capture(stop_when_done=features_only and self.returns_logits) as captured:
+        # Stop early only once a full pass has shown that no LPIPS layer runs twice per pass.
+        stop = features_only and self.returns_logits and self._single_runs_checked
+        with self._capture(stop_when_done=stop) as captured:
             try:
                 output = self.network(x)
             except _FeaturesDone:
@@ -299,6 +304,8 @@ class LPIPS(nn.Module):
         missing = [name for name in self.layers if name not in captured]
         if missing:
             raise EngineError(f"LPIPS layers {missing} did not run in the network's forward pass")
+        if not stop:
+            self._single_runs_checked = True
         return output, [captured[name] for name in self.layers]
 
     @contextmanager

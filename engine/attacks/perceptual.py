@@ -524,7 +524,10 @@ class LpipsAttack(Attack):
             self._networks["last_model"] = weakref.ref(model)
         except TypeError:  # a callable without weak references
             self._networks.pop("last_model", None)
-        return super().__call__(model, images, labels, generator=generator)
+        try:
+            return super().__call__(model, images, labels, generator=generator)
+        finally:  # never keep this call's clean pass (and so the model) alive
+            self._networks.pop("natural", None)
 
     def clean_logits(self, model: Model, images: Tensor) -> Tensor:
         """Self-bounded: the logits and φ(natural) from one full-precision pass (φ kept for
@@ -534,15 +537,16 @@ class LpipsAttack(Attack):
         lpips = self.lpips_network(images, model)
         with exact_precision():
             logits, features = lpips.logits_and_features(images, check=False)
-        self._networks["natural"] = (images, flatten_features(features))
+        self._networks["natural"] = (images, flatten_features(features), lpips)
         return logits
 
     def _ball(self, model: Model, images: Tensor) -> LpipsBall:
         known = self._networks.pop("natural", None)
-        natural = known[1] if known is not None and known[0] is images else None
-        ball = LpipsBall(model, self.lpips_network(images, model), images,
-                         self_bounded=self.self_bounded, natural_features=natural)
-        return ball
+        if known is not None and known[0] is images:  # this call's clean pass
+            return LpipsBall(model, known[2], images, self_bounded=self.self_bounded,
+                             natural_features=known[1])
+        return LpipsBall(model, self.lpips_network(images, model), images,
+                         self_bounded=self.self_bounded)
 
     def _known(self, ball: LpipsBall, adversarial: Tensor) -> dict[str, Tensor]:
         """The logits and LPIPS size of the returned images from one pass (self-bounded; the
