@@ -602,13 +602,15 @@ class PerceptualPGD(LpipsAttack):
     """Perceptual PGD (PAT appendix A.1, Algorithm 1).
 
     Each of ``num_iterations`` steps solves ``JᵀJ δ = ∇f`` with ``cg_iterations`` conjugate
-    gradient iterations (``J``: Jacobian of the LPIPS features at the iterate, products by a
-    exact products, see :func:`solve_jtj`), scales ``δ`` to LPIPS length ``step_size``
-    (measured by the exact slope ``‖Jδ‖``), clamps to ``[0, 1]`` and projects onto the LPIPS ball of
+    gradient iterations (``J``: Jacobian of the LPIPS features at the iterate; exact
+    products, see :func:`solve_jtj`), scales ``δ`` to LPIPS length ``step_size`` (measured
+    by the exact slope ``‖Jδ‖``), clamps to ``[0, 1]`` and projects onto the LPIPS ball of
     radius ``bound`` (``projection``). Returns, per image, the iterate inside the ball with the
-    highest success margin. Defaults as in the authors' code: ``step_size = 2·bound /
-    num_iterations``, ``cg_iterations=5``, Newton projection, margin loss clamped at
-    ``kappa=1``; start ``x + 0.01·N(0, 1)``.
+    highest success margin; with ``early_stop`` (default) an image stops at its first iterate
+    inside the ball that is misclassified (verified in full precision), and that iterate is
+    returned (``extras["finished_iteration"]``). Defaults as in the authors' code:
+    ``step_size = 2·bound / num_iterations``, ``cg_iterations=5``, Newton projection, margin
+    loss clamped at ``kappa=1``; start ``x + 0.01·N(0, 1)``.
     """
 
     loss: str = param("margin", kind="choice", choices=LOSSES,
@@ -780,7 +782,11 @@ class LagrangianPerceptualAttack(LpipsAttack):
     images outside the ball after each of ``num_lambdas`` rounds (PAT: S=5, ``λ`` up to 100);
     rounds continue from the previous iterate. Finally the last iterate is projected onto the
     ball; the result is, per image, the best (highest success margin) among every iterate seen
-    inside the ball and the projected last one — always within ``bound``.
+    inside the ball and the projected last one — always within ``bound``. With ``early_stop``
+    (default) an image stops at its first iterate inside the ball that is misclassified
+    (verified in full precision; the authors stop too, on the post-step point), and that
+    iterate is returned; ``extras["finished_iteration"]`` counts the steps taken (all
+    ``num_iterations·num_lambdas`` when it never stopped).
     """
 
     loss: str = param("margin", kind="choice", choices=LOSSES,
