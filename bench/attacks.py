@@ -102,7 +102,8 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
         Case("fast_lpa", "Fast-LPA",
              f"fast_lpa:bound={b},num_iterations={args.iterations},{lpips}", args.iterations,
              reference=dict(bound=b, num_iterations=args.iterations),
-             note="their defaults otherwise: lam=10, h=0.1, kappa=inf, projection='none'"),
+             note="their defaults otherwise: lam=10, h=0.1 (ours: exact slope), kappa=inf,"
+                  " projection='none'"),
     ]
     if args.model == "alexnet":
         cases.append(Case(
@@ -118,12 +119,14 @@ def build_cases(args: argparse.Namespace) -> list[Case]:
              args.lpa_iterations * args.lpa_lambdas,
              reference=dict(bound=b, num_iterations=args.lpa_iterations,
                             binary_steps=args.lpa_lambdas),
-             note="their defaults: 20 iterations × 5 λ rounds, h=0.1, kappa=1, Newton projection"),
+             note="their defaults: 20 iterations × 5 λ rounds, h=0.1 (ours: exact slope),"
+                  " kappa=1, Newton projection; both stop an image once it succeeds"),
         Case("ppgd", "PPGD",
              f"ppgd:bound={b},num_iterations={args.ppgd_iterations},cg_iterations=5,{lpips}",
              args.ppgd_iterations,
              reference=dict(bound=b, num_iterations=args.ppgd_iterations, cg_iterations=5),
-             note="5 CG steps, h=1e-3, kappa=1, step 2·bound/iterations, Newton projection"),
+             note="5 CG steps, h=1e-3 (ours: exact products), kappa=1, step 2·bound/iterations,"
+                  " Newton projection; ours stops an image once it succeeds"),
     ]
     wanted = args.attacks.split(",") if args.attacks else None
     if wanted:
@@ -579,11 +582,14 @@ FAIRNESS = """\
   respect to the input only in both cases.
 - Our times include the `Attack.__call__` protocol (input checks, one clean and one final
   classifier forward pass to return logits and success); theirs return images only.
-- Differences of algorithm kept as each side ships them: the reference LPA stops attacking an
-  image once it is misclassified inside the bound (ours runs every iteration and keeps the best
-  iterate); the reference Newton projection uses overshoot 0.1 (ours 0.02·bound) and ours
-  verifies its result (falling back to bisection); the reference Fast-LPA schedules use t/N,
-  ours t/(N−1). Random starts are both x + 0.01·N(0, 1) but from different generators.
+- Differences of algorithm kept as each side ships them: both LPAs stop attacking an image
+  once it is misclassified inside the bound, ours also PPGD (`early_stop=true`, our default),
+  and ours checks that on the iterate it returns, where the reference keeps the post-step
+  point; our LPIPS slopes and CG products are exact (forward-mode / double-backward AD), the
+  reference's are finite differences (h = 0.1 slopes, h = 1e-3 CG products); the reference
+  Newton projection uses overshoot 0.1 (ours 0.02·bound) and ours verifies its result (falling
+  back to bisection); the reference Fast-LPA schedules use t/N, ours t/(N−1). Random starts
+  are both x + 0.01·N(0, 1) but from different generators.
 - The networks are UNTRAINED (no pretrained weights offline): their logits are nearly flat, so
   success rates are high for every attack and say little about strength; the mean margin
   (max other logit − label logit, positive = misclassified) is the finer signal.

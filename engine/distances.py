@@ -13,6 +13,7 @@ AlexNet and VGG-16 with ``linear=True`` and then reproduces the ``lpips`` packag
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import math
@@ -32,6 +33,8 @@ from .models import ImageClassifier, NetworkSpec, Normalize, build_backbone, par
 __all__ = [
     "LPIPS",
     "build_lpips",
+    "exact_precision",
+    "lpips_layers",
     "flatten_features",
     "l2_distance",
     "linf_distance",
@@ -122,6 +125,8 @@ LPIPS_PACKAGE_SHIFT = (-0.030, -0.088, -0.188)
 LPIPS_PACKAGE_SCALE = (0.458, 0.448, 0.450)
 #: Which file of ``lpips/weights/v0.1/`` holds the linear calibration for an architecture.
 LINEAR_WEIGHT_FILES = {"alexnet": "alex.pth", "vgg16": "vgg.pth"}
+#: Seed of every untrained LPIPS backbone built by :func:`build_lpips`.
+UNTRAINED_SEED = 0
 
 
 def normalize_channels(activations: Tensor, eps: float = 1e-10) -> Tensor:
@@ -187,6 +192,7 @@ class LPIPS(nn.Module):
             self.register_buffer(f"lin{i}", weights.detach().reshape(1, -1, 1, 1).clone())
         self.frozen = frozen
         self.returns_logits = returns_logits
+        self._single_runs_checked = False  # set by the first complete forward pass
         self._description = dict(description or {})
         if frozen:
             self.network.requires_grad_(False)
@@ -237,7 +243,7 @@ class LPIPS(nn.Module):
         """
         if check:
             check_images(x)
-        return self._run(x)[1]
+        return self._run(x, features_only=True)[1]
 
     def logits_and_features(self, x: Tensor, *, check: bool = True
                             ) -> tuple[Tensor, list[Tensor]]:
@@ -269,25 +275,41 @@ class LPIPS(nn.Module):
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         """LPIPS distance ``[N]`` between image batches ``x``, ``y`` ``[N, 3, H, W]`` in [0, 1]."""
         check_pair(x, y)
-        return self.distance_from_features(self._run(x)[1], self._run(y)[1])
+        return self.distance_from_features(self._run(x, features_only=True)[1],
+                                           self._run(y, features_only=True)[1])
 
-    def _run(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """One forward pass of the network; returns its output and the normalised features."""
+    def _run(self, x: Tensor, *, features_only: bool = False
+             ) -> tuple[Tensor | None, list[Tensor]]:
+        """One forward pass of the network; returns its output and the normalised features.
+
+        ``features_only``: stop the pass once every LPIPS layer has run (the rest of a
+        classifier, e.g. AlexNet's 58M-parameter head, is skipped; the output is then None)
+        — from the second pass on, after a complete pass has checked that no LPIPS layer
+        runs twice per pass.
+        """
         reference = next(iter(self.network.parameters()), None)
         if reference is not None and (reference.device, reference.dtype) != (x.device, x.dtype):
             raise EngineError(
                 f"images are {x.dtype} on {x.device} but the LPIPS network is"
                 f" {reference.dtype} on {reference.device}; move it with lpips.to(images)"
             )
-        with self._capture() as captured:
-            output = self.network(x)
+        output = None
+        # Stop early only once a full pass has shown that no LPIPS layer runs twice per pass.
+        stop = features_only and self.returns_logits and self._single_runs_checked
+        with self._capture(stop_when_done=stop) as captured:
+            try:
+                output = self.network(x)
+            except _FeaturesDone:
+                pass
         missing = [name for name in self.layers if name not in captured]
         if missing:
             raise EngineError(f"LPIPS layers {missing} did not run in the network's forward pass")
+        if not stop:
+            self._single_runs_checked = True
         return output, [captured[name] for name in self.layers]
 
     @contextmanager
-    def _capture(self) -> Iterator[dict[str, Tensor]]:
+    def _capture(self, stop_when_done: bool = False) -> Iterator[dict[str, Tensor]]:
         """Forward hooks, only for the duration of one pass, that collect normalised outputs.
 
         Normalising inside the hook reads each output before later in-place operations (e.g.
@@ -305,6 +327,8 @@ class LPIPS(nn.Module):
                 if not isinstance(output, Tensor) or output.dim() < 2:
                     raise EngineError(f"LPIPS layer {name!r} must output a [N, C, ...] tensor")
                 captured[name] = normalize_channels(output)
+                if stop_when_done and len(captured) == len(self.layers):
+                    raise _FeaturesDone
 
             return hook
 
@@ -317,6 +341,10 @@ class LPIPS(nn.Module):
         finally:
             for handle in handles:
                 handle.remove()
+
+
+class _FeaturesDone(Exception):
+    """Raised by a capture hook once every LPIPS layer has run (ends a features-only pass)."""
 
 
 def flatten_features(features: Sequence[Tensor]) -> Tensor:
@@ -339,12 +367,50 @@ def _check_layer_names(network: nn.Module, layers: Sequence[str]) -> None:
 # --------------------------------------------------------------------------- standard backbones
 
 
+@contextmanager
+def exact_precision() -> Iterator[None]:
+    """Run LPIPS (and its derivatives) in the tensors' own precision, whatever the caller set.
+
+    Inside: autocast is off (CPU and CUDA) and TF32 is off for CUDA matmuls and cuDNN
+    convolutions; the previous settings are restored on exit. The perceptual attacks compute
+    their LPIPS distances, Jacobian-vector products and projections in here, so that
+    ``torch.autocast`` (bf16/fp16) or PyTorch's default TF32 convolutions on CUDA only affect
+    the classifier, never the geometry of the LPIPS ball. Nestable; cheap (flag flips only).
+    """
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.autocast("cpu", enabled=False))
+            if torch.cuda.is_available():
+                stack.enter_context(torch.autocast("cuda", enabled=False))
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+def lpips_layers(arch: str, backbone: nn.Module) -> list[str]:
+    """Names of the standard LPIPS layers of a torchvision ``backbone`` of architecture ``arch``.
+
+    Dotted module names inside the torchvision network (e.g. ``features.1`` … ``features.11``
+    for AlexNet's 5 ReLUs, ``layer1`` … ``layer4`` for a ResNet), usable with
+    :class:`LPIPS` / :meth:`LPIPS.from_model` once prefixed by the wrapper's attribute
+    (``network.``). :class:`EngineError` for an architecture without a known layout.
+    """
+    return _trunk(arch, backbone)[1]
+
+
 def _trunk(arch: str, backbone: nn.Module) -> tuple[dict[str, nn.Module], list[str]]:
     """The backbone cut after its last LPIPS layer (named as in torchvision) and those layers."""
     if arch == "alexnet":  # the 5 ReLU outputs of `features`
         taps = [i for i, m in enumerate(backbone.features) if isinstance(m, nn.ReLU)]
     elif arch.startswith("vgg"):  # the ReLU right before each max-pool (relu1_2 ... relu5_3)
         taps = [i - 1 for i, m in enumerate(backbone.features) if isinstance(m, nn.MaxPool2d)]
+    elif arch == "alexnet_cifar":  # PAT's CifarAlexNet: the ReLUs of its 5 convolutions
+        taps = [i for i, m in enumerate(backbone.features) if isinstance(m, nn.ReLU)]
     elif arch.startswith(("resnet", "wide_resnet")):  # conv2_x ... conv5_x
         stem = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         return {name: getattr(backbone, name) for name in stem}, stem[4:]
@@ -384,7 +450,9 @@ def build_lpips(spec: str | NetworkSpec, *, linear: bool = False) -> LPIPS:
 
     Raises :class:`EngineError` for an unknown backbone or an unsupported ``linear``, and
     :class:`WeightsUnavailableError` (from :func:`engine.models.build_backbone`) when
-    pretrained weights cannot be loaded. Untrained backbones use torch's global RNG: seed it.
+    pretrained weights cannot be loaded. Untrained backbones are initialised from seed
+    :data:`UNTRAINED_SEED` (torch's global RNG untouched), so ``alexnet:untrained`` is the
+    same network for an attack's bound and for the distances recorded with its stimuli.
     """
     if isinstance(spec, str):
         spec = parse_network(spec)
@@ -394,6 +462,12 @@ def build_lpips(spec: str | NetworkSpec, *, linear: bool = False) -> LPIPS:
             f" not {spec.arch!r}; use linear=False"
         )
     linear_weights = _lpips_package_linear_weights(spec.arch) if linear else None
+    if not spec.pretrained:  # the same untrained network in every process and every caller
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(UNTRAINED_SEED)
+            backbone = build_backbone(spec)
+    else:
+        backbone = build_backbone(spec)
     if linear:  # (2x − 1 − shift) / scale == (x − (1 + shift) / 2) / (scale / 2)
         normalize = Normalize(
             mean=[(1 + s) / 2 for s in LPIPS_PACKAGE_SHIFT],
@@ -401,7 +475,7 @@ def build_lpips(spec: str | NetworkSpec, *, linear: bool = False) -> LPIPS:
         )
     else:
         normalize = Normalize()
-    parts, layers = _trunk(spec.arch, build_backbone(spec))
+    parts, layers = _trunk(spec.arch, backbone)
     network = nn.Sequential(OrderedDict([("normalize", normalize), *parts.items()]))
     description = {"lpips_model": spec.arch, "lpips_weights": spec.weights_label}
     return LPIPS(network, layers, linear_weights=linear_weights, description=description)

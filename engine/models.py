@@ -6,6 +6,11 @@ Networks are named by spec strings ``ARCH[:WEIGHTS]``:
   through the torchvision weights API (``torch.hub`` cache, see :func:`weights_cache_path`).
 - ``resnet50:untrained`` — the same architecture at its (seeded) random initialisation. Only
   used when asked for explicitly; every result records which was used.
+- ``alexnet_cifar:/path/to/weights.pt`` — PAT's CIFAR-10 AlexNet
+  (:class:`engine.architectures.AlexNetCIFAR`, the LPIPS network of PAT's CIFAR-10 bounds)
+  with weights read from that file (a state dict, or the authors' checkpoint
+  ``{'model': state}`` of their ``AlexNetFeatureModel``); ``alexnet_cifar:untrained`` for
+  its random initialisation. There is no download: a missing file is an error.
 
 Every network returned here takes images in ``[0, 1]`` (``[N, 3, H, W]``): ImageNet
 normalisation is part of the module, so attacks and distances never normalise themselves.
@@ -38,7 +43,10 @@ KNOWN_ARCHITECTURES = (
     "resnet101",
     "resnet152",
     "wide_resnet50_2",
+    "alexnet_cifar",
 )
+#: Architectures whose trained weights come from a file path (``ARCH:/path/to/weights.pt``).
+FILE_WEIGHT_ARCHITECTURES = ("alexnet_cifar",)
 WEIGHT_CHOICES = ("pretrained", "untrained")
 
 
@@ -48,15 +56,22 @@ class NetworkSpec:
 
     arch: str
     pretrained: bool = True
+    #: Weights file of a :data:`FILE_WEIGHT_ARCHITECTURES` network (None otherwise).
+    path: str | None = None
 
     @property
     def weights_label(self) -> str:
-        """What to record about the weights: torchvision's enum name, or ``untrained``."""
+        """What to record about the weights: torchvision's enum name, the weights file's
+        path, or ``untrained``."""
         if not self.pretrained:
             return "untrained"
+        if self.path is not None:
+            return self.path
         return str(torchvision.models.get_model_weights(self.arch).DEFAULT).split(".")[-1]
 
     def __str__(self) -> str:
+        if self.path is not None:
+            return f"{self.arch}:{self.path}"
         return f"{self.arch}:{'pretrained' if self.pretrained else 'untrained'}"
 
 
@@ -71,6 +86,17 @@ def parse_network(spec: str) -> NetworkSpec:
         raise EngineError(
             f"unknown network {arch!r}; known networks: {', '.join(KNOWN_ARCHITECTURES)}"
         )
+    if arch in FILE_WEIGHT_ARCHITECTURES:
+        raw = spec.strip().partition(":")[2].strip()
+        if weights == "untrained":
+            return NetworkSpec(arch=arch, pretrained=False)
+        if not raw or weights == "pretrained":
+            raise EngineError(
+                f"network {arch!r} needs its weights file: write '{arch}:/path/to/weights.pt'"
+                f" (PAT's CIFAR-10 AlexNet, trained on CIFAR-10; there is no download) or"
+                f" '{arch}:untrained'"
+            )
+        return NetworkSpec(arch=arch, pretrained=True, path=raw)
     if weights not in WEIGHT_CHOICES:
         raise EngineError(
             f"unknown weights {weights!r} in network spec {spec!r}; use one of {WEIGHT_CHOICES}"
@@ -92,6 +118,8 @@ def build_backbone(spec: NetworkSpec | str) -> nn.Module:
     """
     if isinstance(spec, str):
         spec = parse_network(spec)
+    if spec.arch in FILE_WEIGHT_ARCHITECTURES:
+        return _build_from_file(spec)
     if not spec.pretrained:
         return torchvision.models.get_model(spec.arch, weights=None).eval()
     weights = torchvision.models.get_model_weights(spec.arch).DEFAULT
@@ -107,6 +135,49 @@ def build_backbone(spec: NetworkSpec | str) -> nn.Module:
             f" explicitly for an untrained network with '{spec.arch}:untrained'."
         ) from exc
     return model.eval()
+
+
+def _build_from_file(spec: NetworkSpec) -> nn.Module:
+    """PAT's CIFAR-10 AlexNet, untrained or with the weights of ``spec.path``."""
+    from .architectures import AlexNetCIFAR  # owned by the defenses code; import lazily
+
+    network = AlexNetCIFAR()
+    if not spec.pretrained:
+        return network.eval()
+    path = os.path.expanduser(spec.path or "")
+    if not os.path.isfile(path):
+        raise WeightsUnavailableError(
+            f"weights file {spec.path!r} for {spec.arch!r} not found. PAT's CIFAR-10 bounds"
+            " (bound=cifar10) are measured with a CIFAR-10-trained AlexNet: give the path of"
+            " its state dict (the authors publish alexnet_cifar.pt with perceptual-advex), or"
+            f" ask explicitly for '{spec.arch}:untrained'"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsUnavailableError(
+            f"could not read weights file {path!r} for {spec.arch!r}"
+            f" ({type(exc).__name__}: {exc})"
+        ) from exc
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]  # the authors' checkpoint of their AlexNetFeatureModel
+    elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"{path!r} holds no state dict for {spec.arch!r}")
+    cleaned = {}
+    for key, value in state.items():
+        for prefix in ("module.", "model."):
+            key = key.removeprefix(prefix)
+        if key.startswith(("features.", "classifier.")):
+            cleaned[key] = value
+    try:
+        network.load_state_dict(cleaned)
+    except RuntimeError as exc:
+        raise WeightsUnavailableError(
+            f"{path!r} does not hold {spec.arch} weights (features.* / classifier.*): {exc}"
+        ) from exc
+    return network.eval()
 
 
 class Normalize(nn.Module):

@@ -36,7 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attacks import parse_attack
-from .attacks.presets import is_preset
+from .attacks.spec import bound_label as spec_bound_label
 from .data import SourceImage
 from .distances import LPIPS, pairwise_distances
 from .errors import EngineError
@@ -150,12 +150,48 @@ def condition_slug(spec: str) -> str:
 
 
 def bound_label(spec: str) -> str:
-    """The named bound of a spec as written (``linf:bound=small`` → ``small``), else ``""``."""
-    for piece in spec.partition(":")[2].split(","):
-        key, _, value = piece.partition("=")
-        if key.strip() == "bound" and is_preset(value):
-            return value.strip().lower()
-    return ""
+    """The label of a spec's bound as written: a named bound (``linf:bound=small`` →
+    ``small``), a labelled number (``ppgd:bound=0.31@human_medium`` → ``human_medium``), else
+    ``""`` (see :func:`engine.attacks.spec.bound_label`)."""
+    return spec_bound_label(spec)
+
+
+#: Attacks with a hard LPIPS bound: truncating toward the natural image does not bound
+#: LPIPS, so :func:`fit_stored` shrinks the few stored perturbations that 8 bits push over.
+STORED_WITHIN_BOUND = ("ppgd", "lpa")
+FIT_STEPS = 8
+
+
+def fit_stored(attack, natural_u8: np.ndarray, natural: torch.Tensor, adversarial_u8: np.ndarray,
+               classifier: ImageClassifier, device: torch.device) -> np.ndarray:
+    """8-bit images within ``attack.bound`` as measured by ``attack.perturbation_size``.
+
+    Images already within are unchanged. For the others, bisects (``FIT_STEPS`` steps) the
+    largest ``α`` such that ``natural + α·(stored − natural)``, truncated toward the natural
+    image, is within the bound (α = 0, the natural image itself, always is).
+    """
+    with torch.no_grad():
+        size = attack.perturbation_size(natural, from_uint8(adversarial_u8, device), classifier)
+    over = np.flatnonzero((size > attack.bound * (1 + 1e-4)).cpu().numpy())
+    if over.size == 0:
+        return adversarial_u8
+    fitted = adversarial_u8.copy()
+    base = natural_u8[over].astype(np.float64)
+    delta = adversarial_u8[over].astype(np.float64) - base
+    low, high = np.zeros(over.size), np.ones(over.size)
+    best = natural_u8[over].copy()
+    for _ in range(FIT_STEPS):
+        middle = (low + high) / 2
+        candidate = (base + np.trunc(middle[:, None, None, None] * delta)).astype(np.uint8)
+        with torch.no_grad():
+            sizes = attack.perturbation_size(natural[torch.as_tensor(over)],
+                                             from_uint8(candidate, device), classifier)
+        inside = (sizes <= attack.bound * (1 + 1e-4)).cpu().numpy()
+        best[inside] = candidate[inside]
+        low = np.where(inside, middle, low)
+        high = np.where(inside, high, middle)
+    fitted[over] = best
+    return fitted
 
 
 def autocast_context(autocast: str | None, device: torch.device):
@@ -282,11 +318,14 @@ def generate_stimuli(
         with autocast_context(autocast, device):
             result = attack(classifier, natural, labels[start:stop], generator=generator)
         adversarial_u8 = quantize_toward(natural_u8[start:stop], result.adversarial)
+        if attack.name in STORED_WITHIN_BOUND:
+            adversarial_u8 = fit_stored(attack, natural_u8[start:stop], natural, adversarial_u8,
+                                        classifier, device)
         shown = from_uint8(adversarial_u8, device)  # measure what is stored and shown
         with torch.no_grad():
             predicted = classifier(shown).argmax(1)
             distances = pairwise_distances(natural, shown, lpips_models)
-            stored_size = attack.perturbation_size(natural, shown)
+            stored_size = attack.perturbation_size(natural, shown, classifier)
         size = result.size  # as the attack optimised it (float images / its own parameters)
         measures = {  # per-image scalars the attack reports (flow_linf, lattice_smoothness ...)
             k: v.float().cpu().tolist() for k, v in result.extras.items() if v.dim() == 1

@@ -19,6 +19,7 @@ from django.conf import settings
 from django.db import transaction
 
 from engine.attacks import parse_attack
+from engine.attacks.spec import expand_specs as spec_expand_specs
 from engine.data import load_sources
 from engine.distances import build_lpips
 from engine.errors import EngineError, WeightsUnavailableError
@@ -52,22 +53,9 @@ class GenerationRequest:
 
 
 def expand_specs(specs: list[str], bounds: list[str] | None) -> tuple[str, ...]:
-    """Each spec once per named or numeric bound in ``bounds`` (specs must then omit ``bound``).
-
-    ``expand_specs(["linf", "l2:num_iterations=20"], ["small", "large"])`` gives four specs.
-    Without ``bounds`` the specs are returned unchanged.
-    """
-    if not bounds:
-        return tuple(specs)
-    out = []
-    for spec in specs:
-        name, _, rest = spec.partition(":")
-        keys = [p.partition("=")[0].strip() for p in rest.split(",") if p.strip()]
-        if "bound" in keys:
-            raise EngineError(f"spec {spec!r} sets bound itself; drop it or drop --bounds")
-        for bound in bounds:
-            out.append(f"{name}:bound={bound}" + (f",{rest}" if rest.strip() else ""))
-    return tuple(out)
+    """Each spec once per bound in ``bounds``: :func:`engine.attacks.spec.expand_specs`
+    (names, numbers, or ``VALUE@LABEL``; the specs must then omit ``bound``)."""
+    return spec_expand_specs(specs, bounds)
 
 
 @dataclass(frozen=True)

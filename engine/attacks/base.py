@@ -223,6 +223,14 @@ class AttackResult:
         return float(self.success.float().mean())
 
 
+#: Reserved keys of :meth:`Attack.perturb_with_extras`'s extras: the logits ``[N, C]`` and the
+#: size ``[N]`` of the returned images when the attack already has them (measured on exactly
+#: those images); :meth:`Attack.__call__` then uses them instead of recomputing, and drops
+#: the keys from :attr:`AttackResult.extras`.
+KNOWN_LOGITS = "_logits"
+KNOWN_SIZE = "_size"
+
+
 class BestIterate:
     """Keeps, per image, the iterate with the highest success margin seen so far.
 
@@ -240,7 +248,20 @@ class BestIterate:
     def update(self, images: Tensor, margin: Tensor) -> None:
         better = margin.detach() > self.margin
         self.margin = torch.where(better, margin.detach(), self.margin)
-        self.images = torch.where(better[:, None, None, None], images.detach(), self.images)
+        shape = (-1, *([1] * (images.dim() - 1)))  # any [N, ...] tensor (images, parameters)
+        self.images = torch.where(better.view(shape), images.detach(), self.images)
+
+    def update_rows(self, rows: Tensor, images: Tensor, margin: Tensor) -> None:
+        """:meth:`update` for the images ``rows`` (``[k]`` indices) only."""
+        better = margin.detach().to(self.margin.dtype) > self.margin[rows]
+        chosen = rows[better]
+        self.margin[chosen] = margin.detach().to(self.margin.dtype)[better]
+        self.images[chosen] = images.detach()[better].to(self.images.dtype)
+
+    def set_rows(self, rows: Tensor, images: Tensor, margin: Tensor) -> None:
+        """Make ``images`` the kept iterate of ``rows`` whatever was kept before."""
+        self.margin[rows] = margin.detach().to(self.margin.dtype)
+        self.images[rows] = images.detach().to(self.images.dtype)
 
 
 def noise_uniform(
@@ -416,9 +437,13 @@ class Attack(ABC):
     #: threat models whose bound is on parameters rather than on the images (StAdv's flow).
     size_extra: ClassVar[str | None] = None
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor | None:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> Tensor | None:
         """Size of ``other - natural`` per image (``[N]``) in the units of ``bound``, or None
-        where the threat model has no such closed-form size. Lp attacks return the norm."""
+        where the threat model has no such closed-form size. Lp attacks return the norm.
+
+        One signature for every attack: ``model`` is the attacked classifier, needed only
+        where it defines the size (a self-bounded LPIPS attack); others ignore it."""
         return None
 
     def perturb_with_extras(
@@ -457,6 +482,12 @@ class Attack(ABC):
         return grad, logits.detach()
 
     # -- the call ------------------------------------------------------------------------
+
+    def clean_logits(self, model: Model, images: Tensor) -> Tensor:
+        """The model's logits on the natural ``images`` (called by :meth:`__call__` under
+        ``no_grad`` before :meth:`perturb`); an attack that computes more in the same pass
+        (a self-bounded LPIPS attack: φ(natural)) overrides it and keeps the rest."""
+        return model(images)
 
     @abstractmethod
     def perturb(
@@ -498,7 +529,7 @@ class Attack(ABC):
         labels = labels.clone() if labels.is_inference() else labels
         with eval_mode(model):
             with torch.no_grad():
-                clean_logits = model(images)
+                clean_logits = self.clean_logits(model, images)
             _check_logits(clean_logits, labels, "targets" if self.targeted else "labels")
             extras: dict[str, Tensor] = {}
             if self.bound == 0:
@@ -508,12 +539,16 @@ class Attack(ABC):
                     adversarial, extras = self.perturb_with_extras(model, images, labels, generator)
                 adversarial = adversarial.detach()
                 extras = {k: v.detach() for k, v in extras.items()}
+            known_logits = extras.pop(KNOWN_LOGITS, None)
+            known_size = extras.pop(KNOWN_SIZE, None)
             with torch.no_grad():
-                logits = model(adversarial)
+                logits = model(adversarial) if known_logits is None else known_logits
                 if self.size_extra is not None:
                     size = extras.get(self.size_extra, torch.zeros_like(labels, dtype=images.dtype))
+                elif known_size is not None:
+                    size = known_size
                 else:
-                    size = self.perturbation_size(images, adversarial)
+                    size = self.perturbation_size(images, adversarial, model)
         return AttackResult(
             adversarial=adversarial,
             success=self.is_success(logits, labels),
@@ -525,6 +560,75 @@ class Attack(ABC):
 
     def __str__(self) -> str:
         return self.spec
+
+
+#: ``optimizer`` choices of the parametric attacks (StAdv, ReColorAdv).
+OPTIMIZERS = ("sign", "adam")
+#: Adam's constants (PyTorch's defaults, as PAT's mister_ed/recoloradv optimisers use).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def parametric_ascent(
+    attack: Attack,
+    model: Model,
+    labels: Tensor,
+    start: Tensor,
+    *,
+    project: Callable[[Tensor], tuple[Tensor, Tensor]],
+    render: Callable[[Tensor, Tensor], Tensor],
+    penalty: Callable[[Tensor], Tensor] | None = None,
+    optimizer: str = "sign",
+) -> tuple[Tensor, Tensor]:
+    """The loop shared by the attacks whose variable is a parameter tensor (StAdv's flow,
+    ReColorAdv's lattice, JPEG's coefficients): ascend ``attack.objective − penalty`` for
+    ``attack.num_iterations`` steps and keep, per image, the iterate with the highest
+    success margin (:class:`BestIterate`).
+
+    - ``start`` ``[N, ...]``: the initial parameters (projected first).
+    - ``project(params) → (images, params)``: the parameters mapped into the threat model
+      and the images they make (no gradient needed).
+    - ``render(params, images) → images``: differentiable in ``params``; its value is the
+      ``images`` of the projection (e.g. a straight-through estimate past a clip).
+    - ``penalty(params) → [N]``: subtracted from the objective (smoothness), or None.
+    - ``optimizer``: ``sign`` (``params + step_size·sign(∇)``) or ``adam`` (Adam ascent with
+      learning rate ``step_size``, :data:`ADAM_BETAS`, per-element moments), each followed
+      by ``project``.
+
+    Returns ``(best images [N, 3, H, W], best parameters [N, ...])``.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise EngineError(f"unknown optimizer {optimizer!r}; choose one of {OPTIMIZERS}")
+    images, params = project(start)
+    best_images, best_params = BestIterate(images), BestIterate(params)
+    first = second = None
+    beta1, beta2 = ADAM_BETAS
+    for step in range(1, attack.num_iterations + 1):
+        params = params.detach().requires_grad_(True)
+        logits = model(render(params, images))
+        objective = attack.objective(logits, labels)
+        if penalty is not None:
+            objective = objective - penalty(params)
+        (grad,) = torch.autograd.grad(objective.sum(), params)
+        margin = attack.success_margin(logits.detach(), labels)
+        best_images.update(images, margin)
+        best_params.update(params, margin)
+        with torch.no_grad():
+            if optimizer == "sign":
+                moved = params + attack.step_size * grad.sign()
+            else:
+                first = grad * (1 - beta1) if first is None else first.lerp(grad, 1 - beta1)
+                squared = grad * grad
+                second = squared * (1 - beta2) if second is None else (
+                    second.lerp(squared, 1 - beta2))
+                corrected = (second / (1 - beta2**step)).sqrt_().add_(ADAM_EPS)
+                moved = params + attack.step_size / (1 - beta1**step) * first / corrected
+        images, params = project(moved.detach())
+    with torch.no_grad():
+        margin = attack.success_margin(model(images), labels)
+    best_images.update(images, margin)
+    best_params.update(params, margin)
+    return best_images.images, best_params.images
 
 
 class ParametricAttack(Attack):

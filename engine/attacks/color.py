@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from kornia.color import luv_to_rgb, rgb_to_luv
 from torch import Tensor
 
-from .base import LOSSES, BestIterate, Model, ParametricAttack, noise_uniform, param
+from .base import (
+    LOSSES,
+    OPTIMIZERS,
+    Model,
+    ParametricAttack,
+    noise_uniform,
+    param,
+    parametric_ascent,
+)
 from .registry import register_attack
 
 #: Added under the square root of the smoothness terms, as in ``recoloradv.norms``.
@@ -157,11 +165,12 @@ class ReColorAdv(ParametricAttack):
     ``step_size · sign(∇)`` and clips. Default ``step_size`` is ``2.5 · bound /
     num_iterations``. Returns per image the iterate with the highest success margin.
 
-    Differences from PAT/recoloradv: PAT optimises with Adam (lr 0.001, 20 iterations)
-    rather than sign steps; recoloradv interpolates the *absolute* lattice colours and clips
-    lattice points into ``[0, 1]`` and the sRGB gamut, here the lattice holds offsets (so a
-    zero lattice is exactly the identity even for colours outside ``[0, 1]³``) and the final
-    sRGB image is clamped to ``[0, 1]`` instead.
+    ``optimizer=adam`` takes PAT's Adam steps instead (default ``step_size`` = PAT's lr
+    0.001). Differences from PAT/recoloradv: the default is sign steps; recoloradv
+    interpolates the *absolute* lattice colours and clips lattice points into ``[0, 1]``
+    and the sRGB gamut, here the lattice holds offsets (so a zero lattice is exactly the
+    identity even for colours outside ``[0, 1]³``) and the final sRGB image is clamped to
+    ``[0, 1]`` instead.
 
     The bound is on the colour function, which cannot be recovered from the images, so
     :meth:`perturbation_size` returns None; :meth:`perturb_with_extras` returns the lattice
@@ -181,7 +190,17 @@ class ReColorAdv(ParametricAttack):
     resolution_y: int = param(32, kind="int", minimum=2, doc="lattice points along u* (>= 2)")
     resolution_z: int = param(32, kind="int", minimum=2, doc="lattice points along v* (>= 2)")
 
+    optimizer: str = param("sign", kind="choice", choices=OPTIMIZERS,
+                           doc="sign (sign-gradient PGD) or adam (PAT: Adam, lr 0.001)")
+
+    #: PAT's Adam learning rate for ReColorAdv (lattice in normalised LUV units).
+    ADAM_LR = 0.001
+
     size_extra: ClassVar[str | None] = "lattice_linf"
+
+    def default_step_size(self) -> float:
+        """``2.5·bound / num_iterations`` for sign steps; PAT's lr 0.001 for Adam."""
+        return self.ADAM_LR if self.optimizer == "adam" else super().default_step_size()
 
     def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
                             generator: torch.Generator | None
@@ -195,27 +214,18 @@ class ReColorAdv(ParametricAttack):
         else:
             lattice = images.new_zeros(shape)
         weight = self.smoothness / self.bound
-        best_images = BestIterate(apply_color_lattice(images, lattice))
-        best_lattice = BestIterate(lattice.flatten(2, 3))  # BestIterate keeps 4-D tensors
-        for _ in range(self.num_iterations):
-            lattice = lattice.detach().requires_grad_(True)
-            adversarial = apply_color_lattice(images, lattice)
-            logits = model(adversarial)
-            objective = self.objective(logits, labels) - weight * lattice_smoothness(lattice)
-            (grad,) = torch.autograd.grad(objective.sum(), lattice)
-            margin = self.success_margin(logits.detach(), labels)
-            best_images.update(adversarial, margin)
-            best_lattice.update(lattice.flatten(2, 3), margin)
-            lattice = (lattice.detach() + self.step_size * grad.sign()).clamp(
-                -self.bound, self.bound
-            )
-        with torch.no_grad():
-            adversarial = apply_color_lattice(images, lattice)
-            margin = self.success_margin(model(adversarial), labels)
-        best_images.update(adversarial, margin)
-        best_lattice.update(lattice.flatten(2, 3), margin)
-        lattice = best_lattice.images.view(shape)
-        return best_images.images, {
+
+        def project(lattice: Tensor) -> tuple[Tensor, Tensor]:
+            lattice = lattice.clamp(-self.bound, self.bound)
+            with torch.no_grad():
+                return apply_color_lattice(images, lattice), lattice
+
+        best_images, lattice = parametric_ascent(
+            self, model, labels, lattice, project=project,
+            render=lambda lattice, _: apply_color_lattice(images, lattice),
+            penalty=lambda lattice: weight * lattice_smoothness(lattice),
+            optimizer=self.optimizer)
+        return best_images, {
             "lattice": lattice,
             "lattice_linf": lattice.flatten(1).abs().amax(dim=1),
             "lattice_smoothness": lattice_smoothness(lattice),

@@ -51,7 +51,7 @@ from kornia.color import rgb_to_ycbcr
 from torch import Tensor
 
 from ..errors import EngineError
-from .base import BestIterate, Model, ParametricAttack, noise_uniform, param
+from .base import Model, ParametricAttack, noise_uniform, param, parametric_ascent
 from .registry import register_attack
 
 #: JPEG block size.
@@ -102,13 +102,16 @@ def dct_matrix(size: int = BLOCK, *, dtype: torch.dtype = torch.float32,
     return matrix.to(dtype=dtype, device=device)
 
 
-def check_block_size(height: int, width: int) -> None:
-    """:class:`EngineError` unless the height and width are multiples of :data:`BLOCK`."""
-    if height % BLOCK or width % BLOCK:
+def check_block_size(height: int, width: int, multiple: int = BLOCK) -> None:
+    """:class:`EngineError` unless the height and width are multiples of ``multiple``
+    (:data:`BLOCK`; 16 with chroma subsampling)."""
+    if height % multiple or width % multiple:
+        why = " (chroma subsampling: 8×8 blocks of half-resolution chroma)" if (
+            multiple != BLOCK) else ""
         raise EngineError(
-            f"the JPEG attack needs image height and width that are multiples of {BLOCK},"
-            f" got {height}×{width}; crop or resize the images first (e.g. to"
-            f" {height - height % BLOCK}×{width - width % BLOCK})"
+            f"the JPEG attack needs image height and width that are multiples of"
+            f" {multiple}{why}, got {height}×{width}; crop or resize the images first (e.g. to"
+            f" {height - height % multiple}×{width - width % multiple})"
         )
 
 
@@ -175,8 +178,9 @@ class JPEGTransform:
     under bf16 autocast the DCT matmuls would lose ~3 digits, enough to leave the bound."""
 
     def __init__(self, height: int, width: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None):
-        check_block_size(height, width)
+                 device: torch.device | str | None = None, subsample: bool = False):
+        check_block_size(height, width, 2 * BLOCK if subsample else BLOCK)
+        self.subsample = subsample
         self.dtype = dtype
         self.dct = dct_matrix(dtype=dtype, device=device)
         self.to_ycbcr = ycbcr_matrix(dtype=dtype, device=device)
@@ -188,22 +192,70 @@ class JPEGTransform:
         self.scale = coefficient_scale(height, width, dtype=dtype, device=device)
 
     @classmethod
-    def like(cls, x: Tensor) -> JPEGTransform:
+    def like(cls, x: Tensor, *, subsample: bool = False) -> JPEGTransform:
         """The transform for tensors shaped, typed and placed like ``x``."""
-        return cls(*x.shape[-2:], dtype=_working_dtype(x), device=x.device)
+        return cls(*x.shape[-2:], dtype=_working_dtype(x), device=x.device, subsample=subsample)
 
     def coefficients(self, difference: Tensor) -> Tensor:
-        """RGB difference → coefficient change in ``bound`` units (same dtype as given)."""
+        """RGB difference → coefficient change in ``bound`` units (same dtype as given).
+
+        With chroma subsampling (4:2:0) the Cb/Cr coefficients are those of the 2×2-averaged
+        chroma planes; they fill the top-left ``H/2 × W/2`` quarter of channels 1 and 2, the
+        rest of those channels is 0 (one ``[N, 3, H, W]`` layout for both modes)."""
         with torch.autocast(device_type=difference.device.type, enabled=False):
             ycbcr = torch.einsum("ij,njhw->nihw", self.to_ycbcr, difference.to(self.dtype))
-            return (block_dct(ycbcr, self.dct) / self.scale).to(difference.dtype)
+            if not self.subsample:
+                return (block_dct(ycbcr, self.dct) / self.scale).to(difference.dtype)
+            height, width = ycbcr.shape[-2:]
+            out = torch.zeros_like(ycbcr)
+            out[:, :1] = block_dct(ycbcr[:, :1], self.dct) / self.scale[:1]
+            chroma = torch.nn.functional.avg_pool2d(ycbcr[:, 1:], 2)
+            out[:, 1:, : height // 2, : width // 2] = (
+                block_dct(chroma, self.dct) / self.scale[1:, : height // 2, : width // 2])
+            return out.to(difference.dtype)
 
     def pixels(self, coefficients: Tensor) -> Tensor:
-        """Coefficient change in ``bound`` units → RGB difference (same dtype as given)."""
+        """Coefficient change in ``bound`` units → RGB difference (same dtype as given);
+        with subsampling, each chroma value is repeated over its 2×2 pixels (only the
+        top-left quarter of the chroma channels is read)."""
+        dtype = coefficients.dtype
         with torch.autocast(device_type=coefficients.device.type, enabled=False):
-            ycbcr = block_idct(coefficients.to(self.dtype) * self.scale, self.dct)
+            coefficients = coefficients.to(self.dtype)
+            if not self.subsample:
+                ycbcr = block_idct(coefficients * self.scale, self.dct)
+            else:
+                height, width = coefficients.shape[-2:]
+                luma = block_idct(coefficients[:, :1] * self.scale[:1], self.dct)
+                quarter = (coefficients[:, 1:, : height // 2, : width // 2]
+                           * self.scale[1:, : height // 2, : width // 2])
+                chroma = block_idct(quarter, self.dct).repeat_interleave(2, dim=-2)
+                ycbcr = torch.cat([luma, chroma.repeat_interleave(2, dim=-1)], dim=1)
             rgb = torch.einsum("ij,njhw->nihw", self.to_rgb, ycbcr)
-            return rgb.to(coefficients.dtype)
+            return rgb.to(dtype)
+
+    def mask(self, like: Tensor) -> Tensor:
+        """``[1, 3, H, W]`` 1 where a coefficient exists in this layout, else 0."""
+        mask = torch.ones_like(like[:1])
+        if self.subsample:
+            height, width = like.shape[-2:]
+            mask[:, 1:] = 0
+            mask[:, 1:, : height // 2, : width // 2] = 1
+        return mask
+
+    def region_largest(self, coefficients: Tensor) -> Tensor:
+        """Per image and pixel region (8×8, or 16×16 with subsampling), the largest
+        ``|coefficient|`` that depends on it, broadcast back to ``[N, 1, H, W]``."""
+        if not self.subsample:
+            largest = _to_blocks(coefficients.abs()).amax(dim=(1, -2, -1), keepdim=True)
+            return _from_blocks(largest.expand(*largest.shape[:4], BLOCK, BLOCK))
+        height, width = coefficients.shape[-2:]
+        side = 2 * BLOCK
+        luma = coefficients[:, :1].abs()
+        luma = luma.reshape(-1, 1, height // side, side, width // side, side).amax(dim=(3, 5))
+        quarter = coefficients[:, 1:, : height // 2, : width // 2].abs()
+        chroma = _to_blocks(quarter).amax(dim=(1, -2, -1))[:, None]
+        largest = torch.maximum(luma, chroma)  # [N, 1, H/16, W/16]
+        return largest.repeat_interleave(side, dim=-2).repeat_interleave(side, dim=-1)
 
 
 def jpeg_coefficients(difference: Tensor) -> Tensor:
@@ -247,9 +299,8 @@ def project_jpeg(images: Tensor, coefficients: Tensor, bound: float,
             adversarial = (images + transform.pixels(coefficients)).clamp(0, 1)
         coefficients = transform.coefficients(adversarial - images)
         if bound > 0:
-            largest = _to_blocks(coefficients.abs()).amax(dim=(1, -2, -1), keepdim=True)
-            shrink = (bound / largest.clamp_min(1e-30)).clamp(max=1.0)  # [N,1,H/8,W/8,1,1]
-            shrink = _from_blocks(shrink.expand(*shrink.shape[:4], BLOCK, BLOCK))
+            largest = transform.region_largest(coefficients)  # [N, 1, H, W]
+            shrink = (bound / largest.clamp_min(1e-30)).clamp(max=1.0)
         else:
             shrink = torch.zeros_like(images[:, :1])
         adversarial = images + (adversarial - images) * shrink
@@ -290,8 +341,12 @@ class JPEGLinf(ParametricAttack):
       ``δ``), so this threat model is larger, and stronger on images with many black or white
       pixels (16×16 digits, bound 1, 20 iterations: ~86% success vs ~64% for ``exact``).
 
-    Height and width must be multiples of 8 (:class:`EngineError` otherwise). Chroma is not
-    subsampled (advex-uar subsamples it 4:2:0, which also blurs colour at δ = 0).
+    Height and width must be multiples of 8 (:class:`EngineError` otherwise).
+    ``chroma_subsampling=true`` perturbs Cb/Cr as advex-uar does, 4:2:0: their coefficients
+    are those of the 2×2-averaged chroma planes (8×8 blocks at half resolution, each chroma
+    change repeated over 2×2 pixels; H, W multiples of 16). Unlike advex-uar, δ = 0 is still
+    the identity (advex-uar's pipeline also blurs the natural image's colour). Default false:
+    chroma per 8×8 full-resolution block.
 
     ``perturbation_size(natural, other)`` measures the coefficient change from the images
     alone (``<= bound`` for ``exact``; may exceed it for ``clip``). :meth:`perturb_with_extras`
@@ -304,14 +359,23 @@ class JPEGLinf(ParametricAttack):
             " after decoding)",
     )
 
+    chroma_subsampling: bool = param(
+        False, kind="bool",
+        doc="4:2:0 chroma as advex-uar: Cb/Cr coefficients of 2×2-averaged chroma (H, W"
+            " multiples of 16)",
+    )
+
     def default_step_size(self) -> float:
         """Kang et al.'s ``bound / sqrt(num_iterations)``."""
         return self.bound / math.sqrt(self.num_iterations)
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> Tensor:
         """Per-image ``max |δ|`` (``[N]``): the JPEG-L∞ size of ``other − natural`` in bound
         units (needs H, W multiples of 8)."""
-        return jpeg_coefficients(other - natural).flatten(1).abs().amax(dim=1)
+        difference = other - natural
+        transform = JPEGTransform.like(difference, subsample=self.chroma_subsampling)
+        return transform.coefficients(difference).flatten(1).abs().amax(dim=1)
 
     def _project(self, images: Tensor, delta: Tensor,
                  transform: JPEGTransform) -> tuple[Tensor, Tensor]:
@@ -328,32 +392,23 @@ class JPEGLinf(ParametricAttack):
         """:meth:`perturb` (same contract), plus ``{"coefficients": δ [N, 3, H, W],
         "coefficient_linf": max |δ| [N]}`` of the returned images, in bound units (for
         ``projection=clip``: the δ before clipping the pixels)."""
-        transform = JPEGTransform.like(images)  # checks the size
+        transform = JPEGTransform.like(images, subsample=self.chroma_subsampling)  # checks size
         if self.random_start:
             start = (2 * noise_uniform(images.shape, generator, images) - 1) * self.bound
+            start = start * transform.mask(images)
         else:
             start = torch.zeros_like(images)
-        adversarial, delta = self._project(images, start, transform)
-        best_images, best_delta = BestIterate(adversarial), BestIterate(delta)
-        for _ in range(self.num_iterations):
-            delta = delta.detach().requires_grad_(True)
-            pixels = transform.pixels(delta)
+
+        def render(delta: Tensor, adversarial: Tensor) -> Tensor:
             # value: exactly ``adversarial``; gradient: through the (linear) JPEG transform,
             # not through the projection (as Lp PGD ignores its clamp)
-            logits = model(adversarial + (pixels - pixels.detach()))
-            (grad,) = torch.autograd.grad(self.objective(logits, labels).sum(), delta)
-            margin = self.success_margin(logits.detach(), labels)
-            best_images.update(adversarial, margin)
-            best_delta.update(delta, margin)
-            adversarial, delta = self._project(
-                images, delta.detach() + self.step_size * grad.sign(), transform
-            )
-        with torch.no_grad():
-            margin = self.success_margin(model(adversarial), labels)
-        best_images.update(adversarial, margin)
-        best_delta.update(delta, margin)
-        delta = best_delta.images
-        return best_images.images, {
+            pixels = transform.pixels(delta)
+            return adversarial + (pixels - pixels.detach())
+
+        best_images, delta = parametric_ascent(
+            self, model, labels, start,
+            project=lambda delta: self._project(images, delta, transform), render=render)
+        return best_images, {
             "coefficients": delta,
             "coefficient_linf": delta.flatten(1).abs().amax(dim=1),
         }

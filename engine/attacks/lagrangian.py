@@ -23,7 +23,6 @@ from torch import Tensor
 
 from ..errors import EngineError
 from .base import LOSSES, Attack, Model, noise_normal, param
-from .presets import register_presets
 from .registry import register_attack
 
 #: Standard deviation of the random start ``δ ~ N(0, σ²)`` (0.01 in the authors' code).
@@ -63,7 +62,8 @@ class LagrangianAttack(Attack):
         """``bound``: the paper's initial step ``α``."""
         return self.bound
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> None:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> None:
         """None: the Lagrangian attack penalises ``‖δ‖₂`` but has no bound to compare with."""
         return None
 
@@ -90,4 +90,3 @@ class LagrangianAttack(Attack):
         return adversarial
 
 
-register_presets("lagrangian", {"cifar10": 0.15})

@@ -72,7 +72,8 @@ class LinfPGD(_LpPGD):
     ``2.5 * bound / num_iterations``.
     """
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> Tensor:
         """Per-image L∞ distance ``max |other - natural|`` (``[N]``)."""
         return (other - natural).flatten(1).abs().amax(dim=1)
 
@@ -97,7 +98,8 @@ class L2PGD(_LpPGD):
     ``step_size`` is ``2.5 * bound / num_iterations``.
     """
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> Tensor:
         """Per-image L2 distance over all ``3 * H * W`` values (``[N]``)."""
         return (other - natural).flatten(1).norm(dim=1)
 

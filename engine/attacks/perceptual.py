@@ -23,18 +23,24 @@ in the authors' code):
   each projected back onto the LPIPS ball (``projection``: ``newton``, Algorithm 4, or
   ``bisection``, Algorithm 5).
 - ``lpa`` (A.2): normalised gradient ascent on ``L − λ·max(0, d − ε)`` with a per-image search
-  over ``λ ∈ {10⁻², …, 10^(num_lambdas−3)}``, steps measured in LPIPS by a finite difference,
-  and a final projection: every output is within the bound.
+  over ``λ ∈ {10⁻², …, 10^(num_lambdas−3)}``, steps measured in LPIPS by the exact slope
+  ``‖J u‖``, and a final projection: every output is within the bound.
 - ``fast_lpa`` (A.3): one pass with ``λ`` rising geometrically from ``lam/10`` to ``lam`` and
   no projection — outputs MAY lie outside the bound (made for training, not evaluation).
 - ``lpips_oa`` (OA-AT, Addepalli et al., section 4): L∞ PGD on cross-entropy minus
   ``lam·LPIPS(x, x̃)`` — its ``bound`` is an L∞ radius in ``[0, 1]`` pixel units.
 
-Cost per iteration, in forward (F) and backward (B) passes of the classifier (self-bounded;
-externally bounded adds the LPIPS network's passes): Fast-LPA 2F + 1B (the PGD loop is 1F + 1B);
-LPA 2F + 1B; PPGD (cg_iterations + 3)F + (cg_iterations + 1)B plus the projection (bisection:
+Cost per iteration, in passes of the classifier (self-bounded; externally bounded adds the
+LPIPS network's passes): Fast-LPA and LPA 1F + 1B + one forward-mode JVP (≈ 2.5F) for the
+exact slope (the PGD loop is 1F + 1B); PPGD 1F + 1B, one double-backward build, then per CG
+step one double-backward and one backward, plus the slope JVP and the projection (bisection:
 10 F; Newton: 1F + 1B per step, usually 1–3 steps, on the images outside the ball only);
-lpips_oa 1F + 1B. The natural images' features cost one extra forward pass per call.
+lpips_oa 1F + 1B.
+
+Precision: the LPIPS features, every Jacobian product and the projections run under
+:func:`engine.distances.exact_precision` (autocast and TF32 off), so reduced precision only
+affects the classifier's own gradient (self-bounded: the classifier is the LPIPS network and
+runs in full precision). The natural images' features cost one extra forward pass per call.
 
 Written here rather than taken from ``perceptual-advex``: we need the shared
 :class:`~engine.attacks.base.Attack` protocol, lazy per-instance LPIPS networks (no global
@@ -56,10 +62,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from ..distances import LPIPS, _trunk, build_lpips, flatten_features
+from ..distances import LPIPS, build_lpips, exact_precision, flatten_features, lpips_layers
 from ..errors import EngineError
 from ..models import KNOWN_ARCHITECTURES, ImageClassifier, parse_network
 from .base import (
+    KNOWN_LOGITS,
+    KNOWN_SIZE,
     LOSSES,
     Attack,
     BestIterate,
@@ -71,7 +79,6 @@ from .base import (
     param,
     per_image_norm,
 )
-from .presets import BOUND_PRESETS, register_presets
 from .registry import register_attack
 
 #: ``lpips_model`` value for a self-bounded attack (the classifier defines LPIPS).
@@ -111,8 +118,8 @@ class _LpipsModelInfo(ParamInfo):
             raise EngineError(
                 f"{name} must be 'self' or a network spec like 'alexnet', got {value!r}"
             )
-        text = value.strip().lower()
-        if text == SELF:
+        text = value.strip()
+        if text.lower() == SELF:
             return SELF
         try:
             return str(parse_network(text))
@@ -141,22 +148,31 @@ class LpipsBall:
     valid; finite-difference points may sit a hair outside ``[0, 1]``).
     """
 
-    def __init__(self, model: Model, lpips: LPIPS, natural: Tensor, *, self_bounded: bool):
+    def __init__(self, model: Model, lpips: LPIPS, natural: Tensor, *, self_bounded: bool,
+                 natural_features: Tensor | None = None):
         self.model = model
         self.lpips = lpips
         self.self_bounded = self_bounded
-        with torch.no_grad():
-            self.natural = self.features(natural)
+        if natural_features is not None:  # already computed (e.g. with the clean logits)
+            self.natural = natural_features.detach()
+        else:
+            with torch.no_grad():
+                self.natural = self.features(natural)
 
     def features(self, x: Tensor) -> Tensor:
-        """PAT's flattened ``φ(x)`` ``[N, M]`` (differentiable unless under ``no_grad``)."""
-        return flatten_features(self.lpips.features(x, check=False))
+        """PAT's flattened ``φ(x)`` ``[N, M]`` (differentiable unless under ``no_grad``), in
+        ``x``'s precision whatever autocast/TF32 say (:func:`exact_precision`)."""
+        with exact_precision():
+            return flatten_features(self.lpips.features(x, check=False))
 
     def logits_and_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Classifier logits and ``φ(x)``: one forward pass when self-bounded."""
+        """Classifier logits and ``φ(x)``: one forward pass when self-bounded (then the
+        classifier runs in full precision too, since it *is* the LPIPS network); externally
+        bounded, the classifier runs under the caller's autocast and ``φ`` in full precision."""
         if self.self_bounded:
-            logits, features = self.lpips.logits_and_features(x, check=False)
-            return logits, flatten_features(features)
+            with exact_precision():
+                logits, features = self.lpips.logits_and_features(x, check=False)
+                return logits, flatten_features(features)
         return self.model(x), self.features(x)
 
     def subset(self, rows: Tensor) -> LpipsBall:
@@ -185,79 +201,97 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
-def solve_jtj(
-    features: Tensor,
-    leaf: Tensor,
-    feature_fn: Callable[[Tensor], Tensor],
-    rhs: Tensor,
-    *,
-    iterations: int,
-    h: float,
-) -> Tensor:
+def feature_jvp(feature_fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
+    """Exact ``J v`` ``[N, M]``: the derivative of ``φ = feature_fn`` at ``x`` along ``v``.
+
+    Forward-mode AD (``torch.func.jvp``), in the inputs' precision with autocast and TF32 off
+    (:func:`engine.distances.exact_precision`). One forward-mode pass, measured at about 2.5
+    inference passes on CPU (AlexNet, 96 px).
+    """
+    with exact_precision():
+        _, product = torch.func.jvp(feature_fn, (x.detach(),), (v.detach(),))
+    return product
+
+
+def jtj_operator(features: Tensor, leaf: Tensor) -> Callable[[Tensor], Tensor]:
+    """The exact Gauss–Newton product ``v ↦ JᵀJ v`` (``[N, 3, H, W]`` → same), ``J`` the
+    Jacobian of ``features`` (``[N, M]``, with their graph) w.r.t. ``leaf``.
+
+    ``Jv`` by the double-backward trick (``g(u) = Jᵀu`` built once with ``create_graph``;
+    ``Jv = ∂⟨g(u), v⟩/∂u``), then ``Jᵀ(Jv)`` by a backward pass through the retained graph;
+    everything under :func:`~engine.distances.exact_precision`. Per image (rows independent).
+    """
+    with exact_precision():
+        dummy = torch.zeros_like(features, requires_grad=True)
+        (transposed,) = torch.autograd.grad(features, leaf, grad_outputs=dummy,
+                                            create_graph=True, retain_graph=True)
+
+    def jtj(v: Tensor) -> Tensor:
+        with exact_precision():
+            (jv,) = torch.autograd.grad(transposed, dummy, grad_outputs=v.detach(),
+                                        retain_graph=True)
+            (product,) = torch.autograd.grad(features, leaf, grad_outputs=jv.detach(),
+                                             retain_graph=True)
+        return product
+
+    return jtj
+
+
+def solve_jtj(features: Tensor, leaf: Tensor, rhs: Tensor, *, iterations: int) -> Tensor:
     """Approximately solve ``(JᵀJ) δ = rhs`` per image by conjugate gradient (PAT eq. 12).
 
     ``J`` is the Jacobian of the features at ``leaf`` (``[N, 3, H, W]``, requires grad);
-    ``features`` is ``feature_fn(leaf)`` ``[N, M]`` *with its autograd graph*, reused by every
-    product. ``JᵀJ v`` is computed as in PAT's MultiplyJacobian: ``Jv`` by a forward finite
-    difference ``(φ(x + h·v̂) − φ(x)) / h · ‖v‖`` along the unit direction ``v̂`` (one
-    inference pass), then ``Jᵀ(Jv)`` by one backward pass through the retained graph. The
-    right-hand side is scaled to unit norm inside the solver (CG is linear in it), so ``h``
-    is an L2 step in ``[0, 1]`` pixel units whatever the gradient's scale. Starts at
-    ``δ = 0`` (so PAT's ``r₀ = ∇f − JᵀJ·0`` needs no product). Returns ``δ`` like ``rhs``.
+    ``features`` ``[N, M]`` are ``φ(leaf)`` *with their autograd graph* (built under
+    :func:`~engine.distances.exact_precision`). Each product ``JᵀJ v`` is exact: ``Jv`` by the
+    double-backward trick (``g(u) = Jᵀu`` is built once with ``create_graph``, linear in
+    ``u``, and ``Jv = ∂⟨g(u), v⟩/∂u`` is one backward pass through it), then ``Jᵀ(Jv)`` by one
+    backward pass through the retained graph. Starts at ``δ = 0``; the right-hand side is
+    scaled to unit norm inside (CG is linear in it). Returns ``δ`` like ``rhs``.
 
-    Why a finite difference for ``Jv``: it is the cheapest product. Measured on CPU for a
-    ResNet-18 (32 images, 64 px), one ``Jv`` took 124 ms by finite difference (an inference
-    pass), 282 ms by the double-backward trick and 419 ms by forward-mode
-    ``torch.func.jvp``; the exact products agree with each other to 1e-7 and the finite
-    difference is within a few percent (ReLU kinks) — accurate enough for 5 CG steps.
+    Why double-backward and not forward mode here: measured on CPU (untrained AlexNet LPIPS,
+    8 images of 96 px, one thread), a ``Jv`` by ``torch.func.jvp`` costs 79 ms; by double
+    backward 57 ms per product plus 45 ms once per solve to build ``g`` — cheaper from the
+    second product on (PAT's K = 5). Both agree with a float64 reference to 5e-7; the finite
+    difference this replaces (h = 1e-3) was 165× off under bf16 autocast.
     """
-    x = leaf.detach()
-    base = features.detach()
     scale = per_image_norm(rhs)
-    rhs = rhs / scale.clamp_min(_TINY)
-
-    def jtj(v: Tensor) -> Tensor:
-        norm = per_image_norm(v)
-        with torch.no_grad():
-            jv = (feature_fn(x + (h / norm.clamp_min(_TINY)) * v) - base) * (norm.flatten(1) / h)
-        (product,) = torch.autograd.grad(features, leaf, grad_outputs=jv, retain_graph=True)
-        return product
-
-    delta = torch.zeros_like(rhs)
-    residual = rhs
-    direction = rhs
-    rr = _dot(residual, residual)
-    for k in range(iterations):
-        product = jtj(direction)
-        curvature = _dot(direction, product)
-        alpha = torch.where(curvature > 0, rr / curvature.clamp_min(_TINY), torch.zeros_like(rr))
-        delta = delta + _bcast(alpha, delta) * direction
-        if k == iterations - 1:
-            break
-        residual = residual - _bcast(alpha, delta) * product
-        rr_next = _dot(residual, residual)
-        beta = torch.where(rr > 0, rr_next / rr.clamp_min(_TINY), torch.zeros_like(rr))
-        direction = residual + _bcast(beta, delta) * direction
-        rr = rr_next
+    rhs = (rhs / scale.clamp_min(_TINY)).detach()
+    jtj = jtj_operator(features, leaf)
+    with exact_precision():
+        delta = torch.zeros_like(rhs)
+        residual = rhs
+        direction = rhs
+        rr = _dot(residual, residual)
+        for k in range(iterations):
+            product = jtj(direction)
+            curvature = _dot(direction, product)
+            alpha = torch.where(curvature > 0, rr / curvature.clamp_min(_TINY),
+                                torch.zeros_like(rr))
+            delta = delta + _bcast(alpha, delta) * direction
+            if k == iterations - 1:
+                break
+            residual = residual - _bcast(alpha, delta) * product
+            rr_next = _dot(residual, residual)
+            beta = torch.where(rr > 0, rr_next / rr.clamp_min(_TINY), torch.zeros_like(rr))
+            direction = residual + _bcast(beta, delta) * direction
+            rr = rr_next
     return delta * scale
 
 
-def lpips_slope(feature_fn: Callable[[Tensor], Tensor], x: Tensor, features: Tensor,
-                direction: Tensor, h: float) -> Tensor:
-    """``‖φ(x + h·u) − φ(x)‖ / h`` ``[N]`` for unit directions ``u`` (PAT's ``m``): LPIPS per unit
-    of L2 movement along ``direction``, by one inference pass. ``features`` is ``φ(x)``."""
-    with torch.no_grad():
-        moved = feature_fn(x + h * direction)
-        return torch.linalg.vector_norm(moved - features, dim=1) / h
+def lpips_slope(feature_fn: Callable[[Tensor], Tensor], x: Tensor, direction: Tensor) -> Tensor:
+    """``‖J u‖`` ``[N]`` for unit directions ``u``: LPIPS per unit of L2 movement along
+    ``direction`` at ``x`` (PAT's ``m``, here the exact derivative instead of the authors'
+    finite difference), by one forward-mode pass (:func:`feature_jvp`)."""
+    return torch.linalg.vector_norm(feature_jvp(feature_fn, x, direction), dim=1)
 
 
-def lpips_step(feature_fn: Callable[[Tensor], Tensor], x: Tensor, features: Tensor,
-               direction: Tensor, size: Tensor | float, h: float) -> Tensor:
+def lpips_step(feature_fn: Callable[[Tensor], Tensor], x: Tensor, direction: Tensor,
+               size: Tensor | float) -> Tensor:
     """The move ``(size / m)·u`` that is ``size`` long in LPIPS to first order, ``u`` the
     direction scaled to unit L2 norm per image (zero where the direction or slope is zero)."""
     norm = per_image_norm(direction)
     unit = direction / norm.clamp_min(_TINY)
-    slope = lpips_slope(feature_fn, x, features, unit, h)
+    slope = lpips_slope(feature_fn, x, unit).to(x.dtype)
     size = torch.as_tensor(size, dtype=x.dtype, device=x.device).expand_as(slope)
     length = torch.where((slope > 0) & (norm.flatten() > 0), size / slope.clamp_min(_TINY),
                          torch.zeros_like(slope))
@@ -265,6 +299,7 @@ def lpips_step(feature_fn: Callable[[Tensor], Tensor], x: Tensor, features: Tens
 
 
 @torch.no_grad()
+@exact_precision()
 def project_bisection(ball: LpipsBall, natural: Tensor, adversarial: Tensor, bound: float,
                       *, steps: int = BISECTION_STEPS, distance: Tensor | None = None) -> Tensor:
     """PAT Algorithm 5: per image outside the ball, bisect ``α`` on ``x + α(x̃ − x)``.
@@ -293,6 +328,7 @@ def project_bisection(ball: LpipsBall, natural: Tensor, adversarial: Tensor, bou
     return projected
 
 
+@exact_precision()
 def project_newton(ball: LpipsBall, natural: Tensor, adversarial: Tensor, bound: float, *,
                    overshoot: float | None = None, max_steps: int = NEWTON_MAX_STEPS,
                    distance: Tensor | None = None) -> Tensor:
@@ -424,7 +460,7 @@ class LpipsAttack(Attack):
                 " torchvision AlexNet, VGG or ResNet. Give '+'-separated module names, e.g."
                 " lpips_layers=network.1+network.4"
             )
-        _, layers = _trunk(arch, model.network)
+        layers = lpips_layers(arch, model.network)
         return [f"network.{name}" for name in layers]
 
     def lpips_network(self, like: Tensor, model: Model | None = None) -> LPIPS:
@@ -488,11 +524,37 @@ class LpipsAttack(Attack):
             self._networks["last_model"] = weakref.ref(model)
         except TypeError:  # a callable without weak references
             self._networks.pop("last_model", None)
-        return super().__call__(model, images, labels, generator=generator)
+        try:
+            return super().__call__(model, images, labels, generator=generator)
+        finally:  # never keep this call's clean pass (and so the model) alive
+            self._networks.pop("natural", None)
+
+    def clean_logits(self, model: Model, images: Tensor) -> Tensor:
+        """Self-bounded: the logits and φ(natural) from one full-precision pass (φ kept for
+        this call's ball); externally bounded: the classifier's logits."""
+        if not self.self_bounded:
+            return model(images)
+        lpips = self.lpips_network(images, model)
+        with exact_precision():
+            logits, features = lpips.logits_and_features(images, check=False)
+        self._networks["natural"] = (images, flatten_features(features), lpips)
+        return logits
 
     def _ball(self, model: Model, images: Tensor) -> LpipsBall:
+        known = self._networks.pop("natural", None)
+        if known is not None and known[0] is images:  # this call's clean pass
+            return LpipsBall(model, known[2], images, self_bounded=self.self_bounded,
+                             natural_features=known[1])
         return LpipsBall(model, self.lpips_network(images, model), images,
                          self_bounded=self.self_bounded)
+
+    def _known(self, ball: LpipsBall, adversarial: Tensor) -> dict[str, Tensor]:
+        """The logits and LPIPS size of the returned images from one pass (self-bounded; the
+        natural images' features are not recomputed), as :data:`KNOWN_LOGITS` /
+        :data:`KNOWN_SIZE` extras."""
+        with torch.no_grad():
+            logits, features = ball.logits_and_features(adversarial)
+        return {KNOWN_LOGITS: logits, KNOWN_SIZE: ball.distance(features).to(adversarial.dtype)}
 
     def _clamped_objective(self, logits: Tensor, labels: Tensor, kappa: float | None) -> Tensor:
         """:meth:`objective`, with the margin clamped at ``kappa`` (PAT's MarginLoss)."""
@@ -518,6 +580,12 @@ def _check_positive(name: str, value: float) -> None:
         raise EngineError(f"{name} must be > 0, got {value!r}")
 
 
+def _early_stop_param() -> Any:
+    return param(True, kind="bool",
+                 doc="stop attacking an image once an iterate inside the bound is"
+                     " misclassified (verified in full precision); false: run every iteration")
+
+
 def _projection_param() -> Any:
     return param("newton", kind="choice", choices=PROJECTIONS,
                  doc="projection onto the LPIPS ball: newton (PAT Alg. 4) or bisection (Alg. 5)")
@@ -534,60 +602,161 @@ class PerceptualPGD(LpipsAttack):
     """Perceptual PGD (PAT appendix A.1, Algorithm 1).
 
     Each of ``num_iterations`` steps solves ``JᵀJ δ = ∇f`` with ``cg_iterations`` conjugate
-    gradient iterations (``J``: Jacobian of the LPIPS features at the iterate, products by a
-    finite difference of step ``h``), scales ``δ`` to LPIPS length ``step_size`` (measured by
-    the same finite difference), clamps to ``[0, 1]`` and projects onto the LPIPS ball of
+    gradient iterations (``J``: Jacobian of the LPIPS features at the iterate; exact
+    products, see :func:`solve_jtj`), scales ``δ`` to LPIPS length ``step_size`` (measured
+    by the exact slope ``‖Jδ‖``), clamps to ``[0, 1]`` and projects onto the LPIPS ball of
     radius ``bound`` (``projection``). Returns, per image, the iterate inside the ball with the
-    highest success margin. Defaults as in the authors' code: ``step_size = 2·bound /
-    num_iterations``, ``cg_iterations=5``, ``h=1e-3``, Newton projection, margin loss clamped at
-    ``kappa=1``; start ``x + 0.01·N(0, 1)``.
+    highest success margin; with ``early_stop`` (default) an image stops at its first iterate
+    inside the ball that is misclassified (verified in full precision), and that iterate is
+    returned (``extras["finished_iteration"]``). Defaults as in the authors' code:
+    ``step_size = 2·bound / num_iterations``, ``cg_iterations=5``, Newton projection, margin
+    loss clamped at ``kappa=1``; start ``x + 0.01·N(0, 1)``.
     """
 
     loss: str = param("margin", kind="choice", choices=LOSSES,
                       doc="loss: margin (PAT, default) or ce")
     cg_iterations: int = param(5, kind="int", minimum=1,
                                doc="conjugate-gradient iterations per step (PAT's K)")
-    h: float = param(1e-3, kind="float", minimum=0.0,
-                     doc="finite-difference step for Jacobian products (L2, [0, 1] pixels)")
     projection: str = _projection_param()
     kappa: float = _margin_param()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive("h", self.h)
+    early_stop: bool = _early_stop_param()
 
     def default_step_size(self) -> float:
         """``2·bound / num_iterations`` (the authors' PPGD default, no decay)."""
         return 2 * self.bound / self.num_iterations
 
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
+    def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
+                            generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         ball = self._ball(model, images)
         project = project_newton if self.projection == "newton" else project_bisection
         adversarial = self._start(images, generator)
         best = BestIterate(images)
-        for _ in range(self.num_iterations):
-            leaf = adversarial.detach().requires_grad_(True)
-            logits, features = ball.logits_and_features(leaf)
-            self._keep_if_inside(best, ball, adversarial, logits, features, labels)
-            objective = self._clamped_objective(logits, labels, self.kappa)
+        tracker = _EarlyStop(self, model, images.shape[0], images.device)
+        for iteration in range(self.num_iterations):
+            rows = tracker.active
+            sub = ball.subset(rows) if tracker.partial else ball
+            x, y = adversarial[rows], labels[rows]
+            leaf = x.detach().requires_grad_(True)
+            logits, features = sub.logits_and_features(leaf)
+            tracker.observe(best, sub, x, logits, features, y, iteration)
+            if tracker.empty:
+                break
+            objective = self._clamped_objective(logits, y, self.kappa)
             (gradient,) = torch.autograd.grad(objective.sum(), leaf, retain_graph=True)
-            delta = solve_jtj(features, leaf, ball.features, gradient,
-                              iterations=self.cg_iterations, h=self.h)
-            step = lpips_step(ball.features, adversarial, features.detach(), delta,
-                              self.step_size, self.h)
+            delta = solve_jtj(features, leaf, gradient, iterations=self.cg_iterations)
+            step = lpips_step(sub.features, x, delta, self.step_size)
             del leaf, logits, features  # free the graph before the projection
-            adversarial = project(ball, images, (adversarial + step).clamp(0, 1), self.bound)
-        with torch.no_grad():
-            logits, features = ball.logits_and_features(adversarial)
-        self._keep_if_inside(best, ball, adversarial, logits, features, labels)
-        return best.images
+            keep = tracker.kept(rows)  # rows still active after this iteration's check
+            moved = project(sub.subset(keep), images[rows][keep],
+                            (x[keep] + step[keep]).clamp(0, 1), self.bound)
+            adversarial = adversarial.index_copy(0, rows[keep], moved)
+        if not tracker.empty:
+            rows = tracker.active
+            sub = ball.subset(rows) if tracker.partial else ball
+            with torch.no_grad():
+                logits, features = sub.logits_and_features(adversarial[rows])
+            tracker.observe(best, sub, adversarial[rows], logits, features, labels[rows],
+                            self.num_iterations)
+        return best.images, tracker.extras()
 
-    def _keep_if_inside(self, best: BestIterate, ball: LpipsBall, images: Tensor, logits: Tensor,
-                        features: Tensor, labels: Tensor) -> None:
-        inside = ball.distance(features.detach()) <= self.bound * (1 + FEASIBLE_SLACK)
-        margin = self.success_margin(logits.detach(), labels)
-        best.update(images, torch.where(inside, margin, torch.full_like(margin, -math.inf)))
+    def perturb(self, model: Model, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+        return self.perturb_with_extras(model, images, labels, generator)[0]
+
+
+class _EarlyStop:
+    """Per-image early exit of PPGD and LPA (``early_stop``), verified in full precision.
+
+    ``active`` are the rows still attacked. :meth:`observe` keeps each row's best iterate
+    inside the ball and, with ``early_stop``, retires the rows whose iterate is inside the
+    ball and misclassified — checked on that very iterate (the point returned for the row)
+    with full-precision logits: under autocast the classifier is re-run on the candidates
+    under :func:`exact_precision`. ``finished`` ``[N]`` (int64) records the iteration at which
+    each image finished: the number of gradient steps taken before its returned point was
+    verified, or ``num_iterations`` (all of them, LPA: ``num_iterations·num_lambdas``) when it
+    never finished early.
+    """
+
+    def __init__(self, attack: LpipsAttack, model: Model, n: int, device: torch.device):
+        self.attack = attack
+        self.model = model
+        self.n = n
+        self.enabled = bool(getattr(attack, "early_stop", False))
+        self.active = torch.arange(n, device=device)
+        self.finished = torch.full((n,), -1, dtype=torch.long, device=device)
+        self._retired = torch.zeros(0, dtype=torch.bool, device=device)
+        # logits and LPIPS size of each row's kept iterate (known: a kept iterate exists)
+        self.logits: Tensor | None = None
+        self.size = torch.zeros(n, device=device)
+        self.known = torch.zeros(n, dtype=torch.bool, device=device)
+
+    def _record(self, rows: Tensor, logits: Tensor, size: Tensor) -> None:
+        if self.logits is None:
+            self.logits = torch.zeros(self.n, logits.shape[1], device=logits.device)
+        self.logits[rows] = logits.detach().float()
+        self.size[rows] = size.detach().float()
+        self.known[rows] = True
+
+    @property
+    def partial(self) -> bool:
+        return self.active.numel() < self.n
+
+    @property
+    def empty(self) -> bool:
+        return self.active.numel() == 0
+
+    def kept(self, rows: Tensor) -> Tensor:
+        """Boolean mask over ``rows`` (the rows of the last :meth:`observe`) still active."""
+        return ~self._retired
+
+    def observe(self, best: BestIterate, ball: LpipsBall, x: Tensor, logits: Tensor,
+                features: Tensor, labels: Tensor, iteration: int) -> None:
+        rows = self.active
+        bound = self.attack.bound
+        distance = ball.distance(features.detach())
+        inside = distance <= bound * (1 + FEASIBLE_SLACK)
+        margin = self.attack.success_margin(logits.detach(), labels).to(x.dtype)
+        kept = torch.where(inside, margin, torch.full_like(margin, -math.inf))
+        better = kept > best.margin[rows]
+        best.update_rows(rows, x, kept)
+        self._record(rows[better], logits[better], distance[better])
+        self._retired = torch.zeros_like(inside)
+        if not self.enabled:
+            return
+        candidates = (inside & (margin > 0)).nonzero().flatten()
+        if candidates.numel() == 0:
+            return
+        verified, verified_logits = margin[candidates], logits[candidates]
+        if _reduced_precision():
+            with torch.no_grad(), exact_precision():
+                verified_logits = self.model(x[candidates].detach())
+                verified = self.attack.success_margin(
+                    verified_logits, labels[candidates]).to(x.dtype)
+        good = candidates[verified > 0]
+        if good.numel() == 0:
+            return
+        best.set_rows(rows[good], x[good], verified[verified > 0])
+        self._record(rows[good], verified_logits[verified > 0], distance[good])
+        self.finished[rows[good]] = iteration
+        self._retired[good] = True
+        self.active = rows[~self._retired]
+
+    def extras(self) -> dict[str, Tensor]:
+        """``finished_iteration``, and the returned images' logits and size when every row
+        has a kept iterate (:data:`KNOWN_LOGITS`, :data:`KNOWN_SIZE`)."""
+        total = self.attack.num_iterations * getattr(self.attack, "num_lambdas", 1)
+        extras = {"finished_iteration": torch.where(self.finished < 0, total, self.finished)}
+        if self.logits is not None and bool(self.known.all()):
+            extras[KNOWN_LOGITS] = self.logits
+            extras[KNOWN_SIZE] = self.size
+        return extras
+
+
+def _reduced_precision() -> bool:
+    """Is autocast on (CPU or CUDA), so that logits in the loop are not full precision?"""
+    if torch.is_autocast_enabled("cpu"):
+        return True
+    return torch.cuda.is_available() and torch.is_autocast_enabled("cuda")
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,70 +776,85 @@ class LagrangianPerceptualAttack(LpipsAttack):
 
     Maximises ``L(f(x̃), y) − λ·max(0, d(x̃, x) − bound)`` by ``num_iterations`` normalised
     gradient steps whose LPIPS length decays from ``step_size`` (default ``bound``) to
-    ``step_size/10``; the length is set by the finite-difference slope ``m = d(x̃, x̃ + hΔ)/h``
-    (``h=0.1``). ``λ`` starts at ``0.01`` for every image and is multiplied by 10 for the
+    ``step_size/10``; the length is set by the exact slope ``m = ‖JΔ̂‖`` (the authors use
+    the finite difference ``d(x̃, x̃ + hΔ̂)/h``, ``h = 0.1``, which breaks under reduced
+    precision). ``λ`` starts at ``0.01`` for every image and is multiplied by 10 for the
     images outside the ball after each of ``num_lambdas`` rounds (PAT: S=5, ``λ`` up to 100);
     rounds continue from the previous iterate. Finally the last iterate is projected onto the
     ball; the result is, per image, the best (highest success margin) among every iterate seen
-    inside the ball and the projected last one — always within ``bound``.
+    inside the ball and the projected last one — always within ``bound``. With ``early_stop``
+    (default) an image stops at its first iterate inside the ball that is misclassified
+    (verified in full precision; the authors stop too, on the post-step point), and that
+    iterate is returned; ``extras["finished_iteration"]`` counts the steps taken (all
+    ``num_iterations·num_lambdas`` when it never stopped).
     """
 
     loss: str = param("margin", kind="choice", choices=LOSSES,
                       doc="loss: margin (PAT, default) or ce")
     num_lambdas: int = param(5, kind="int", minimum=1,
                              doc="rounds of the λ search (PAT's S): λ = 0.01·10^round")
-    h: float = param(0.1, kind="float", minimum=0.0,
-                     doc="finite-difference step for the LPIPS slope (L2, [0, 1] pixels)")
     projection: str = _projection_param()
     kappa: float = _margin_param()
+    early_stop: bool = _early_stop_param()
 
     #: Initial λ and its growth factor per round (PAT appendix A.2).
     LAMBDA_START = 0.01
     LAMBDA_FACTOR = 10.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive("h", self.h)
-
     def default_step_size(self) -> float:
         """``bound``: the first step is one bound long in LPIPS, decaying to ``bound/10``."""
         return self.bound
 
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
+    def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
+                            generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         ball = self._ball(model, images)
         adversarial = self._start(images, generator)
         best = BestIterate(images)
+        tracker = _EarlyStop(self, model, images.shape[0], images.device)
         lam = torch.full((images.shape[0],), self.LAMBDA_START, device=images.device,
                          dtype=images.dtype)
         steps = self.num_iterations
         for round_index in range(self.num_lambdas):
             for t in range(steps):
-                leaf = adversarial.detach().requires_grad_(True)
-                logits, features = ball.logits_and_features(leaf)
-                distance = ball.distance(features)
-                outside = distance.detach() > self.bound
+                rows = tracker.active
+                sub = ball.subset(rows) if tracker.partial else ball
+                x, y = adversarial[rows], labels[rows]
+                leaf = x.detach().requires_grad_(True)
+                logits, features = sub.logits_and_features(leaf)
+                distance = sub.distance(features)
                 if t == 0 and round_index > 0:  # this evaluates the previous round's result
-                    lam = torch.where(outside, lam * self.LAMBDA_FACTOR, lam)
-                margin = self.success_margin(logits.detach(), labels)
-                best.update(adversarial, torch.where(
-                    distance.detach() <= self.bound * (1 + FEASIBLE_SLACK), margin,
-                    torch.full_like(margin, -math.inf)))
-                objective = (self._clamped_objective(logits, labels, self.kappa)
-                             - lam * F.relu(distance - self.bound))
+                    outside = distance.detach() > self.bound
+                    lam[rows] = torch.where(outside, lam[rows] * self.LAMBDA_FACTOR, lam[rows])
+                tracker.observe(best, sub, x, logits, features, y, round_index * steps + t)
+                if tracker.empty:
+                    break
+                objective = (self._clamped_objective(logits, y, self.kappa)
+                             - lam[rows] * F.relu(distance - self.bound))
                 (gradient,) = torch.autograd.grad(objective.sum(), leaf)
+                keep = tracker.kept(rows)
                 size = self.step_size * 0.1 ** _decay(t, steps)
-                step = lpips_step(ball.features, adversarial, features.detach(), gradient,
-                                  size, self.h)
-                adversarial = (adversarial + step).clamp(0, 1)
-        with torch.no_grad():
-            distance = ball.distance(ball.features(adversarial))
-        project = project_newton if self.projection == "newton" else project_bisection
-        adversarial = project(ball, images, adversarial, self.bound, distance=distance)
-        with torch.no_grad():
-            margin = self.success_margin(model(adversarial), labels)
-        best.update(adversarial, margin)  # inside by construction
-        return best.images
+                step = lpips_step(sub.subset(keep).features, x[keep], gradient[keep], size)
+                adversarial = adversarial.index_copy(0, rows[keep],
+                                                     (x[keep] + step).clamp(0, 1))
+            if tracker.empty:
+                break
+        if not tracker.empty:
+            rows = tracker.active
+            sub = ball.subset(rows) if tracker.partial else ball
+            with torch.no_grad():
+                distance = sub.distance(sub.features(adversarial[rows]))
+            project = project_newton if self.projection == "newton" else project_bisection
+            projected = project(sub, images[rows], adversarial[rows], self.bound,
+                                distance=distance)
+            with torch.no_grad():
+                logits, features = sub.logits_and_features(projected)
+            tracker.observe(best, sub, projected, logits, features, labels[rows],
+                            steps * self.num_lambdas)
+        return best.images, tracker.extras()
+
+    def perturb(self, model: Model, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+        return self.perturb_with_extras(model, images, labels, generator)[0]
 
 
 @register_attack("fast_lpa",
@@ -682,7 +866,7 @@ class FastLagrangianPerceptualAttack(LpipsAttack):
     ``num_iterations`` normalised gradient steps on ``L − λ·max(0, d − bound)`` with ``λ``
     rising geometrically from ``lam/10`` to ``lam`` (PAT: 1 → 10) and the LPIPS step length
     decaying from ``step_size`` (default ``bound``) to ``step_size/10``, measured by the
-    finite-difference slope (``h=0.1``). No λ search, no projection, returns the last iterate
+    exact slope ``‖JΔ̂‖`` (forward-mode AD). No λ search, no projection, returns the last iterate
     (PAT): outputs CAN lie outside the bound, so do not use it to evaluate robustness or
     to make stimuli at a bound. The margin loss is not clamped (the authors' default).
     Cost per iteration: 2 forward + 1 backward passes self-bounded; externally bounded adds
@@ -693,19 +877,13 @@ class FastLagrangianPerceptualAttack(LpipsAttack):
                       doc="loss: margin (PAT, default) or ce")
     lam: float = param(10.0, kind="float", minimum=0.0,
                        doc="final Lagrange multiplier; λ rises from lam/10 to lam (PAT: 10)")
-    h: float = param(0.1, kind="float", minimum=0.0,
-                     doc="finite-difference step for the LPIPS slope (L2, [0, 1] pixels)")
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_positive("h", self.h)
 
     def default_step_size(self) -> float:
         """``bound``: the first step is one bound long in LPIPS, decaying to ``bound/10``."""
         return self.bound
 
-    def perturb(self, model: Model, images: Tensor, labels: Tensor,
-                generator: torch.Generator | None) -> Tensor:
+    def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
+                            generator: torch.Generator | None) -> tuple[Tensor, dict[str, Tensor]]:
         ball = self._ball(model, images)
         adversarial = self._start(images, generator)
         steps = self.num_iterations
@@ -717,10 +895,14 @@ class FastLagrangianPerceptualAttack(LpipsAttack):
             penalty = F.relu(ball.distance(features) - self.bound)
             objective = self.objective(logits, labels) - lam * penalty
             (gradient,) = torch.autograd.grad(objective.sum(), leaf)
-            step = lpips_step(ball.features, adversarial, features.detach(), gradient,
-                              self.step_size * 0.1 ** progress, self.h)
+            step = lpips_step(ball.features, adversarial, gradient,
+                              self.step_size * 0.1 ** progress)
             adversarial = (adversarial + step).clamp(0, 1)
-        return adversarial
+        return adversarial, self._known(ball, adversarial)
+
+    def perturb(self, model: Model, images: Tensor, labels: Tensor,
+                generator: torch.Generator | None) -> Tensor:
+        return self.perturb_with_extras(model, images, labels, generator)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -774,5 +956,3 @@ class LpipsOracleInvariantAttack(LpipsAttack):
             adversarial = (images + (moved - images).clamp(-self.bound, self.bound)).clamp(0, 1)
         return adversarial
 
-
-register_presets("lpips_oa", BOUND_PRESETS["linf"])

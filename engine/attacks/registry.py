@@ -10,12 +10,10 @@ declares (:func:`engine.attacks.base.param`). Parameters left out take their def
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import MISSING
 from typing import TypeVar
 
-from ..errors import EngineError
 from .base import Attack
-from .presets import is_preset, resolve_preset
+from .spec import build_attack
 
 #: ``{name: attack class}``; filled by :func:`register_attack`.
 ATTACKS: dict[str, type[Attack]] = {}
@@ -59,79 +57,11 @@ def parse_attack(spec: str) -> Attack:
     unknown parameter (listing the valid ones), a piece without ``=`` or with an empty
     value, a repeated parameter, a missing required parameter, and invalid values (e.g. a
     non-numeric or negative bound, ``num_iterations < 1``, a negative ``step_size``, an
-    unknown ``loss``).
+    unknown ``loss``), and a named bound of ``ppgd``/``lpa``/``fast_lpa`` with an LPIPS
+    network it is not measured in. The grammar, named bounds and labels live in
+    :mod:`engine.attacks.spec`.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise EngineError(
-            f"attack spec must be a non-empty string like 'linf:bound=8/255', got {spec!r};"
-            f" attacks: {_names()}"
-        )
-    name, _, rest = spec.strip().partition(":")
-    name = name.strip().lower()
-    cls = ATTACKS.get(name)
-    if cls is None:
-        raise EngineError(f"unknown attack {name!r} in spec {spec!r}; attacks: {_names()}")
-    fields = {f.name: f for f in cls.parameter_fields()}
-    valid = ", ".join(fields)
-
-    values: dict[str, object] = {}
-    presets: dict[str, str] = {}
-    if rest.strip():
-        for raw_piece in rest.split(","):
-            piece = raw_piece.strip()
-            where = f"in attack spec {spec!r}"
-            if not piece:
-                raise EngineError(f"empty parameter (stray ',') {where}; write key=value pairs")
-            key, eq, text = piece.partition("=")
-            key, text = key.strip(), text.strip()
-            if not eq:
-                raise EngineError(f"parameter {piece!r} {where} has no '='; write key=value")
-            if not key:
-                raise EngineError(f"parameter {piece!r} {where} has no name before '='")
-            if key not in fields:
-                raise EngineError(
-                    f"unknown parameter {key!r} ({piece!r}) for attack {name!r} {where};"
-                    f" valid parameters: {valid}"
-                )
-            if not text:
-                raise EngineError(f"parameter {piece!r} {where} has an empty value")
-            if key in values:
-                raise EngineError(f"parameter {key!r} is given twice {where} ({piece!r})")
-            info = fields[key].metadata["param"]
-            try:
-                if info.kind == "bound" and is_preset(text):
-                    presets[key] = text  # resolved below, once ``norm`` is known
-                    continue
-                values[key] = info.check(key, info.parse(key, text))
-            except EngineError as exc:
-                raise EngineError(f"bad value in {piece!r} {where}: {exc}") from None
-
-    # Named bounds belong to a threat model: the attack's own, or for attacks with a ``norm``
-    # parameter (APGD, Square) the Lp threat model that norm names.
-    table = str(values.get("norm", fields["norm"].default)) if "norm" in fields else name
-    for key, text in presets.items():
-        info = fields[key].metadata["param"]
-        try:
-            values[key] = info.check(key, resolve_preset(table, text))
-        except EngineError as exc:
-            raise EngineError(
-                f"bad value in '{key}={text}' in attack spec {spec!r}: {exc}"
-            ) from None
-
-    missing = [
-        n for n, f in fields.items()
-        if n not in values and f.default is MISSING and f.default_factory is MISSING
-    ]
-    if missing:
-        example = ",".join(f"{n}=..." for n in missing)
-        raise EngineError(
-            f"attack spec {spec!r} is missing required parameter(s) {', '.join(missing)};"
-            f" e.g. '{name}:{example}'"
-        )
-    try:
-        return cls(**values)
-    except EngineError as exc:
-        raise EngineError(f"invalid attack spec {spec!r}: {exc}") from None
+    return build_attack(spec, ATTACKS)
 
 
 def as_attack(attack: str | Attack) -> Attack:

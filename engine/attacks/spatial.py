@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import LOSSES, BestIterate, Model, ParametricAttack, noise_uniform, param
+from .base import (
+    LOSSES,
+    OPTIMIZERS,
+    Model,
+    ParametricAttack,
+    noise_uniform,
+    param,
+    parametric_ascent,
+)
 from .registry import register_attack
 
 #: Added under the square root of the smoothness terms (as in mister_ed), so the gradient
@@ -101,7 +109,8 @@ class StAdv(ParametricAttack):
     sign(∇)`` and clips. Default ``step_size`` is ``2.5 · bound / num_iterations``. Returns
     per image the iterate with the highest success margin.
 
-    Differences from PAT: PAT optimises with Adam (lr 0.01, 20 iterations) rather than sign
+    ``optimizer=adam`` takes PAT's Adam steps instead (default ``step_size`` = PAT's lr 0.01;
+    ``iterations=pat`` for its iteration count). Differences from PAT: the default is sign
     steps, and mister_ed pads the grid with zeros (here: the border colour, which is what its
     clipping of the grid to ``[-1, 1]`` amounts to). With sign steps the penalty only decides
     a flow value's direction where its gradient outweighs the loss's, i.e. mostly in flat
@@ -123,7 +132,17 @@ class StAdv(ParametricAttack):
         doc="weight of the flow smoothness penalty, times 1/bound (PAT: 0.0025)",
     )
 
+    optimizer: str = param("sign", kind="choice", choices=OPTIMIZERS,
+                           doc="sign (sign-gradient PGD) or adam (PAT: Adam, lr 0.01)")
+
+    #: PAT's Adam learning rate for StAdv (flow in grid units).
+    ADAM_LR = 0.01
+
     size_extra: ClassVar[str | None] = "flow_linf"
+
+    def default_step_size(self) -> float:
+        """``2.5·bound / num_iterations`` for sign steps; PAT's lr 0.01 for Adam."""
+        return self.ADAM_LR if self.optimizer == "adam" else super().default_step_size()
 
     def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
                             generator: torch.Generator | None
@@ -137,25 +156,17 @@ class StAdv(ParametricAttack):
         else:
             flow = images.new_zeros(shape)
         weight = self.smoothness / self.bound
-        best_images = BestIterate(apply_flow(images, flow))
-        best_flow = BestIterate(flow)
-        for _ in range(self.num_iterations):
-            flow = flow.detach().requires_grad_(True)
-            adversarial = apply_flow(images, flow)
-            logits = model(adversarial)
-            objective = self.objective(logits, labels) - weight * flow_smoothness(flow)
-            (grad,) = torch.autograd.grad(objective.sum(), flow)
-            margin = self.success_margin(logits.detach(), labels)
-            best_images.update(adversarial, margin)
-            best_flow.update(flow, margin)
-            flow = (flow.detach() + self.step_size * grad.sign()).clamp(-self.bound, self.bound)
-        with torch.no_grad():
-            adversarial = apply_flow(images, flow)
-            margin = self.success_margin(model(adversarial), labels)
-        best_images.update(adversarial, margin)
-        best_flow.update(flow, margin)
-        flow = best_flow.images
-        return best_images.images, {
+
+        def project(flow: Tensor) -> tuple[Tensor, Tensor]:
+            flow = flow.clamp(-self.bound, self.bound)
+            with torch.no_grad():
+                return apply_flow(images, flow), flow
+
+        best_images, flow = parametric_ascent(
+            self, model, labels, flow, project=project,
+            render=lambda flow, _: apply_flow(images, flow),
+            penalty=lambda flow: weight * flow_smoothness(flow), optimizer=self.optimizer)
+        return best_images, {
             "flow": flow,
             "flow_linf": flow.flatten(1).abs().amax(dim=1),
             "flow_smoothness": flow_smoothness(flow),

@@ -120,7 +120,8 @@ class _TorchattacksLp(Attack):
         """``2 · bound``: APGD's initial step (Square flips ``±bound``, a change of 2·bound)."""
         return 2 * self.bound
 
-    def perturbation_size(self, natural: Tensor, other: Tensor) -> Tensor:
+    def perturbation_size(self, natural: Tensor, other: Tensor, model: Model | None = None
+                          ) -> Tensor:
         """Per-image L∞ or L2 distance (per ``norm``) in ``[0, 1]`` units (``[N]``)."""
         difference = (other - natural).flatten(1)
         if self.norm == "linf":

@@ -123,7 +123,7 @@ def noise_success(model, images, labels, distance, bound: float, draws: int = 3)
 
 def test_attacks_are_registered_with_their_presets():
     assert {"ppgd", "lpa", "fast_lpa", "lpips_oa", "lagrangian"} <= set(available_attacks())
-    assert parse_attack("ppgd:bound=cifar10").bound == 0.5
+    assert parse_attack("ppgd:bound=cifar10,lpips_model=alexnet_cifar:untrained").bound == 0.5
     assert parse_attack("lpa:bound=small").bound == 0.25
     assert parse_attack("fast_lpa:bound=large").bound == 1.0
     assert parse_attack("lpips_oa:bound=cifar10").bound == 8 / 255  # L∞ units: linf's table
@@ -134,15 +134,15 @@ def test_attacks_are_registered_with_their_presets():
 
 def test_defaults_follow_the_papers():
     ppgd = PerceptualPGD(bound=0.5, num_iterations=10)
-    assert (ppgd.step_size, ppgd.cg_iterations, ppgd.h, ppgd.projection, ppgd.loss) == (
-        0.1, 5, 1e-3, "newton", "margin"
+    assert (ppgd.step_size, ppgd.cg_iterations, ppgd.projection, ppgd.loss) == (
+        0.1, 5, "newton", "margin"
     )
     assert ppgd.lpips_model == "self" and ppgd.self_bounded
     lpa = LagrangianPerceptualAttack(bound=0.5, lpips_model="alexnet")
-    assert (lpa.step_size, lpa.num_lambdas, lpa.h, lpa.loss) == (0.5, 5, 0.1, "margin")
+    assert (lpa.step_size, lpa.num_lambdas, lpa.loss) == (0.5, 5, "margin")
     assert lpa.lpips_model == "alexnet:pretrained" and not lpa.self_bounded
     fast = FastLagrangianPerceptualAttack(bound=0.5)
-    assert (fast.step_size, fast.lam, fast.h) == (0.5, 10.0, 0.1)
+    assert (fast.step_size, fast.lam) == (0.5, 10.0)
     oa = LpipsOracleInvariantAttack(bound=16 / 255)
     assert (oa.step_size, oa.num_iterations, oa.lam, oa.loss) == (4 / 255, 10, 1.0, "ce")
     lagrangian = LagrangianAttack(bound=0.15)
@@ -154,8 +154,10 @@ def test_defaults_follow_the_papers():
     "spec",
     [
         "ppgd:bound=0.5,lpips_model=alexnet:untrained,projection=bisection,cg_iterations=3",
-        "lpa:bound=0.25,lpips_layers=network.1+network.4,num_lambdas=3,h=0.05",
-        "fast_lpa:bound=cifar10,lpips_model=ResNet50:Untrained,lam=5",
+        "lpa:bound=0.25,lpips_layers=network.1+network.4,num_lambdas=3",
+        "fast_lpa:bound=0.5,lpips_model=ResNet50:Untrained,lam=5",
+        "ppgd:bound=medium,lpips_model=alexnet:untrained",
+        "lpa:bound=cifar10,lpips_model=alexnet_cifar:/some/Where/alexnet_cifar.pt",
         "lpips_oa:bound=16/255,lam=0.5,lpips_model=vgg16:untrained",
         "lagrangian:bound=0.25,lam=0.45,decay=0.2",
     ],
@@ -178,7 +180,7 @@ def test_spec_round_trip(spec):
         ("ppgd:bound=0.5,projection=linesearch", ["projection=linesearch", "newton",
                                                    "bisection"]),
         ("ppgd:bound=0.5,cg_iterations=0", ["cg_iterations=0", ">= 1"]),
-        ("ppgd:bound=0.5,h=0", ["h must be > 0"]),
+        ("ppgd:bound=0.5,h=0", ["unknown parameter 'h'"]),
         ("lpa:bound=0.5,num_lambdas=0", ["num_lambdas=0", ">= 1"]),
         ("lpa:bound=0.5,lpips_model=alexnet,lpips_layers=features.1", ["lpips_layers",
                                                                         "self-bounded"]),
@@ -257,7 +259,7 @@ def tiny_features():
 def test_conjugate_gradient_solves_the_normal_equations(tiny_features):
     features, images, rhs, jacobians = tiny_features
     leaf = images.clone().requires_grad_(True)
-    solution = solve_jtj(features(leaf), leaf, features, rhs, iterations=60, h=1e-7)
+    solution = solve_jtj(features(leaf), leaf, rhs, iterations=60)
     for i, jacobian in enumerate(jacobians):
         assert jacobian.shape == (1024, 192)
         pseudo_inverse = torch.linalg.pinv(jacobian)
@@ -265,7 +267,7 @@ def test_conjugate_gradient_solves_the_normal_equations(tiny_features):
         error = (solution[i].flatten() - exact).norm() / exact.norm()
         assert float(error) < 1e-4, float(error)
     # PAT's K = 5 iterations make real progress on the same system
-    coarse = solve_jtj(features(leaf), leaf, features, rhs, iterations=5, h=1e-7)
+    coarse = solve_jtj(features(leaf), leaf, rhs, iterations=5)
     for i, jacobian in enumerate(jacobians):
         residual = jacobian.T @ (jacobian @ coarse[i].flatten()) - rhs[i].flatten()
         assert float(residual.norm()) < 0.5 * float(rhs[i].norm())
@@ -277,8 +279,8 @@ def test_first_order_step_matches_lemma_1(tiny_features):
     eta = 0.05
     leaf = images.clone().requires_grad_(True)
     phi = features(leaf)
-    delta = solve_jtj(phi, leaf, features, gradient, iterations=60, h=1e-7)
-    step = lpips_step(features, images, phi.detach(), delta, eta, h=1e-7)
+    delta = solve_jtj(phi, leaf, gradient, iterations=60)
+    step = lpips_step(features, images, delta, eta)
     for i, jacobian in enumerate(jacobians):
         pseudo_inverse = torch.linalg.pinv(jacobian)
         g = gradient[i].flatten()
@@ -535,3 +537,29 @@ def test_runs_on_cuda_with_a_cpu_generator(digits_model, digits32):
         again = attack(model, images, labels, generator=seeded(3)).adversarial
         assert first.is_cuda and torch.allclose(first, again, atol=1e-5)
         assert attack.perturbation_size(images, first).is_cuda
+
+
+@pytest.mark.parametrize("name", ["ppgd", "lpa", "fast_lpa"])
+@pytest.mark.parametrize("early_stop", [True, False])
+def test_reused_logits_and_size_match_a_fresh_measurement(digits_model, digits_batch, name,
+                                                          early_stop):
+    """The result's logits and size come from inside the attack (no recomputation): they must
+    be those of the returned images."""
+    images, labels = digits_batch
+    images, labels = images[:8], labels[:8]
+    params = {"num_iterations": 3}
+    if name == "fast_lpa" and not early_stop:
+        pytest.skip("fast_lpa has no early stop")
+    if name != "fast_lpa":
+        params["early_stop"] = "true" if early_stop else "false"
+    if name == "lpa":
+        params["num_lambdas"] = 2
+    attack = parse_attack(self_spec(name, **params))
+    result = attack(digits_model, images, labels, generator=seeded(0))
+    assert "_logits" not in result.extras and "_size" not in result.extras
+    with torch.no_grad():
+        logits = digits_model(result.adversarial)
+    size = attack.perturbation_size(images, result.adversarial, digits_model)
+    assert torch.allclose(result.logits, logits, atol=1e-4)
+    assert torch.allclose(result.size, size, atol=1e-5, rtol=1e-4)
+    assert torch.equal(result.success, logits.argmax(1) != labels)

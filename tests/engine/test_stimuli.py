@@ -228,3 +228,27 @@ def test_catch_pairs_show_two_different_photographs(sources, tmp_path):
     with pytest.raises(EngineError, match="catch"):
         generate_stimuli(sources, SPECS[:1], tiny_classifier(), tmp_path / "x", catch=9,
                          progress=False)
+
+
+def test_fit_stored_brings_8bit_images_inside_the_bound():
+    import types
+
+    from engine.stimuli import fit_stored, from_uint8
+
+    rng = np.random.default_rng(0)
+    natural_u8 = rng.integers(60, 200, size=(3, 8, 8, 3), dtype=np.uint8)
+    moved = natural_u8.astype(np.int16) + rng.integers(-40, 40, size=natural_u8.shape)
+    adversarial_u8 = np.clip(moved, 0, 255).astype(np.uint8)
+    adversarial_u8[2] = natural_u8[2]  # already inside: must stay as it is
+    natural = from_uint8(natural_u8)
+
+    def l2(a, b, model=None):
+        return (a - b).flatten(1).norm(dim=1)
+
+    bound = 0.5 * float(l2(natural[:1], from_uint8(adversarial_u8[:1]))[0])
+    attack = types.SimpleNamespace(bound=bound, perturbation_size=l2)
+    fitted = fit_stored(attack, natural_u8, natural, adversarial_u8, None, torch.device("cpu"))
+    sizes = l2(natural, from_uint8(fitted))
+    assert bool((sizes <= bound * (1 + 1e-4)).all()), sizes
+    assert float(sizes[0]) > 0.8 * bound  # shrunk, not thrown away
+    assert np.array_equal(fitted[2], adversarial_u8[2])

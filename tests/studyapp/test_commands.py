@@ -312,7 +312,7 @@ SUITE = [
     "recoloradv:bound=medium,num_iterations=2",
     "ppgd:bound=medium,num_iterations=2,lpips_model=alexnet:untrained",
     "lpa:bound=medium,num_iterations=2,num_lambdas=2,lpips_model=alexnet:untrained",
-    "fast_lpa:bound=medium,num_iterations=2",
+    "fast_lpa:bound=medium,num_iterations=2,lpips_model=alexnet:untrained",
     "lagrangian:bound=cifar10",
     "lpips_oa:bound=small,num_iterations=2",
 ]

@@ -37,8 +37,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--bounds",
             help="comma-separated bounds applied to every --spec, named (small,medium,large,"
-            "cifar10: PAT tables 4 and 2) or numeric, e.g. --bounds small,medium,large; or"
-            " calibrated:SLUG for the presets of that study's latest `calibrate`",
+            "cifar10: PAT tables 4 and 2; ppgd/lpa/fast_lpa then use AlexNet LPIPS), numeric,"
+            " or VALUE@LABEL, e.g. --bounds small,medium,large or --bounds 0.31@human_medium;"
+            " or calibrated:SLUG for the presets of that study's latest `calibrate`",
         )
         parser.add_argument(
             "--ladder",
