@@ -94,6 +94,12 @@ class Classifier(nn.Module):
         self.arch = arch
 
     @property
+    def description(self) -> dict:
+        """``{'classifier': arch, 'weights': ...}`` for manifests (as ImageClassifier)."""
+        return {"classifier": self.arch,
+                "weights": getattr(self, "weights_label", "initialised (untrained)")}
+
+    @property
     def lpips_layers_spec(self) -> str:
         """``network.a+network.b+...``: the value for an attack's ``lpips_layers=``."""
         return "+".join(self.lpips_layers)

@@ -211,6 +211,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Classifi
                              std=tuple(info["std"]))
     net.load_state_dict(blob["model"])
     net.dataset_label = info.get("dataset_label", "")
+    net.weights_label = f"trained by engine.train ({info.get('method')}, {file})"
     return net.to(device).eval()
 
 
