@@ -76,9 +76,12 @@ def test_perceptual_prior_lowers_d_per(tmp_path_factory, digits, standard):
 
 
 @pytest.mark.slow
-def test_pag_raises_l2_robustness(tmp_path_factory, digits, standard):
-    pag = _train(tmp_path_factory, digits, "pag", {"target": "class_mean", "lam": 0.4})
-    assert _acc(pag, digits, L2) > _acc(standard, digits, L2)
+def test_pag_raises_l2_robustness(tmp_path_factory, digits):
+    # PAG costs one double-backward per class: 4 epochs, against standard training as long
+    short = _train(tmp_path_factory, digits, "standard", epochs=4)
+    pag = _train(tmp_path_factory, digits, "pag", {"target": "class_mean", "lam": 0.4},
+                 epochs=4)
+    assert _acc(pag, digits, L2) > _acc(short, digits, L2) + 0.05
 
 
 def test_every_method_takes_a_step(digits):
