@@ -204,8 +204,10 @@ def run_evaluation(args) -> dict:
         sanity_rows = [{"model": m, **c} for m, checks in sanity.items() for c in checks]
         write_table(sanity_rows, out, "sanity", title=f"Gradient-masking sanity checks — {label}")
     if perceptibility:
+        note = json.loads(Path(args.calibrated).read_text()).get("note", "")
         write_perceptibility(perceptibility, out,
-                             title=f"Perceptibility-matched robustness — {label}")
+                             title=f"Perceptibility-matched robustness — {label}",
+                             notes=[f"Calibrated bounds: {args.calibrated}. {note}"])
     result = {"dataset": dataset, "dataset_label": label, "limit": args.limit,
               "rows": rows, "columns": evaluations, "sanity": sanity,
               "perceptibility": perceptibility, "calibrated_bounds": calibrated,

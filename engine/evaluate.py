@@ -378,7 +378,7 @@ def perceptibility_matched(model: nn.Module, data, bounds: dict[str, dict[str, f
 
 
 def write_perceptibility(rows_by_model: dict[str, list[dict[str, Any]]], out: Path, *,
-                         title: str) -> list[Path]:
+                         title: str, notes: list[str] = ()) -> list[Path]:
     """Table (one row per model × threat model, one column per perceptibility level) and a
     curve (``perceptibility.png``: accuracy vs level, one line per model/threat model)."""
     table = []
@@ -391,7 +391,8 @@ def write_perceptibility(rows_by_model: dict[str, list[dict[str, Any]]], out: Pa
             table.append(row)
     paths = list(write_table(table, out, "perceptibility", title=title, notes=[
         "Robust accuracy at the bounds where people see each threat model's perturbation"
-        " equally often (calibrated from the study): compare threat models along a column."]))
+        " equally often (calibrated from the study): compare threat models along a column.",
+        *notes]))
     try:
         import matplotlib
 
@@ -408,7 +409,7 @@ def write_perceptibility(rows_by_model: dict[str, list[dict[str, Any]]], out: Pa
                         label=f"{model_name}: {threat}")
         ax.set_xlabel("perceptibility level (% of people who see the perturbation)")
         ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title if not notes else f"{title}\n{notes[0][:90]}", fontsize=7)
         ax.legend(fontsize=6)
         fig.tight_layout()
         fig.savefig(out / "perceptibility.png", dpi=120)
