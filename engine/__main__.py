@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                    metavar="THREAT=PARAMS", help="extra spec parameters per threat model for"
                    " the calibrated bounds, e.g. linf=num_iterations=40")
     e.add_argument("--sanity", action="store_true", help="gradient-masking sanity checks")
+    e.add_argument("--logit-distances", type=float, metavar="XI", help="also measure the"
+                   " perceptual prior's d_per / d_intra / d_inter with sign noise of L∞ size XI"
+                   " ([0, 1] pixels, e.g. 8/255 = 0.0314)")
     e.add_argument("--dataset", help="default: the dataset the (first) run trained on")
     e.add_argument("--data-root")
     e.add_argument("--image-size", type=int)
@@ -175,7 +178,7 @@ def run_evaluation(args) -> dict:
     dataset = args.dataset or infos[0]["dataset"]
     bundle = load_dataset(dataset, args.data_root, image_size=args.image_size)
     label = bundle.label
-    rows, evaluations, sanity, perceptibility = [], {}, {}, {}
+    rows, evaluations, sanity, perceptibility, distances = [], {}, {}, {}, []
     calibrated = load_calibrated_bounds(args.calibrated) if args.calibrated else None
     extra = dict(p.split("=", 1) for p in args.calibrated_params)
     for run, info in zip(args.runs, infos, strict=True):
@@ -188,6 +191,14 @@ def run_evaluation(args) -> dict:
                             seen=SEEN.get(info["method"], ()), progress=not args.no_progress)
         rows.append(ev.row())
         evaluations[name] = ev.specs
+        if args.logit_distances is not None:
+            from .objectives import logit_distances
+
+            n = min(args.limit, len(bundle.test))
+            images = torch.stack([bundle.test[i][0] for i in range(n)]).to(device)
+            labels = torch.tensor([int(bundle.test[i][1]) for i in range(n)], device=device)
+            distances.append({"model": name, "xi": args.logit_distances, **logit_distances(
+                model, images, labels, xi=args.logit_distances)})
         if args.sanity:
             sanity[name] = sanity_checks(model, bundle.test, args.specs[:3],
                                          limit=min(args.limit, 200), device=device)
@@ -200,6 +211,13 @@ def run_evaluation(args) -> dict:
         f"Dataset: {label}. First {args.limit} test images.",
         "Columns: " + "; ".join(f"`{k}` = {v}" for k, v in next(iter(evaluations.values()))
                                 .items())])
+    if distances:
+        write_table(distances, out, "logit_distances", percent=False,
+                    title=f"Logit distances (perceptual prior, section 3.1) — {label}",
+                    notes=["Mean L2 distance between logits: d_per of an image and its noisy"
+                           " copy x + xi·sign(N(0, I)); d_intra of two images of one class;"
+                           " d_inter of two classes. Lower d_per / d_intra: more"
+                           " perceptual-prior-like."])
     if sanity:
         sanity_rows = [{"model": m, **c} for m, checks in sanity.items() for c in checks]
         write_table(sanity_rows, out, "sanity", title=f"Gradient-masking sanity checks — {label}")
@@ -211,6 +229,7 @@ def run_evaluation(args) -> dict:
     result = {"dataset": dataset, "dataset_label": label, "limit": args.limit,
               "rows": rows, "columns": evaluations, "sanity": sanity,
               "perceptibility": perceptibility, "calibrated_bounds": calibrated,
+              "logit_distances": distances,
               "runs": [str(r) for r in args.runs]}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     return result

@@ -221,17 +221,18 @@ def autoattack_correct(model: nn.Module, images: Tensor, labels: Tensor, norm: s
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(value: Any) -> str:
+def _fmt(value: Any, percent: bool = True) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{100 * value:.1f}"
+        return f"{100 * value:.1f}" if percent else f"{value:.4g}"
     return str(value)
 
 
 def write_table(rows: list[dict[str, Any]], out: Path, stem: str, *, title: str,
-                notes: list[str] = ()) -> tuple[Path, Path]:
-    """``stem.csv`` (fractions in [0, 1]) and ``stem.md`` (percent) of the rows."""
+                notes: list[str] = (), percent: bool = True) -> tuple[Path, Path]:
+    """``stem.csv`` and ``stem.md`` of the rows; with ``percent`` the Markdown shows floats
+    (accuracies, fractions in the CSV) in percent."""
     out.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for row in rows:
@@ -244,10 +245,12 @@ def write_table(rows: list[dict[str, Any]], out: Path, stem: str, *, title: str,
     lines = [f"# {title}", "", *[f"{n}" for n in notes], "" if notes else "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(c), percent) for c in columns) + " |")
     lines.append("")
-    lines.append("Accuracies in percent (CSV: fractions). union: correct under every threat"
-                 " model; unseen_mean: mean over threat models not used in training.")
+    if percent:
+        lines.append("Accuracies in percent (CSV: fractions). union: correct under every"
+                     " threat model; unseen_mean: mean over threat models not used in"
+                     " training.")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 

@@ -51,7 +51,7 @@ $PY -m engine evaluate "${RUN_ARGS[@]}" --out "$OUT" --limit 200 --device cpu --
   --spec "recoloradv:bound=cifar10,num_iterations=20" \
   --spec "lpa:bound=cifar10,num_iterations=10,num_lambdas=3,lpips_model=alexnet:untrained" \
   --autoattack linf:8/255 --autoattack-version fast \
-  --calibrated examples/digits/placeholder_bounds.json --sanity
+  --calibrated examples/digits/placeholder_bounds.json --sanity --logit-distances 0.0314
 echo "evaluate: $(( $(date +%s) - start )) s" | tee -a "$RUNS/times.txt"
 for m in "${METHODS[@]}"; do
   mkdir -p "$OUT/runs/$m" && cp "$RUNS/$m/config.json" "$RUNS/$m/metrics.csv" "$OUT/runs/$m/"

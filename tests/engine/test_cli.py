@@ -27,12 +27,14 @@ def test_train_and_evaluate_through_the_cli(tmp_path, capsys):
     out = tmp_path / "eval"
     assert main(["evaluate", "--run", str(run), "--out", str(out), "--spec",
                  "linf:bound=0.05,num_iterations=2", "--limit", "16", "--image-size", "16",
-                 "--no-progress"]) == 0
+                 "--logit-distances", "0.05", "--no-progress"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert "digits" in result["dataset_label"]
     row = result["rows"][0]
     assert row["model"].startswith("trades") and row["unseen_mean"] is None  # linf is seen
     assert "digits" in (out / "results.md").read_text()
+    (distances,) = result["logit_distances"]
+    assert 0 < distances["d_per"] and distances["d_intra"] > 0 and distances["xi"] == 0.05
 
 
 @pytest.mark.parametrize("argv,message", [
