@@ -150,3 +150,30 @@ def test_bad_method_input_is_a_clear_error():
         parse_settings(["bound"])
     assert build_method("pgd_linf", parse_settings(["bound=8/255"])).bound == pytest.approx(
         8 / 255)
+
+
+def test_pag_targets_point_at_class_representatives(tmp_path, digits):
+    """One Image / Class Mean / NN give r_t − x; RIGD uses a teacher's input gradients."""
+    from engine.architectures import build_architecture
+    from engine.objectives import StepContext
+
+    images = torch.stack([digits.train[i][0] for i in range(6)])
+    labels = torch.tensor([int(digits.train[i][1]) for i in range(6)])
+    net = build_architecture("tiny")
+    for target in ("one_image", "class_mean", "nearest_neighbour"):
+        method = build_method("pag", {"target": target})
+        method.bind(net, digits)
+        goals = method.targets(images)
+        assert goals.shape == (10, *images.shape)
+        if target == "nearest_neighbour":  # the nearest image of each class is in the pool
+            own = goals[labels, torch.arange(6)]
+            assert own.flatten(1).norm(dim=1).max() < images.flatten(1).norm(dim=1).min()
+    teacher = train(TrainConfig(out=str(tmp_path / "teacher"), epochs=1, stop_after=2,
+                                image_size=16, progress=False), digits)
+    rigd = build_method("pag", {"target": "rigd", "teacher": str(teacher)})
+    rigd.bind(net, digits)
+    loss, metrics = rigd.loss(net, images, labels, StepContext(net=net,
+                                                               generator=torch.Generator()))
+    assert torch.isfinite(loss) and -1 <= metrics["cosine"] <= 1
+    with pytest.raises(EngineError, match="rigd needs teacher"):
+        build_method("pag", {"target": "rigd"})
