@@ -19,6 +19,7 @@ images, batch 50 as in PAT table 12) with bf16 autocast + channels_last, extrapo
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import re
 import statistics
@@ -115,7 +116,9 @@ def main() -> None:
              f" {platform.processor() or platform.machine()}, torch {torch.__version__},"
              f" {torch.get_num_threads()} threads, device {device}. Synthetic 32×32 images"
              " (speed does not depend on the data). Median of"
-             f" {args.steps} steps after one warm-up.", ""]
+             f" {args.steps} steps after one warm-up. Load average at the start:"
+             f" {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs — on a shared machine wall"
+             " times are inflated; CPU seconds (this process) are the comparable numbers.", ""]
 
     pgd = time_steps("pgd_linf", method_params("pgd_linf", args.iterations), arch=args.arch,
                      batch=args.batch, steps=args.steps, device=device)
@@ -133,17 +136,20 @@ def main() -> None:
 
     rows = [f"### Every method, {args.all_arch}, batch {args.all_batch},"
             f" {args.iterations} attack iterations where the method has them", "",
-            "| method | images/s (wall) | s/step (CPU) | notes |", "|---|---|---|---|"]
+            "| method | images/s (wall) | images/s (CPU) | s/step (CPU) | notes |",
+            "|---|---|---|---|---|"]
     notes = {"oaat": "at 90 % of training (OA phase, alternating OI/OS steps, AWP on)",
              "lagrangian": "the paper's 5 iterations",
              "pag": "10 classes: one double-backward per class",
              "multi_average": "2 attacks (L∞, L2)", "multi_max": "2 attacks (L∞, L2)",
-             "multi_random": "2 attacks (L∞, L2), one per step"}
+             "multi_random": "2 attacks (L∞, L2), one per step",
+             "pat_alexnet": "LPIPS by the CIFAR AlexNet (untrained weights: speed only)"}
     for name in available_methods():
         wall, cpu = time_steps(name, method_params(name, args.iterations), arch=args.all_arch,
                                batch=args.all_batch, steps=args.steps, device=device,
                                progress=0.9 if name == "oaat" else 0.0)
-        rows.append(f"| {name} | {args.all_batch / wall:.0f} | {cpu:.3f} |"
+        rows.append(f"| {name} | {args.all_batch / wall:.0f} | {args.all_batch / cpu:.0f} |"
+                    f" {cpu:.3f} |"
                     f" {notes.get(name, '')} |")
         print(rows[-1], flush=True)
     lines += rows + [""]
