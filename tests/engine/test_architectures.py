@@ -20,7 +20,7 @@ def test_forward_shape_and_self_bounded_lpips_layers(name, size):
     lpips = LPIPS.from_model(net, list(net.lpips_layers))
     logits, features = lpips.logits_and_features(x)
     assert logits.shape == (2, 7) and len(features) == len(net.lpips_layers)
-    assert float(lpips(x, x.flip(0))[0]) > 0
+    assert float(lpips(x, x.flip(0))[0].detach()) > 0
 
 
 def test_registry_has_the_issue_architectures():
