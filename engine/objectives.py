@@ -543,7 +543,9 @@ class PerceptualPrior(Method):
             batches.append(random_spatial(images, ctx.generator))
         logits = model(torch.cat(batches)).chunk(len(batches))
         ce = F.cross_entropy(torch.cat(logits[:2]), labels.repeat(2))
-        penalty = sum(((logits[0] - other) ** 2).sum(1).mean() for other in logits[1:])
+        # Eq. 1: (1/2m)·[Σ_s Σ_i CE + λ Σ_i ‖f_clean − f_noisy‖²], i.e. the mean CE over the
+        # 2m images plus λ/2 times the mean squared logit distance per pair
+        penalty = sum(((logits[0] - other) ** 2).sum(1).mean() for other in logits[1:]) / 2
         loss = ce + self.lam * penalty
         return loss, {"train_acc": _acc(logits[0], labels),
                       "logit_penalty": float(penalty.detach())}
