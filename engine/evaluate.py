@@ -387,10 +387,10 @@ def write_perceptibility(rows_by_model: dict[str, list[dict[str, Any]]], out: Pa
     table = []
     for model_name, rows in rows_by_model.items():
         for threat in dict.fromkeys(r["threat_model"] for r in rows):
+            mine = [r for r in rows if r["threat_model"] == threat]
             row: dict[str, Any] = {"model": model_name, "threat_model": threat}
-            for r in rows:
-                if r["threat_model"] == threat:
-                    row[f"{r['level']} (bound {r['bound']:.4g})"] = r["accuracy"]
+            row.update({r["level"]: r["accuracy"] for r in mine})
+            row["bounds"] = ", ".join(f"{r['level']}={r['bound']:.4g}" for r in mine)
             table.append(row)
     paths = list(write_table(table, out, "perceptibility", title=title, notes=[
         "Robust accuracy at the bounds where people see each threat model's perturbation"
