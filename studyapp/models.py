@@ -424,3 +424,60 @@ class Calibration(models.Model):
 
     def __str__(self) -> str:
         return f"calibration {self.pk} of {self.study}"
+
+# --- defenses (issue 9) ---
+
+
+class DefenseRun(models.Model):
+    """A defense trained by ``python -m engine train`` (via ``manage.py train_defense``).
+
+    Django only records it: the weights, logs and checkpoints live in ``run_dir``.
+    """
+
+    STATUSES = [("running", "running"), ("finished", "finished"), ("failed", "failed")]
+
+    name = models.SlugField(max_length=100, unique=True)
+    study = models.ForeignKey(Study, on_delete=models.SET_NULL, null=True, blank=True,
+                              related_name="defense_runs")
+    method = models.CharField(max_length=50, help_text="engine.objectives method name")
+    method_params = models.JSONField(default=dict, blank=True)
+    arch = models.CharField(max_length=50)
+    dataset = models.CharField(max_length=200, help_text="digits, cifar10, imagenet100, ...")
+    dataset_label = models.CharField(max_length=200, blank=True)
+    run_dir = models.CharField(max_length=500, help_text="Run folder of the engine.")
+    config = models.JSONField(default=dict, blank=True, help_text="The run's config.json.")
+    status = models.CharField(max_length=10, choices=STATUSES, default="running")
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.method}, {self.dataset})"
+
+
+class DefenseResult(models.Model):
+    """Robust accuracy of a defense under one threat model at one bound.
+
+    ``perceptibility`` is the calibrated level (e.g. ``p25``: people see the perturbation
+    25 % of the time) when the bound came from the study's calibration, else blank. With the
+    study attached these give the dashboard's strength-vs-perceptibility plot (Fig. 4b).
+    """
+
+    run = models.ForeignKey(DefenseRun, on_delete=models.CASCADE, related_name="results")
+    study = models.ForeignKey(Study, on_delete=models.SET_NULL, null=True, blank=True,
+                              related_name="defense_results")
+    column = models.CharField(max_length=100, help_text="Table column, e.g. 'linf 0.03137'.")
+    threat_model = models.CharField(max_length=50, help_text="clean, union, unseen_mean or"
+                                    " an attack name")
+    bound = models.FloatField(null=True, blank=True, help_text="In the threat model's units.")
+    spec = models.CharField(max_length=500, blank=True)
+    perceptibility = models.CharField(max_length=50, blank=True)
+    accuracy = models.FloatField(validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
+    n_images = models.PositiveIntegerField()
+    evaluation_dir = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["study", "threat_model"])]
+
+    def __str__(self) -> str:
+        return f"{self.run.name}: {self.column} {self.accuracy:.3f}"

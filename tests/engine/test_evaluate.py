@@ -1,0 +1,120 @@
+"""engine.evaluate: union accuracy, unseen mean, AutoAttack, sanity checks, calibrated bounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from engine.datasets import load_dataset
+from engine.errors import EngineError
+from engine.evaluate import (
+    autoattack_correct,
+    check_calibrated_bounds,
+    evaluate_model,
+    load_calibrated_bounds,
+    perceptibility_matched,
+    sanity_checks,
+    write_perceptibility,
+    write_table,
+)
+from engine.train import TrainConfig, load_model, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", image_size=16)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("run")
+    return load_model(train(TrainConfig(out=str(out), epochs=3, progress=False), digits))
+
+
+SPECS = ["linf:bound=0.05,num_iterations=5", "l2:bound=0.5,num_iterations=5",
+         "stadv:bound=0.05,num_iterations=5"]
+
+
+def test_union_is_at_most_every_per_threat_accuracy(model, digits):
+    ev = evaluate_model(model, digits.test, SPECS, limit=60, seen=("linf",), progress=False)
+    row = ev.row()
+    per_threat = [row[k] for k in ev.correct]
+    assert row["union"] <= min(per_threat) <= row["clean"]
+    assert row["union"] < max(per_threat)  # different threat models break different images
+    assert ev.seen == ("linf 0.05",)
+    assert row["unseen_mean"] == pytest.approx((row["l2 0.5"] + row["stadv 0.05"]) / 2)
+
+
+def test_self_bounded_perceptual_spec_uses_the_classifier_layers(model, digits):
+    ev = evaluate_model(model, digits.test, ["fast_lpa:bound=0.5,num_iterations=3"], limit=20,
+                        progress=False)
+    assert "lpips_layers=network.relu1+network.relu2+network.relu3" in ev.specs["fast_lpa 0.5"]
+
+
+def test_autoattack_is_no_weaker_than_clean(model, digits):
+    images = torch.stack([digits.test[i][0] for i in range(20)])
+    labels = torch.tensor([int(digits.test[i][1]) for i in range(20)])
+    clean = model(images).argmax(1) == labels
+    robust = autoattack_correct(model, images, labels, "linf", 0.1, version="fast")
+    assert not (robust & ~clean).any()
+    assert robust.sum() < clean.sum()
+
+
+class _Masked(nn.Module):
+    """Gradient masking: rounds the input, so every input gradient is zero."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(torch.round(x * 4) / 4)
+
+
+def test_sanity_checks_pass_on_a_real_model_and_flag_masking(model, digits):
+    checks = sanity_checks(model, digits.test, ["linf:bound=0.05,num_iterations=5"], limit=40,
+                           square=("linf:0.05",), square_queries=50)
+    assert {c["check"] for c in checks} == {"bound_monotone", "unbounded",
+                                             "square_not_stronger"}
+    assert all(c["passed"] for c in checks), checks
+    masked = _Masked(model)
+    masked.lpips_layers_spec = model.lpips_layers_spec
+    flagged = sanity_checks(masked, digits.test, [], limit=40, square=(),
+                            unbounded="linf:bound=1.0,num_iterations=5,random_start=false")
+    assert not flagged[0]["passed"]  # zero gradients: the unbounded attack gets nowhere
+
+
+def test_calibrated_bounds(tmp_path, model, digits):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"presets": {"linf": {"p10": 0.01, "p50": 0.1}}}))
+    bounds = load_calibrated_bounds(path)
+    assert bounds == {"linf": {"p10": 0.01, "p50": 0.1}}
+    rows = perceptibility_matched(model, digits.test, bounds, limit=40,
+                                  attack_params={"linf": "num_iterations=5"})
+    accs = {r["level"]: r["accuracy"] for r in rows}
+    assert accs["p50"] <= accs["p10"]
+    paths = write_perceptibility({"m": rows}, tmp_path / "out", title="digits")
+    assert (tmp_path / "out" / "perceptibility.png") in paths
+    with pytest.raises(EngineError, match="must be a number >= 0"):
+        check_calibrated_bounds({"linf": {"p10": -1}})
+    with pytest.raises(EngineError, match="must map labels"):
+        check_calibrated_bounds({"linf": 0.1})
+    with pytest.raises(EngineError, match="not found"):
+        load_calibrated_bounds(tmp_path / "missing.json")
+
+
+def test_tables_are_written_as_csv_and_markdown(tmp_path):
+    rows = [{"model": "a", "dataset": "digits", "clean": 0.9, "linf 0.1": 0.5, "union": 0.4,
+             "unseen_mean": None}]
+    csv_path, md_path = write_table(rows, tmp_path, "results", title="digits table")
+    assert csv_path.read_text().splitlines()[0] == "model,dataset,clean,linf 0.1,union,unseen_mean"
+    text = md_path.read_text()
+    assert "# digits table" in text and "| a | digits | 90.0 | 50.0 | 40.0 | — |" in text
+
+
+def test_bad_autoattack_spec(model, digits):
+    with pytest.raises(EngineError, match="NORM:EPS"):
+        evaluate_model(model, digits.test, [], autoattack=["linf"], limit=4, progress=False)
