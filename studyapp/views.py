@@ -42,8 +42,8 @@ from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 from rest_framework import status
 
-from .image_tokens import NotAPNG, resolve_image_key, strip_png
-from .models import Judgment, Pair, Participant, Session, Study
+from .image_tokens import NotAPNG, canonical_png, decode_image_key, pixel_cache
+from .models import Judgment, Pair, Participant, Session, Study, Trial
 from .quality import assign_request_fingerprints
 from .recruitment import (
     MTURK_SUBMIT_HOSTS,
@@ -305,26 +305,34 @@ def session_done(request: HttpRequest, token: str) -> HttpResponse:
 
 @require_GET
 def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
-    """The PNG behind one opaque image URL (see :mod:`studyapp.image_tokens` for what it hides).
+    """The PNG behind one opaque image URL, re-encoded canonically for this request.
 
-    The response names nothing: no filename, no Last-Modified (file times could tell the
-    natural image from the later-generated perturbed one), no ETag; ancillary PNG chunks are
-    stripped.
+    See :mod:`studyapp.image_tokens` for what it hides: every image of given dimensions has
+    the same length, headers and chunk layout and fresh bytes; no filename, Last-Modified or
+    ETag. The key names the position and slot (no scan of the session's trials): one query.
     """
-    session = Session.objects.filter(token=token).only("id", "token").first()
-    found = resolve_image_key(session, key) if session is not None else None
+    found = decode_image_key(token, key)
     if found is None:
         raise Http404("unknown image")
-    trial, slot = found
+    position, slot = found
+    row = (
+        Trial.objects.filter(session__token=token, position=position)
+        .values_list("pair_id", "natural_first", "pair__natural_path", "pair__other_path")
+        .first()
+    )
+    if row is None:
+        raise Http404("unknown image")
+    pair_id, natural_first, natural_path, other_path = row
+    relative = natural_path if (slot == 1) == natural_first else other_path
     media_root = Path(settings.MEDIA_ROOT).resolve()
-    path = (media_root / trial.image_path(slot)).resolve()
+    path = (media_root / relative).resolve()
     if not path.is_relative_to(media_root) or not path.is_file():
-        logger.error("image of pair %s slot %s is missing: %s", trial.pair_id, slot, path)
+        logger.error("image of pair %s slot %s is missing: %s", pair_id, slot, path)
         raise Http404("image missing")
     try:
-        data = strip_png(path.read_bytes())
+        data = canonical_png(pixel_cache.get(path))
     except NotAPNG as exc:
-        logger.error("image of pair %s slot %s is not a PNG: %s", trial.pair_id, slot, exc)
+        logger.error("image of pair %s slot %s cannot be served: %s", pair_id, slot, exc)
         raise Http404("image missing") from exc
     response = HttpResponse(data, content_type="image/png")
     response["Cache-Control"] = "private, max-age=3600"
