@@ -138,8 +138,8 @@ def decode_image_key(session_token: str, key: str) -> tuple[int, int] | None:
         raw = base64.urlsafe_b64decode(key + "==")
     except (binascii.Error, ValueError):
         return None
-    if len(raw) != 16:
-        return None
+    if len(raw) != 16 or base64.urlsafe_b64encode(raw).rstrip(b"=").decode() != key:
+        return None  # (also refuses the non-canonical spellings of the last character)
     session_key = _session_key(session_token)
     index = _permute(session_key, int.from_bytes(raw[:4], "big"), inverse=True)
     if not hmac.compare_digest(_tag(session_key, index), raw[4:]):

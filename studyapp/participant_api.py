@@ -9,7 +9,6 @@ read from the cookie, so both work without ``csrf_exempt``.
 
 from __future__ import annotations
 
-from django.db import transaction
 from rest_framework import status
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
@@ -19,6 +18,7 @@ from rest_framework.views import APIView
 from . import scheduler
 from .api import Conflict
 from .models import Session
+from .parsers import PARTICIPANT_MAX_BODY, check_content_length
 from .serializers import (
     ClientInfoSerializer,
     JudgmentInputSerializer,
@@ -28,7 +28,17 @@ from .serializers import (
 
 
 class SessionAPIView(APIView):
-    """Base: resolves the session token (404 if unknown); responses are never cached."""
+    """Base: resolves the session token (404 if unknown); responses are never cached.
+
+    Bodies are at most :data:`~studyapp.api.PARTICIPANT_MAX_BODY` bytes (413 beyond).
+    """
+
+    max_body_bytes = PARTICIPANT_MAX_BODY
+
+    def initial(self, request, *args, **kwargs):
+        # Also for a view that never reads its body (completion): refuse it unread.
+        check_content_length(request, self.max_body_bytes)
+        super().initial(request, *args, **kwargs)
 
     def get_session(self, token: str) -> Session:
         session = Session.objects.select_related("participant__study").filter(token=token).first()
@@ -59,11 +69,8 @@ class SessionStateView(SessionAPIView):
         session = self.get_session(token)
         serializer = ClientInfoSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        with transaction.atomic():
-            session = Session.objects.select_for_update().get(pk=session.pk)
-            session.client_info = {**session.client_info, **serializer.validated_data}
-            session.save(update_fields=["client_info"])
-        return Response({"client_info": session.client_info})
+        client_info = scheduler.update_client_info(session, serializer.validated_data)
+        return Response({"client_info": client_info})
 
 
 class JudgmentCreateView(SessionAPIView):

@@ -535,6 +535,22 @@ def record_judgment(
             return _record(session, data, now)
 
 
+# ------------------------------------------------------------------------------ client info
+
+
+def update_client_info(session: Session, data: Mapping[str, Any]) -> dict:
+    """Merge ``data`` (validated display measurements) into ``session.client_info``.
+
+    Under the session's row lock, so two PATCHes at once both land; returns the merged dict.
+    """
+    with transaction.atomic():
+        locked = Session.objects.select_for_update().only("pk", "client_info").get(pk=session.pk)
+        locked.client_info = {**locked.client_info, **data}
+        locked.save(update_fields=["client_info"])
+    session.client_info = locked.client_info
+    return locked.client_info
+
+
 # ------------------------------------------------------------------------------ completion
 
 

@@ -39,6 +39,17 @@ class JSONIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class JSONStringField(serializers.CharField):
+    """A JSON string; numbers and booleans are refused (DRF's CharField would coerce them)."""
+
+    default_error_messages = {"not_string": "Must be a string, not {kind}."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_string", kind=type(data).__name__)
+        return super().to_internal_value(data)
+
+
 def _ms(max_value: float) -> JSONNumberField:
     return JSONNumberField(min_value=0, max_value=max_value)
 
@@ -58,7 +69,7 @@ class JudgmentInputSerializer(serializers.Serializer):
     response = serializers.ChoiceField(choices=[c for c, _ in Judgment.RESPONSES])
     response_time_ms = _ms(MAX_RESPONSE_TIME_MS)
     durations = DurationsSerializer()
-    idempotency_key = serializers.CharField(
+    idempotency_key = JSONStringField(
         min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length
     )
 

@@ -174,6 +174,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # Size-limited, strict JSON (studyapp.api); the API takes no form bodies.
+    "DEFAULT_PARSER_CLASSES": ["studyapp.parsers.StrictJSONParser"],
     "EXCEPTION_HANDLER": "studyapp.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # One class handles every scope; it reads the rates below at request time.

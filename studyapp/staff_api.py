@@ -500,7 +500,7 @@ class StudyQualityView(StaffAPIView):
         tags=TAG,
         summary="Apply the study's exclusion rules and store the result",
         request=QualityRequestSerializer,
-        responses={200: QualityTableSerializer, **errors(400, 403, 404, 429)},
+        responses={200: QualityTableSerializer, **errors(400, 403, 404, 413, 429)},
     )
     def post(self, request: Request, slug: str) -> Response:
         body = QualityRequestSerializer(data=request.data)

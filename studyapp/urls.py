@@ -14,3 +14,6 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("", include("studyapp.participant_urls")),
 ]
+
+# Uncaught failures: 503 + Retry-After on a database outage, JSON under /api/ (studyapp.api).
+handler500 = "studyapp.api.server_error"
