@@ -2,7 +2,7 @@
 
 What one run does (everything on this machine; nothing asserts on time):
 
-1. Starts a throwaway PostgreSQL cluster (:mod:`studyapp.pgserver`), migrates it and builds a
+1. Starts a throwaway PostgreSQL cluster (:mod:`tests.support.pgserver`), migrates it and builds a
    study: ``--pairs`` data pairs (K = ``--k``), sentinel and catch pairs, lossless PNGs cut from
    scikit-image's bundled photographs (the perturbed image is the crop plus random-sign noise
    of 4/255: the server never looks at pixels, only sizes matter).
@@ -912,7 +912,7 @@ def render_markdown(r: dict) -> str:
            " (production: 120/min)." if r["write_rate"] else
            " production's participant write rate limit (120/min per session: a session"
            f" sends {session_writes(r)} writes in all, so it never refuses one here).")
-        + " PostgreSQL: a throwaway cluster (`studyapp.pgserver`) with **fsync,"
+        + " PostgreSQL: a throwaway cluster (`tests.support.pgserver`) with **fsync,"
         " synchronous_commit and full_page_writes off** (commits cost less than on a durable"
         " server).",
         "",
@@ -1182,7 +1182,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
     gunicorn_log = OUT_DIR / "gunicorn.log"
     gunicorn_log.write_text("")
 
-    from studyapp.pgserver import temporary_postgres
+    from tests.support.pgserver import temporary_postgres
 
     print("starting PostgreSQL …", file=sys.stderr)
     try:

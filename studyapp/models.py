@@ -300,6 +300,11 @@ class Session(models.Model):
         blank=True,
         help_text="Sentinel false-alarm rate, catch hit rate, fast-response share, flags.",
     )
+    # --- server (issue 10): a retried consent POST resumes the session its first try created
+    start_key = models.CharField(
+        max_length=64, null=True, blank=True, unique=True, editable=False,
+        help_text="Random key of the consent form that started this session (idempotency).",
+    )
 
     def __str__(self) -> str:
         return f"session {self.pk} of {self.participant}"

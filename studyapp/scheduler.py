@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -397,6 +398,125 @@ def start_session(
             for i, (pk, leased) in enumerate(main)
         ]
         Trial.objects.bulk_create(trials)
+        return session
+
+
+# ------------------------------------------------------------------------------ start / resume
+
+
+def _is_open(session: Session) -> bool:
+    return session.completed_at is None and session.abandoned_at is None
+
+
+def standing(participant: Participant | None) -> tuple[Session | None, bool]:
+    """(the participant's open session to resume, whether they completed a session)."""
+    if participant is None:
+        return None, False
+    sessions = list(participant.sessions.order_by("-started_at"))
+    resumable = next((s for s in sessions if _is_open(s)), None)
+    return resumable, any(s.completed_at is not None for s in sessions)
+
+
+def _point_at(session: Session, session_fields: Mapping[str, Any]) -> Session:
+    """Point an open session at the current assignment (a worker may return a HIT and accept
+    it again: the new ``assignmentId`` is the one to submit) or Prolific session."""
+    changed = [
+        name for name, value in session_fields.items()
+        if value and getattr(session, name) != value
+    ]
+    for name in changed:
+        setattr(session, name, session_fields[name])
+    if changed:
+        session.save(update_fields=changed)
+    return session
+
+
+def start_or_resume(
+    study: Study,
+    *,
+    source: str,
+    external_id: str = "",
+    remembered_token: str | None = None,
+    start_key: str | None = None,
+    user_agent: str = "",
+    session_fields: Mapping[str, Any] | None = None,
+    on_create: Any = None,
+) -> Session:
+    """The session a consent POST sends its participant to: resumed if there is one, else new.
+
+    Idempotent: a POST carrying the ``start_key`` of a session already started (a retry whose
+    first answer was lost) returns that session, whatever the participant's cookies say; two
+    such POSTs racing each other create one session (the unique ``start_key`` refuses the
+    second, whose whole transaction, participant and leases included, rolls back, and which
+    then finds the first's session). Otherwise, in one transaction under the participant's row
+    lock: plain links (``source="link"``) find their participant through
+    ``remembered_token`` (the browser's latest session) or get a new one; MTurk and Prolific
+    by ``(source, external_id)``. An open session is resumed (and pointed at the current
+    assignment); a participant who completed the study is refused with
+    :class:`AlreadyParticipated` unless it allows retakes; else :func:`start_session`, then
+    ``on_create(session)`` (request fingerprints) in the same transaction. Raises
+    :class:`StudyUnavailable` too; a refusal writes nothing.
+    """
+    session_fields = dict(session_fields or {})
+    for attempt in range(2):
+        try:
+            return _start_or_resume(
+                study, source, external_id, remembered_token, start_key, user_agent,
+                session_fields, on_create,
+            )
+        except IntegrityError:
+            if attempt or not start_key:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _start_or_resume(
+    study, source, external_id, remembered_token, start_key, user_agent, session_fields,
+    on_create,
+) -> Session:
+    with transaction.atomic():
+        if start_key:
+            started = (
+                Session.objects.select_related("participant")
+                .filter(start_key=start_key, participant__study=study)
+                .first()
+            )
+            if started is not None:
+                return started
+        if source == "link":
+            remembered = (
+                Session.objects.select_related("participant")
+                .filter(token=remembered_token, participant__study=study)
+                .first()
+                if remembered_token else None
+            )
+            participant = (
+                remembered.participant if remembered is not None
+                else Participant.objects.create(
+                    study=study, source="link", external_id=str(uuid.uuid4())
+                )
+            )
+        else:
+            participant, _ = Participant.objects.get_or_create(
+                study=study, source=source, external_id=external_id
+            )
+        # Two Start clicks of one worker at once must not make two sessions.
+        participant = Participant.objects.select_for_update().get(pk=participant.pk)
+        resumable, completed = standing(participant)
+        if resumable is not None:
+            return _point_at(resumable, session_fields)
+        if completed and not study.allow_retakes:
+            raise AlreadyParticipated(
+                f"this participant has already completed study {study.slug!r}, "
+                "which does not allow retakes"
+            )
+        with transaction.atomic():  # the unique start_key refuses a racing twin here
+            session = start_session(
+                participant, user_agent=user_agent, start_key=start_key or None,
+                **session_fields,
+            )
+        if on_create is not None:
+            on_create(session)
         return session
 
 

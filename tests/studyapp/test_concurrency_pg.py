@@ -1,6 +1,6 @@
 """Concurrent sessions against a real, temporary PostgreSQL server.
 
-How: the test starts a throwaway cluster (:mod:`studyapp.pgserver`), then runs THIS FILE as a
+How: the test starts a throwaway cluster (:mod:`tests.support.pgserver`), then runs THIS FILE as a
 script in a subprocess with ``DATABASE_URL`` pointing at it. The rest of the test run is on
 SQLite, and Django picks its database when its settings load, once per process (pytest-django
 also creates its test database once per run), so a fresh process is the robust way to get a
@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 def test_concurrent_sessions_on_postgresql(postgres_bin_dir, tmp_path):
-    from studyapp.pgserver import temporary_postgres
+    from tests.support.pgserver import temporary_postgres
 
     report_path = tmp_path / "report.json"
     started = time.monotonic()
