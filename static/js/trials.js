@@ -22,7 +22,9 @@
 // the next trial that is neither stored on the server nor buffered locally, and re-sends the
 // buffer. The session is completed (and the end page shown) only once the buffer is empty.
 
-import { Outbox, backoffDelay, isRetryable, newKey, request, sleep } from "./buffer.js";
+import {
+  Outbox, backoffDelay, isRetryable, newKey, offline, request, retryPause, sleep,
+} from "./buffer.js";
 
 const FIXATION_MS = 500;
 const INTER_TRIAL_MS = 300;
@@ -84,13 +86,25 @@ const presentation = {
 // ------------------------------------------------------------------------------ server
 
 // "Connection problem" is shown while the outbox or any other request is being retried.
+const CONNECTION_PROBLEM =
+  "Connection problem: your answers are kept and will be sent when it is back.";
 const retrying = new Set();
+// The browser says so at once when the network goes: say so too, and clear it when it is back
+// (every waiting retry then runs at once: buffer.js retryPause).
+window.addEventListener("offline", () => {
+  if (!ui.status.classList.contains("error")) {
+    setStatus("Connection problem: no network. Waiting for it to come back…");
+  }
+});
+window.addEventListener("online", () => {
+  if (!ui.status.classList.contains("error") && retrying.size === 0) setStatus("");
+});
 function showRetrying(source, on) {
   const before = retrying.size > 0;
   if (on) retrying.add(source);
   else retrying.delete(source);
   if (retrying.size > 0 && !before) {
-    setStatus("Connection problem: your answers are kept and will be sent when it is back.");
+    setStatus(CONNECTION_PROBLEM);
   } else if (retrying.size === 0 && before && !ui.status.classList.contains("error")) {
     setStatus("");
   }
@@ -105,7 +119,7 @@ async function persistent(url, options = {}) {
       return result;
     }
     showRetrying(url, true);
-    await sleep(backoffDelay(attempt, result.retryAfterMs));
+    await retryPause(backoffDelay(attempt, result.retryAfterMs));
     await presentation.idle();
   }
 }
@@ -210,8 +224,13 @@ function trialImages(trial) {
             return images;
           } catch (error) {
             console.warn(`images of trial ${trial.position} failed to load:`, error.message || error);
-            if (attempt >= 2) setStatus("Loading the images is slow: trying again…");
-            await sleep(backoffDelay(attempt));
+            // A failed image is a connection problem (a slow one would still be loading).
+            setStatus(
+              offline()
+                ? "Connection problem: no network. Waiting for it to come back…"
+                : "Connection problem: the images could not be loaded. Trying again…",
+            );
+            await retryPause(backoffDelay(attempt));
           }
         }
       })(),
