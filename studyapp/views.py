@@ -33,7 +33,6 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
-from django.db.models import Count, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -42,9 +41,9 @@ from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 from rest_framework import status
 
+from .fingerprints import assign_request_fingerprints
 from .image_tokens import NotAPNG, canonical_png, decode_image_key, pixel_cache
-from .models import Judgment, Pair, Participant, Session, Study, Trial
-from .quality import assign_request_fingerprints
+from .models import Participant, Session, Study, Trial
 from .recruitment import (
     MTURK_SUBMIT_HOSTS,
     BadRecruitmentLink,
@@ -53,6 +52,7 @@ from .recruitment import (
     parse_recruitment,
     prolific_complete_url,
 )
+from .reports import study_counts
 from .scheduler import AlreadyParticipated, StudyUnavailable, standing, start_or_resume
 
 logger = logging.getLogger(__name__)
@@ -301,32 +301,15 @@ def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
 @staff_member_required
 @require_GET
 def staff_home(request: HttpRequest) -> HttpResponse:
-    """Studies with pair/session/judgment counts and their participant links."""
-
-    def counts(queryset, field: str, **extra) -> dict[int, dict]:
-        rows = queryset.values(field).annotate(n=Count("id"), **extra)
-        return {row[field]: row for row in rows}
-
-    pairs = counts(Pair.objects, "study", n_sentinel=Count("id", filter=Q(is_sentinel=True)))
-    sessions = counts(
-        Session.objects,
-        "participant__study",
-        n_completed=Count("id", filter=Q(completed_at__isnull=False)),
-    )
-    judgments = counts(Judgment.objects, "trial__session__participant__study")
-    rows = []
-    for study in Study.objects.all():
-        p = pairs.get(study.pk, {})
-        s = sessions.get(study.pk, {})
-        rows.append(
-            {
-                "study": study,
-                "n_pairs": p.get("n", 0),
-                "n_sentinel": p.get("n_sentinel", 0),
-                "n_sessions": s.get("n", 0),
-                "n_completed": s.get("n_completed", 0),
-                "n_judgments": judgments.get(study.pk, {}).get("n", 0),
-                "link": request.build_absolute_uri(reverse("study-start", args=[study.slug])),
-            }
-        )
+    """Studies with pair/session/judgment counts (:func:`reports.study_counts`, as the staff
+    API) and their participant links."""
+    counts = study_counts()
+    rows = [
+        {
+            "study": study,
+            **counts[study.pk],
+            "link": request.build_absolute_uri(reverse("study-start", args=[study.slug])),
+        }
+        for study in Study.objects.order_by("-created_at", "slug")
+    ]
     return render(request, "staff.html", {"rows": rows})
