@@ -137,6 +137,19 @@ class Study(models.Model):
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="Exclude sessions with a larger share of too-fast responses.",
     )
+    # --- server (issue 10): automated-participant rules (flags always; exclusion opt-in)
+    exclude_automation = models.BooleanField(
+        default=False,
+        help_text="Exclude sessions whose browser reported automation (navigator.webdriver, "
+        "no trusted pointer or keyboard input, no browser signals at all).",
+    )
+    exclude_regular_rt = models.BooleanField(
+        default=False, help_text="Exclude sessions whose response times are too regular."
+    )
+    exclude_superhuman = models.BooleanField(
+        default=False,
+        help_text="Exclude sessions too sensitive to pairs the study's participants barely see.",
+    )
 
     class Meta:
         verbose_name_plural = "studies"

@@ -30,6 +30,8 @@ IP and browser hashes come from :mod:`studyapp.fingerprints` (re-exported here).
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -71,6 +73,13 @@ class SessionQuality:
     catch_hit_rate: float | None
     n_fast: int
     fast_share: float | None
+    automation_signals: list[str] = field(default_factory=list)
+    rt_sd_ms: float | None = None
+    rt_cv: float | None = None
+    n_low_pairs: int = 0
+    n_low_pairs_different: int = 0
+    low_pairs_population_rate: float | None = None
+    superhuman_p: float | None = None
     ip_shared_with: list[int] = field(default_factory=list)
     browser_shared_with: list[int] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
@@ -87,13 +96,16 @@ def _rate(k: int, n: int) -> float | None:
     return k / n if n else None
 
 
-def rules_of(study: Study) -> dict[str, float | int | None]:
-    """The study's exclusion rules (``None`` = off) and the fast-response threshold."""
+def rules_of(study: Study) -> dict[str, float | int | bool | None]:
+    """The study's exclusion rules (``None``/``False`` = off) and the fast-response threshold."""
     return {
         "fast_response_ms": study.fast_response_ms,
         "max_sentinel_false_alarm": study.max_sentinel_false_alarm,
         "min_catch_hit_rate": study.min_catch_hit_rate,
         "max_fast_share": study.max_fast_share,
+        "exclude_automation": study.exclude_automation,
+        "exclude_regular_rt": study.exclude_regular_rt,
+        "exclude_superhuman": study.exclude_superhuman,
     }
 
 
@@ -120,6 +132,14 @@ def rule_violations(q: SessionQuality, study: Study) -> list[str]:
             f"fast-response share {rate:.2f} > {limit:.2f}"
             f" ({q.n_fast}/{q.n_answered} responses faster than {study.fast_response_ms} ms)"
         )
+    bot = bot_flags(q)
+    for switch, prefix in (
+        (study.exclude_automation, "automation"),
+        (study.exclude_regular_rt, "response times"),
+        (study.exclude_superhuman, "superhuman"),
+    ):
+        if switch:
+            out += [flag for flag in bot if flag.startswith(prefix)]
     return out
 
 
@@ -162,6 +182,7 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
             ),
         )
     }
+    bots = _bot_metrics(study, [s.pk for s in sessions])
     shared_ip = _shared(all_sessions, "ip_hash")
     shared_browser = _shared(all_sessions, "browser_hash")
     rows = []
@@ -187,7 +208,10 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
                 shared_browser.get(session.browser_hash, set()) - {session.participant_id}
             ),
             staff_decision=(session.quality or {}).get("staff_decision"),
+            automation_signals=automation_signals(session.client_info, n_answered),
+            **bots.get(session.pk, {}),
         )
+        q.flags += bot_flags(q)
         if q.ip_shared_with:
             q.flags.append(f"same IP as {len(q.ip_shared_with)} other participant(s)")
         if q.browser_shared_with:
@@ -196,6 +220,133 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
         _decide(q, session)
         rows.append(q)
     return rows
+
+
+# ----------------------------------------------------------------------------- automated sessions
+#
+# Three rules, flags always (shown to staff), exclusions only where the study switches them on
+# (``exclude_automation``, ``exclude_regular_rt``, ``exclude_superhuman``; all off by default):
+#
+# - automation signals, from the trial runner (``client_info``, see static/js/trials.js):
+#   ``navigator.webdriver`` true; answers given but no trusted keyboard event (the answers are
+#   key presses: a script posting them, or dispatching untrusted events, has none); answered
+#   trials but no browser signals at all (the API driven without the runner); stimuli
+#   interrupted by the page being hidden (flag only from HIDDEN_STIMULI_MIN on);
+# - response times too regular to be human: over at least RT_MIN_TRIALS main-trial answers, a
+#   standard deviation under RT_MIN_SD_MS or a coefficient of variation under RT_MIN_CV (human
+#   same/different response times vary by hundreds of ms; CV ≳ 0.3);
+# - superhuman sensitivity: *low-perceptibility* pairs are data pairs that the study's other
+#   sessions (at least LOW_MIN_OTHERS judgments, this session left out) answered "different"
+#   at a rate ≤ LOW_RATE. Under the null hypothesis the session is like the others, so its
+#   number of "different" answers on such pairs is Binomial(n, p0) with p0 the mean of those
+#   pairs' rates (at least LOW_P_FLOOR, a lapse rate); flagged when n ≥ LOW_MIN_TRIALS and the
+#   one-sided p-value P(X ≥ x) < SUPERHUMAN_ALPHA (0.001: about one honest participant in a
+#   thousand is flagged by chance; flags are for staff to read, not verdicts).
+
+RT_MIN_TRIALS = 10
+RT_MIN_SD_MS = 40.0
+RT_MIN_CV = 0.10
+HIDDEN_STIMULI_MIN = 3
+LOW_RATE = 0.25
+LOW_MIN_OTHERS = 3
+LOW_MIN_TRIALS = 6
+LOW_P_FLOOR = 0.02
+SUPERHUMAN_ALPHA = 0.001
+
+
+def automation_signals(client_info: dict | None, n_answered: int) -> list[str]:
+    """The runner's automation signals of a session, as sentences (empty: none)."""
+    info = client_info or {}
+    out = []
+    if n_answered and "key_events" not in info:
+        out.append("no browser signals: the answers did not come from the trial runner")
+        return out
+    if info.get("webdriver") is True:
+        out.append("navigator.webdriver: the browser was driven by automation")
+    if n_answered and info.get("key_events", 0) == 0:
+        out.append("no trusted keyboard input, yet answers were given")
+    if n_answered and info.get("pointer_events", 0) == 0 and info.get("key_events", 0) == 0:
+        out.append("no trusted pointer or keyboard events at all")
+    if info.get("hidden_stimuli", 0) >= HIDDEN_STIMULI_MIN:
+        out.append(f"page hidden during {info['hidden_stimuli']} stimuli")
+    return out
+
+
+def binomial_tail(x: int, n: int, p: float) -> float:
+    """P(X ≥ x) for X ~ Binomial(n, p), exactly."""
+    if x <= 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(x, n + 1)))
+
+
+def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Response-time spread and the superhuman-sensitivity test, per session id."""
+    rows = list(
+        Trial.objects.filter(
+            session__participant__study=study, is_practice=False, judgment__isnull=False
+        ).values_list(
+            "session_id", "pair_id", "pair__condition_id", "judgment__response",
+            "judgment__response_time_ms",
+        )
+    )
+    per_pair: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # pair → [different, n]
+    per_session: dict[int, list[tuple]] = defaultdict(list)
+    for session_id, pair_id, condition_id, response, rt in rows:
+        different = response == "different"
+        if condition_id is not None:
+            per_pair[pair_id][0] += different
+            per_pair[pair_id][1] += 1
+        per_session[session_id].append((pair_id, condition_id, different, rt))
+    out: dict[int, dict[str, Any]] = {}
+    for session_id in session_ids:
+        answers = per_session.get(session_id, [])
+        metrics: dict[str, Any] = {}
+        rts = [rt for *_, rt in answers]
+        if len(rts) >= 2:
+            mean = statistics.fmean(rts)
+            sd = statistics.stdev(rts)
+            metrics["rt_sd_ms"] = round(sd, 3)
+            metrics["rt_cv"] = round(sd / mean, 4) if mean > 0 else None
+        low_rates, x = [], 0
+        for pair_id, condition_id, different, _ in answers:
+            if condition_id is None:
+                continue
+            d_all, n_all = per_pair[pair_id]
+            d_others, n_others = d_all - different, n_all - 1
+            if n_others >= LOW_MIN_OTHERS and d_others / n_others <= LOW_RATE:
+                low_rates.append(d_others / n_others)
+                x += different
+        metrics["n_low_pairs"] = len(low_rates)
+        metrics["n_low_pairs_different"] = x
+        if low_rates:
+            p0 = max(statistics.fmean(low_rates), LOW_P_FLOOR)
+            metrics["low_pairs_population_rate"] = round(p0, 4)
+            metrics["superhuman_p"] = binomial_tail(x, len(low_rates), p0)
+        out[session_id] = metrics
+    return out
+
+
+def bot_flags(q: SessionQuality) -> list[str]:
+    """The automated-participant flags of ``q`` (see the rules above), as sentences."""
+    out = [f"automation: {signal}" for signal in q.automation_signals]
+    if q.n_answered >= RT_MIN_TRIALS and q.rt_sd_ms is not None and (
+        q.rt_sd_ms < RT_MIN_SD_MS or (q.rt_cv is not None and q.rt_cv < RT_MIN_CV)
+    ):
+        out.append(
+            f"response times too regular: SD {q.rt_sd_ms:.0f} ms, CV {q.rt_cv or 0:.3f} over "
+            f"{q.n_answered} trials (human: SD ≥ {RT_MIN_SD_MS:.0f} ms, CV ≥ {RT_MIN_CV})"
+        )
+    if (
+        q.superhuman_p is not None
+        and q.n_low_pairs >= LOW_MIN_TRIALS
+        and q.superhuman_p < SUPERHUMAN_ALPHA
+    ):
+        out.append(
+            f"superhuman sensitivity: {q.n_low_pairs_different}/{q.n_low_pairs} 'different' on "
+            f"pairs the others saw as different at rate {q.low_pairs_population_rate:.2f}; "
+            f"binomial p = {q.superhuman_p:.1e} < {SUPERHUMAN_ALPHA}"
+        )
+    return out
 
 
 def _decide(q: SessionQuality, session: Session) -> None:
@@ -301,7 +452,13 @@ def summary(rows: list[SessionQuality], study: Study) -> dict[str, Any]:
             ),
             "catch_hit_rate": sum(any(v.startswith("catch") for v in q.violations) for q in rows),
             "fast_share": sum(any(v.startswith("fast") for v in q.violations) for q in rows),
+            "automation": sum(any(v.startswith("automation") for v in q.violations) for q in rows),
+            "regular_rt": sum(
+                any(v.startswith("response times") for v in q.violations) for q in rows
+            ),
+            "superhuman": sum(any(v.startswith("superhuman") for v in q.violations) for q in rows),
         },
+        "n_flagged_automated": sum(bool(bot_flags(q)) for q in rows),
         "n_flagged_ip": sum(bool(q.ip_shared_with) for q in rows),
         "n_flagged_browser": sum(bool(q.browser_shared_with) for q in rows),
     }

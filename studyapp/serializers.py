@@ -110,6 +110,26 @@ class ClientInfoSerializer(serializers.Serializer):
     frame_samples = JSONIntegerField(
         min_value=0, max_value=100_000, required=False, help_text="rAF intervals measured"
     )
+    # Automation signals (studyapp.quality), counted by the runner since the page loaded.
+    webdriver = serializers.BooleanField(
+        required=False, help_text="navigator.webdriver: the browser is driven by automation."
+    )
+    pointer_events = JSONIntegerField(
+        min_value=0, max_value=10**9, required=False,
+        help_text="Trusted pointer events (down, move, wheel, touch) seen by the page.",
+    )
+    key_events = JSONIntegerField(
+        min_value=0, max_value=10**9, required=False, help_text="Trusted keydown events."
+    )
+    hidden_stimuli = JSONIntegerField(
+        min_value=0, max_value=10**6, required=False,
+        help_text="Stimuli interrupted because the page was hidden.",
+    )
+
+    def validate_webdriver(self, value):
+        if not isinstance(self.initial_data.get("webdriver"), bool):
+            raise serializers.ValidationError("Must be a JSON boolean.")
+        return value
 
 
 class StudySettingsSerializer(serializers.Serializer):

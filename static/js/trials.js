@@ -163,8 +163,10 @@ function sendClientInfo({ frameMs, samples }) {
     frame_ms: Math.round(frameMs * 1000) / 1000,
     refresh_hz: Math.round((1000 / frameMs) * 100) / 100,
     frame_samples: samples,
+    webdriver: navigator.webdriver === true,
+    ...signals,
   };
-  persistent(root.dataset.stateUrl, { method: "PATCH", body: info }).then(({ status, data }) => {
+  return persistent(root.dataset.stateUrl, { method: "PATCH", body: info }).then(({ status, data }) => {
     if (status !== 200) console.warn("client info not stored:", data.error);
   });
 }
@@ -244,6 +246,20 @@ document.addEventListener("visibilitychange", () => {
   if (document.hidden) hiddenDuringTrial = true;
 });
 
+// Signals of automation for quality control (studyapp.quality): what the browser says
+// (navigator.webdriver), how many trusted (user-made, not script-dispatched) pointer and
+// keyboard events the page saw, and how many stimuli were interrupted by the page being hidden.
+// Counted here, sent with the display info (PATCH) when the session starts and before it ends.
+const signals = { pointer_events: 0, key_events: 0, hidden_stimuli: 0 };
+for (const type of ["pointerdown", "pointermove", "wheel", "touchstart"]) {
+  window.addEventListener(type, (event) => {
+    if (event.isTrusted) signals.pointer_events += 1;
+  }, { passive: true, capture: true });
+}
+window.addEventListener("keydown", (event) => {
+  if (event.isTrusted) signals.key_events += 1;
+}, { capture: true });
+
 // Show fixation → image 1 → blank → image 2 → prompt, switching in rAF callbacks.
 // Resolves {first_ms, blank_ms, second_ms, promptAt} (rAF timestamps), or {interrupted: true}
 // when the page was hidden meanwhile (rAF stops then, so the durations would be meaningless).
@@ -262,6 +278,7 @@ function present(first, second, study, frameMs) {
     let current = -1;
     function onFrame(timestamp) {
       if (hiddenDuringTrial) {
+        signals.hidden_stimuli += 1;
         for (const el of [ui.fixation, first, second]) show(el, false);
         resolve({ interrupted: true });
         return;
@@ -513,6 +530,7 @@ async function main() {
     }
     ui.progress.textContent = "Saving your answers…";
     await outbox.drain();
+    await sendClientInfo(display); // the signals as they stand at the end
     if (await complete()) {
       outbox.clear();
       window.location.assign(root.dataset.doneUrl);
