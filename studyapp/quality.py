@@ -233,8 +233,9 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
 #   trials but no browser signals at all (the API driven without the runner); stimuli
 #   interrupted by the page being hidden (flag only from HIDDEN_STIMULI_MIN on);
 # - response times too regular to be human: over at least RT_MIN_TRIALS main-trial answers, a
-#   standard deviation under RT_MIN_SD_MS or a coefficient of variation under RT_MIN_CV (human
-#   same/different response times vary by hundreds of ms; CV ≳ 0.3);
+#   robust standard deviation (1.4826 × the median absolute deviation) under RT_MIN_SD_MS or
+#   a robust coefficient of variation (that SD / the median) under RT_MIN_CV (human
+#   same/different response times vary by hundreds of ms: CV ≈ 0.3, log-normal σ ≈ 0.3-0.5);
 # - superhuman sensitivity: *low-perceptibility* pairs are data pairs that the study's other
 #   sessions (at least LOW_MIN_OTHERS judgments, this session left out) answered "different"
 #   at a rate ≤ LOW_RATE. Under the null hypothesis the session is like the others, so its
@@ -303,10 +304,12 @@ def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, An
         metrics: dict[str, Any] = {}
         rts = [rt for *_, rt in answers]
         if len(rts) >= 2:
-            mean = statistics.fmean(rts)
-            sd = statistics.stdev(rts)
+            # Robust (a few slow answers, e.g. while a bot decodes images, must not hide a
+            # machine's pace): 1.4826 × median absolute deviation, relative to the median.
+            median = statistics.median(rts)
+            sd = 1.4826 * statistics.median(abs(rt - median) for rt in rts)
             metrics["rt_sd_ms"] = round(sd, 3)
-            metrics["rt_cv"] = round(sd / mean, 4) if mean > 0 else None
+            metrics["rt_cv"] = round(sd / median, 4) if median > 0 else None
         low_rates, x = [], 0
         for pair_id, condition_id, different, _ in answers:
             if condition_id is None:
@@ -333,8 +336,8 @@ def bot_flags(q: SessionQuality) -> list[str]:
         q.rt_sd_ms < RT_MIN_SD_MS or (q.rt_cv is not None and q.rt_cv < RT_MIN_CV)
     ):
         out.append(
-            f"response times too regular: SD {q.rt_sd_ms:.0f} ms, CV {q.rt_cv or 0:.3f} over "
-            f"{q.n_answered} trials (human: SD ≥ {RT_MIN_SD_MS:.0f} ms, CV ≥ {RT_MIN_CV})"
+            f"response times too regular: robust SD {q.rt_sd_ms:.0f} ms, CV {q.rt_cv or 0:.3f}"
+            f" over {q.n_answered} trials (human: SD ≥ {RT_MIN_SD_MS:.0f} ms, CV ≥ {RT_MIN_CV})"
         )
     if (
         q.superhuman_p is not None
