@@ -851,7 +851,8 @@ def cores(phase: Phase) -> dict[str, float]:
 
 
 def server_cpu_ms(phase: Phase, count: int) -> float:
-    return 1000 * (phase.cpu.get("gunicorn", 0) + phase.cpu.get("postgres", 0)) / max(count, 1)
+    server = sum(phase.cpu.get(name, 0) for name in ("gunicorn", "postgres", "redis"))
+    return 1000 * server / max(count, 1)
 
 
 def gunicorn_problems(log: Path) -> list[str]:
@@ -936,7 +937,7 @@ def render_markdown(r: dict) -> str:
                    " replied: a stress test, far above a real study's pace).")),
         "",
         "| phase | participants | wall s | requests | req/s | judgments/s | errors "
-        "| CPU cores used: client / gunicorn / PostgreSQL / other |",
+        "| CPU cores used: client / gunicorn / PostgreSQL / Redis / other |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, label, who in [
@@ -954,7 +955,7 @@ def render_markdown(r: dict) -> str:
             f"| {label} | {who} | {fmt(ph['wall_s'])} | {ph['requests']:,} | "
             f"{fmt(ph['requests'] / ph['wall_s'])} | {jps} | {ph['errors']} | "
             f"{c['client']:.2f} / {c['gunicorn']:.2f} / {c['postgres']:.2f} / "
-            f"{c['other processes']:.2f} |"
+            f"{c.get('redis', 0):.2f} / {c['other processes']:.2f} |"
         )
     lines += [
         "",
@@ -1158,6 +1159,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                         help="override the participant write rate limit, e.g. 1000/min"
                         " (default: production's, 120/min per session)")
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout, s")
+    parser.add_argument("--cache", choices=["redis", "db"], default="redis",
+                        help="where the rate-limit counters live: a redis-server started for"
+                        " the run (production's recommendation, default) or the database table")
+    parser.add_argument("--durable", action="store_true",
+                        help="PostgreSQL with fsync, synchronous_commit and full_page_writes on")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--keep", action="store_true",
@@ -1182,11 +1188,21 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
     gunicorn_log = OUT_DIR / "gunicorn.log"
     gunicorn_log.write_text("")
 
-    from tests.support.pgserver import temporary_postgres
+    from contextlib import ExitStack, nullcontext
 
+    from tests.support.pgserver import temporary_postgres
+    from tests.support.redisserver import temporary_redis
+
+    durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
     print("starting PostgreSQL …", file=sys.stderr)
     try:
-        with temporary_postgres() as pg:
+        with ExitStack() as stack:
+            pg = stack.enter_context(
+                temporary_postgres(settings=durable if args.durable else None)
+            )
+            redis = stack.enter_context(
+                temporary_redis() if args.cache == "redis" else nullcontext(None)
+            )
             env = {
                 **os.environ,
                 "DATABASE_URL": pg.url,
@@ -1201,6 +1217,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                 env.pop(name, None)
             if args.write_rate:
                 env["PERCEPTLAB_RATE_PARTICIPANT_WRITE"] = args.write_rate
+            if redis:
+                env["PERCEPTLAB_CACHE"] = redis.url
             os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
             import django
 
@@ -1230,7 +1248,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                     "finished": set(), "trials_per_session": args.trials + args.practice,
                     "resend_every": args.resend_every,
                     "roots": {"client": os.getpid(), "gunicorn": server.pid,
-                              "postgres": postmaster},
+                              "postgres": postmaster, "redis": redis.pid if redis else -1},
                 }
                 progress = not args.no_progress
                 phases: dict[str, Phase] = {}
@@ -1287,6 +1305,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
         "load_before": load_before,
         "load_after": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
         "server": gunicorn_command_line(args),
+        "cache": args.cache,
+        "durable": args.durable,
         "write_rate": args.write_rate,
         "study": study_info,
         "participants": args.participants,

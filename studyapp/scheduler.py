@@ -581,34 +581,43 @@ def _same_judgment(judgment: Judgment, session: Session, data: Mapping[str, Any]
     )
 
 
-def _by_key(session: Session, data: Mapping[str, Any]) -> Judgment | None:
-    key = data["idempotency_key"]
-    existing = Judgment.objects.select_related("trial").filter(idempotency_key=key).first()
+def _by_key(session: Session, data: Mapping[str, Any], existing: Judgment | None):
+    """``existing`` (the judgment stored under ``data``'s key) if it is this very judgment;
+    :class:`IdempotencyKeyReused` if it is another; ``None`` if there is none."""
     if existing is None:
         return None
     if _same_judgment(existing, session, data):
         return existing
     raise IdempotencyKeyReused(
-        f"idempotency_key {key!r} was already used for a different judgment"
+        f"idempotency_key {data['idempotency_key']!r} was already used for a different judgment"
+    )
+
+
+def _stored_judgments(trial: Trial, key: str) -> list[Judgment]:
+    """The judgment stored under ``key`` (any trial) and ``trial``'s judgment: one query."""
+    return list(
+        Judgment.objects.select_related("trial").filter(Q(idempotency_key=key) | Q(trial=trial))
     )
 
 
 def _record(session: Session, data: Mapping[str, Any], now: datetime) -> tuple[Judgment, bool]:
-    existing = _by_key(session, data)  # fast path for retries: no lock needed
-    if existing is not None:
-        return existing, False
+    """One transaction, 6 statements for a main trial (lock, look-up, insert, lease update)."""
     position = data["position"]
+    key = data["idempotency_key"]
     # Lock the trial row only (no joins: FOR UPDATE on a joined pair row would block the
     # foreign-key checks of every session being built with that pair).
     trial = Trial.objects.select_for_update().filter(session=session, position=position).first()
     if trial is None:
         raise UnknownTrial(f"this session has no trial at position {position}")
     # Holding the trial's lock: a concurrent request for it has committed or not started, so
-    # a retry that raced its original now sees the original's row.
-    existing = _by_key(session, data)
+    # a retry that raced its original now sees the original's row. One query finds both the
+    # judgment stored under this key (anywhere) and this trial's judgment.
+    stored = _stored_judgments(trial, key)
+    by_key = next((j for j in stored if j.idempotency_key == key), None)
+    existing = _by_key(session, data, by_key)
     if existing is not None:
         return existing, False
-    if Judgment.objects.filter(trial=trial).exists():
+    if any(j.trial_id == trial.pk for j in stored):
         raise AlreadyAnswered(f"the trial at position {position} already has a judgment")
     if trial.released:
         raise LeaseExpired(
@@ -623,13 +632,18 @@ def _record(session: Session, data: Mapping[str, Any], now: datetime) -> tuple[J
         first_ms=durations["first_ms"],
         blank_ms=durations["blank_ms"],
         second_ms=durations["second_ms"],
-        idempotency_key=data["idempotency_key"],
+        idempotency_key=key,
     )
-    if trial.leased_until is not None:
+    lease = timedelta(minutes=session.study.lease_minutes)
+    held_until = trial.leased_until
+    if held_until is not None:
         # The judgment now holds the pair's slot for good (n_assigned unchanged).
         Trial.objects.filter(pk=trial.pk).update(leased_until=None)
         trial.leased_until = None
-    renew_leases(session, now)
+    # The session's leases were all set (and are renewed) together: when this trial's lease
+    # still had more than half to run, so do the others, and there is nothing to renew.
+    if held_until is None or held_until < now + lease / 2:
+        renew_leases(session, now)
     return judgment, True
 
 

@@ -24,7 +24,7 @@ Production (see README, "Running a real study on MTurk / Prolific"):
   (production: Django's RedisCache, shared by every gunicorn worker, no SQL), ``db``
   (default with PostgreSQL: a table shared by every worker) or ``locmem`` (default with
   SQLite: per process, so limits apply per worker).
-- ``PERCEPTLAB_IMAGE_CACHE``: decoded stimulus images kept per process (default 512).
+- ``PERCEPTLAB_IMAGE_CACHE``: decoded stimulus images kept per process (default 256).
 - ``PERCEPTLAB_RATE_PARTICIPANT_WRITE`` / ``PERCEPTLAB_RATE_STAFF``: rate limits, e.g.
   ``120/min`` (see :mod:`studyapp.throttling`).
 - ``PERCEPTLAB_ALLOW_FILE_SECRET``: ``1`` lets gunicorn start without ``DJANGO_SECRET_KEY``

@@ -178,6 +178,11 @@ def _browser_session(live_server, chromium_executable, study, answer, *, stealth
     return session
 
 
+BOT_PACE = """() => new Promise((resolve) => {
+  const check = () => document.querySelector("#prompt.is-visible")
+    ? setTimeout(resolve, 350) : requestAnimationFrame(check);
+  check();
+})"""
 PIXEL_ANSWERS = """async () => {
   const token = location.pathname.split("/")[2];
   const state = await (await fetch(`/api/sessions/${token}/`)).json();
@@ -214,7 +219,7 @@ def test_a_playwright_bot_and_a_simulated_person_in_chromium(
     def bot(page, index, trial) -> str:
         if not bot_answers:
             bot_answers.update({int(k): v for k, v in page.evaluate(PIXEL_ANSWERS).items()})
-        page.wait_for_timeout(350)
+        page.evaluate(BOT_PACE)  # a steady pace: 350 ms after the prompt shows, then the key
         return bot_answers[trial.position]
 
     def person(page, index, trial) -> str:

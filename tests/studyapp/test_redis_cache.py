@@ -23,8 +23,8 @@ pytestmark = [pytest.mark.redis, pytest.mark.django_db]
 def redis_url(redis_server_executable):
     from tests.support.redisserver import temporary_redis
 
-    with temporary_redis(redis_server_executable) as url:
-        yield url
+    with temporary_redis(redis_server_executable) as server:
+        yield server.url
 
 
 def test_perceptlab_cache_redis_url_selects_the_redis_backend(redis_url, tmp_path):

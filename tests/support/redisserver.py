@@ -2,8 +2,8 @@
 
 For the test of the Redis-backed rate limits and the load benchmark::
 
-    with temporary_redis() as url:     # redis://127.0.0.1:PORT/0
-        os.environ["PERCEPTLAB_CACHE"] = url
+    with temporary_redis() as server:  # server.url = redis://127.0.0.1:PORT/0
+        os.environ["PERCEPTLAB_CACHE"] = server.url
 """
 
 from __future__ import annotations
@@ -16,12 +16,19 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 CANDIDATES = ("/usr/bin/redis-server", "/usr/sbin/redis-server")
 
 
 class RedisUnavailable(RuntimeError):
     """redis-server is missing or did not start."""
+
+
+@dataclass(frozen=True)
+class RedisServer:
+    url: str
+    pid: int
 
 
 def find_redis() -> str | None:
@@ -38,8 +45,10 @@ def _free_port() -> int:
 
 
 @contextmanager
-def temporary_redis(executable: str | None = None, timeout: float = 20.0) -> Iterator[str]:
-    """Start redis-server (no RDB/AOF files, 127.0.0.1 only); yield its URL; stop it on exit."""
+def temporary_redis(
+    executable: str | None = None, timeout: float = 20.0
+) -> Iterator[RedisServer]:
+    """Start redis-server (no RDB/AOF files, 127.0.0.1 only); yield it; stop it on exit."""
     executable = executable or find_redis()
     if executable is None:
         raise RedisUnavailable("redis-server not found; install Debian's redis-server package")
@@ -64,7 +73,7 @@ def temporary_redis(executable: str | None = None, timeout: float = 20.0) -> Ite
                 output = proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
                 raise RedisUnavailable(f"redis-server did not start:\n{output}")
             time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+        yield RedisServer(f"redis://127.0.0.1:{port}/0", proc.pid)
     finally:
         proc.terminate()
         try:
