@@ -85,9 +85,13 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION_TITLE = "Study server load (gunicorn + PostgreSQL)"
 
 
-def section_ids(think_ms: float) -> tuple[str, str, str]:
-    """(title, start marker, end marker): the stress run (no think time) and paced runs
-    (``--think-ms``) keep a section each."""
+def section_ids(think_ms: float, durable: bool = False) -> tuple[str, str, str]:
+    """(title, start marker, end marker): the stress run (no think time), paced runs
+    (``--think-ms``) and paced runs on durable PostgreSQL (``--durable``) keep a section each."""
+    if think_ms > 0 and durable:
+        return (f"{SECTION_TITLE}: paced participants, durable PostgreSQL (fsync on)",
+                "<!-- bench/load.py paced durable: start -->",
+                "<!-- bench/load.py paced durable: end -->")
     if think_ms > 0:
         return (f"{SECTION_TITLE}: paced participants", "<!-- bench/load.py paced: start -->",
                 "<!-- bench/load.py paced: end -->")
@@ -891,7 +895,7 @@ def session_writes(r: dict) -> int:
 
 def render_markdown(r: dict) -> str:
     p, m, db, t = r["phases"], r["machine"], r["db"], r["targets"]
-    title, mark_start, mark_end = section_ids(r["think_ms"])
+    title, mark_start, mark_end = section_ids(r["think_ms"], r["durable"])
     lines = [
         mark_start,
         f"## {title}",
@@ -908,14 +912,18 @@ def render_markdown(r: dict) -> str:
         "",
         f"Server: `{r['server']}` on the production settings (`bench/load_settings.py` ="
         " `studyapp.settings` + the trivial view `/bench/ping/` from `bench/loadsite.py`),"
-        " DEBUG off, rate-limit counters in the database cache table as in production;"
+        " DEBUG off, rate-limit counters "
+        + ("in Redis (`PERCEPTLAB_CACHE=redis://...`, a redis-server started for the run)"
+           if r.get("cache") == "redis" else "in the database cache table") + ";"
         + (f" participant write rate limit overridden to `{r['write_rate']}` per session"
            " (production: 120/min)." if r["write_rate"] else
            " production's participant write rate limit (120/min per session: a session"
            f" sends {session_writes(r)} writes in all, so it never refuses one here).")
-        + " PostgreSQL: a throwaway cluster (`tests.support.pgserver`) with **fsync,"
-        " synchronous_commit and full_page_writes off** (commits cost less than on a durable"
-        " server).",
+        + " PostgreSQL: a throwaway cluster (`tests.support.pgserver`) with "
+        + ("**fsync, synchronous_commit and full_page_writes on** (durable: every commit"
+           " waits for its WAL flush)." if r.get("durable") else
+           "**fsync, synchronous_commit and full_page_writes off** (commits cost less than on"
+           " a durable server; `--durable` has its own section)."),
         "",
         f"Study: {r['study']['data_pairs']} data pairs (K = {r['study']['k']}), "
         f"{r['study']['sentinels']} sentinel and {r['study']['catch']} catch pairs, "
@@ -1099,29 +1107,21 @@ NOTES = [
     " than a browser makes.",
     "Static files (JS, CSS) are not fetched; a browser loads them once per participant"
     " (WhiteNoise, cacheable).",
-    "PostgreSQL runs with durability off (fsync, synchronous_commit, full_page_writes): a"
-    " production server with synchronous commits pays a WAL flush per transaction, so"
-    " submits there cost more than here.",
+    "Unless the section says durable: PostgreSQL runs with durability off (fsync,"
+    " synchronous_commit, full_page_writes); a production server with synchronous commits"
+    " pays a WAL flush per transaction (the durable section measures it).",
     "Stimulus PNGs are crops of scikit-image's photographs with random-sign noise, not attack"
     " outputs (the server never looks at pixels); several pairs share one file (the OS page"
     " cache would hold a real study's images as well).",
 ]
 
 
-def write_benchmarks(section: str, think_ms: float) -> None:
-    """Replace (or append) this script's section; re-read the file just before writing so a
-    concurrent edit of another section is kept."""
-    _, mark_start, mark_end = section_ids(think_ms)
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if mark_start in text and mark_end in text:
-        head, rest = text.split(mark_start, 1)
-        tail = rest.split(mark_end, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = BENCHMARKS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(BENCHMARKS)
+def write_benchmarks(section: str, think_ms: float, durable: bool = False) -> None:
+    """Replace (or append) this script's section (bench/_common.py's one section writer)."""
+    from bench._common import write_markdown_section
+
+    _, mark_start, mark_end = section_ids(think_ms, durable)
+    write_markdown_section(BENCHMARKS, mark_start, mark_end, section)
 
 
 # ------------------------------------------------------------------------------ main
@@ -1333,8 +1333,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
             print(f"gunicorn log ({gunicorn_log}) has {len(problems)} error entries; first:\n"
                   + problems[0][:3000], file=sys.stderr)
     if not args.no_write:
-        write_benchmarks(section, args.think_ms)
-        print(f"wrote the section '{section_ids(args.think_ms)[0]}' of {BENCHMARKS}",
+        write_benchmarks(section, args.think_ms, args.durable)
+        print(f"wrote the section '{section_ids(args.think_ms, args.durable)[0]}' of {BENCHMARKS}",
               file=sys.stderr)
     return 1 if errors or db["lost"] else 0
 

@@ -127,8 +127,18 @@ def image_key(session_token: str, position: int, slot: int) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
+@cache
+def _url_template() -> tuple[str, str]:
+    placeholder = "T" * 8
+    url = reverse("trial-image", args=[placeholder, "K" * KEY_CHARS])
+    head, tail = url.split(placeholder, 1)
+    return head, tail.replace("K" * KEY_CHARS, "{key}", 1)
+
+
 def image_url(session_token: str, position: int, slot: int) -> str:
-    return reverse("trial-image", args=[session_token, image_key(session_token, position, slot)])
+    """``/img/<token>/<key>/`` (the URL pattern reversed once, not per image)."""
+    head, tail = _url_template()
+    return head + session_token + tail.format(key=image_key(session_token, position, slot))
 
 
 def decode_image_key(session_token: str, key: str) -> tuple[int, int] | None:
