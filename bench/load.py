@@ -70,7 +70,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -79,6 +78,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# An unexpected status or a transport error (already recorded as an error of the phase).
+from tests.support.http import RequestFailed  # noqa: E402
 
 OUT_DIR = ROOT / "bench" / "out" / "load"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -119,10 +121,6 @@ EXPECTED = {
 
 
 # ------------------------------------------------------------------------------ recording
-
-
-class RequestFailed(Exception):
-    """An unexpected status or a transport error (already recorded as an error)."""
 
 
 @dataclass
@@ -191,66 +189,46 @@ class Acknowledged:
 
 
 class Browser:
-    """One participant's browser: its cookies and one HTTP connection (kept alive when the
-    server allows it; gunicorn's sync workers close it after every response, and
-    ``http.client`` then opens a new one for the next request)."""
+    """One participant's browser (:class:`tests.support.http.BrowserClient`: cookies, CSRF
+    header, one kept-alive connection), reporting to a phase; an unexpected status is an
+    error of the phase."""
 
     def __init__(self, host: str, port: int, phase: Phase, timeout: float) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
+        from tests.support.http import BrowserClient
+
         self.phase = phase
-        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        self.cookies: dict[str, str] = {}
+
+        def observe(endpoint, method, path, status, seconds, data) -> None:
+            phase.latencies[endpoint].append(seconds)  # list.append is atomic under the GIL
+            with phase.lock:
+                phase.statuses[(endpoint, status)] += 1
+
+        def reconnect(endpoint: str) -> None:
+            with phase.lock:
+                phase.reconnects[endpoint] += 1
+
+        self.client = BrowserClient(
+            host, port, timeout=timeout, user_agent=USER_AGENT, observe=observe,
+            on_reconnect=reconnect, on_error=phase.error,
+        )
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        return self.client.cookies
 
     def close(self) -> None:
-        self.conn.close()
+        self.client.close()
 
     def request(
         self, endpoint: str, method: str, path: str, *, body: bytes | None = None,
         content_type: str | None = None,
     ) -> tuple[int, http.client.HTTPResponse, bytes]:
-        headers = {"User-Agent": USER_AGENT, "Accept": "*/*"}
-        if self.cookies:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        if method != "GET" and "csrftoken" in self.cookies:
-            headers["X-CSRFToken"] = self.cookies["csrftoken"]  # as the trial runner does
-        if content_type:
-            headers["Content-Type"] = content_type
-        phase = self.phase
-        for attempt in (1, 2):
-            reused = self.conn.sock is not None
-            started = time.perf_counter()
-            try:
-                self.conn.request(method, path, body=body, headers=headers)
-                response = self.conn.getresponse()
-                data = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                self.conn.close()
-                if reused and attempt == 1:
-                    # A kept-alive connection the server had just closed (keep-alive timeout):
-                    # the request never reached the app. Send it again on a new connection
-                    # (judgments carry idempotency keys, as in the browser). Counted.
-                    with phase.lock:
-                        phase.reconnects[endpoint] += 1
-                    continue
-                phase.error(f"{endpoint} {method} {path}: {exc!r}")
-                raise RequestFailed from exc
-            except Exception as exc:  # noqa: BLE001 - timeouts, refused connects: all errors
-                self.conn.close()
-                phase.error(f"{endpoint} {method} {path}: {exc!r}")
-                raise RequestFailed from exc
-            break
-        elapsed = time.perf_counter() - started
-        for raw in response.headers.get_all("Set-Cookie") or []:
-            cookie = SimpleCookie()
-            cookie.load(raw)
-            self.cookies.update({name: morsel.value for name, morsel in cookie.items()})
-        phase.latencies[endpoint].append(elapsed)  # list.append is atomic under the GIL
-        status = response.status
-        with phase.lock:
-            phase.statuses[(endpoint, status)] += 1
+        status, response, data = self.client.request(
+            method, path, body=body, content_type=content_type, endpoint=endpoint
+        )
         if status not in EXPECTED[endpoint]:
             text = re.sub(r"\s+", " ", data[:400].decode(errors="replace"))
-            phase.error(f"{endpoint} {method} {path}: HTTP {status} {text}")
+            self.phase.error(f"{endpoint} {method} {path}: HTTP {status} {text}")
             raise RequestFailed(f"{endpoint}: HTTP {status}")
         return status, response, data
 

@@ -22,7 +22,7 @@ from .parsers import PARTICIPANT_MAX_BODY, check_content_length
 from .serializers import (
     ClientInfoSerializer,
     JudgmentInputSerializer,
-    JudgmentSerializer,
+    judgment_data,
     session_state,
 )
 
@@ -58,8 +58,10 @@ class SessionStateView(SessionAPIView):
     GET → ``{"study": {"title", "first_ms", "blank_ms", "second_ms"},
     "trials": [{"position", "images": [url1, url2], "answered"}], "completed"}``.
 
-    PATCH body (see :class:`ClientInfoSerializer`) is merged into ``session.client_info``;
-    answers ``{"client_info": {...}}``.
+    PATCH body (see :class:`ClientInfoSerializer`: the display as measured, and the runner's
+    automation signals ``webdriver``, ``pointer_events``, ``key_events``, ``hidden_stimuli``
+    for :mod:`studyapp.quality`) is merged into ``session.client_info``; answers
+    ``{"client_info": {...}}``.
     """
 
     def get(self, request: Request, token: str) -> Response:
@@ -99,7 +101,7 @@ class JudgmentCreateView(SessionAPIView):
         except scheduler.JudgmentConflict as exc:
             raise Conflict(str(exc), code=exc.code) from exc
         return Response(
-            JudgmentSerializer(judgment).data,
+            judgment_data(judgment),
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )
 

@@ -95,6 +95,23 @@ class JudgmentSerializer(serializers.ModelSerializer):
         }
 
 
+def judgment_data(judgment: Judgment) -> dict:
+    """What :class:`JudgmentSerializer` returns, built directly (no field machinery per
+    request: the judgment POST is the hottest endpoint)."""
+    return {
+        "position": judgment.trial.position,
+        "response": judgment.response,
+        "response_time_ms": judgment.response_time_ms,
+        "durations": {
+            "first_ms": judgment.first_ms,
+            "blank_ms": judgment.blank_ms,
+            "second_ms": judgment.second_ms,
+        },
+        "idempotency_key": judgment.idempotency_key,
+        "created_at": serializers.DateTimeField().to_representation(judgment.created_at),
+    }
+
+
 class ClientInfoSerializer(serializers.Serializer):
     """Body of ``PATCH /api/sessions/<token>/``: the participant's display, as measured."""
 
