@@ -1021,7 +1021,8 @@ def render_markdown(r: dict) -> str:
             f"The judgment POST's statements ({judgment['queries']}; a main trial's, in"
             " order): "
             + " · ".join(f"`{label}`" for label in judgment["sql"])
-            + " (`perceptlab_cache`: the rate limit's counters).",
+            + (" (`perceptlab_cache`: the rate limit's counters)." if r.get("cache") == "db"
+               else " (the rate-limit counters are in Redis: no SQL)."),
         ]
     lines += [
         "",
