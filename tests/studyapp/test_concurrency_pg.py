@@ -246,13 +246,14 @@ def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads
         connection per request, refused connects retried."""
 
         def __init__(self) -> None:
-            super().__init__(host, port, timeout=60, keep_alive=False,
+            super().__init__(host, port, timeout=60, keep_alive=False, connect_retries=2,
                              user_agent="perceptlab-concurrency-test", observe=observe)
 
         def request(self, method: str, path: str, *, body: bytes | None = None,
-                    content_type: str | None = None) -> tuple[int, dict, bytes]:
+                    content_type: str | None = None, endpoint: str = "",
+                    ) -> tuple[int, dict, bytes]:
             status, response, data = super().request(
-                method, path, body=body, content_type=content_type
+                method, path, body=body, content_type=content_type, endpoint=endpoint
             )
             return status, dict(response.headers), data
 

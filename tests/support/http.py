@@ -8,11 +8,13 @@ callback (latencies, status counts). Transport failures:
 - a kept-alive connection the server had just closed (its keep-alive timeout) never reached
   the application: the request is sent again once on a new connection and ``on_reconnect``
   is called (judgments carry idempotency keys, as in the browser);
-- a refused connect (the server's backlog was full) is retried ``connect_retries`` times after
-  short sleeps;
+- a refused or reset connection (the server's backlog was full) is retried
+  ``connect_retries`` times after short sleeps (default 0: an error; the concurrency test,
+  whose writes are idempotent, retries as a browser would);
 - anything else raises :class:`RequestFailed` (after ``on_error``).
 
-``keep_alive=False`` opens a connection per request (``Connection: close``).
+``keep_alive=False`` opens a connection per request (``Connection: close``); such a client
+may then send from several threads at once (a retry racing its original). Cookies are shared.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class BrowserClient:
         timeout: float = 60.0,
         user_agent: str = "perceptlab-test-client",
         keep_alive: bool = True,
-        connect_retries: int = 2,
+        connect_retries: int = 0,
         observe: Callable[[str, str, str, int, float, bytes], None] | None = None,
         on_reconnect: Callable[[str], None] | None = None,
         on_error: Callable[[str], None] | None = None,
@@ -55,6 +57,8 @@ class BrowserClient:
             self.conn = None
 
     def _connection(self) -> http.client.HTTPConnection:
+        if not self.keep_alive:  # a connection of this request's own: safe across threads
+            return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         return self.conn
@@ -86,9 +90,13 @@ class BrowserClient:
             reused = conn.sock is not None
             started = time.perf_counter()
             try:
-                conn.request(method, path, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
+                try:
+                    conn.request(method, path, body=body, headers=headers)
+                    response = conn.getresponse()
+                    data = response.read()
+                finally:
+                    if not self.keep_alive:
+                        conn.close()
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
                 self.close()
                 if reused and not stale_retried:
@@ -97,7 +105,9 @@ class BrowserClient:
                         self.on_reconnect(endpoint)
                     continue
                 raise self._fail(f"{what}: {exc!r}", exc) from exc
-            except ConnectionRefusedError as exc:
+            except ConnectionError as exc:
+                # Refused (a full backlog) or reset before an answer: retried, as a browser
+                # would; only for callers whose writes are idempotent (judgments carry keys).
                 self.close()
                 if refused < self.connect_retries:
                     refused += 1
@@ -108,7 +118,7 @@ class BrowserClient:
                 raise self._fail(f"{what}: {exc!r}", exc) from exc
             break
         elapsed = time.perf_counter() - started
-        if not self.keep_alive or response.will_close:
+        if self.keep_alive and response.will_close:
             self.close()
         for raw in response.headers.get_all("Set-Cookie") or []:
             cookie = SimpleCookie()
