@@ -20,11 +20,13 @@ demo: setup
 	DJANGO_DEBUG=1 $(PY) manage.py demo --serve --host $(HOST)
 
 # Production server (see README, "Running a real study"): needs DJANGO_SECRET_KEY etc. in the
-# environment; migrates first (idempotent), then gunicorn with $(WORKERS) workers.
+# environment; migrates first (idempotent), then gunicorn with $(WORKERS) gthread workers of
+# $(THREADS) threads (threads keep connections alive and overlap database waits).
 WORKERS ?= 4
+THREADS ?= 4
 serve: setup
 	$(PY) manage.py migrate --no-input
-	$(VENV)/bin/gunicorn studyapp.wsgi -w $(WORKERS) -b $(HOST)
+	$(VENV)/bin/gunicorn studyapp.wsgi -k gthread -w $(WORKERS) --threads $(THREADS) -b $(HOST)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -125,3 +125,28 @@ def profile_table(call: Callable[[], object], rows: int = 18) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         call()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def write_markdown_section(path, start: str, end: str, block: str) -> None:
+    """Replace the text from marker ``start`` to marker ``end`` in the Markdown file ``path``
+    by ``block`` (which carries both markers), or append it; everything else is kept.
+
+    The one section writer of ``bench/``: the file is re-read just before writing and replaced
+    atomically, so a concurrent edit of another section survives.
+    """
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text() if path.exists() else (
+        "# Benchmarks\n\nResults of the scripts in `bench/`, each written by the script itself"
+        " with the command that produced it.\n"
+    )
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1].lstrip("\n")
+        text = head + block.rstrip("\n") + "\n" + ("\n" + tail if tail else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block.rstrip("\n") + "\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -2,7 +2,7 @@
 
 What one run does (everything on this machine; nothing asserts on time):
 
-1. Starts a throwaway PostgreSQL cluster (:mod:`studyapp.pgserver`), migrates it and builds a
+1. Starts a throwaway PostgreSQL cluster (:mod:`tests.support.pgserver`), migrates it and builds a
    study: ``--pairs`` data pairs (K = ``--k``), sentinel and catch pairs, lossless PNGs cut from
    scikit-image's bundled photographs (the perturbed image is the crop plus random-sign noise
    of 4/255: the server never looks at pixels, only sizes matter).
@@ -70,7 +70,6 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from http.cookies import SimpleCookie
 from pathlib import Path
 from urllib.parse import urlencode
 
@@ -80,14 +79,21 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# An unexpected status or a transport error (already recorded as an error of the phase).
+from tests.support.http import RequestFailed  # noqa: E402
+
 OUT_DIR = ROOT / "bench" / "out" / "load"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 SECTION_TITLE = "Study server load (gunicorn + PostgreSQL)"
 
 
-def section_ids(think_ms: float) -> tuple[str, str, str]:
-    """(title, start marker, end marker): the stress run (no think time) and paced runs
-    (``--think-ms``) keep a section each."""
+def section_ids(think_ms: float, durable: bool = False) -> tuple[str, str, str]:
+    """(title, start marker, end marker): the stress run (no think time), paced runs
+    (``--think-ms``) and paced runs on durable PostgreSQL (``--durable``) keep a section each."""
+    if think_ms > 0 and durable:
+        return (f"{SECTION_TITLE}: paced participants, durable PostgreSQL (fsync on)",
+                "<!-- bench/load.py paced durable: start -->",
+                "<!-- bench/load.py paced durable: end -->")
     if think_ms > 0:
         return (f"{SECTION_TITLE}: paced participants", "<!-- bench/load.py paced: start -->",
                 "<!-- bench/load.py paced: end -->")
@@ -115,10 +121,6 @@ EXPECTED = {
 
 
 # ------------------------------------------------------------------------------ recording
-
-
-class RequestFailed(Exception):
-    """An unexpected status or a transport error (already recorded as an error)."""
 
 
 @dataclass
@@ -187,66 +189,46 @@ class Acknowledged:
 
 
 class Browser:
-    """One participant's browser: its cookies and one HTTP connection (kept alive when the
-    server allows it; gunicorn's sync workers close it after every response, and
-    ``http.client`` then opens a new one for the next request)."""
+    """One participant's browser (:class:`tests.support.http.BrowserClient`: cookies, CSRF
+    header, one kept-alive connection), reporting to a phase; an unexpected status is an
+    error of the phase."""
 
     def __init__(self, host: str, port: int, phase: Phase, timeout: float) -> None:
-        self.host, self.port, self.timeout = host, port, timeout
+        from tests.support.http import BrowserClient
+
         self.phase = phase
-        self.conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        self.cookies: dict[str, str] = {}
+
+        def observe(endpoint, method, path, status, seconds, data) -> None:
+            phase.latencies[endpoint].append(seconds)  # list.append is atomic under the GIL
+            with phase.lock:
+                phase.statuses[(endpoint, status)] += 1
+
+        def reconnect(endpoint: str) -> None:
+            with phase.lock:
+                phase.reconnects[endpoint] += 1
+
+        self.client = BrowserClient(
+            host, port, timeout=timeout, user_agent=USER_AGENT, observe=observe,
+            on_reconnect=reconnect, on_error=phase.error,
+        )
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        return self.client.cookies
 
     def close(self) -> None:
-        self.conn.close()
+        self.client.close()
 
     def request(
         self, endpoint: str, method: str, path: str, *, body: bytes | None = None,
         content_type: str | None = None,
     ) -> tuple[int, http.client.HTTPResponse, bytes]:
-        headers = {"User-Agent": USER_AGENT, "Accept": "*/*"}
-        if self.cookies:
-            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-        if method != "GET" and "csrftoken" in self.cookies:
-            headers["X-CSRFToken"] = self.cookies["csrftoken"]  # as the trial runner does
-        if content_type:
-            headers["Content-Type"] = content_type
-        phase = self.phase
-        for attempt in (1, 2):
-            reused = self.conn.sock is not None
-            started = time.perf_counter()
-            try:
-                self.conn.request(method, path, body=body, headers=headers)
-                response = self.conn.getresponse()
-                data = response.read()
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as exc:
-                self.conn.close()
-                if reused and attempt == 1:
-                    # A kept-alive connection the server had just closed (keep-alive timeout):
-                    # the request never reached the app. Send it again on a new connection
-                    # (judgments carry idempotency keys, as in the browser). Counted.
-                    with phase.lock:
-                        phase.reconnects[endpoint] += 1
-                    continue
-                phase.error(f"{endpoint} {method} {path}: {exc!r}")
-                raise RequestFailed from exc
-            except Exception as exc:  # noqa: BLE001 - timeouts, refused connects: all errors
-                self.conn.close()
-                phase.error(f"{endpoint} {method} {path}: {exc!r}")
-                raise RequestFailed from exc
-            break
-        elapsed = time.perf_counter() - started
-        for raw in response.headers.get_all("Set-Cookie") or []:
-            cookie = SimpleCookie()
-            cookie.load(raw)
-            self.cookies.update({name: morsel.value for name, morsel in cookie.items()})
-        phase.latencies[endpoint].append(elapsed)  # list.append is atomic under the GIL
-        status = response.status
-        with phase.lock:
-            phase.statuses[(endpoint, status)] += 1
+        status, response, data = self.client.request(
+            method, path, body=body, content_type=content_type, endpoint=endpoint
+        )
         if status not in EXPECTED[endpoint]:
             text = re.sub(r"\s+", " ", data[:400].decode(errors="replace"))
-            phase.error(f"{endpoint} {method} {path}: HTTP {status} {text}")
+            self.phase.error(f"{endpoint} {method} {path}: HTTP {status} {text}")
             raise RequestFailed(f"{endpoint}: HTTP {status}")
         return status, response, data
 
@@ -851,7 +833,8 @@ def cores(phase: Phase) -> dict[str, float]:
 
 
 def server_cpu_ms(phase: Phase, count: int) -> float:
-    return 1000 * (phase.cpu.get("gunicorn", 0) + phase.cpu.get("postgres", 0)) / max(count, 1)
+    server = sum(phase.cpu.get(name, 0) for name in ("gunicorn", "postgres", "redis"))
+    return 1000 * server / max(count, 1)
 
 
 def gunicorn_problems(log: Path) -> list[str]:
@@ -890,7 +873,7 @@ def session_writes(r: dict) -> int:
 
 def render_markdown(r: dict) -> str:
     p, m, db, t = r["phases"], r["machine"], r["db"], r["targets"]
-    title, mark_start, mark_end = section_ids(r["think_ms"])
+    title, mark_start, mark_end = section_ids(r["think_ms"], r["durable"])
     lines = [
         mark_start,
         f"## {title}",
@@ -907,14 +890,18 @@ def render_markdown(r: dict) -> str:
         "",
         f"Server: `{r['server']}` on the production settings (`bench/load_settings.py` ="
         " `studyapp.settings` + the trivial view `/bench/ping/` from `bench/loadsite.py`),"
-        " DEBUG off, rate-limit counters in the database cache table as in production;"
+        " DEBUG off, rate-limit counters "
+        + ("in Redis (`PERCEPTLAB_CACHE=redis://...`, a redis-server started for the run)"
+           if r.get("cache") == "redis" else "in the database cache table") + ";"
         + (f" participant write rate limit overridden to `{r['write_rate']}` per session"
            " (production: 120/min)." if r["write_rate"] else
            " production's participant write rate limit (120/min per session: a session"
            f" sends {session_writes(r)} writes in all, so it never refuses one here).")
-        + " PostgreSQL: a throwaway cluster (`studyapp.pgserver`) with **fsync,"
-        " synchronous_commit and full_page_writes off** (commits cost less than on a durable"
-        " server).",
+        + " PostgreSQL: a throwaway cluster (`tests.support.pgserver`) with "
+        + ("**fsync, synchronous_commit and full_page_writes on** (durable: every commit"
+           " waits for its WAL flush)." if r.get("durable") else
+           "**fsync, synchronous_commit and full_page_writes off** (commits cost less than on"
+           " a durable server; `--durable` has its own section)."),
         "",
         f"Study: {r['study']['data_pairs']} data pairs (K = {r['study']['k']}), "
         f"{r['study']['sentinels']} sentinel and {r['study']['catch']} catch pairs, "
@@ -936,7 +923,7 @@ def render_markdown(r: dict) -> str:
                    " replied: a stress test, far above a real study's pace).")),
         "",
         "| phase | participants | wall s | requests | req/s | judgments/s | errors "
-        "| CPU cores used: client / gunicorn / PostgreSQL / other |",
+        "| CPU cores used: client / gunicorn / PostgreSQL / Redis / other |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for key, label, who in [
@@ -954,7 +941,7 @@ def render_markdown(r: dict) -> str:
             f"| {label} | {who} | {fmt(ph['wall_s'])} | {ph['requests']:,} | "
             f"{fmt(ph['requests'] / ph['wall_s'])} | {jps} | {ph['errors']} | "
             f"{c['client']:.2f} / {c['gunicorn']:.2f} / {c['postgres']:.2f} / "
-            f"{c['other processes']:.2f} |"
+            f"{c.get('redis', 0):.2f} / {c['other processes']:.2f} |"
         )
     lines += [
         "",
@@ -1034,7 +1021,8 @@ def render_markdown(r: dict) -> str:
             f"The judgment POST's statements ({judgment['queries']}; a main trial's, in"
             " order): "
             + " · ".join(f"`{label}`" for label in judgment["sql"])
-            + " (`perceptlab_cache`: the rate limit's counters).",
+            + (" (`perceptlab_cache`: the rate limit's counters)." if r.get("cache") == "db"
+               else " (the rate-limit counters are in Redis: no SQL)."),
         ]
     lines += [
         "",
@@ -1098,29 +1086,21 @@ NOTES = [
     " than a browser makes.",
     "Static files (JS, CSS) are not fetched; a browser loads them once per participant"
     " (WhiteNoise, cacheable).",
-    "PostgreSQL runs with durability off (fsync, synchronous_commit, full_page_writes): a"
-    " production server with synchronous commits pays a WAL flush per transaction, so"
-    " submits there cost more than here.",
+    "Unless the section says durable: PostgreSQL runs with durability off (fsync,"
+    " synchronous_commit, full_page_writes); a production server with synchronous commits"
+    " pays a WAL flush per transaction (the durable section measures it).",
     "Stimulus PNGs are crops of scikit-image's photographs with random-sign noise, not attack"
     " outputs (the server never looks at pixels); several pairs share one file (the OS page"
     " cache would hold a real study's images as well).",
 ]
 
 
-def write_benchmarks(section: str, think_ms: float) -> None:
-    """Replace (or append) this script's section; re-read the file just before writing so a
-    concurrent edit of another section is kept."""
-    _, mark_start, mark_end = section_ids(think_ms)
-    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    if mark_start in text and mark_end in text:
-        head, rest = text.split(mark_start, 1)
-        tail = rest.split(mark_end, 1)[1].lstrip("\n")
-        text = head + section + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    tmp = BENCHMARKS.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(BENCHMARKS)
+def write_benchmarks(section: str, think_ms: float, durable: bool = False) -> None:
+    """Replace (or append) this script's section (bench/_common.py's one section writer)."""
+    from bench._common import write_markdown_section
+
+    _, mark_start, mark_end = section_ids(think_ms, durable)
+    write_markdown_section(BENCHMARKS, mark_start, mark_end, section)
 
 
 # ------------------------------------------------------------------------------ main
@@ -1158,6 +1138,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
                         help="override the participant write rate limit, e.g. 1000/min"
                         " (default: production's, 120/min per session)")
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout, s")
+    parser.add_argument("--cache", choices=["redis", "db"], default="redis",
+                        help="where the rate-limit counters live: a redis-server started for"
+                        " the run (production's recommendation, default) or the database table")
+    parser.add_argument("--durable", action="store_true",
+                        help="PostgreSQL with fsync, synchronous_commit and full_page_writes on")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--keep", action="store_true",
@@ -1182,11 +1167,21 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
     gunicorn_log = OUT_DIR / "gunicorn.log"
     gunicorn_log.write_text("")
 
-    from studyapp.pgserver import temporary_postgres
+    from contextlib import ExitStack, nullcontext
 
+    from tests.support.pgserver import temporary_postgres
+    from tests.support.redisserver import temporary_redis
+
+    durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
     print("starting PostgreSQL …", file=sys.stderr)
     try:
-        with temporary_postgres() as pg:
+        with ExitStack() as stack:
+            pg = stack.enter_context(
+                temporary_postgres(settings=durable if args.durable else None)
+            )
+            redis = stack.enter_context(
+                temporary_redis() if args.cache == "redis" else nullcontext(None)
+            )
             env = {
                 **os.environ,
                 "DATABASE_URL": pg.url,
@@ -1201,6 +1196,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                 env.pop(name, None)
             if args.write_rate:
                 env["PERCEPTLAB_RATE_PARTICIPANT_WRITE"] = args.write_rate
+            if redis:
+                env["PERCEPTLAB_CACHE"] = redis.url
             os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
             import django
 
@@ -1230,7 +1227,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                     "finished": set(), "trials_per_session": args.trials + args.practice,
                     "resend_every": args.resend_every,
                     "roots": {"client": os.getpid(), "gunicorn": server.pid,
-                              "postgres": postmaster},
+                              "postgres": postmaster, "redis": redis.pid if redis else -1},
                 }
                 progress = not args.no_progress
                 phases: dict[str, Phase] = {}
@@ -1287,6 +1284,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
         "load_before": load_before,
         "load_after": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
         "server": gunicorn_command_line(args),
+        "cache": args.cache,
+        "durable": args.durable,
         "write_rate": args.write_rate,
         "study": study_info,
         "participants": args.participants,
@@ -1313,8 +1312,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
             print(f"gunicorn log ({gunicorn_log}) has {len(problems)} error entries; first:\n"
                   + problems[0][:3000], file=sys.stderr)
     if not args.no_write:
-        write_benchmarks(section, args.think_ms)
-        print(f"wrote the section '{section_ids(args.think_ms)[0]}' of {BENCHMARKS}",
+        write_benchmarks(section, args.think_ms, args.durable)
+        print(f"wrote the section '{section_ids(args.think_ms, args.durable)[0]}' of {BENCHMARKS}",
               file=sys.stderr)
     return 1 if errors or db["lost"] else 0
 

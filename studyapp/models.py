@@ -148,6 +148,19 @@ class Study(models.Model):
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
         help_text="Exclude sessions with a larger share of too-fast responses.",
     )
+    # --- server (issue 10): automated-participant rules (flags always; exclusion opt-in)
+    exclude_automation = models.BooleanField(
+        default=False,
+        help_text="Exclude sessions whose browser reported automation (navigator.webdriver, "
+        "no trusted pointer or keyboard input, no browser signals at all).",
+    )
+    exclude_regular_rt = models.BooleanField(
+        default=False, help_text="Exclude sessions whose response times are too regular."
+    )
+    exclude_superhuman = models.BooleanField(
+        default=False,
+        help_text="Exclude sessions too sensitive to pairs the study's participants barely see.",
+    )
 
     class Meta:
         verbose_name_plural = "studies"
@@ -321,6 +334,11 @@ class Session(models.Model):
         default=dict,
         blank=True,
         help_text="Sentinel false-alarm rate, catch hit rate, fast-response share, flags.",
+    )
+    # --- server (issue 10): a retried consent POST resumes the session its first try created
+    start_key = models.CharField(
+        max_length=64, null=True, blank=True, unique=True, editable=False,
+        help_text="Random key of the consent form that started this session (idempotency).",
     )
 
     def __str__(self) -> str:

@@ -9,7 +9,6 @@ read from the cookie, so both work without ``csrf_exempt``.
 
 from __future__ import annotations
 
-from django.db import transaction
 from rest_framework import status
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
@@ -19,16 +18,27 @@ from rest_framework.views import APIView
 from . import scheduler
 from .api import Conflict
 from .models import Session
+from .parsers import PARTICIPANT_MAX_BODY, check_content_length
 from .serializers import (
     ClientInfoSerializer,
     JudgmentInputSerializer,
-    JudgmentSerializer,
+    judgment_data,
     session_state,
 )
 
 
 class SessionAPIView(APIView):
-    """Base: resolves the session token (404 if unknown); responses are never cached."""
+    """Base: resolves the session token (404 if unknown); responses are never cached.
+
+    Bodies are at most :data:`~studyapp.api.PARTICIPANT_MAX_BODY` bytes (413 beyond).
+    """
+
+    max_body_bytes = PARTICIPANT_MAX_BODY
+
+    def initial(self, request, *args, **kwargs):
+        # Also for a view that never reads its body (completion): refuse it unread.
+        check_content_length(request, self.max_body_bytes)
+        super().initial(request, *args, **kwargs)
 
     def get_session(self, token: str) -> Session:
         session = Session.objects.select_related("participant__study").filter(token=token).first()
@@ -48,8 +58,10 @@ class SessionStateView(SessionAPIView):
     GET → ``{"study": {"title", "first_ms", "blank_ms", "second_ms"},
     "trials": [{"position", "images": [url1, url2], "answered"}], "completed"}``.
 
-    PATCH body (see :class:`ClientInfoSerializer`) is merged into ``session.client_info``;
-    answers ``{"client_info": {...}}``.
+    PATCH body (see :class:`ClientInfoSerializer`: the display as measured, and the runner's
+    automation signals ``webdriver``, ``pointer_events``, ``key_events``, ``hidden_stimuli``
+    for :mod:`studyapp.quality`) is merged into ``session.client_info``; answers
+    ``{"client_info": {...}}``.
     """
 
     def get(self, request: Request, token: str) -> Response:
@@ -59,11 +71,8 @@ class SessionStateView(SessionAPIView):
         session = self.get_session(token)
         serializer = ClientInfoSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
-        with transaction.atomic():
-            session = Session.objects.select_for_update().get(pk=session.pk)
-            session.client_info = {**session.client_info, **serializer.validated_data}
-            session.save(update_fields=["client_info"])
-        return Response({"client_info": session.client_info})
+        client_info = scheduler.update_client_info(session, serializer.validated_data)
+        return Response({"client_info": client_info})
 
 
 class JudgmentCreateView(SessionAPIView):
@@ -92,7 +101,7 @@ class JudgmentCreateView(SessionAPIView):
         except scheduler.JudgmentConflict as exc:
             raise Conflict(str(exc), code=exc.code) from exc
         return Response(
-            JudgmentSerializer(judgment).data,
+            judgment_data(judgment),
             status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
         )
 

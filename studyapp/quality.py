@@ -25,136 +25,32 @@ It is idempotent, and a relaxed rule un-excludes on the next run. A staff decisi
 (:func:`set_staff_decision`, the admin's actions) overrides the rules in either direction until
 it is cleared.
 
-IP addresses are never stored: :func:`hash_ip` keeps an HMAC-SHA256 of the address under a
-secret salt (``PERCEPTLAB_IP_SALT``, else derived from ``SECRET_KEY``). The IPv4 space is
-small, so anyone holding the salt can brute-force a hash: keep the salt as secret as the key.
+IP and browser hashes come from :mod:`studyapp.fingerprints` (re-exported here).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
-import secrets
+import math
+import statistics
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Count, Q, QuerySet
-from django.http import HttpRequest
 from django.utils import timezone
 
+from .fingerprints import (  # noqa: F401  (re-exported: the quality tools' vocabulary)
+    BROWSER_ID_SESSION_KEY,
+    assign_request_fingerprints,
+    browser_hash,
+    client_ip,
+    hash_ip,
+)
 from .models import Session, Study, Trial
 
-BROWSER_ID_SESSION_KEY = "perceptlab_browser_id"
 STAFF_EXCLUDE = "exclude"
 STAFF_INCLUDE = "include"
-
-
-# ----------------------------------------------------------------------------- fingerprints
-
-
-def _salt() -> bytes:
-    salt = getattr(settings, "PERCEPTLAB_IP_SALT", None)
-    if salt:
-        return salt.encode()
-    return hmac.new(
-        settings.SECRET_KEY.encode(), b"perceptlab.quality.salt", hashlib.sha256
-    ).digest()
-
-
-def _keyed_hash(kind: str, value: str) -> str:
-    return hmac.new(_salt(), f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
-
-
-def _parse_ip(text: str) -> str | None:
-    """``text`` as a canonical IP address (ports and IPv6 brackets dropped), else ``None``."""
-    text = text.strip()
-    candidates = [text]
-    if text.startswith("[") and "]" in text:  # "[2001:db8::1]:443"
-        candidates.append(text[1 : text.index("]")])
-    elif text.count(":") == 1:  # "203.0.113.7:51234"
-        candidates.append(text.partition(":")[0])
-    for candidate in candidates:
-        try:
-            return ipaddress.ip_address(candidate).compressed
-        except ValueError:
-            continue
-    return None
-
-
-def hash_ip(ip: str) -> str:
-    """Salted SHA-256 (HMAC) of an IP address, 64 hex chars; ``""`` for an empty address.
-
-    The address is canonicalised first, so ``::1`` and ``0:0::1`` hash alike.
-    """
-    if not ip or not ip.strip():
-        return ""
-    return _keyed_hash("ip", _parse_ip(ip) or ip.strip())
-
-
-def client_ip(request: HttpRequest) -> str:
-    """The client's address: ``REMOTE_ADDR``, or from ``X-Forwarded-For`` behind trusted proxies.
-
-    With ``settings.PERCEPTLAB_TRUSTED_PROXIES = n > 0`` each of the ``n`` proxies appended the
-    address it received the request from, so the client is the ``n``-th entry from the right;
-    entries further left were sent by the client itself and are ignored. With ``n = 0`` (the
-    default) the header is ignored: anyone can send it.
-    """
-    remote = request.META.get("REMOTE_ADDR", "") or ""
-    n = int(getattr(settings, "PERCEPTLAB_TRUSTED_PROXIES", 0) or 0)
-    if n > 0:
-        hops = [h for h in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",") if h.strip()]
-        if hops:
-            # Fewer hops than proxies: every entry was written by a trusted proxy.
-            candidate = _parse_ip(hops[-n] if len(hops) >= n else hops[0])
-            if candidate:
-                return candidate
-    return _parse_ip(remote) or remote
-
-
-def browser_hash(user_agent: str, client_info: dict[str, Any] | None) -> str:
-    """Salted SHA-256 of a browser: a per-browser random id, the user agent and the screen.
-
-    ``client_info["browser_id"]`` is the random id that :func:`assign_request_fingerprints`
-    keeps in the Django session cookie; without it the hash is ``""`` (unknown), because user
-    agent and screen alone are shared by many people (one popular browser on a 1920×1080
-    screen) and would flag strangers as the same browser.
-    """
-    info = client_info or {}
-    browser_id = str(info.get("browser_id") or "")
-    if not browser_id:
-        return ""
-    screen = f"{info.get('screen_width', '')}x{info.get('screen_height', '')}"
-    dpr = info.get("device_pixel_ratio", "")
-    return _keyed_hash("browser", f"{browser_id}|{user_agent.strip()}|{screen}|{dpr}")
-
-
-def assign_request_fingerprints(session: Session, request: HttpRequest, *, save: bool = True):
-    """Set ``session.ip_hash`` and ``session.browser_hash`` from the starting request.
-
-    Call it when a session starts, with the request that started it. The browser id lives in
-    the Django session (``request.session``), so the same browser taking the study under
-    another worker id gets the same browser hash; nothing raw (address, id) is stored on the
-    session. Saves the two fields unless ``save=False``.
-    """
-    session.ip_hash = hash_ip(client_ip(request))
-    browser_id = ""
-    django_session = getattr(request, "session", None)
-    if django_session is not None:
-        browser_id = django_session.get(BROWSER_ID_SESSION_KEY) or ""
-        if not browser_id:
-            browser_id = secrets.token_hex(16)
-            django_session[BROWSER_ID_SESSION_KEY] = browser_id
-    session.browser_hash = browser_hash(
-        request.headers.get("User-Agent", ""),
-        {**(session.client_info or {}), "browser_id": browser_id},
-    )
-    if save and session.pk is not None:
-        session.save(update_fields=["ip_hash", "browser_hash"])
-    return session
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -177,6 +73,13 @@ class SessionQuality:
     catch_hit_rate: float | None
     n_fast: int
     fast_share: float | None
+    automation_signals: list[str] = field(default_factory=list)
+    rt_sd_ms: float | None = None
+    rt_cv: float | None = None
+    n_low_pairs: int = 0
+    n_low_pairs_different: int = 0
+    low_pairs_population_rate: float | None = None
+    superhuman_p: float | None = None
     ip_shared_with: list[int] = field(default_factory=list)
     browser_shared_with: list[int] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
@@ -193,13 +96,16 @@ def _rate(k: int, n: int) -> float | None:
     return k / n if n else None
 
 
-def rules_of(study: Study) -> dict[str, float | int | None]:
-    """The study's exclusion rules (``None`` = off) and the fast-response threshold."""
+def rules_of(study: Study) -> dict[str, float | int | bool | None]:
+    """The study's exclusion rules (``None``/``False`` = off) and the fast-response threshold."""
     return {
         "fast_response_ms": study.fast_response_ms,
         "max_sentinel_false_alarm": study.max_sentinel_false_alarm,
         "min_catch_hit_rate": study.min_catch_hit_rate,
         "max_fast_share": study.max_fast_share,
+        "exclude_automation": study.exclude_automation,
+        "exclude_regular_rt": study.exclude_regular_rt,
+        "exclude_superhuman": study.exclude_superhuman,
     }
 
 
@@ -226,6 +132,14 @@ def rule_violations(q: SessionQuality, study: Study) -> list[str]:
             f"fast-response share {rate:.2f} > {limit:.2f}"
             f" ({q.n_fast}/{q.n_answered} responses faster than {study.fast_response_ms} ms)"
         )
+    bot = bot_flags(q)
+    for switch, prefix in (
+        (study.exclude_automation, "automation"),
+        (study.exclude_regular_rt, "response times"),
+        (study.exclude_superhuman, "superhuman"),
+    ):
+        if switch:
+            out += [flag for flag in bot if flag.startswith(prefix)]
     return out
 
 
@@ -268,6 +182,7 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
             ),
         )
     }
+    bots = _bot_metrics(study, [s.pk for s in sessions])
     shared_ip = _shared(all_sessions, "ip_hash")
     shared_browser = _shared(all_sessions, "browser_hash")
     rows = []
@@ -293,7 +208,10 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
                 shared_browser.get(session.browser_hash, set()) - {session.participant_id}
             ),
             staff_decision=(session.quality or {}).get("staff_decision"),
+            automation_signals=automation_signals(session.client_info, n_answered),
+            **bots.get(session.pk, {}),
         )
+        q.flags += bot_flags(q)
         if q.ip_shared_with:
             q.flags.append(f"same IP as {len(q.ip_shared_with)} other participant(s)")
         if q.browser_shared_with:
@@ -302,6 +220,136 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
         _decide(q, session)
         rows.append(q)
     return rows
+
+
+# ----------------------------------------------------------------------------- automated sessions
+#
+# Three rules, flags always (shown to staff), exclusions only where the study switches them on
+# (``exclude_automation``, ``exclude_regular_rt``, ``exclude_superhuman``; all off by default):
+#
+# - automation signals, from the trial runner (``client_info``, see static/js/trials.js):
+#   ``navigator.webdriver`` true; answers given but no trusted keyboard event (the answers are
+#   key presses: a script posting them, or dispatching untrusted events, has none); answered
+#   trials but no browser signals at all (the API driven without the runner); stimuli
+#   interrupted by the page being hidden (flag only from HIDDEN_STIMULI_MIN on);
+# - response times too regular to be human: over at least RT_MIN_TRIALS main-trial answers, a
+#   robust standard deviation (1.4826 × the median absolute deviation) under RT_MIN_SD_MS or
+#   a robust coefficient of variation (that SD / the median) under RT_MIN_CV (human
+#   same/different response times vary by hundreds of ms: CV ≈ 0.3, log-normal σ ≈ 0.3-0.5);
+# - superhuman sensitivity: *low-perceptibility* pairs are data pairs that the study's other
+#   sessions (at least LOW_MIN_OTHERS judgments, this session left out) answered "different"
+#   at a rate ≤ LOW_RATE. Under the null hypothesis the session is like the others, so its
+#   number of "different" answers on such pairs is Binomial(n, p0) with p0 the mean of those
+#   pairs' rates (at least LOW_P_FLOOR, a lapse rate); flagged when n ≥ LOW_MIN_TRIALS and the
+#   one-sided p-value P(X ≥ x) < SUPERHUMAN_ALPHA (0.001: about one honest participant in a
+#   thousand is flagged by chance; flags are for staff to read, not verdicts).
+
+RT_MIN_TRIALS = 10
+RT_MIN_SD_MS = 40.0
+RT_MIN_CV = 0.10
+HIDDEN_STIMULI_MIN = 3
+LOW_RATE = 0.25
+LOW_MIN_OTHERS = 3
+LOW_MIN_TRIALS = 6
+LOW_P_FLOOR = 0.02
+SUPERHUMAN_ALPHA = 0.001
+
+
+def automation_signals(client_info: dict | None, n_answered: int) -> list[str]:
+    """The runner's automation signals of a session, as sentences (empty: none)."""
+    info = client_info or {}
+    out = []
+    if n_answered and "key_events" not in info:
+        out.append("no browser signals: the answers did not come from the trial runner")
+        return out
+    if info.get("webdriver") is True:
+        out.append("navigator.webdriver: the browser was driven by automation")
+    if n_answered and info.get("key_events", 0) == 0:
+        out.append("no trusted keyboard input, yet answers were given")
+    if n_answered and info.get("pointer_events", 0) == 0 and info.get("key_events", 0) == 0:
+        out.append("no trusted pointer or keyboard events at all")
+    if info.get("hidden_stimuli", 0) >= HIDDEN_STIMULI_MIN:
+        out.append(f"page hidden during {info['hidden_stimuli']} stimuli")
+    return out
+
+
+def binomial_tail(x: int, n: int, p: float) -> float:
+    """P(X ≥ x) for X ~ Binomial(n, p), exactly."""
+    if x <= 0:
+        return 1.0
+    return min(1.0, sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(x, n + 1)))
+
+
+def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Response-time spread and the superhuman-sensitivity test, per session id."""
+    rows = list(
+        Trial.objects.filter(
+            session__participant__study=study, is_practice=False, judgment__isnull=False
+        ).values_list(
+            "session_id", "pair_id", "pair__condition_id", "judgment__response",
+            "judgment__response_time_ms",
+        )
+    )
+    per_pair: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # pair → [different, n]
+    per_session: dict[int, list[tuple]] = defaultdict(list)
+    for session_id, pair_id, condition_id, response, rt in rows:
+        different = response == "different"
+        if condition_id is not None:
+            per_pair[pair_id][0] += different
+            per_pair[pair_id][1] += 1
+        per_session[session_id].append((pair_id, condition_id, different, rt))
+    out: dict[int, dict[str, Any]] = {}
+    for session_id in session_ids:
+        answers = per_session.get(session_id, [])
+        metrics: dict[str, Any] = {}
+        rts = [rt for *_, rt in answers]
+        if len(rts) >= 2:
+            # Robust (a few slow answers, e.g. while a bot decodes images, must not hide a
+            # machine's pace): 1.4826 × median absolute deviation, relative to the median.
+            median = statistics.median(rts)
+            sd = 1.4826 * statistics.median(abs(rt - median) for rt in rts)
+            metrics["rt_sd_ms"] = round(sd, 3)
+            metrics["rt_cv"] = round(sd / median, 4) if median > 0 else None
+        low_rates, x = [], 0
+        for pair_id, condition_id, different, _ in answers:
+            if condition_id is None:
+                continue
+            d_all, n_all = per_pair[pair_id]
+            d_others, n_others = d_all - different, n_all - 1
+            if n_others >= LOW_MIN_OTHERS and d_others / n_others <= LOW_RATE:
+                low_rates.append(d_others / n_others)
+                x += different
+        metrics["n_low_pairs"] = len(low_rates)
+        metrics["n_low_pairs_different"] = x
+        if low_rates:
+            p0 = max(statistics.fmean(low_rates), LOW_P_FLOOR)
+            metrics["low_pairs_population_rate"] = round(p0, 4)
+            metrics["superhuman_p"] = binomial_tail(x, len(low_rates), p0)
+        out[session_id] = metrics
+    return out
+
+
+def bot_flags(q: SessionQuality) -> list[str]:
+    """The automated-participant flags of ``q`` (see the rules above), as sentences."""
+    out = [f"automation: {signal}" for signal in q.automation_signals]
+    if q.n_answered >= RT_MIN_TRIALS and q.rt_sd_ms is not None and (
+        q.rt_sd_ms < RT_MIN_SD_MS or (q.rt_cv is not None and q.rt_cv < RT_MIN_CV)
+    ):
+        out.append(
+            f"response times too regular: robust SD {q.rt_sd_ms:.0f} ms, CV {q.rt_cv or 0:.3f}"
+            f" over {q.n_answered} trials (human: SD ≥ {RT_MIN_SD_MS:.0f} ms, CV ≥ {RT_MIN_CV})"
+        )
+    if (
+        q.superhuman_p is not None
+        and q.n_low_pairs >= LOW_MIN_TRIALS
+        and q.superhuman_p < SUPERHUMAN_ALPHA
+    ):
+        out.append(
+            f"superhuman sensitivity: {q.n_low_pairs_different}/{q.n_low_pairs} 'different' on "
+            f"pairs the others saw as different at rate {q.low_pairs_population_rate:.2f}; "
+            f"binomial p = {q.superhuman_p:.1e} < {SUPERHUMAN_ALPHA}"
+        )
+    return out
 
 
 def _decide(q: SessionQuality, session: Session) -> None:
@@ -407,7 +455,13 @@ def summary(rows: list[SessionQuality], study: Study) -> dict[str, Any]:
             ),
             "catch_hit_rate": sum(any(v.startswith("catch") for v in q.violations) for q in rows),
             "fast_share": sum(any(v.startswith("fast") for v in q.violations) for q in rows),
+            "automation": sum(any(v.startswith("automation") for v in q.violations) for q in rows),
+            "regular_rt": sum(
+                any(v.startswith("response times") for v in q.violations) for q in rows
+            ),
+            "superhuman": sum(any(v.startswith("superhuman") for v in q.violations) for q in rows),
         },
+        "n_flagged_automated": sum(bool(bot_flags(q)) for q in rows),
         "n_flagged_ip": sum(bool(q.ip_shared_with) for q in rows),
         "n_flagged_browser": sum(bool(q.browser_shared_with) for q in rows),
     }

@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -402,6 +403,125 @@ def start_session(
         return session
 
 
+# ------------------------------------------------------------------------------ start / resume
+
+
+def _is_open(session: Session) -> bool:
+    return session.completed_at is None and session.abandoned_at is None
+
+
+def standing(participant: Participant | None) -> tuple[Session | None, bool]:
+    """(the participant's open session to resume, whether they completed a session)."""
+    if participant is None:
+        return None, False
+    sessions = list(participant.sessions.order_by("-started_at"))
+    resumable = next((s for s in sessions if _is_open(s)), None)
+    return resumable, any(s.completed_at is not None for s in sessions)
+
+
+def _point_at(session: Session, session_fields: Mapping[str, Any]) -> Session:
+    """Point an open session at the current assignment (a worker may return a HIT and accept
+    it again: the new ``assignmentId`` is the one to submit) or Prolific session."""
+    changed = [
+        name for name, value in session_fields.items()
+        if value and getattr(session, name) != value
+    ]
+    for name in changed:
+        setattr(session, name, session_fields[name])
+    if changed:
+        session.save(update_fields=changed)
+    return session
+
+
+def start_or_resume(
+    study: Study,
+    *,
+    source: str,
+    external_id: str = "",
+    remembered_token: str | None = None,
+    start_key: str | None = None,
+    user_agent: str = "",
+    session_fields: Mapping[str, Any] | None = None,
+    on_create: Any = None,
+) -> Session:
+    """The session a consent POST sends its participant to: resumed if there is one, else new.
+
+    Idempotent: a POST carrying the ``start_key`` of a session already started (a retry whose
+    first answer was lost) returns that session, whatever the participant's cookies say; two
+    such POSTs racing each other create one session (the unique ``start_key`` refuses the
+    second, whose whole transaction, participant and leases included, rolls back, and which
+    then finds the first's session). Otherwise, in one transaction under the participant's row
+    lock: plain links (``source="link"``) find their participant through
+    ``remembered_token`` (the browser's latest session) or get a new one; MTurk and Prolific
+    by ``(source, external_id)``. An open session is resumed (and pointed at the current
+    assignment); a participant who completed the study is refused with
+    :class:`AlreadyParticipated` unless it allows retakes; else :func:`start_session`, then
+    ``on_create(session)`` (request fingerprints) in the same transaction. Raises
+    :class:`StudyUnavailable` too; a refusal writes nothing.
+    """
+    session_fields = dict(session_fields or {})
+    for attempt in range(2):
+        try:
+            return _start_or_resume(
+                study, source, external_id, remembered_token, start_key, user_agent,
+                session_fields, on_create,
+            )
+        except IntegrityError:
+            if attempt or not start_key:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _start_or_resume(
+    study, source, external_id, remembered_token, start_key, user_agent, session_fields,
+    on_create,
+) -> Session:
+    with transaction.atomic():
+        if start_key:
+            started = (
+                Session.objects.select_related("participant")
+                .filter(start_key=start_key, participant__study=study)
+                .first()
+            )
+            if started is not None:
+                return started
+        if source == "link":
+            remembered = (
+                Session.objects.select_related("participant")
+                .filter(token=remembered_token, participant__study=study)
+                .first()
+                if remembered_token else None
+            )
+            participant = (
+                remembered.participant if remembered is not None
+                else Participant.objects.create(
+                    study=study, source="link", external_id=str(uuid.uuid4())
+                )
+            )
+        else:
+            participant, _ = Participant.objects.get_or_create(
+                study=study, source=source, external_id=external_id
+            )
+        # Two Start clicks of one worker at once must not make two sessions.
+        participant = Participant.objects.select_for_update().get(pk=participant.pk)
+        resumable, completed = standing(participant)
+        if resumable is not None:
+            return _point_at(resumable, session_fields)
+        if completed and not study.allow_retakes:
+            raise AlreadyParticipated(
+                f"this participant has already completed study {study.slug!r}, "
+                "which does not allow retakes"
+            )
+        with transaction.atomic():  # the unique start_key refuses a racing twin here
+            session = start_session(
+                participant, user_agent=user_agent, start_key=start_key or None,
+                **session_fields,
+            )
+        if on_create is not None:
+            on_create(session)
+        return session
+
+
 # ------------------------------------------------------------------------------ leases
 
 
@@ -463,34 +583,43 @@ def _same_judgment(judgment: Judgment, session: Session, data: Mapping[str, Any]
     )
 
 
-def _by_key(session: Session, data: Mapping[str, Any]) -> Judgment | None:
-    key = data["idempotency_key"]
-    existing = Judgment.objects.select_related("trial").filter(idempotency_key=key).first()
+def _by_key(session: Session, data: Mapping[str, Any], existing: Judgment | None):
+    """``existing`` (the judgment stored under ``data``'s key) if it is this very judgment;
+    :class:`IdempotencyKeyReused` if it is another; ``None`` if there is none."""
     if existing is None:
         return None
     if _same_judgment(existing, session, data):
         return existing
     raise IdempotencyKeyReused(
-        f"idempotency_key {key!r} was already used for a different judgment"
+        f"idempotency_key {data['idempotency_key']!r} was already used for a different judgment"
+    )
+
+
+def _stored_judgments(trial: Trial, key: str) -> list[Judgment]:
+    """The judgment stored under ``key`` (any trial) and ``trial``'s judgment: one query."""
+    return list(
+        Judgment.objects.select_related("trial").filter(Q(idempotency_key=key) | Q(trial=trial))
     )
 
 
 def _record(session: Session, data: Mapping[str, Any], now: datetime) -> tuple[Judgment, bool]:
-    existing = _by_key(session, data)  # fast path for retries: no lock needed
-    if existing is not None:
-        return existing, False
+    """One transaction, 6 statements for a main trial (lock, look-up, insert, lease update)."""
     position = data["position"]
+    key = data["idempotency_key"]
     # Lock the trial row only (no joins: FOR UPDATE on a joined pair row would block the
     # foreign-key checks of every session being built with that pair).
     trial = Trial.objects.select_for_update().filter(session=session, position=position).first()
     if trial is None:
         raise UnknownTrial(f"this session has no trial at position {position}")
     # Holding the trial's lock: a concurrent request for it has committed or not started, so
-    # a retry that raced its original now sees the original's row.
-    existing = _by_key(session, data)
+    # a retry that raced its original now sees the original's row. One query finds both the
+    # judgment stored under this key (anywhere) and this trial's judgment.
+    stored = _stored_judgments(trial, key)
+    by_key = next((j for j in stored if j.idempotency_key == key), None)
+    existing = _by_key(session, data, by_key)
     if existing is not None:
         return existing, False
-    if Judgment.objects.filter(trial=trial).exists():
+    if any(j.trial_id == trial.pk for j in stored):
         raise AlreadyAnswered(f"the trial at position {position} already has a judgment")
     if trial.released:
         raise LeaseExpired(
@@ -505,13 +634,18 @@ def _record(session: Session, data: Mapping[str, Any], now: datetime) -> tuple[J
         first_ms=durations["first_ms"],
         blank_ms=durations["blank_ms"],
         second_ms=durations["second_ms"],
-        idempotency_key=data["idempotency_key"],
+        idempotency_key=key,
     )
-    if trial.leased_until is not None:
+    lease = timedelta(minutes=session.study.lease_minutes)
+    held_until = trial.leased_until
+    if held_until is not None:
         # The judgment now holds the pair's slot for good (n_assigned unchanged).
         Trial.objects.filter(pk=trial.pk).update(leased_until=None)
         trial.leased_until = None
-    renew_leases(session, now)
+    # The session's leases were all set (and are renewed) together: when this trial's lease
+    # still had more than half to run, so do the others, and there is nothing to renew.
+    if held_until is None or held_until < now + lease / 2:
+        renew_leases(session, now)
     return judgment, True
 
 
@@ -535,6 +669,22 @@ def record_judgment(
         # run again to answer as if it had come second: 200 for a retry, 409 otherwise.
         with transaction.atomic():
             return _record(session, data, now)
+
+
+# ------------------------------------------------------------------------------ client info
+
+
+def update_client_info(session: Session, data: Mapping[str, Any]) -> dict:
+    """Merge ``data`` (validated display measurements) into ``session.client_info``.
+
+    Under the session's row lock, so two PATCHes at once both land; returns the merged dict.
+    """
+    with transaction.atomic():
+        locked = Session.objects.select_for_update().only("pk", "client_info").get(pk=session.pk)
+        locked.client_info = {**locked.client_info, **data}
+        locked.save(update_fields=["client_info"])
+    session.client_info = locked.client_info
+    return locked.client_info
 
 
 # ------------------------------------------------------------------------------ completion

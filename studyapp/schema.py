@@ -40,8 +40,14 @@ def errors(*statuses: int) -> dict[int, OpenApiResponse]:
         404: "Unknown session token, study, or trial position.",
         406: "Unsupported Accept header or format.",
         409: "Contradicts stored state (e.g. a second judgment for one trial).",
+        413: "Body over the endpoint's size limit. Nothing was written.",
         429: "Rate limit exceeded; see the Retry-After header. Nothing was written.",
+        500: "Server failure. Nothing was written.",
+        503: "The database cannot be reached; retry after the Retry-After header's seconds. "
+        "Nothing was written.",
     }
+    # Every endpoint can meet a server failure or a database outage.
+    statuses = (*statuses, *(s for s in (500, 503) if s not in statuses))
     return {s: OpenApiResponse(ErrorSerializer, description=text.get(s, "")) for s in statuses}
 
 
@@ -77,7 +83,7 @@ class SessionStateViewSchema(OpenApiViewExtension):
                 tags=TAG,
                 summary="Store the participant's measured display (window, refresh rate)",
                 request=ClientInfoSerializer,
-                responses={200: ClientInfoResponseSerializer, **errors(400, 404, 429)},
+                responses={200: ClientInfoResponseSerializer, **errors(400, 404, 413, 429)},
             )
             def patch(self, request, token):
                 return super().patch(request, token)  # pragma: no cover
@@ -99,7 +105,7 @@ class JudgmentCreateViewSchema(OpenApiViewExtension):
                     200: OpenApiResponse(
                         JudgmentSerializer, description="Identical retry: already stored."
                     ),
-                    **errors(400, 404, 409, 429),
+                    **errors(400, 404, 409, 413, 429),
                 },
             )
             def post(self, request, token):

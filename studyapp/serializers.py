@@ -39,6 +39,17 @@ class JSONIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+class JSONStringField(serializers.CharField):
+    """A JSON string; numbers and booleans are refused (DRF's CharField would coerce them)."""
+
+    default_error_messages = {"not_string": "Must be a string, not {kind}."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_string", kind=type(data).__name__)
+        return super().to_internal_value(data)
+
+
 def _ms(max_value: float) -> JSONNumberField:
     return JSONNumberField(min_value=0, max_value=max_value)
 
@@ -58,7 +69,7 @@ class JudgmentInputSerializer(serializers.Serializer):
     response = serializers.ChoiceField(choices=[c for c, _ in Judgment.RESPONSES])
     response_time_ms = _ms(MAX_RESPONSE_TIME_MS)
     durations = DurationsSerializer()
-    idempotency_key = serializers.CharField(
+    idempotency_key = JSONStringField(
         min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length
     )
 
@@ -84,6 +95,23 @@ class JudgmentSerializer(serializers.ModelSerializer):
         }
 
 
+def judgment_data(judgment: Judgment) -> dict:
+    """What :class:`JudgmentSerializer` returns, built directly (no field machinery per
+    request: the judgment POST is the hottest endpoint)."""
+    return {
+        "position": judgment.trial.position,
+        "response": judgment.response,
+        "response_time_ms": judgment.response_time_ms,
+        "durations": {
+            "first_ms": judgment.first_ms,
+            "blank_ms": judgment.blank_ms,
+            "second_ms": judgment.second_ms,
+        },
+        "idempotency_key": judgment.idempotency_key,
+        "created_at": serializers.DateTimeField().to_representation(judgment.created_at),
+    }
+
+
 class ClientInfoSerializer(serializers.Serializer):
     """Body of ``PATCH /api/sessions/<token>/``: the participant's display, as measured."""
 
@@ -99,6 +127,26 @@ class ClientInfoSerializer(serializers.Serializer):
     frame_samples = JSONIntegerField(
         min_value=0, max_value=100_000, required=False, help_text="rAF intervals measured"
     )
+    # Automation signals (studyapp.quality), counted by the runner since the page loaded.
+    webdriver = serializers.BooleanField(
+        required=False, help_text="navigator.webdriver: the browser is driven by automation."
+    )
+    pointer_events = JSONIntegerField(
+        min_value=0, max_value=10**9, required=False,
+        help_text="Trusted pointer events (down, move, wheel, touch) seen by the page.",
+    )
+    key_events = JSONIntegerField(
+        min_value=0, max_value=10**9, required=False, help_text="Trusted keydown events."
+    )
+    hidden_stimuli = JSONIntegerField(
+        min_value=0, max_value=10**6, required=False,
+        help_text="Stimuli interrupted because the page was hidden.",
+    )
+
+    def validate_webdriver(self, value):
+        if not isinstance(self.initial_data.get("webdriver"), bool):
+            raise serializers.ValidationError("Must be a JSON boolean.")
+        return value
 
 
 class StudySettingsSerializer(serializers.Serializer):

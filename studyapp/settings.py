@@ -20,9 +20,11 @@ Production (see README, "Running a real study on MTurk / Prolific"):
   needs ``DJANGO_SECURE=1``).
 - ``DJANGO_CSRF_TRUSTED_ORIGINS``: comma-separated ``https://host`` origins, if a proxy
   rewrites the Host header.
-- ``PERCEPTLAB_CACHE``: ``db`` (default with PostgreSQL: a table shared by every gunicorn
-  worker, holding the rate-limit counters) or ``locmem`` (default with SQLite: per process,
-  so limits apply per worker).
+- ``PERCEPTLAB_CACHE``: where the rate-limit counters live: ``redis://host:port/0``
+  (production: Django's RedisCache, shared by every gunicorn worker, no SQL), ``db``
+  (default with PostgreSQL: a table shared by every worker) or ``locmem`` (default with
+  SQLite: per process, so limits apply per worker).
+- ``PERCEPTLAB_IMAGE_CACHE``: decoded stimulus images kept per process (default 256).
 - ``PERCEPTLAB_RATE_PARTICIPANT_WRITE`` / ``PERCEPTLAB_RATE_STAFF``: rate limits, e.g.
   ``120/min`` (see :mod:`studyapp.throttling`).
 - ``PERCEPTLAB_ALLOW_FILE_SECRET``: ``1`` lets gunicorn start without ``DJANGO_SECRET_KEY``
@@ -149,24 +151,35 @@ MEDIA_ROOT = Path(os.environ.get("PERCEPTLAB_MEDIA", VAR_DIR / "media")).resolve
 
 LOGIN_URL = "/admin/login/"
 
-# Rate-limit counters must be shared by every gunicorn worker, so by default they live in a
-# database table (created by `migrate`, see studyapp.wiring). MAX_ENTRIES bounds the table;
-# expired counters are culled first.
-# SQLite (the embedded default) serves one process (runserver, tests): per-process counters are
-# exact there, and a cache table in SQLite would add "table is locked" errors under threads.
-# PostgreSQL deployments run several gunicorn workers, which must share the counters.
+# Rate-limit counters must be shared by every gunicorn worker. PERCEPTLAB_CACHE picks where:
+# - ``redis://host:port/db`` (recommended in production): Django's built-in RedisCache, one
+#   round trip per counter and nothing in PostgreSQL (the counters were 6 of a submit's SQL
+#   statements in the database cache);
+# - ``db`` (default with PostgreSQL): a database table (created by `migrate`, see
+#   studyapp.wiring); MAX_ENTRIES bounds it, expired counters are culled first;
+# - ``locmem`` (default with SQLite, the embedded setup: one process, so per-process counters
+#   are exact, and a cache table in SQLite would add "table is locked" errors under threads).
 _DEFAULT_CACHE = "locmem" if DATABASES["default"]["ENGINE"].endswith("sqlite3") else "db"
-CACHES = {
-    "default": (
-        {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
-        if os.environ.get("PERCEPTLAB_CACHE", _DEFAULT_CACHE) == "locmem"
-        else {
-            "BACKEND": "django.core.cache.backends.db.DatabaseCache",
-            "LOCATION": "perceptlab_cache",
-            "OPTIONS": {"MAX_ENTRIES": 5000, "CULL_FREQUENCY": 3},
-        }
+_CACHE = os.environ.get("PERCEPTLAB_CACHE", _DEFAULT_CACHE).strip()
+if _CACHE.startswith(("redis://", "rediss://", "unix://")):
+    _CACHE_CONFIG: dict = {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": _CACHE,
+        "KEY_PREFIX": "perceptlab",
+    }
+elif _CACHE == "locmem":
+    _CACHE_CONFIG = {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+elif _CACHE == "db":
+    _CACHE_CONFIG = {
+        "BACKEND": "django.core.cache.backends.db.DatabaseCache",
+        "LOCATION": "perceptlab_cache",
+        "OPTIONS": {"MAX_ENTRIES": 5000, "CULL_FREQUENCY": 3},
+    }
+else:
+    raise ValueError(
+        f"PERCEPTLAB_CACHE={_CACHE!r}: expected locmem, db or a redis://host:port/db URL"
     )
-}
+CACHES = {"default": _CACHE_CONFIG}
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -174,6 +187,8 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    # Size-limited, strict JSON (studyapp.api); the API takes no form bodies.
+    "DEFAULT_PARSER_CLASSES": ["studyapp.parsers.StrictJSONParser"],
     "EXCEPTION_HANDLER": "studyapp.api.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     # One class handles every scope; it reads the rates below at request time.

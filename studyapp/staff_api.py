@@ -15,7 +15,6 @@ import csv
 import io
 from typing import Any
 
-from django.db.models import Count, Q
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from drf_spectacular.types import OpenApiTypes
@@ -27,8 +26,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .models import Condition, Judgment, Pair, Session, Study
+from .models import Study
 from .quality import apply_exclusions, compute_quality, summary
+from .reports import export_rows, study_counts, study_progress
 from .schema import errors
 from .throttling import STAFF
 
@@ -52,6 +52,12 @@ class StaffAPIView(APIView):
 
 
 class StudySummarySerializer(serializers.Serializer):
+    """A study and its counts (:func:`studyapp.reports.study_counts`: the same as ``/staff/``)."""
+
+    COUNTS = (
+        "n_conditions", "n_pairs", "n_sentinel_pairs", "n_catch_pairs", "n_sessions",
+        "n_completed", "n_excluded", "n_judgments", "n_practice_judgments",
+    )
     slug = serializers.SlugField()
     title = serializers.CharField()
     is_active = serializers.BooleanField()
@@ -65,13 +71,12 @@ class StudySummarySerializer(serializers.Serializer):
     n_completed = serializers.IntegerField()
     n_excluded = serializers.IntegerField()
     n_judgments = serializers.IntegerField(help_text="Judgments of main trials, all sessions.")
+    n_practice_judgments = serializers.IntegerField(
+        help_text="Judgments of practice trials (never analysed)."
+    )
     participant_url = serializers.URLField()
     progress_url = serializers.URLField()
     export_url = serializers.URLField()
-
-
-def _by(queryset, key: str, **aggregates) -> dict[Any, dict[str, int]]:
-    return {row[key]: row for row in queryset.values(key).annotate(**aggregates)}
 
 
 class StudyListView(StaffAPIView):
@@ -81,29 +86,10 @@ class StudyListView(StaffAPIView):
         responses={200: StudySummarySerializer(many=True), **errors(403, 429)},
     )
     def get(self, request: Request) -> Response:
-        pairs = _by(
-            Pair.objects,
-            "study",
-            n_sentinel=Count("id", filter=Q(is_sentinel=True)),
-            n_catch=Count("id", filter=Q(is_catch=True)),
-            n_all=Count("id"),
-        )
-        conditions = _by(Condition.objects, "study", n=Count("id"))
-        sessions = _by(
-            Session.objects,
-            "participant__study",
-            n=Count("id"),
-            n_completed=Count("id", filter=Q(completed_at__isnull=False)),
-            n_excluded=Count("id", filter=Q(excluded=True)),
-        )
-        judgments = _by(
-            Judgment.objects.filter(trial__is_practice=False),
-            "trial__session__participant__study",
-            n=Count("id"),
-        )
+        counts = study_counts()
         rows = []
         for study in Study.objects.order_by("-created_at", "slug"):
-            p, s = pairs.get(study.pk, {}), sessions.get(study.pk, {})
+            n = counts[study.pk]
             url = request.build_absolute_uri
             rows.append(
                 {
@@ -112,14 +98,7 @@ class StudyListView(StaffAPIView):
                     "is_active": study.is_active,
                     "created_at": study.created_at,
                     "judgments_per_pair": study.judgments_per_pair,
-                    "n_conditions": conditions.get(study.pk, {}).get("n", 0),
-                    "n_pairs": p.get("n_all", 0) - p.get("n_sentinel", 0) - p.get("n_catch", 0),
-                    "n_sentinel_pairs": p.get("n_sentinel", 0),
-                    "n_catch_pairs": p.get("n_catch", 0),
-                    "n_sessions": s.get("n", 0),
-                    "n_completed": s.get("n_completed", 0),
-                    "n_excluded": s.get("n_excluded", 0),
-                    "n_judgments": judgments.get(study.pk, {}).get("n", 0),
+                    **{key: n[key] for key in StudySummarySerializer.COUNTS},
                     "participant_url": url(reverse("study-start", args=[study.slug])),
                     "progress_url": url(reverse("staff-api-progress", args=[study.slug])),
                     "export_url": url(reverse("staff-api-export", args=[study.slug])),
@@ -165,65 +144,6 @@ class ProgressSerializer(serializers.Serializer):
     )
 
 
-def study_progress(study: Study) -> dict[str, Any]:
-    """Per condition: pairs, judgments, pairs that reached K; session counts."""
-    k = study.judgments_per_pair
-    main = Q(trials__is_practice=False, trials__judgment__isnull=False)
-    pairs = (
-        study.pairs.select_related("condition")
-        .annotate(
-            n_j=Count("trials", filter=main),
-            n_excl=Count("trials", filter=main & Q(trials__session__excluded=True)),
-        )
-        .order_by("id")
-    )
-    groups: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        c = pair.condition
-        name = "sentinel" if pair.is_sentinel else "catch" if pair.is_catch else c.spec
-        row = groups.setdefault(
-            name,
-            {
-                "condition": name,
-                "threat_model": c.threat_model if c else name,
-                "bound": c.bound if c else None,
-                "label": c.label if c else "",
-                "n_pairs": 0,
-                "n_judgments": 0,
-                "n_judgments_excluded": 0,
-                "n_pairs_at_k": None if c is None else 0,
-                "_valid": 0,
-            },
-        )
-        row["n_pairs"] += 1
-        row["n_judgments"] += pair.n_j
-        row["n_judgments_excluded"] += pair.n_excl
-        if c is not None:
-            valid = pair.n_j - pair.n_excl
-            row["n_pairs_at_k"] += valid >= k
-            row["_valid"] += min(valid, k)
-    controls = [groups.pop(n) for n in ("sentinel", "catch") if n in groups]
-    conditions = sorted(groups.values(), key=lambda r: (r["threat_model"], r["bound"]))
-    sessions = Session.objects.filter(participant__study=study).aggregate(
-        started=Count("id"),
-        completed=Count("id", filter=Q(completed_at__isnull=False)),
-        abandoned=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=False)),
-        in_progress=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=True)),
-        excluded=Count("id", filter=Q(excluded=True)),
-    )
-    rows = conditions + controls
-    needed = k * sum(r["n_pairs"] for r in conditions)
-    valid = sum(r.pop("_valid") for r in rows)
-    return {
-        "study": study.slug,
-        "judgments_per_pair": k,
-        "conditions": rows,
-        "sessions": sessions,
-        "n_judgments_needed": needed,
-        "n_judgments_valid": valid,
-    }
-
-
 class StudyProgressView(StaffAPIView):
     @extend_schema(
         tags=TAG,
@@ -235,38 +155,6 @@ class StudyProgressView(StaffAPIView):
 
 
 # ----------------------------------------------------------------------------- export
-
-EXPORT_COLUMNS = [
-    "study",
-    "session_id",
-    "participant_source",
-    "participant_id",
-    "assignment_id",
-    "hit_id",
-    "external_study_id",
-    "external_session_id",
-    "session_completed",
-    "session_excluded",
-    "exclusion_reason",
-    "trial_position",
-    "pair_id",
-    "pair_key",
-    "source_image",
-    "condition",
-    "threat_model",
-    "bound",
-    "condition_label",
-    "is_sentinel",
-    "is_catch",
-    "natural_first",
-    "response",
-    "response_time_ms",
-    "first_ms",
-    "blank_ms",
-    "second_ms",
-    "judged_at",
-]
-
 
 class ExportRowSerializer(serializers.Serializer):
     """One judgment of a main trial. Distance columns (``l2``, ``linf``, ``ssim``,
@@ -300,59 +188,6 @@ class ExportRowSerializer(serializers.Serializer):
     blank_ms = serializers.FloatField(help_text="Measured, ms.")
     second_ms = serializers.FloatField(help_text="Measured, ms.")
     judged_at = serializers.DateTimeField()
-
-
-def export_rows(study: Study) -> tuple[list[str], list[dict[str, Any]]]:
-    """Columns and one row per main-trial judgment of ``study`` (session, then position)."""
-    fields = {
-        "session_id": "trial__session_id",
-        "participant_source": "trial__session__participant__source",
-        "participant_id": "trial__session__participant__external_id",
-        "assignment_id": "trial__session__assignment_id",
-        "hit_id": "trial__session__hit_id",
-        "external_study_id": "trial__session__external_study_id",
-        "external_session_id": "trial__session__external_session_id",
-        "completed_at": "trial__session__completed_at",
-        "session_excluded": "trial__session__excluded",
-        "exclusion_reason": "trial__session__exclusion_reason",
-        "trial_position": "trial__position",
-        "pair_id": "trial__pair_id",
-        "pair_key": "trial__pair__key",
-        "source_image": "trial__pair__source_image",
-        "condition": "trial__pair__condition__spec",
-        "threat_model": "trial__pair__condition__threat_model",
-        "bound": "trial__pair__condition__bound",
-        "condition_label": "trial__pair__condition__label",
-        "is_sentinel": "trial__pair__is_sentinel",
-        "is_catch": "trial__pair__is_catch",
-        "natural_first": "trial__natural_first",
-        "distances": "trial__pair__distances",
-        "response": "response",
-        "response_time_ms": "response_time_ms",
-        "first_ms": "first_ms",
-        "blank_ms": "blank_ms",
-        "second_ms": "second_ms",
-        "judged_at": "created_at",
-    }
-    judgments = (
-        Judgment.objects.filter(trial__session__participant__study=study, trial__is_practice=False)
-        .order_by("trial__session_id", "trial__position")
-        .values_list(*fields.values())
-    )
-    rows = []
-    distance_names: set[str] = set()
-    for values in judgments:
-        row = dict(zip(fields, values, strict=True))
-        row["study"] = study.slug
-        row["session_completed"] = row.pop("completed_at") is not None
-        distances = row.pop("distances") or {}
-        for name, value in distances.items():
-            column = name if name not in fields and name not in EXPORT_COLUMNS else f"d_{name}"
-            row[column] = value
-            distance_names.add(column)
-        rows.append(row)
-    columns = EXPORT_COLUMNS + sorted(distance_names)
-    return columns, [{c: row.get(c) for c in columns} for row in rows]
 
 
 def _csv_value(value: Any) -> Any:
@@ -500,7 +335,7 @@ class StudyQualityView(StaffAPIView):
         tags=TAG,
         summary="Apply the study's exclusion rules and store the result",
         request=QualityRequestSerializer,
-        responses={200: QualityTableSerializer, **errors(400, 403, 404, 429)},
+        responses={200: QualityTableSerializer, **errors(400, 403, 404, 413, 429)},
     )
     def post(self, request: Request, slug: str) -> Response:
         body = QualityRequestSerializer(data=request.data)

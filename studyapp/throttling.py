@@ -31,7 +31,7 @@ from django.core.exceptions import ImproperlyConfigured
 from rest_framework.settings import api_settings
 from rest_framework.throttling import SimpleRateThrottle
 
-from .quality import client_ip, hash_ip
+from .fingerprints import client_ip, hash_ip
 
 PARTICIPANT_WRITE = "participant-write"
 STAFF = "staff"

@@ -15,3 +15,6 @@ urlpatterns = [
     path("dashboard/", include("studyapp.dashboard_urls")),
     path("", include("studyapp.participant_urls")),
 ]
+
+# Uncaught failures: 503 + Retry-After on a database outage, JSON under /api/ (studyapp.api).
+handler500 = "studyapp.api.server_error"

@@ -25,15 +25,14 @@ The participant JSON API lives in :mod:`studyapp.participant_api`.
 from __future__ import annotations
 
 import logging
-import uuid
+import re
+import secrets
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
-from django.db import transaction
-from django.db.models import Count, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -42,9 +41,9 @@ from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.http import require_GET, require_http_methods
 from rest_framework import status
 
-from .image_tokens import NotAPNG, resolve_image_key, strip_png
-from .models import Judgment, Pair, Participant, Session, Study
-from .quality import assign_request_fingerprints
+from .fingerprints import assign_request_fingerprints
+from .image_tokens import NotAPNG, canonical_png, decode_image_key, pixel_cache
+from .models import Participant, Session, Study, Trial
 from .recruitment import (
     MTURK_SUBMIT_HOSTS,
     BadRecruitmentLink,
@@ -53,7 +52,8 @@ from .recruitment import (
     parse_recruitment,
     prolific_complete_url,
 )
-from .scheduler import AlreadyParticipated, StudyUnavailable, start_session
+from .reports import study_counts
+from .scheduler import AlreadyParticipated, StudyUnavailable, standing, start_or_resume
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 # so a double-clicked Start resumes instead of creating a second participant, and a finished
 # participant is recognised when the study allows no retakes.
 _RESUME_KEY = "perceptlab_sessions"
+_START_KEY = re.compile(r"[A-Za-z0-9_-]{16,64}")
 FRAME_ANCESTORS = " ".join(["'self'", *(f"https://{host}" for host in MTURK_SUBMIT_HOSTS)])
 
 
@@ -117,85 +118,31 @@ def _bad_link(request: HttpRequest, study: Study, reason: str) -> HttpResponse:
     )
 
 
-def _is_open(session: Session) -> bool:
-    return session.completed_at is None and session.abandoned_at is None
-
-
-def _remembered_session(request: HttpRequest, study: Study) -> Session | None:
-    token = request.session.get(_RESUME_KEY, {}).get(str(study.pk))
-    if not token:
-        return None
-    return (
-        Session.objects.select_related("participant")
-        .filter(token=token, participant__study=study)
-        .first()
-    )
+def _remembered_token(request: HttpRequest, study: Study) -> str | None:
+    return request.session.get(_RESUME_KEY, {}).get(str(study.pk))
 
 
 def _known_participant(
     request: HttpRequest, study: Study, recruitment: Recruitment
 ) -> Participant | None:
     if recruitment.source == "link":
-        remembered = _remembered_session(request, study)
+        token = _remembered_token(request, study)
+        remembered = (
+            Session.objects.select_related("participant")
+            .filter(token=token, participant__study=study)
+            .first()
+            if token else None
+        )
         return remembered.participant if remembered else None
     return Participant.objects.filter(
         study=study, source=recruitment.source, external_id=recruitment.external_id
     ).first()
 
 
-def _standing(participant: Participant | None) -> tuple[Session | None, bool]:
-    """(the participant's open session to resume, whether they completed a session)."""
-    if participant is None:
-        return None, False
-    sessions = list(participant.sessions.order_by("-started_at"))
-    resumable = next((s for s in sessions if _is_open(s)), None)
-    return resumable, any(s.completed_at is not None for s in sessions)
-
-
-def _resume(session: Session, recruitment: Recruitment) -> Session:
-    """Point an open session at the current assignment (a worker may return a HIT and accept it
-    again: the new ``assignmentId`` is the one to submit) or Prolific session."""
-    changed = [
-        name
-        for name, value in recruitment.session_fields.items()
-        if value and getattr(session, name) != value
-    ]
-    for name in changed:
-        setattr(session, name, recruitment.session_fields[name])
-    if changed:
-        session.save(update_fields=changed)
-    return session
-
-
-def _start(request: HttpRequest, study: Study, recruitment: Recruitment) -> Session | HttpResponse:
-    """Create (or, under the participant's row lock, find) the session to send them to."""
-    with transaction.atomic():  # a refused start leaves no participant behind
-        if recruitment.source == "link":
-            remembered = _remembered_session(request, study)
-            if remembered is not None:
-                participant = remembered.participant
-            else:
-                participant = Participant.objects.create(
-                    study=study, source="link", external_id=str(uuid.uuid4())
-                )
-        else:
-            participant, _ = Participant.objects.get_or_create(
-                study=study, source=recruitment.source, external_id=recruitment.external_id
-            )
-        # Two Start clicks of one worker at once must not make two sessions.
-        participant = Participant.objects.select_for_update().get(pk=participant.pk)
-        resumable, completed = _standing(participant)
-        if resumable is not None:
-            return _resume(resumable, recruitment)
-        if completed and not study.allow_retakes:
-            return _already_taken(request, study, recruitment)
-        session = start_session(
-            participant,
-            user_agent=request.headers.get("User-Agent", ""),
-            **recruitment.session_fields,
-        )
-        assign_request_fingerprints(session, request)
-    return session
+def _start_key(request: HttpRequest) -> str | None:
+    """The consent form's idempotency key (see :func:`scheduler.start_or_resume`), if valid."""
+    key = request.POST.get("start_key", "")
+    return key if _START_KEY.fullmatch(key) else None
 
 
 @participant_page
@@ -215,7 +162,7 @@ def study_start(request: HttpRequest, slug: str) -> HttpResponse:
             return _bad_link(request, study, "this is a preview of the HIT; accept it to start")
         return render(request, "study_preview.html", {"study": study})
 
-    resumable, completed = _standing(_known_participant(request, study, recruitment))
+    resumable, completed = standing(_known_participant(request, study, recruitment))
     if resumable is None and completed and not study.allow_retakes:
         return _already_taken(request, study, recruitment)
     context = {
@@ -224,6 +171,8 @@ def study_start(request: HttpRequest, slug: str) -> HttpResponse:
         "resume": resumable,
         "action": request.get_full_path(),
         "n_trials": study.trials_per_session,
+        # A retried POST of this form (its first answer lost) resumes what the first started.
+        "start_key": secrets.token_urlsafe(24),
     }
     if request.method == "GET":
         return render(request, "study_start.html", context)
@@ -235,14 +184,21 @@ def study_start(request: HttpRequest, slug: str) -> HttpResponse:
         context["error"] = "Please choose “I agree” to take part, or “I do not agree” to leave."
         return render(request, "study_start.html", context, status=status.HTTP_400_BAD_REQUEST)
     try:
-        started = _start(request, study, recruitment)
+        started = start_or_resume(
+            study,
+            source=recruitment.source,
+            external_id=recruitment.external_id,
+            remembered_token=_remembered_token(request, study),
+            start_key=_start_key(request),
+            user_agent=request.headers.get("User-Agent", ""),
+            session_fields=recruitment.session_fields,
+            on_create=lambda session: assign_request_fingerprints(session, request),
+        )
     except AlreadyParticipated:
         return _already_taken(request, study, recruitment)
     except StudyUnavailable as exc:
         logger.info("refused a session: %s", exc)
         return _unavailable(request, study, _unavailable_reason(study) or str(exc), recruitment)
-    if isinstance(started, HttpResponse):
-        return started
     if recruitment.source == "link":
         remembered = request.session.get(_RESUME_KEY, {})
         remembered[str(study.pk)] = started.token
@@ -305,26 +261,34 @@ def session_done(request: HttpRequest, token: str) -> HttpResponse:
 
 @require_GET
 def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
-    """The PNG behind one opaque image URL (see :mod:`studyapp.image_tokens` for what it hides).
+    """The PNG behind one opaque image URL, re-encoded canonically for this request.
 
-    The response names nothing: no filename, no Last-Modified (file times could tell the
-    natural image from the later-generated perturbed one), no ETag; ancillary PNG chunks are
-    stripped.
+    See :mod:`studyapp.image_tokens` for what it hides: every image of given dimensions has
+    the same length, headers and chunk layout and fresh bytes; no filename, Last-Modified or
+    ETag. The key names the position and slot (no scan of the session's trials): one query.
     """
-    session = Session.objects.filter(token=token).only("id", "token").first()
-    found = resolve_image_key(session, key) if session is not None else None
+    found = decode_image_key(token, key)
     if found is None:
         raise Http404("unknown image")
-    trial, slot = found
+    position, slot = found
+    row = (
+        Trial.objects.filter(session__token=token, position=position)
+        .values_list("pair_id", "natural_first", "pair__natural_path", "pair__other_path")
+        .first()
+    )
+    if row is None:
+        raise Http404("unknown image")
+    pair_id, natural_first, natural_path, other_path = row
+    relative = natural_path if (slot == 1) == natural_first else other_path
     media_root = Path(settings.MEDIA_ROOT).resolve()
-    path = (media_root / trial.image_path(slot)).resolve()
+    path = (media_root / relative).resolve()
     if not path.is_relative_to(media_root) or not path.is_file():
-        logger.error("image of pair %s slot %s is missing: %s", trial.pair_id, slot, path)
+        logger.error("image of pair %s slot %s is missing: %s", pair_id, slot, path)
         raise Http404("image missing")
     try:
-        data = strip_png(path.read_bytes())
+        data = canonical_png(pixel_cache.get(path))
     except NotAPNG as exc:
-        logger.error("image of pair %s slot %s is not a PNG: %s", trial.pair_id, slot, exc)
+        logger.error("image of pair %s slot %s cannot be served: %s", pair_id, slot, exc)
         raise Http404("image missing") from exc
     response = HttpResponse(data, content_type="image/png")
     response["Cache-Control"] = "private, max-age=3600"
@@ -337,32 +301,15 @@ def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
 @staff_member_required
 @require_GET
 def staff_home(request: HttpRequest) -> HttpResponse:
-    """Studies with pair/session/judgment counts and their participant links."""
-
-    def counts(queryset, field: str, **extra) -> dict[int, dict]:
-        rows = queryset.values(field).annotate(n=Count("id"), **extra)
-        return {row[field]: row for row in rows}
-
-    pairs = counts(Pair.objects, "study", n_sentinel=Count("id", filter=Q(is_sentinel=True)))
-    sessions = counts(
-        Session.objects,
-        "participant__study",
-        n_completed=Count("id", filter=Q(completed_at__isnull=False)),
-    )
-    judgments = counts(Judgment.objects, "trial__session__participant__study")
-    rows = []
-    for study in Study.objects.all():
-        p = pairs.get(study.pk, {})
-        s = sessions.get(study.pk, {})
-        rows.append(
-            {
-                "study": study,
-                "n_pairs": p.get("n", 0),
-                "n_sentinel": p.get("n_sentinel", 0),
-                "n_sessions": s.get("n", 0),
-                "n_completed": s.get("n_completed", 0),
-                "n_judgments": judgments.get(study.pk, {}).get("n", 0),
-                "link": request.build_absolute_uri(reverse("study-start", args=[study.slug])),
-            }
-        )
+    """Studies with pair/session/judgment counts (:func:`reports.study_counts`, as the staff
+    API) and their participant links."""
+    counts = study_counts()
+    rows = [
+        {
+            "study": study,
+            **counts[study.pk],
+            "link": request.build_absolute_uri(reverse("study-start", args=[study.slug])),
+        }
+        for study in Study.objects.order_by("-created_at", "slug")
+    ]
     return render(request, "staff.html", {"rows": rows})

@@ -1,20 +1,23 @@
 """Test-wide policy for tests that need external programs.
 
 Tests marked ``browser`` need Debian's Chromium; tests marked ``postgres`` need a PostgreSQL
-server binary (``initdb`` and ``pg_ctl``). Where one is missing the test is skipped with the
-reason, on a laptop; with ``CI=true`` in the environment it FAILS instead, so CI can never go
-green by skipping. The fixtures ``chromium_executable`` and ``postgres_bin_dir`` give the
-found paths.
+server binary (``initdb`` and ``pg_ctl``); tests marked ``redis`` need Debian's redis-server.
+Where one is missing the test is skipped with the reason, on a laptop; with ``CI=true`` in
+the environment it FAILS instead, so CI can never go green by skipping. The fixtures
+``chromium_executable``, ``postgres_bin_dir`` and ``redis_server_executable`` give the found
+paths. Servers themselves: :mod:`tests.support`.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.support.pgserver import find_bin_dir
+from tests.support.redisserver import find_redis
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium",)
 
@@ -31,14 +34,12 @@ def find_chromium() -> str | None:
 
 
 def find_postgres_bin_dir() -> Path | None:
-    """The folder holding both ``initdb`` and ``pg_ctl``: PATH first, then Debian's layout."""
-    initdb = shutil.which("initdb")
-    if initdb and shutil.which("pg_ctl", path=str(Path(initdb).parent)):
-        return Path(initdb).parent
-    for folder in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
-        if all(os.access(Path(folder) / name, os.X_OK) for name in ("initdb", "pg_ctl")):
-            return Path(folder)
-    return None
+    """The folder holding ``initdb`` and ``pg_ctl`` (``tests.support.pgserver.find_bin_dir``)."""
+    return find_bin_dir()
+
+
+def find_redis_server() -> str | None:
+    return find_redis()
 
 
 REQUIREMENTS = {
@@ -47,12 +48,21 @@ REQUIREMENTS = {
         "Chromium not found (neither `chromium` on PATH nor /usr/bin/chromium); "
         "install Debian's chromium package",
     ),
+    "redis": (
+        find_redis_server,
+        "redis-server not found (on PATH or /usr/bin/redis-server); install Debian's "
+        "redis-server package",
+    ),
     "postgres": (
         find_postgres_bin_dir,
         "PostgreSQL server binaries not found (initdb/pg_ctl on PATH or in "
         "/usr/lib/postgresql/*/bin); install Debian's postgresql package",
     ),
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "redis: needs Debian's redis-server")
 
 
 def missing(reason: str) -> None:
@@ -73,6 +83,14 @@ def chromium_executable() -> str:
     path = find_chromium()
     if path is None:
         missing(REQUIREMENTS["browser"][1])
+    return path
+
+
+@pytest.fixture(scope="session")
+def redis_server_executable() -> str:
+    path = find_redis_server()
+    if path is None:
+        missing(REQUIREMENTS["redis"][1])
     return path
 
 

@@ -7,13 +7,31 @@
 // has a judgment: another tab answered it; or the server refuses it for good, e.g. an expired
 // lease): the first stored answer stands. Each answer is sent at once, with its own retry loop
 // (writes queue behind one another in `request`, so "at once" means after the write in flight,
-// never after another answer's backoff); network errors, 5xx and 429 are retried with capped exponential backoff with jitter (Retry-After is
-// honoured), for as long as it takes; a retry is held back while a stimulus is on screen, so
+// never after another answer's backoff); network errors, 5xx and 429 are retried with capped
+// exponential backoff with jitter (Retry-After is honoured), for as long as it takes, and at
+// once when the browser fires `online`; a retry is held back while a stimulus is on screen, so
 // that it cannot cost a frame.
 
 export const bufferKey = (token) => `perceptlab:v1:judgments:${token}`;
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// The pause before a retry: the backoff delay, cut short the moment the browser reports that
+// the network is back (`online`), so nobody waits out a long backoff after an outage.
+export function retryPause(ms) {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      window.removeEventListener("online", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    window.addEventListener("online", done);
+  });
+}
+
+// Whether the browser knows it is offline (navigator.onLine is false only when it is sure).
+export const offline = () => typeof navigator !== "undefined" && navigator.onLine === false;
 
 const BASE_DELAY_MS = 500;
 const MAX_DELAY_MS = 15000;
@@ -204,7 +222,7 @@ export class Outbox {
       if (isRetryable(status)) {
         this.setFailing(body.position, true);
         await Promise.race([
-          sleep(backoffDelay(attempt, retryAfterMs)),
+          retryPause(backoffDelay(attempt, retryAfterMs)),
           new Promise((resolve) => this.wakers.add(resolve)),
         ]);
         if (this.hooks.idle) await this.hooks.idle();

@@ -22,7 +22,9 @@
 // the next trial that is neither stored on the server nor buffered locally, and re-sends the
 // buffer. The session is completed (and the end page shown) only once the buffer is empty.
 
-import { Outbox, backoffDelay, isRetryable, newKey, request, sleep } from "./buffer.js";
+import {
+  Outbox, backoffDelay, isRetryable, newKey, offline, request, retryPause, sleep,
+} from "./buffer.js";
 
 const FIXATION_MS = 500;
 const INTER_TRIAL_MS = 300;
@@ -84,13 +86,25 @@ const presentation = {
 // ------------------------------------------------------------------------------ server
 
 // "Connection problem" is shown while the outbox or any other request is being retried.
+const CONNECTION_PROBLEM =
+  "Connection problem: your answers are kept and will be sent when it is back.";
 const retrying = new Set();
+// The browser says so at once when the network goes: say so too, and clear it when it is back
+// (every waiting retry then runs at once: buffer.js retryPause).
+window.addEventListener("offline", () => {
+  if (!ui.status.classList.contains("error")) {
+    setStatus("Connection problem: no network. Waiting for it to come back…");
+  }
+});
+window.addEventListener("online", () => {
+  if (!ui.status.classList.contains("error") && retrying.size === 0) setStatus("");
+});
 function showRetrying(source, on) {
   const before = retrying.size > 0;
   if (on) retrying.add(source);
   else retrying.delete(source);
   if (retrying.size > 0 && !before) {
-    setStatus("Connection problem: your answers are kept and will be sent when it is back.");
+    setStatus(CONNECTION_PROBLEM);
   } else if (retrying.size === 0 && before && !ui.status.classList.contains("error")) {
     setStatus("");
   }
@@ -105,7 +119,7 @@ async function persistent(url, options = {}) {
       return result;
     }
     showRetrying(url, true);
-    await sleep(backoffDelay(attempt, result.retryAfterMs));
+    await retryPause(backoffDelay(attempt, result.retryAfterMs));
     await presentation.idle();
   }
 }
@@ -149,8 +163,10 @@ function sendClientInfo({ frameMs, samples }) {
     frame_ms: Math.round(frameMs * 1000) / 1000,
     refresh_hz: Math.round((1000 / frameMs) * 100) / 100,
     frame_samples: samples,
+    webdriver: navigator.webdriver === true,
+    ...signals,
   };
-  persistent(root.dataset.stateUrl, { method: "PATCH", body: info }).then(({ status, data }) => {
+  return persistent(root.dataset.stateUrl, { method: "PATCH", body: info }).then(({ status, data }) => {
     if (status !== 200) console.warn("client info not stored:", data.error);
   });
 }
@@ -210,8 +226,13 @@ function trialImages(trial) {
             return images;
           } catch (error) {
             console.warn(`images of trial ${trial.position} failed to load:`, error.message || error);
-            if (attempt >= 2) setStatus("Loading the images is slow: trying again…");
-            await sleep(backoffDelay(attempt));
+            // A failed image is a connection problem (a slow one would still be loading).
+            setStatus(
+              offline()
+                ? "Connection problem: no network. Waiting for it to come back…"
+                : "Connection problem: the images could not be loaded. Trying again…",
+            );
+            await retryPause(backoffDelay(attempt));
           }
         }
       })(),
@@ -224,6 +245,20 @@ let hiddenDuringTrial = false;
 document.addEventListener("visibilitychange", () => {
   if (document.hidden) hiddenDuringTrial = true;
 });
+
+// Signals of automation for quality control (studyapp.quality): what the browser says
+// (navigator.webdriver), how many trusted (user-made, not script-dispatched) pointer and
+// keyboard events the page saw, and how many stimuli were interrupted by the page being hidden.
+// Counted here, sent with the display info (PATCH) when the session starts and before it ends.
+const signals = { pointer_events: 0, key_events: 0, hidden_stimuli: 0 };
+for (const type of ["pointerdown", "pointermove", "wheel", "touchstart"]) {
+  window.addEventListener(type, (event) => {
+    if (event.isTrusted) signals.pointer_events += 1;
+  }, { passive: true, capture: true });
+}
+window.addEventListener("keydown", (event) => {
+  if (event.isTrusted) signals.key_events += 1;
+}, { capture: true });
 
 // Show fixation → image 1 → blank → image 2 → prompt, switching in rAF callbacks.
 // Resolves {first_ms, blank_ms, second_ms, promptAt} (rAF timestamps), or {interrupted: true}
@@ -243,6 +278,7 @@ function present(first, second, study, frameMs) {
     let current = -1;
     function onFrame(timestamp) {
       if (hiddenDuringTrial) {
+        signals.hidden_stimuli += 1;
         for (const el of [ui.fixation, first, second]) show(el, false);
         resolve({ interrupted: true });
         return;
@@ -494,6 +530,7 @@ async function main() {
     }
     ui.progress.textContent = "Saving your answers…";
     await outbox.drain();
+    await sendClientInfo(display); // the signals as they stand at the end
     if (await complete()) {
       outbox.clear();
       window.location.assign(root.dataset.doneUrl);

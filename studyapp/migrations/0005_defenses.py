@@ -8,7 +8,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('studyapp', '0002_protocol_recruitment_quality'),
+        ('studyapp', '0004_server'),
     ]
 
     operations = [

@@ -8,6 +8,8 @@ from django.utils import timezone
 
 from studyapp.models import Judgment, Pair, Participant, Session, Study, Trial
 
+HUMAN_BROWSER = {"webdriver": False, "pointer_events": 40, "key_events": 25, "hidden_stimuli": 0}
+
 
 def _control_pair(study: Study, kind: str, n: int) -> Pair:
     sample = study.pairs.filter(is_sentinel=True).first()
@@ -35,9 +37,11 @@ def make_answered_session(
     participant: Participant | None = None,
     ip_hash: str = "",
     browser_hash: str = "",
+    client_info: dict | None = None,
 ) -> Session:
     """A session whose main trials are ``(kind, response or None, response_time_ms)`` with kind
-    ``sentinel`` / ``catch`` / ``perturbed``; ``practice`` trials come first."""
+    ``sentinel`` / ``catch`` / ``perturbed``; ``practice`` trials come first. ``client_info``
+    defaults to what the trial runner reports for a person (no automation signals)."""
     participant = participant or Participant.objects.create(
         study=study, external_id=str(uuid.uuid4())
     )
@@ -46,6 +50,7 @@ def make_answered_session(
         completed_at=timezone.now() if completed else None,
         ip_hash=ip_hash,
         browser_hash=browser_hash,
+        client_info=HUMAN_BROWSER if client_info is None else client_info,
     )
     perturbed = iter(study.pairs.filter(is_sentinel=False, is_catch=False).order_by("id"))
     for position, (kind, response, rt) in enumerate([*practice, *trials]):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import io
+import os
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from django.contrib.auth import get_user_model
-from django.core.management import CommandError, call_command
+from django.core.management import CommandError, call_command, get_commands
 from PIL import Image
 
 from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study
@@ -217,6 +219,13 @@ def test_demo_builds_the_study_prints_links_and_reruns_cleanly(media, offline):
     password = out.split("Staff login:")[1].split("/")[1].split()[0]
     assert get_user_model().objects.get(username="staff").check_password(password)
     assert study.generation["weights"] == "untrained"
+    assert "I agree" in study.consent_text  # a newcomer sees the real flow: consent first
+    # The printed commands work as printed: an existing interpreter and manage.py, a command.
+    for label in ("Results:", "Quality control:"):
+        line = out.split(label)[1].splitlines()[0].split()
+        python, manage, command = Path(line[0]), Path(line[1]), line[2]
+        assert os.access(python, os.X_OK) and manage.name == "manage.py" and manage.is_file()
+        assert command in get_commands() and line[3:] == ["--study", "demo"]
     out2 = run(*argv)
     assert Pair.objects.count() == 48 and Condition.objects.count() == 6
     assert get_user_model().objects.count() == 1 and Study.objects.count() == 1

@@ -1,6 +1,6 @@
 """Concurrent sessions against a real, temporary PostgreSQL server.
 
-How: the test starts a throwaway cluster (:mod:`studyapp.pgserver`), then runs THIS FILE as a
+How: the test starts a throwaway cluster (:mod:`tests.support.pgserver`), then runs THIS FILE as a
 script in a subprocess with ``DATABASE_URL`` pointing at it. The rest of the test run is on
 SQLite, and Django picks its database when its settings load, once per process (pytest-django
 also creates its test database once per run), so a fresh process is the robust way to get a
@@ -47,7 +47,7 @@ pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 def test_concurrent_sessions_on_postgresql(postgres_bin_dir, tmp_path):
-    from studyapp.pgserver import temporary_postgres
+    from tests.support.pgserver import temporary_postgres
 
     report_path = tmp_path / "report.json"
     started = time.monotonic()
@@ -117,14 +117,12 @@ VANISHER_ANSWERS = 3  # 2 practice + 1 main, then gone
 
 
 def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads best
-    import http.client
     import random
     import re
     import threading
     import uuid
     from collections import Counter
     from datetime import timedelta
-    from http.cookies import SimpleCookie
     from urllib.parse import urlencode
 
     import django
@@ -234,50 +232,33 @@ def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads
         with stats_lock:
             stats["unexpected"].append(f"{what}: {status} {data[:300]!r}")
 
-    class Browser:
-        """One participant's browser: its own cookies, a fresh connection per request."""
+    from tests.support.http import BrowserClient
+
+    def observe(endpoint, method, path, status, seconds, data) -> None:
+        with stats_lock:
+            stats["requests"] += 1
+            stats["statuses"][status] += 1
+            if status >= 500:
+                stats["server_errors"].append(f"{method} {path}: {data[:500]!r}")
+
+    class Browser(BrowserClient):
+        """One participant's browser (tests.support.http): its own cookies, a fresh
+        connection per request, refused connects retried."""
 
         def __init__(self) -> None:
-            self.cookies: dict[str, str] = {}
+            super().__init__(host, port, timeout=60, keep_alive=False, connect_retries=2,
+                             user_agent="perceptlab-concurrency-test", observe=observe)
 
         def request(self, method: str, path: str, *, body: bytes | None = None,
-                    content_type: str | None = None) -> tuple[int, dict, bytes]:
-            headers = {"Connection": "close", "User-Agent": "perceptlab-concurrency-test"}
-            if self.cookies:
-                headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
-            if "csrftoken" in self.cookies:
-                headers["X-CSRFToken"] = self.cookies["csrftoken"]
-            if content_type:
-                headers["Content-Type"] = content_type
-            for attempt in range(3):
-                conn = http.client.HTTPConnection(host, port, timeout=60)
-                try:
-                    conn.request(method, path, body=body, headers=headers)
-                    response = conn.getresponse()
-                    data = response.read()
-                    break
-                except ConnectionError:  # a refused connect never reached the app: retry
-                    if attempt == 2:
-                        raise
-                    time.sleep(0.1)
-                finally:
-                    conn.close()
-            for raw in response.headers.get_all("Set-Cookie") or []:
-                cookie = SimpleCookie()
-                cookie.load(raw)
-                self.cookies.update({name: morsel.value for name, morsel in cookie.items()})
-            with stats_lock:
-                stats["requests"] += 1
-                stats["statuses"][response.status] += 1
-                if response.status >= 500:
-                    stats["server_errors"].append(f"{method} {path}: {data[:500]!r}")
-            return response.status, dict(response.headers), data
+                    content_type: str | None = None, endpoint: str = "",
+                    ) -> tuple[int, dict, bytes]:
+            status, response, data = super().request(
+                method, path, body=body, content_type=content_type, endpoint=endpoint
+            )
+            return status, dict(response.headers), data
 
         def post_json(self, path: str, payload: dict) -> tuple[int, dict]:
-            status, _, data = self.request(
-                "POST", path, body=json.dumps(payload).encode(), content_type="application/json"
-            )
-            return status, json.loads(data) if data else {}
+            return self.send_json("POST", path, payload)
 
     def judgment_body(position: int) -> dict:
         return {

@@ -12,16 +12,13 @@ from django.http import HttpResponse
 from django.test import RequestFactory
 from qc_sessions import CAREFUL, DIFF, SAME, SLOPPY, C, P, S, make_answered_session
 
+from studyapp.fingerprints import assign_request_fingerprints, browser_hash, client_ip, hash_ip
 from studyapp.models import Judgment, Session
 from studyapp.quality import (
     STAFF_EXCLUDE,
     STAFF_INCLUDE,
     apply_exclusions,
-    assign_request_fingerprints,
-    browser_hash,
-    client_ip,
     compute_quality,
-    hash_ip,
     set_staff_decision,
 )
 

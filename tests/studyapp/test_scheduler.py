@@ -444,14 +444,14 @@ def test_a_retry_that_lost_the_insert_race_answers_like_a_retry(monkeypatch):
     session = start(study)
     data = body(0)
     original, _ = record_judgment(session, data)
-    real_by_key = scheduler._by_key
+    real_lookup = scheduler._stored_judgments
     calls = []
 
-    def blind_first_lookup(session, data):
+    def blind_first_lookup(trial, key):
         calls.append(1)
-        return None if len(calls) == 1 else real_by_key(session, data)
+        return [] if len(calls) == 1 else real_lookup(trial, key)
 
-    monkeypatch.setattr(scheduler, "_by_key", blind_first_lookup)
+    monkeypatch.setattr(scheduler, "_stored_judgments", blind_first_lookup)
     judgment, created = record_judgment(session, data)
     assert (judgment.pk, created) == (original.pk, False)
     assert Judgment.objects.count() == 1

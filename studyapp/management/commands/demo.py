@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import secrets
+import sys
+from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
@@ -24,6 +27,31 @@ from studyapp.services import (
 # large bounds, divided by 255 for our [0, 1] images (engine.attacks.presets).
 DEMO_THREAT_MODELS = ("linf", "l2")
 DEMO_BOUNDS = ("small", "medium", "large")
+DEMO_CONSENT = (
+    "This is a demonstration of a perceptual study. You will see pairs of images and say "
+    "whether they are the same. It takes about five minutes.\n\n"
+    "We store your answers, their timing and your screen's size; no name, no e-mail. Your "
+    "IP address is stored only as a salted hash, to detect repeated participation. You may "
+    "stop at any time by closing the page.\n\n"
+    "Choose \u201cI agree\u201d to take part."
+)
+
+
+def _command_paths() -> tuple[str, str]:
+    """How to call this Python and ``manage.py`` from the current directory, as printed."""
+    cwd = Path.cwd()
+    python = Path(sys.executable)  # the venv's python: not resolved, so the venv stays
+    manage = Path(settings.BASE_DIR) / "manage.py"
+
+    def shown(path: Path) -> str:
+        try:
+            return str(path.relative_to(cwd))
+        except ValueError:
+            return str(path)
+
+    return shown(python), shown(manage)
+
+
 DEMO_INSTRUCTIONS = (
     "You will see an image for one second, a short blank, then a second image for one second."
     " Sometimes the two are exactly the same image; sometimes the second has been changed very"
@@ -81,6 +109,7 @@ class Command(BaseCommand):
                 "title": "Demo: are these two images the same?",
                 "description": description,
                 "instructions": DEMO_INSTRUCTIONS,
+                "consent_text": DEMO_CONSENT,
                 "trials_per_session": opts["trials_per_session"],
                 "is_active": True,
             },
@@ -116,6 +145,8 @@ class Command(BaseCommand):
         log(f"Participant link: {base}/study/{study.slug}/")
         log(f"Staff page:       {base}/staff/   (admin: {base}/admin/)")
         log(f"Staff login:      {opts['staff_user']} / {password}")
-        log(f"Results:          python manage.py analyze --study {study.slug}")
+        python, manage = _command_paths()
+        log(f"Results:          {python} {manage} analyze --study {study.slug}")
+        log(f"Quality control:  {python} {manage} quality --study {study.slug}")
         if opts["serve"]:
             call_command("runserver", opts["host"], use_reloader=False)

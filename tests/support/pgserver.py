@@ -9,7 +9,7 @@ never touch one that holds data::
 
 or from a shell (prints ``DATABASE_URL=...``, stops and deletes the cluster on Ctrl-C)::
 
-    python -m studyapp.pgserver
+    python -m tests.support.pgserver
 
 PostgreSQL refuses to run as root. As root, the cluster is owned by and run as the ``postgres``
 system user (Debian's postgresql package creates it), else ``nobody``; otherwise as the

@@ -1,0 +1,87 @@
+"""The API's JSON parser: size-limited, strict UTF-8, no NaN/Infinity, shallow.
+
+Kept apart from :mod:`studyapp.api` because DRF reads ``DEFAULT_PARSER_CLASSES`` while
+``rest_framework.views`` is being imported, so this module must not import it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rest_framework import exceptions, status
+from rest_framework.parsers import JSONParser
+
+PARTICIPANT_MAX_BODY = 8 * 1024
+STAFF_MAX_BODY = 256 * 1024
+MAX_DEPTH = 16
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    default_detail = "The request body is too large."
+    default_code = "too_large"
+
+
+def check_content_length(request, limit: int) -> None:
+    """:class:`PayloadTooLarge` when the declared ``Content-Length`` is over ``limit``."""
+    declared = request.META.get("CONTENT_LENGTH") or "0"
+    try:
+        length = int(declared)
+    except ValueError:
+        raise exceptions.ParseError("invalid Content-Length header") from None
+    if length > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes")
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return False
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _refuse_constant(name: str):
+    raise exceptions.ParseError(f"JSON parse error - {name} is not a number JSON allows")
+
+
+class StrictJSONParser(JSONParser):
+    """JSON bodies (see :mod:`studyapp.api` for the limits and the answers)."""
+
+    def parse(self, stream, media_type=None, parser_context=None):
+        parser_context = parser_context or {}
+        view = parser_context.get("view")
+        limit = getattr(view, "max_body_bytes", STAFF_MAX_BODY)
+        request = parser_context.get("request")
+        if request is not None:
+            check_content_length(request, limit)
+        raw = stream.read(limit + 1) if stream is not None else b""
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise exceptions.ParseError(
+                f"JSON parse error - the body is not valid UTF-8 (byte {exc.start})"
+            ) from None
+        try:
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except RecursionError:
+            raise exceptions.ParseError(
+                f"JSON parse error - nested more than {MAX_DEPTH} levels deep"
+            ) from None
+        except ValueError as exc:
+            raise exceptions.ParseError(f"JSON parse error - {exc}") from None
+        if not _depth_ok(data, MAX_DEPTH):
+            raise exceptions.ParseError(
+                f"JSON parse error - nested more than {MAX_DEPTH} levels deep"
+            )
+        return data
+
+

@@ -1,0 +1,209 @@
+"""Study counts, progress and export rows: one place for ``/staff/``, the staff API and tools.
+
+Definitions (the same everywhere):
+
+- *data pairs* (``n_pairs``) have a condition; *control pairs* are sentinels and catch pairs,
+  counted apart (``n_sentinel_pairs``, ``n_catch_pairs``);
+- ``n_judgments`` counts judgments of main trials only; practice judgments (never analysed)
+  are ``n_practice_judgments``;
+- sessions: ``n_sessions`` started, ``n_completed``, ``n_excluded``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import Count, Q
+
+from .models import Condition, Judgment, Pair, Session, Study
+
+
+def _by(queryset, key: str, **aggregates) -> dict[Any, dict[str, int]]:
+    return {row[key]: row for row in queryset.values(key).annotate(**aggregates)}
+
+
+def study_counts() -> dict[int, dict[str, int]]:
+    """Per study id: conditions, pairs by kind, sessions and judgments (see module doc)."""
+    pairs = _by(
+        Pair.objects,
+        "study",
+        n_sentinel=Count("id", filter=Q(is_sentinel=True)),
+        n_catch=Count("id", filter=Q(is_catch=True)),
+        n_all=Count("id"),
+    )
+    conditions = _by(Condition.objects, "study", n=Count("id"))
+    sessions = _by(
+        Session.objects,
+        "participant__study",
+        n=Count("id"),
+        n_completed=Count("id", filter=Q(completed_at__isnull=False)),
+        n_excluded=Count("id", filter=Q(excluded=True)),
+    )
+    judgments = _by(
+        Judgment.objects,
+        "trial__session__participant__study",
+        n_main=Count("id", filter=Q(trial__is_practice=False)),
+        n_practice=Count("id", filter=Q(trial__is_practice=True)),
+    )
+    out = {}
+    for pk in Study.objects.values_list("pk", flat=True):
+        p, s, j = pairs.get(pk, {}), sessions.get(pk, {}), judgments.get(pk, {})
+        out[pk] = {
+            "n_conditions": conditions.get(pk, {}).get("n", 0),
+            "n_pairs": p.get("n_all", 0) - p.get("n_sentinel", 0) - p.get("n_catch", 0),
+            "n_sentinel_pairs": p.get("n_sentinel", 0),
+            "n_catch_pairs": p.get("n_catch", 0),
+            "n_sessions": s.get("n", 0),
+            "n_completed": s.get("n_completed", 0),
+            "n_excluded": s.get("n_excluded", 0),
+            "n_judgments": j.get("n_main", 0),
+            "n_practice_judgments": j.get("n_practice", 0),
+        }
+    return out
+
+
+def study_progress(study: Study) -> dict[str, Any]:
+    """Per condition: pairs, judgments, pairs that reached K; session counts."""
+    k = study.judgments_per_pair
+    main = Q(trials__is_practice=False, trials__judgment__isnull=False)
+    pairs = (
+        study.pairs.select_related("condition")
+        .annotate(
+            n_j=Count("trials", filter=main),
+            n_excl=Count("trials", filter=main & Q(trials__session__excluded=True)),
+        )
+        .order_by("id")
+    )
+    groups: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        c = pair.condition
+        name = "sentinel" if pair.is_sentinel else "catch" if pair.is_catch else c.spec
+        row = groups.setdefault(
+            name,
+            {
+                "condition": name,
+                "threat_model": c.threat_model if c else name,
+                "bound": c.bound if c else None,
+                "label": c.label if c else "",
+                "n_pairs": 0,
+                "n_judgments": 0,
+                "n_judgments_excluded": 0,
+                "n_pairs_at_k": None if c is None else 0,
+                "_valid": 0,
+            },
+        )
+        row["n_pairs"] += 1
+        row["n_judgments"] += pair.n_j
+        row["n_judgments_excluded"] += pair.n_excl
+        if c is not None:
+            valid = pair.n_j - pair.n_excl
+            row["n_pairs_at_k"] += valid >= k
+            row["_valid"] += min(valid, k)
+    controls = [groups.pop(n) for n in ("sentinel", "catch") if n in groups]
+    conditions = sorted(groups.values(), key=lambda r: (r["threat_model"], r["bound"]))
+    sessions = Session.objects.filter(participant__study=study).aggregate(
+        started=Count("id"),
+        completed=Count("id", filter=Q(completed_at__isnull=False)),
+        abandoned=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=False)),
+        in_progress=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=True)),
+        excluded=Count("id", filter=Q(excluded=True)),
+    )
+    rows = conditions + controls
+    needed = k * sum(r["n_pairs"] for r in conditions)
+    valid = sum(r.pop("_valid") for r in rows)
+    return {
+        "study": study.slug,
+        "judgments_per_pair": k,
+        "conditions": rows,
+        "sessions": sessions,
+        "n_judgments_needed": needed,
+        "n_judgments_valid": valid,
+    }
+
+
+
+# ----------------------------------------------------------------------------- export
+
+EXPORT_COLUMNS = [
+    "study",
+    "session_id",
+    "participant_source",
+    "participant_id",
+    "assignment_id",
+    "hit_id",
+    "external_study_id",
+    "external_session_id",
+    "session_completed",
+    "session_excluded",
+    "exclusion_reason",
+    "trial_position",
+    "pair_id",
+    "pair_key",
+    "source_image",
+    "condition",
+    "threat_model",
+    "bound",
+    "condition_label",
+    "is_sentinel",
+    "is_catch",
+    "natural_first",
+    "response",
+    "response_time_ms",
+    "first_ms",
+    "blank_ms",
+    "second_ms",
+    "judged_at",
+]
+
+
+def export_rows(study: Study) -> tuple[list[str], list[dict[str, Any]]]:
+    """Columns and one row per main-trial judgment of ``study`` (session, then position)."""
+    fields = {
+        "session_id": "trial__session_id",
+        "participant_source": "trial__session__participant__source",
+        "participant_id": "trial__session__participant__external_id",
+        "assignment_id": "trial__session__assignment_id",
+        "hit_id": "trial__session__hit_id",
+        "external_study_id": "trial__session__external_study_id",
+        "external_session_id": "trial__session__external_session_id",
+        "completed_at": "trial__session__completed_at",
+        "session_excluded": "trial__session__excluded",
+        "exclusion_reason": "trial__session__exclusion_reason",
+        "trial_position": "trial__position",
+        "pair_id": "trial__pair_id",
+        "pair_key": "trial__pair__key",
+        "source_image": "trial__pair__source_image",
+        "condition": "trial__pair__condition__spec",
+        "threat_model": "trial__pair__condition__threat_model",
+        "bound": "trial__pair__condition__bound",
+        "condition_label": "trial__pair__condition__label",
+        "is_sentinel": "trial__pair__is_sentinel",
+        "is_catch": "trial__pair__is_catch",
+        "natural_first": "trial__natural_first",
+        "distances": "trial__pair__distances",
+        "response": "response",
+        "response_time_ms": "response_time_ms",
+        "first_ms": "first_ms",
+        "blank_ms": "blank_ms",
+        "second_ms": "second_ms",
+        "judged_at": "created_at",
+    }
+    judgments = (
+        Judgment.objects.filter(trial__session__participant__study=study, trial__is_practice=False)
+        .order_by("trial__session_id", "trial__position")
+        .values_list(*fields.values())
+    )
+    rows = []
+    distance_names: set[str] = set()
+    for values in judgments:
+        row = dict(zip(fields, values, strict=True))
+        row["study"] = study.slug
+        row["session_completed"] = row.pop("completed_at") is not None
+        distances = row.pop("distances") or {}
+        for name, value in distances.items():
+            column = name if name not in fields and name not in EXPORT_COLUMNS else f"d_{name}"
+            row[column] = value
+            distance_names.add(column)
+        rows.append(row)
+    columns = EXPORT_COLUMNS + sorted(distance_names)
+    return columns, [{c: row.get(c) for c in columns} for row in rows]
