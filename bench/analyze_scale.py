@@ -66,7 +66,7 @@ def main() -> None:
     from django.db import connection
     from tqdm import tqdm
 
-    from studyapp._engine_shim import analyze  # TEMPORARY: engine.analysis after merge
+    from engine.analysis import analyze
     from studyapp.frames import judgments_frame, pairs_frame
     from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study, Trial
 
@@ -206,8 +206,7 @@ def main() -> None:
             f"{'/'.join(f'{x:.1f}' for x in os.getloadavg())} at the end.",
             f"Study: {len(specs)} conditions × {args.pairs_per_condition} pairs + 100 sentinels,"
             f" {TRIALS_PER_SESSION} judgments per session (one participant each);"
-            f" {args.n_boot} participant-bootstrap resamples. Statistics from the temporary"
-            " `studyapp/_engine_shim.py` (engine.analysis after merge).", "",
+            f" {args.n_boot} participant-bootstrap resamples (engine.analysis.analyze).", "",
             "| judgments | frames s | analyze s | whole `analyze --json` s |"
             " command s per 100k |",
             "|---|---|---|---|---|",

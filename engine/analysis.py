@@ -84,7 +84,25 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (centre - half, centre + half)
+    # rounding can leave a bound a hair past p (k = 0 gives 5.6e-17 > 0, k = n gives 1 − ε)
+    return (min(max(centre - half, 0.0), p), max(min(centre + half, 1.0), p))
+
+
+def wilson_sample_size(p: float, width: float, z: float = Z95) -> int:
+    """Smallest ``n`` whose 95 % Wilson interval at ``round(p·n)`` successes has full width
+    ``≤ width`` (the judgments one condition needs at perceptibility ``p``)."""
+    if not 0 < width < 1 or not 0 <= p <= 1:
+        raise ValueError(f"need 0 < width < 1 and 0 <= p <= 1, got width={width}, p={p}")
+
+    def ok(n: int) -> bool:
+        low, high = wilson_interval(round(p * n), n, z)
+        return high - low <= width
+
+    # width is not monotone in n once p·n is rounded, so scan rather than bisect
+    n = 1
+    while not ok(n):
+        n += 1
+    return n
 
 
 def _wilson_arrays(k: np.ndarray, n: np.ndarray, z: float = Z95) -> tuple[np.ndarray, np.ndarray]:
@@ -95,8 +113,9 @@ def _wilson_arrays(k: np.ndarray, n: np.ndarray, z: float = Z95) -> tuple[np.nda
         denom = 1 + z * z / n
         centre = (p + z * z / (2 * n)) / denom
         half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    low = np.where(n > 0, centre - half, np.nan)
-    high = np.where(n > 0, centre + half, np.nan)
+        # rounding can leave the bound a hair on the wrong side of p at k = 0 or k = n
+        low = np.where(n > 0, np.clip(centre - half, 0.0, p), np.nan)
+        high = np.where(n > 0, np.clip(centre + half, p, 1.0), np.nan)
     return low, high
 
 

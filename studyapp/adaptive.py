@@ -31,7 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 from django.db.models import Count, F, Q, Sum
 
-from ._engine_shim import QuestPlus, ladder  # TEMPORARY: engine.adaptive after merge
+from engine.adaptive import QuestPlus, ladder
+
 from .models import Calibration, Condition, Judgment, Pair, Study
 
 DEFAULTS = {
@@ -245,9 +246,13 @@ def posteriors(study: Study) -> dict[str, tuple[QuestPlus, list[int]]]:
         levels = sorted(bounds)
         values = np.array([bounds[lv] for lv in levels])
         grid = np.geomspace(values.min() / 2, values.max() * 2, int(cfg["n_thresholds"]))
+        lapse = float(cfg["lapse_rate"])
+        # QUEST+'s reported thresholds: the usual targets that lie above γ and below 1 − λ
+        targets = tuple(t for t in (0.25, 0.5) if gamma < t < 1 - lapse) or (
+            (gamma + 1 - lapse) / 2,)
         q = QuestPlus(values, thresholds_grid=grid, slopes_grid=cfg["slopes"],
-                      guess_rate=gamma, lapse_rate=float(cfg["lapse_rate"]),
-                      sigmoid=cfg["sigmoid"])
+                      guess_rate=gamma, lapse_rate=lapse, sigmoid=cfg["sigmoid"],
+                      targets=targets)
         index = {lv: i for i, lv in enumerate(levels)}
         rows = [(index[lv], d, n) for lv, d, n in per_tm.get(tm, []) if lv in index]
         if rows:

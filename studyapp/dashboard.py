@@ -96,16 +96,18 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
         .order_by("pk").values("pk", "participant_id", "exclusion_reason")
     )
     calibration = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
-    fits = []
+    fits = pd.DataFrame()
     if calibration is not None:
-        for tm, fit in sorted(calibration.fit.get("fits", {}).items()):
-            for label, t in fit.get("thresholds", {}).items():
-                fits.append({
-                    "threat_model": tm, "label": label, "target": t.get("target"),
-                    "bound": t.get("bound"), "low": t.get("low"), "high": t.get("high"),
-                    "gamma": fit.get("gamma"), "lapse": fit.get("lapse"),
-                    "n_judgments": fit.get("n_judgments"),
-                })
+        fits = dashboard_figures.latest_calibration(study).table()
+        if not fits.empty:
+            fits = fits.sort_values(["threat_model", "target"], kind="stable")
+            fits["key"] = fits["threat_model"] + ":" + fits["label"]
+    table4 = report.table4.copy()
+    if not table4.empty:
+        table4["key"] = [f"{tm}:{b:g}" for tm, b in zip(table4["threat_model"],
+                                                       table4["bound"], strict=True)]
+    exclusions = pd.DataFrame(
+        [{"what": k, "value": v} for k, v in report.exclusions.items()])
     context = {
         "study": study,
         "state": state,
@@ -118,20 +120,22 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "n_used": summary["n_used"],
         "n_simulated": summary["n_simulated"],
         "perceptibility": table(report.perceptibility, perc_cols, key="condition"),
-        "controls": table(report.controls, key="condition"),
+        "controls": table(report.controls, key="control"),
         "correlations": table(report.correlations, key="distance"),
         # worst false-alarm rates first; the page shows at most PARTICIPANT_ROWS of them
         "participants": table(
-            report.participants.sort_values("false_alarm_rate", ascending=False,
+            report.participants.sort_values("fa_rate", ascending=False,
                                             kind="stable").head(PARTICIPANT_ROWS),
             key="participant"),
         "n_participants": len(report.participants),
         "participant_rows": PARTICIPANT_ROWS,
-        "table4": table(report.table4, key="condition"),
-        "exclusions": table(report.exclusions, key="what"),
+        "table4": table(table4, [c for c in table4.columns if c != "key"], key="key"),
+        "exclusions": table(exclusions, key="what"),
         "excluded_sessions": excluded,
         "calibration": calibration,
-        "fits": table(pd.DataFrame(fits), key="label"),
+        "fits": table(fits, ["threat_model", "label", "target", "bound", "low", "high",
+                             "n_boot_valid", "guess_rate", "lapse_rate", "beta", "p_value",
+                             "n_judgments", "n_participants"], key="key"),
         "side_by_side": table(pd.DataFrame(adaptive.named_and_calibrated(
             calibration.presets if calibration else {})), key="threat_model"),
         "figures": [(name, title) for name, (title, _) in dashboard_figures.FIGURES.items()],

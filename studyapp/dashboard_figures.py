@@ -25,7 +25,10 @@ import pandas as pd  # noqa: E402
 from django.core.cache import cache  # noqa: E402
 from django.db.models import Count, Max, Q, Sum  # noqa: E402
 
-from . import _engine_shim as engine_api  # noqa: E402 - TEMPORARY: engine.* after merge
+from engine import figures as engine_figures  # noqa: E402
+from engine.analysis import analyze  # noqa: E402
+from engine.calibration import CalibrationResult, calibrate  # noqa: E402
+
 from .frames import judgments_frame, pairs_frame  # noqa: E402
 from .models import Calibration, Judgment, Pair, Participant, Session, Study  # noqa: E402
 from .staff_api import study_progress  # noqa: E402
@@ -58,22 +61,72 @@ class FigureContext:
         return j[keep]
 
 
+def _placeholder(title: str, message: str, columns: list[str]) -> tuple:
+    """An empty figure saying why there is nothing to draw, and an empty frame (a CSV with
+    just the header of the figure's usual columns)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 4.2))
+    ax = fig.add_subplot(111)
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=9)
+    ax.set_axis_off()
+    ax.set_title(title)
+    return fig, pd.DataFrame(columns=columns)
+
+
+def figure_distance(report) -> str | None:
+    """The distance the figures show: LPIPS (AlexNet) if stored, else another LPIPS, else the
+    first stored distance; None without any."""
+    names = [c.removeprefix("mean_") for c in report.perceptibility.columns
+             if c.startswith("mean_")]
+    names = [n for n in names if n in set(report.pair_distances["distance"])] or names
+    for pick in (lambda n: n == "lpips_alexnet", lambda n: n.startswith("lpips"), lambda n: True):
+        found = [n for n in names if pick(n)]
+        if found:
+            return found[0]
+    return None
+
+
+def _with_distance(draw, title: str, columns: list[str]):
+    def figure(ctx: FigureContext):
+        distance = figure_distance(ctx.report)
+        if distance is None:
+            return _placeholder(title, "no distances stored for this study's pairs", columns)
+        return draw(ctx.report, distance=distance)
+    return figure
+
+
 def _psychometric(ctx: FigureContext):
     result = ctx.calibration
     if result is None:
-        result = engine_api.calibrate(ctx.pairs, ctx.used_judgments(), n_boot=0)
-    return engine_api.psychometric_curves(result, ctx.pairs, ctx.used_judgments())
+        used = ctx.used_judgments()
+        try:
+            result = calibrate(ctx.pairs, used, n_boot=0)
+        except ValueError:  # no sentinel judgments yet: γ = 0
+            result = calibrate(ctx.pairs, used, n_boot=0, guess_rate=0.0)
+    if not result.threat_models:
+        return _placeholder("Psychometric functions",
+                            "no threat model has judgments at 2 or more bounds yet",
+                            ["kind", "threat_model", "bound", "n_judgments", "n_different",
+                             "perceptibility", "ci_low", "ci_high", "fitted", "label",
+                             "target", "low", "high"])
+    return engine_figures.psychometric_curves(result)
 
 
 FIGURES: dict[str, tuple[str, Callable[[FigureContext], tuple]]] = {
     "fig4a": ("Fig. 4a: perceptibility vs LPIPS",
-              lambda c: engine_api.fig4a_perceptibility_vs_lpips(c.report)),
+              _with_distance(engine_figures.fig4a_perceptibility_vs_lpips, "Fig. 4a",
+                             ["condition", "threat_model", "bound", "label", "mean_distance",
+                              "perceptibility", "ci_low", "ci_high", "boot_low", "boot_high",
+                              "n_judgments"])),
     "fig4b": ("Fig. 4b: attack strength vs perceptibility",
-              lambda c: engine_api.fig4b_strength_vs_perceptibility(c.report)),
+              lambda c: engine_figures.fig4b_strength_vs_perceptibility(c.report)),
     "fig4c": ("Fig. 4c: distance correlations with perceptibility",
-              lambda c: engine_api.fig4c_distance_correlations(c.report)),
+              lambda c: engine_figures.fig4c_distance_correlations(c.report)),
     "fig5": ("Fig. 5: distance distributions per threat model",
-             lambda c: engine_api.fig5_distance_violins(c.pairs)),
+             _with_distance(engine_figures.fig5_distance_violins, "Fig. 5",
+                            ["pair", "condition", "threat_model", "bound", "label", "distance",
+                             "value"])),
     "psychometric": ("Psychometric functions with the data", _psychometric),
 }
 
@@ -106,10 +159,7 @@ def latest_calibration(study: Study):
     row = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
     if row is None:
         return None
-    fits = {tm: engine_api.PsychometricFit.from_dict(f) for tm, f in row.fit["fits"].items()}
-    return engine_api.CalibrationResult(
-        tuple(row.targets), fits, row.fit.get("sigmoid", "logistic"), row.counts
-    )
+    return CalibrationResult.from_dict(row.fit)
 
 
 def build_context(
@@ -117,7 +167,7 @@ def build_context(
 ) -> FigureContext:
     pairs = pairs_frame(study)
     judgments = judgments_frame(study)
-    report = engine_api.analyze(pairs, judgments, n_boot=n_boot, seed=0,
+    report = analyze(pairs, judgments, n_boot=n_boot, seed=0,
                                 include_simulated=include_simulated)
     return FigureContext(study, pairs, judgments, report, latest_calibration(study),
                          include_simulated=include_simulated)

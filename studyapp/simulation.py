@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._engine_shim import ObserverPopulation  # TEMPORARY: engine.observers after merge
+from engine.observers import SimulatedObserver
+
 from .models import Pair, Participant, Study, Trial
 from .scheduler import StudyUnavailable, complete_session, record_judgment, start_session
 
@@ -80,6 +81,8 @@ def simulate(
                             ("careless share", careless_share, 0, 1)):
         if not lo <= v <= hi:
             raise SimulationError(f"{name} must be in [{lo}, {hi}], got {v}")
+    if not slope > 0 or threshold_sd < 0 or bias_sd < 0:
+        raise SimulationError("slope must be > 0, threshold and bias spreads >= 0")
     if guess_rate + lapse_rate >= 1:
         raise SimulationError("guess rate + lapse rate must be below 1")
     reference = reference_thresholds(study, distance)
@@ -91,11 +94,17 @@ def simulate(
         )
     reference.update(thresholds or {})
     rng = np.random.default_rng(seed)
-    population = ObserverPopulation(
-        threshold=1.0, slope=slope, guess_rate=guess_rate, lapse_rate=lapse_rate,
-        careless_share=careless_share, bias_sd=bias_sd, threshold_sd=threshold_sd,
-    )
-    observers = population.sample(n, rng)
+    # Values are divided by the threat model's reference threshold, so each observer's own
+    # threshold lives on that normalised scale: exp(N(0, threshold_sd)) around 1.
+    observers = [
+        SimulatedObserver(
+            threshold=float(np.exp(rng.normal(0.0, threshold_sd))) if threshold_sd else 1.0,
+            slope=slope, guess_rate=guess_rate, lapse_rate=lapse_rate,
+            bias=float(rng.normal(0.0, bias_sd)) if bias_sd else 0.0,
+            careless=bool(rng.random() < careless_share),
+        )
+        for _ in range(n)
+    ]
     summary = SimulationSummary(0, 0, 0, sum(o.careless for o in observers))
     iterator = observers
     if progress:
@@ -129,7 +138,9 @@ def simulate(
                 value = np.inf
             else:
                 v = bound if distance is None else (distances or {}).get(distance, np.nan)
-                value = float(v) / reference[tm]
+                value = float(v) / reference[tm] if v is not None else np.nan
+                if not np.isfinite(value) or value < 0:
+                    value = 0.0  # no stored value: answered like an identical pair
             different = bool(observer.respond(np.array([value]), rng)[0])
             rt = float(rng.lognormal(np.log(250 if observer.careless else 650), 0.3))
             record_judgment(session, {

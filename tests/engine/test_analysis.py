@@ -371,3 +371,33 @@ def test_legacy_table_form_of_distance_correlations_still_works():
     assert list(corr.columns) == ["r", "p_value", "n_conditions"]
     with pytest.raises(ValueError, match="judgments"):
         distance_correlations(pairs)
+
+
+def test_wilson_sample_size_is_the_smallest_n_of_an_independent_width_formula():
+    from engine.analysis import wilson_sample_size
+
+    z = 1.959963984540054  # scipy.stats.norm.ppf(0.975)
+
+    def width(k, n):  # Wilson (1927) full width, written out independently
+        p = k / n
+        return 2 * z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+
+    for p, w in ((0.5, 0.1), (0.1, 0.05), (0.0, 0.2), (0.97, 0.08), (0.5, 0.3)):
+        ns = np.arange(1, 5000)
+        ref = int(ns[width(np.round(p * ns), ns) <= w][0])
+        assert wilson_sample_size(p, w) == ref, (p, w)
+    assert wilson_sample_size(0.5, 0.1) == 381  # ≈ (2·1.96)²·0.25/0.1² − z² = 384.2 − 3.8
+    with pytest.raises(ValueError):
+        wilson_sample_size(0.5, 1.5)
+
+
+def test_wilson_bounds_contain_the_proportion_exactly_at_0_and_n():
+    from engine.analysis import _wilson_arrays
+
+    for n in range(1, 60):
+        for k in (0, n):
+            low, high = wilson_interval(k, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0, (k, n, low, high)
+        lows, highs = _wilson_arrays(np.array([0.0, n]), np.array([n, n], float))
+        assert lows[0] == 0.0 and highs[1] == 1.0
+        assert np.all(lows <= np.array([0.0, 1.0])) and np.all(highs >= np.array([0.0, 1.0]))

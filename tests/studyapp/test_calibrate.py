@@ -62,7 +62,7 @@ def test_calibrate_recovers_the_simulated_thresholds_and_stores_presets(simulate
     for label, target in (("p25", 0.25), ("p50", 0.5)):
         est = row.presets["linf"][label]
         assert abs(math.log(est / true_bound(target))) < 0.25, (label, est, true_bound(target))
-        t = row.fit["fits"]["linf"]["thresholds"][label]
+        t, = [t for t in row.fit["threat_models"]["linf"]["thresholds"] if t["label"] == label]
         assert t["low"] < est < t["high"]
     assert row.presets["linf"]["p10"] < row.presets["linf"]["p25"] < row.presets["linf"]["p50"]
 

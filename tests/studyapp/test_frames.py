@@ -151,4 +151,4 @@ def test_analyze_figures_follow_the_include_flags(answered, tmp_path):
         call_command("analyze", "--study", study.slug, "--csv", str(tmp_path / "a.csv"),
                      "--figures", str(out), "--n-boot", "0", *flag, stdout=StringIO())
         curve = pd.read_csv(out / "psychometric.csv")
-        assert curve["n"].sum() == expected.count() > 0
+        assert curve.loc[curve["kind"] == "data", "n_judgments"].sum() == expected.count() > 0

@@ -99,3 +99,21 @@ def test_power_per_condition_of_a_study(make_study):
     run("simulate_observers", "--study", study.slug, "--n", "2", "--no-progress")
     text = run("power", "--study", study.slug, "--width", "0.2", "--include-simulated")
     assert text.count("need") == 2
+
+
+def test_power_of_a_threshold_interval_runs_engine_power():
+    from engine.observers import ObserverPopulation, power
+
+    args = ["--threshold-width", "0.6", "--bounds", "0.004,0.008,0.016,0.032",
+            "--threshold", "0.01", "--slope", "3", "--n-grid", "300,1200",
+            "--repetitions", "3", "--n-boot", "30", "--seed", "1"]
+    text = run("power", *args)
+    expected = power(ObserverPopulation(functions={"linf": (0.01, 3.0)}), "linf",
+                     [0.004, 0.008, 0.016, 0.032], target_width=0.6, n_grid=(300, 1200),
+                     repetitions=3, n_boot=30, seed=1)
+    for _, row in expected.iterrows():
+        assert f"{row['median_width']:.4f}" in text
+    with pytest.raises(CommandError, match="one of --width or --threshold-width"):
+        run("power", "--width", "0.1", "--threshold-width", "0.5")
+    with pytest.raises(CommandError, match="at least 2 --bounds"):
+        run("power", "--threshold-width", "0.5", "--threshold", "0.01")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 from django.core.management.base import BaseCommand, CommandError
 
+from engine.analysis import analyze
 from studyapp import dashboard_figures
-from studyapp._engine_shim import analyze  # TEMPORARY: engine.analysis.analyze after merge
 from studyapp.frames import judgments_frame, pairs_frame
 from studyapp.models import Study
 

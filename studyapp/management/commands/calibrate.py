@@ -7,7 +7,7 @@ import math
 
 from django.core.management.base import BaseCommand, CommandError
 
-from studyapp._engine_shim import calibrate  # TEMPORARY: engine.calibration after merge
+from engine.calibration import calibrate
 from studyapp.frames import study_frames
 from studyapp.management.commands.analyze import get_study
 from studyapp.models import Calibration
@@ -80,22 +80,42 @@ class Command(BaseCommand):
                 f"threat model(s) {few} have judgments at fewer than 2 bounds; a psychometric"
                 " function needs at least 2 (better 3 or more)"
             )
-        result = calibrate(
-            pairs, judgments, targets=targets, n_boot=opts["n_boot"], seed=opts["seed"],
-            sigmoid=opts["sigmoid"], lapse=lapse,
-        )
+        try:
+            result = calibrate(
+                pairs, judgments, targets=targets, n_boot=opts["n_boot"], seed=opts["seed"],
+                sigmoid=opts["sigmoid"], lapse=lapse,
+            )
+        except ValueError as exc:  # e.g. no sentinel judgments to estimate γ from
+            raise CommandError(str(exc)) from None
         presets = result.presets()
-        for tm, fit in sorted(result.fits.items()):
-            self.stdout.write(f"{tm}: {fit.n_judgments} judgments")
-            for label, t in fit.thresholds.items():
+        self.stdout.write(
+            f"γ (sentinel false-alarm rate) = {result.guess_rate:.4f}"
+            f" ({result.n_sentinel_different}/{result.n_sentinel})"
+        )
+        for tm, cal in sorted(result.threat_models.items()):
+            fit = cal.fit
+            self.stdout.write(
+                f"{tm}: {cal.n_judgments} judgments, {cal.n_participants} participants;"
+                f" {fit.sigmoid} fit α={fit.alpha:.4g} β={fit.beta:.4g} λ={fit.lapse_rate:.4g},"
+                f" deviance {fit.deviance:.3g} on {fit.df} df (p={fit.p_value:.3g})"
+            )
+            for _, t in cal.thresholds.iterrows():
                 self.stdout.write(
-                    f"  {label}: bound {t['bound']:.6g} (95% {t['low']:.6g} .. {t['high']:.6g})"
+                    f"  {t['label']}: bound {t['bound']:.6g} (95% {t['low']:.6g} .."
+                    f" {t['high']:.6g}; {int(t['n_boot_valid'])}/{result.n_boot} replicates)"
                 )
+        for tm, why in sorted(result.skipped.items()):
+            self.stdout.write(f"{tm}: skipped ({why})")
         if opts["dry_run"]:
             self.stdout.write("Dry run: nothing stored.")
             return
         clean = json.loads(json.dumps(presets, default=float).replace("NaN", "null"))
-        counts = {**result.counts, "n_sessions": int(judgments["session"].nunique())}
+        counts = {
+            "n_judgments": int(sum(c.n_judgments for c in result.threat_models.values())),
+            "n_sentinel_judgments": result.n_sentinel,
+            "n_participants": int(judgments["participant"].nunique()),
+            "n_sessions": int(judgments["session"].nunique()),
+        }
         row = Calibration.objects.create(
             study=study, targets=list(targets), fit=result.to_dict(),
             presets={tm: {k: (v if v is not None and math.isfinite(v) else None)

@@ -12,8 +12,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db.models import Count, Q
 
+from engine.adaptive import QuestPlus
 from studyapp import adaptive
-from studyapp._engine_shim import QuestPlus
 from studyapp.models import Condition, Judgment, Pair, Participant, Session, Trial
 from studyapp.scheduler import assignment_errors, control_counts, start_session
 
