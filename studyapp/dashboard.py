@@ -1,7 +1,7 @@
 """Staff dashboard (``/dashboard/``): study list, and per study progress, statistics, QC,
 calibrated fits and the paper's figures (server-rendered, PNG/SVG/CSV).
 
-Staff only. Counts of progress come from :func:`studyapp.staff_api.study_progress` (the same
+Staff only. Counts of progress come from :func:`studyapp.reports.study_progress` (the same
 numbers as the staff API, cached by study state); statistics and figures from the engine through
 :mod:`studyapp.dashboard_figures`, cached by study state, with the same defaults as
 ``manage.py analyze`` (1000 bootstrap resamples, seed 0; excluded sessions and simulated

@@ -31,7 +31,7 @@ from engine.calibration import CalibrationResult, calibrate  # noqa: E402
 
 from .frames import judgments_frame, pairs_frame  # noqa: E402
 from .models import Calibration, Judgment, Pair, Participant, Session, Study  # noqa: E402
-from .staff_api import study_progress  # noqa: E402
+from .reports import study_progress  # noqa: E402
 
 FORMATS = {"png": "image/png", "svg": "image/svg+xml", "csv": "text/csv; charset=utf-8"}
 CACHE_SECONDS = 24 * 3600
