@@ -144,6 +144,7 @@ class Command(BaseCommand):
             log(f"NOTE: UNTRAINED networks were used: {', '.join(untrained)}")
         log(f"Participant link: {base}/study/{study.slug}/")
         log(f"Staff page:       {base}/staff/   (admin: {base}/admin/)")
+        log(f"Dashboard:        {base}/dashboard/{study.slug}/   (figures, fits, QC)")
         log(f"Staff login:      {opts['staff_user']} / {password}")
         python, manage = _command_paths()
         log(f"Results:          {python} {manage} analyze --study {study.slug}")
