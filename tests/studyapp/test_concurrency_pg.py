@@ -492,7 +492,7 @@ def test_adaptive_sessions_on_postgresql(postgres_bin_dir, tmp_path):
     session's sentinel count as the scheduler promises, and sessions concentrated on levels
     (the adaptive hook was active).
     """
-    from studyapp.pgserver import temporary_postgres
+    from tests.support.pgserver import temporary_postgres
 
     report_path = tmp_path / "adaptive.json"
     with temporary_postgres(postgres_bin_dir) as pg:
