@@ -396,28 +396,22 @@ def write_perceptibility(rows_by_model: dict[str, list[dict[str, Any]]], out: Pa
         "Robust accuracy at the bounds where people see each threat model's perturbation"
         " equally often (calibrated from the study): compare threat models along a column.",
         *notes]))
-    try:
-        import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for model_name, rows in rows_by_model.items():
-            for threat in dict.fromkeys(r["threat_model"] for r in rows):
-                pts = [r for r in rows if r["threat_model"] == threat]
-                xs = [(_level(r["level"]) if _level(r["level"]) is not None else i)
-                      for i, r in enumerate(pts)]
-                ax.plot(xs, [100 * r["accuracy"] for r in pts], marker="o",
-                        label=f"{model_name}: {threat}")
-        ax.set_xlabel("perceptibility level (% of people who see the perturbation)")
-        ax.set_ylabel("robust accuracy (%)")
-        ax.set_title(title if not notes else f"{title}\n{notes[0][:90]}", fontsize=7)
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "perceptibility.png", dpi=120)
-        plt.close(fig)
-        paths.append(out / "perceptibility.png")
-    except ImportError:  # pragma: no cover - matplotlib is a dependency
-        pass
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    for model_name, rows in rows_by_model.items():
+        for threat in dict.fromkeys(r["threat_model"] for r in rows):
+            pts = [r for r in rows if r["threat_model"] == threat]
+            xs = [(_level(r["level"]) if _level(r["level"]) is not None else i)
+                  for i, r in enumerate(pts)]
+            ax.plot(xs, [100 * r["accuracy"] for r in pts], marker="o",
+                    label=f"{model_name}: {threat}")
+    ax.set_xlabel("perceptibility level (% of people who see the perturbation)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_title(title if not notes else f"{title}\n{notes[0][:90]}", fontsize=7)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "perceptibility.png", dpi=120)
+    paths.append(out / "perceptibility.png")
     return paths

@@ -46,11 +46,10 @@ K = 3
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
-def test_concurrent_sessions_on_postgresql(postgres_bin_dir, tmp_path):
+def _run_on_postgresql(postgres_bin_dir, tmp_path, args: list[str], report_path: Path) -> dict:
+    """Run ``args`` (a Python command line) against a throwaway PostgreSQL; its JSON report."""
     from tests.support.pgserver import temporary_postgres
 
-    report_path = tmp_path / "report.json"
-    started = time.monotonic()
     with temporary_postgres(postgres_bin_dir) as pg:
         env = {
             **os.environ,
@@ -62,13 +61,20 @@ def test_concurrent_sessions_on_postgresql(postgres_bin_dir, tmp_path):
             "PYTHONPATH": str(ROOT),
         }
         proc = subprocess.run(
-            [sys.executable, __file__, str(report_path)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+            [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+            timeout=300,
         )
-    elapsed = time.monotonic() - started
     output = f"--- stdout\n{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}"
     assert proc.returncode == 0, output
-    report = json.loads(report_path.read_text())
+    return json.loads(report_path.read_text())
+
+
+def test_concurrent_sessions_on_postgresql(postgres_bin_dir, tmp_path):
+    report_path = tmp_path / "report.json"
+    started = time.monotonic()
+    report = _run_on_postgresql(postgres_bin_dir, tmp_path, [__file__, str(report_path)],
+                                report_path)
+    elapsed = time.monotonic() - started
     print(json.dumps(report["summary"], indent=1), f"\ntotal with server start: {elapsed:.1f} s")
 
     race = report["race"]
@@ -492,30 +498,13 @@ def test_adaptive_sessions_on_postgresql(postgres_bin_dir, tmp_path):
     session's sentinel count as the scheduler promises, and sessions concentrated on levels
     (the adaptive hook was active).
     """
-    from tests.support.pgserver import temporary_postgres
-
     report_path = tmp_path / "adaptive.json"
-    with temporary_postgres(postgres_bin_dir) as pg:
-        env = {
-            **os.environ,
-            "DATABASE_URL": pg.url,
-            "DJANGO_SETTINGS_MODULE": "studyapp.settings",
-            "DJANGO_SECRET_KEY": "concurrency-test-only",
-            "DJANGO_DEBUG": "0",
-            "PERCEPTLAB_VAR": str(tmp_path / "var"),
-            "PYTHONPATH": str(ROOT),
-        }
-        runner = (
-            "import runpy, sys; "
-            f"runpy.run_path({str(Path(__file__))!r})['_adaptive_script'](sys.argv[1])"
-        )
-        proc = subprocess.run(
-            [sys.executable, "-c", runner, str(report_path)],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-        )
-    output = f"--- stdout\n{proc.stdout[-5000:]}\n--- stderr\n{proc.stderr[-5000:]}"
-    assert proc.returncode == 0, output
-    report = json.loads(report_path.read_text())
+    runner = (
+        "import runpy, sys; "
+        f"runpy.run_path({str(Path(__file__))!r})['_adaptive_script'](sys.argv[1])"
+    )
+    report = _run_on_postgresql(postgres_bin_dir, tmp_path, ["-c", runner, str(report_path)],
+                                report_path)
     print(json.dumps(report, indent=1))
     assert report["errors"] == [], report
     assert report["assignment_errors"] == []
