@@ -1,55 +1,48 @@
-"""Load benchmark of the study server: gunicorn + PostgreSQL, simulated participants over HTTP.
+"""Load benchmark of the study server: gunicorn + PostgreSQL (+ Redis), participants from locust.
 
 What one run does (everything on this machine; nothing asserts on time):
 
-1. Starts a throwaway PostgreSQL cluster (:mod:`tests.support.pgserver`), migrates it and builds a
-   study: ``--pairs`` data pairs (K = ``--k``), sentinel and catch pairs, lossless PNGs cut from
-   scikit-image's bundled photographs (the perturbed image is the crop plus random-sign noise
-   of 4/255: the server never looks at pixels, only sizes matter).
+1. Starts a throwaway PostgreSQL cluster (:mod:`tests.support.pgserver`; ``--durable`` keeps
+   fsync, synchronous_commit and full_page_writes on) and a redis-server for the rate-limit
+   counters, migrates, and builds a study: ``--pairs`` data pairs (K = ``--k``), sentinel and
+   catch pairs, lossless PNGs cut from scikit-image's bundled photographs.
 2. Starts gunicorn on the production settings (``bench.load_settings`` = ``studyapp.settings``
-   plus the trivial view ``/bench/ping/``), DEBUG off, ``--workers`` workers (``--threads``
-   > 1 selects gthread).
-3. Phases, each with ``--participants`` client threads (one per simulated participant, each with
-   its own cookies and its own HTTP connection, all released together):
+   plus the trivial view ``/bench/ping/``), DEBUG off, ``--workers`` gthread workers of
+   ``--threads`` threads, keep-alive ``--keep-alive`` s.
+3. Runs locust (``bench/locustfile.py``, in its own environment ``bench/.venv-load``:
+   ``bash bench/setup_load_env.sh``) three times against it:
 
-   - *warm-up*: a few whole sessions (every worker loads its code paths); not reported.
-   - *sessions*: every participant does a whole session as the trial runner does it: landing
-     page (CSRF cookie) → "I agree" POST → redirect to the runner page → session state →
-     client-info PATCH → per trial: session state ("next trial"), both images, judgment POST →
-     complete POST → end page; every ``--resend-every``-th judgment is sent again with its
-     idempotency key (must answer 200). ``--think-ms`` pauses before every answer (0: as fast
-     as the server answers, the stress case).
-   - *submit burst*: as many fresh participants start sessions (timed, not part of the burst),
-     then, released together, post all their judgments back to back; then complete.
-   - *ping*: as many threads call ``/bench/ping/`` back to back for ``--ping-seconds``; run
-     right before and right after the burst (same server, same run, same concurrency).
+   - *sessions*: ``--participants`` users, each one participant after another doing a whole
+     session as ``static/js/trials.js`` does (consent, runner page, state, client info, per
+     trial both images then a pause of ``--think-ms`` (±30 %) then the judgment, client info,
+     completion, end page; every ``--resend-every``-th judgment re-sent with its key, which
+     must answer 200). Users arrive at ``--spawn-rate`` per second; statistics and CPU are
+     taken over the ``--duration`` seconds after the last one arrived (the steady state).
+   - *submit*: ``--burst-users`` users post the judgments of sessions started beforehand (in
+     process, not timed) back to back, for ``--burst-seconds``;
+   - *ping*: as many users call ``/bench/ping/`` back to back, as long.
 
-4. Checks the database: every acknowledged judgment (201, or 200 for a retry) stored exactly
+4. Checks the database: every acknowledged judgment (201, or 200 for a re-send) stored exactly
    once, at its session and position; nothing stored that was never acknowledged; the
    scheduler's bookkeeping (``scheduler.assignment_errors``) clean; no pair above K.
 
-Reported: judgments/s, p50/p95/p99 latency of next-trial (state GET) and submit (judgment
-POST), errors (any unexpected status or exception), lost judgments, and the ratio of submit
-throughput (burst) to ping throughput; plus the CPU each party used (client, gunicorn,
-PostgreSQL, everything else on the machine), because they all share this machine's cores.
-Results: section "Study server load (gunicorn + PostgreSQL)" of ``BENCHMARKS.md`` (unless
-``--no-write``), raw data and the gunicorn log under ``bench/out/load/``.
+Reported: p50/p95/p99 per request kind (locust's), errors, lost judgments, judgments/s, the
+CPU each party used (locust, gunicorn, PostgreSQL, Redis, the rest of the machine: they share
+its cores), server CPU (gunicorn + PostgreSQL + Redis) per judgment over whole sessions, and
+the submit / trivial-view throughput ratio. Results: a section of ``BENCHMARKS.md`` (unless
+``--no-write``; one section per pace and durability), raw data, locust's CSV and the gunicorn
+log under ``bench/out/load/``.
 
-Rate limit: production's (``participant-write`` 120/min per session token, counters in the
-database cache table) stays on. A whole session sends ``trials + practice`` judgments, their
-re-sends (``--resend-every``), the client-info PATCH and the completion: 14 writes in all by
-default, far below the limit whatever the pace; a throttled request (429) would count as an
-error.
-``--write-rate`` overrides the limit (``PERCEPTLAB_RATE_PARTICIPANT_WRITE``) for experiments.
-
-    .venv/bin/python bench/load.py                       # 200 participants, 4 workers (2–4 min)
-    .venv/bin/python bench/load.py --think-ms 2500       # paced participants (own section)
-    .venv/bin/python bench/load.py --participants 20 --trials 4 --no-write   # smoke run
+    bash bench/setup_load_env.sh                      # once: locust in bench/.venv-load
+    .venv/bin/python bench/load.py                    # 1,000 participants, 3.5 s per trial
+    .venv/bin/python bench/load.py --durable          # the same on durable PostgreSQL
+    .venv/bin/python bench/load.py --participants 20 --duration 20 --no-write   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import http.client
 import json
 import os
@@ -67,29 +60,31 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import urlencode
 
 import numpy as np
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# An unexpected status or a transport error (already recorded as an error of the phase).
-from tests.support.http import RequestFailed  # noqa: E402
-
 OUT_DIR = ROOT / "bench" / "out" / "load"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+LOCUST = ROOT / "bench" / ".venv-load" / "bin" / "locust"
+LOCUSTFILE = ROOT / "bench" / "locustfile.py"
 SECTION_TITLE = "Study server load (gunicorn + PostgreSQL)"
+STUDY_SLUG = "load"
+CONSENT = "I agree to take part in this benchmark study. (Simulated participant.)"
+USER_AGENT = "perceptlab-bench-load/2 (simulated participant)"
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle"]
 
 
 def section_ids(think_ms: float, durable: bool = False) -> tuple[str, str, str]:
-    """(title, start marker, end marker): the stress run (no think time), paced runs
-    (``--think-ms``) and paced runs on durable PostgreSQL (``--durable``) keep a section each."""
+    """(title, start marker, end marker): paced runs and paced runs on durable PostgreSQL
+    (``--durable``) keep a section each; a run without think time (``--think-ms 0``) too."""
     if think_ms > 0 and durable:
         return (f"{SECTION_TITLE}: paced participants, durable PostgreSQL (fsync on)",
                 "<!-- bench/load.py paced durable: start -->",
@@ -98,298 +93,6 @@ def section_ids(think_ms: float, durable: bool = False) -> tuple[str, str, str]:
         return (f"{SECTION_TITLE}: paced participants", "<!-- bench/load.py paced: start -->",
                 "<!-- bench/load.py paced: end -->")
     return SECTION_TITLE, "<!-- bench/load.py: start -->", "<!-- bench/load.py: end -->"
-
-
-STUDY_SLUG = "load"
-CONSENT = "I agree to take part in this benchmark study. (Simulated participant.)"
-USER_AGENT = "perceptlab-bench-load/1 (simulated participant)"
-PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle"]
-#: Expected statuses per endpoint; anything else is an error.
-EXPECTED = {
-    "start page": {200},
-    "start": {302},
-    "runner page": {200},
-    "state": {200},
-    "client info": {200},
-    "image": {200},
-    "judgment": {201},
-    "judgment retry": {200},  # the same body and idempotency key again: stored once, 200
-    "complete": {200},
-    "done page": {200},
-    "ping": {200},
-}
-
-
-# ------------------------------------------------------------------------------ recording
-
-
-@dataclass
-class Phase:
-    """What the clients saw during one phase: latencies per endpoint, statuses, errors."""
-
-    name: str
-    latencies: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
-    statuses: Counter = field(default_factory=Counter)
-    errors: list[str] = field(default_factory=list)
-    reconnects: Counter = field(default_factory=Counter)
-    judgments: int = 0
-    wall_s: float = 0.0
-    cpu: dict[str, float] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def error(self, message: str) -> None:
-        with self.lock:
-            self.errors.append(message)
-
-    @property
-    def requests(self) -> int:
-        return sum(len(v) for v in self.latencies.values())
-
-    def summary(self) -> dict:
-        return {
-            "wall_s": round(self.wall_s, 3),
-            "requests": self.requests,
-            "judgments": self.judgments,
-            "statuses": {f"{k[0]} {k[1]}": v for k, v in sorted(self.statuses.items())},
-            "errors": len(self.errors),
-            "error_samples": self.errors[:20],
-            "reconnects": dict(self.reconnects),
-            "latency_ms": {name: percentiles(values) for name, values in self.latencies.items()},
-            "cpu_s": {k: round(v, 2) for k, v in self.cpu.items()},
-        }
-
-
-def percentiles(seconds: list[float]) -> dict[str, float]:
-    if not seconds:
-        return {"n": 0}
-    ms = np.asarray(seconds) * 1000
-    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {
-        "n": len(seconds), "p50": round(float(p50), 1), "p95": round(float(p95), 1),
-        "p99": round(float(p99), 1), "max": round(float(ms.max()), 1),
-        "mean": round(float(ms.mean()), 1),
-    }
-
-
-class Acknowledged:
-    """Idempotency keys the server acknowledged (201/200) → (session token, position)."""
-
-    def __init__(self) -> None:
-        self.keys: dict[str, tuple[str, int]] = {}
-        self.lock = threading.Lock()
-        self.count = 0  # read by the progress bar
-
-    def add(self, key: str, token: str, position: int) -> None:
-        with self.lock:
-            self.keys[key] = (token, position)
-            self.count += 1
-
-
-# ------------------------------------------------------------------------------ the client
-
-
-class Browser:
-    """One participant's browser (:class:`tests.support.http.BrowserClient`: cookies, CSRF
-    header, one kept-alive connection), reporting to a phase; an unexpected status is an
-    error of the phase."""
-
-    def __init__(self, host: str, port: int, phase: Phase, timeout: float) -> None:
-        from tests.support.http import BrowserClient
-
-        self.phase = phase
-
-        def observe(endpoint, method, path, status, seconds, data) -> None:
-            phase.latencies[endpoint].append(seconds)  # list.append is atomic under the GIL
-            with phase.lock:
-                phase.statuses[(endpoint, status)] += 1
-
-        def reconnect(endpoint: str) -> None:
-            with phase.lock:
-                phase.reconnects[endpoint] += 1
-
-        self.client = BrowserClient(
-            host, port, timeout=timeout, user_agent=USER_AGENT, observe=observe,
-            on_reconnect=reconnect, on_error=phase.error,
-        )
-
-    @property
-    def cookies(self) -> dict[str, str]:
-        return self.client.cookies
-
-    def close(self) -> None:
-        self.client.close()
-
-    def request(
-        self, endpoint: str, method: str, path: str, *, body: bytes | None = None,
-        content_type: str | None = None,
-    ) -> tuple[int, http.client.HTTPResponse, bytes]:
-        status, response, data = self.client.request(
-            method, path, body=body, content_type=content_type, endpoint=endpoint
-        )
-        if status not in EXPECTED[endpoint]:
-            text = re.sub(r"\s+", " ", data[:400].decode(errors="replace"))
-            self.phase.error(f"{endpoint} {method} {path}: HTTP {status} {text}")
-            raise RequestFailed(f"{endpoint}: HTTP {status}")
-        return status, response, data
-
-    def get_json(self, endpoint: str, path: str) -> dict:
-        return json.loads(self.request(endpoint, "GET", path)[2])
-
-    def send_json(self, endpoint: str, method: str, path: str, payload: dict) -> dict:
-        data = self.request(
-            endpoint, method, path, body=json.dumps(payload).encode(),
-            content_type="application/json",
-        )[2]
-        return json.loads(data) if data else {}
-
-
-def judgment_body(position: int, rng: random.Random) -> dict:
-    return {
-        "position": position,
-        "response": rng.choice(["same", "different"]),
-        "response_time_ms": round(rng.uniform(350, 1400), 1),
-        "durations": {
-            "first_ms": round(rng.gauss(1000, 2), 1),
-            "blank_ms": round(rng.gauss(250, 2), 1),
-            "second_ms": round(rng.gauss(1000, 2), 1),
-        },
-        "idempotency_key": uuid.uuid4().hex,
-    }
-
-
-class Participant:
-    """A simulated participant on a plain (anonymous) study link."""
-
-    def __init__(self, browser: Browser, acked: Acknowledged, seed: str) -> None:
-        self.browser = browser
-        self.acked = acked
-        self.rng = random.Random(seed)
-        self.token = ""
-        self.trials: list[dict] = []
-
-    def start(self) -> None:
-        """Landing page → "I agree" → runner page → session state → client info."""
-        b = self.browser
-        b.request("start page", "GET", f"/study/{STUDY_SLUG}/")
-        if "csrftoken" not in b.cookies:
-            b.phase.error("start page: no csrftoken cookie")
-            raise RequestFailed("no CSRF cookie")
-        form = urlencode(
-            {"csrfmiddlewaretoken": b.cookies["csrftoken"], "decision": "agree"}
-        ).encode()
-        _, response, _ = b.request(
-            "start", "POST", f"/study/{STUDY_SLUG}/", body=form,
-            content_type="application/x-www-form-urlencoded",
-        )
-        match = re.fullmatch(r"/session/([^/]+)/", response.headers.get("Location", ""))
-        if not match:
-            b.phase.error(f"start: redirected to {response.headers.get('Location')!r}")
-            raise RequestFailed("bad redirect")
-        self.token = match.group(1)
-        b.request("runner page", "GET", f"/session/{self.token}/")
-        self.trials = b.get_json("state", self.state_url)["trials"]
-        b.send_json("client info", "PATCH", self.state_url, {
-            "window_width": 1280, "window_height": 800, "screen_width": 1920,
-            "screen_height": 1080, "device_pixel_ratio": 1.0, "refresh_hz": 60.0,
-            "frame_ms": 16.7, "frame_samples": 60,
-        })
-
-    @property
-    def state_url(self) -> str:
-        return f"/api/sessions/{self.token}/"
-
-    def submit(self, position: int, resend: bool = False) -> None:
-        url = f"/api/sessions/{self.token}/judgments/"
-        body = judgment_body(position, self.rng)
-        self.browser.send_json("judgment", "POST", url, body)
-        self.acked.add(body["idempotency_key"], self.token, position)
-        with self.browser.phase.lock:
-            self.browser.phase.judgments += 1
-        if resend:  # as the trial runner's outbox does when an acknowledgement is lost
-            data = self.browser.send_json("judgment retry", "POST", url, body)
-            if data.get("idempotency_key") != body["idempotency_key"]:
-                self.browser.phase.error(f"judgment retry answered {data}")
-                raise RequestFailed("retry not idempotent")
-
-    def run_trials(self, think_s: float, images: bool, resend_every: int = 0) -> None:
-        """Per trial, as the runner: next trial from the session state, its two images, the
-        answer. (The real runner reads the state once per page load and keeps it; reading it
-        before every trial is heavier than real, and gives the next-trial latency.)"""
-        b = self.browser
-        answered_before: set[int] = set()
-        while True:
-            state = b.get_json("state", self.state_url)
-            answered = {t["position"] for t in state["trials"] if t["answered"]}
-            if not answered_before <= answered:
-                b.phase.error(f"state of {self.token[:8]}…: an acknowledged answer is missing")
-                raise RequestFailed("state lost an answer")
-            pending = [t for t in state["trials"] if not t["answered"]]
-            if not pending:
-                return
-            trial = pending[0]
-            if images:
-                for url in trial["images"]:
-                    b.request("image", "GET", url)
-            if think_s > 0:
-                time.sleep(self.rng.uniform(0.5, 1.5) * think_s)
-            n = len(answered_before)
-            self.submit(trial["position"], resend=bool(resend_every) and n % resend_every == 0)
-            answered_before = answered | {trial["position"]}
-
-    def finish(self) -> None:
-        data = self.browser.send_json(
-            "complete", "POST", f"/api/sessions/{self.token}/complete/", {}
-        )
-        if not data.get("completion_code"):
-            self.browser.phase.error(f"complete: no completion code in {data}")
-            raise RequestFailed("no completion code")
-        self.browser.request("done page", "GET", f"/session/{self.token}/done/")
-
-
-def run_threads(n: int, target: Callable[[int, threading.Event], None]) -> float:
-    """Run ``target(i, go)`` in ``n`` threads; they wait for ``go``. Returns the wall seconds
-    from ``go`` to the last thread's end."""
-    go = threading.Event()
-    threads = [
-        threading.Thread(target=target, args=(i, go), daemon=True, name=f"client-{i}")
-        for i in range(n)
-    ]
-    for t in threads:
-        t.start()
-    time.sleep(0.2)  # let every thread reach go.wait()
-    started = time.perf_counter()
-    go.set()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - started
-
-
-class Progress:
-    """A tqdm bar fed by polling a counter (no tqdm call on the clients' hot path)."""
-
-    def __init__(self, desc: str, total: int, read: Callable[[], int], enabled: bool) -> None:
-        self.read, self.enabled = read, enabled
-        self.stop = threading.Event()
-        self.base = read()
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=" judgments", file=sys.stderr,
-                            dynamic_ncols=True)
-            self.thread = threading.Thread(target=self._poll, daemon=True)
-            self.thread.start()
-
-    def _poll(self) -> None:
-        while not self.stop.wait(0.5):
-            self.bar.n = self.read() - self.base
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stop.set()
-            self.thread.join()
-            self.bar.n = self.read() - self.base
-            self.bar.close()
 
 
 # ------------------------------------------------------------------------------ CPU accounting
@@ -453,7 +156,6 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return delta
 
 
-# ------------------------------------------------------------------------------ the study
 
 
 def build_study(args: argparse.Namespace, media_root: Path) -> dict:
@@ -526,50 +228,6 @@ def build_study(args: argparse.Namespace, media_root: Path) -> dict:
     }
 
 
-def check_database(acked: Acknowledged, finished: set[str]) -> dict:
-    """Compare what the clients were told with what PostgreSQL holds."""
-    from django.db.models import Count, Q
-
-    from studyapp.models import Judgment, Pair, Session, Study
-    from studyapp.scheduler import assignment_errors
-
-    study = Study.objects.get(slug=STUDY_SLUG)
-    stored = Counter(
-        Judgment.objects.filter(trial__session__participant__study=study)
-        .values_list("idempotency_key", flat=True)
-    )
-    where = {
-        key: (token, position)
-        for key, token, position in Judgment.objects.filter(
-            trial__session__participant__study=study
-        ).values_list("idempotency_key", "trial__session__token", "trial__position")
-    }
-    keys = acked.keys
-    lost = sorted(k for k in keys if k not in stored)
-    judged = list(
-        Pair.objects.filter(study=study, condition__isnull=False)
-        .annotate(n=Count("trials", filter=Q(trials__is_practice=False,
-                                             trials__judgment__isnull=False)))
-        .values_list("n", flat=True)
-    )
-    completed = set(
-        Session.objects.filter(participant__study=study, completed_at__isnull=False)
-        .values_list("token", flat=True)
-    )
-    return {
-        "acknowledged": len(keys),
-        "stored": sum(stored.values()),
-        "lost": len(lost),
-        "lost_samples": lost[:10],
-        "stored_twice": sum(1 for n in stored.values() if n > 1),
-        "stored_unacknowledged": sum(1 for k in stored if k not in keys),
-        "stored_elsewhere": sum(1 for k, w in keys.items() if k in where and where[k] != w),
-        "assignment_errors": assignment_errors(study)[:10],
-        "max_judged_per_pair": max(judged) if judged else 0,
-        "k": study.judgments_per_pair,
-        "sessions": Session.objects.filter(participant__study=study).count(),
-        "finished_not_completed": len(finished - completed),
-    }
 
 
 def request_costs(n_sessions: int = 3) -> dict[str, dict]:
@@ -626,7 +284,6 @@ def request_costs(n_sessions: int = 3) -> dict[str, dict]:
     }
 
 
-# ------------------------------------------------------------------------------ the server
 
 
 def free_port() -> int:
@@ -639,6 +296,7 @@ def start_gunicorn(args, env: dict, port: int, log: Path) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "gunicorn", "studyapp.wsgi", "--chdir", str(ROOT),
         "-w", str(args.workers), "-b", f"127.0.0.1:{port}",  # else gunicorn's defaults
+        "--keep-alive", str(args.keep_alive), "--backlog", "4096",
         "--log-level", "warning", "--error-logfile", "-",
     ]
     if args.threads > 1:
@@ -672,134 +330,6 @@ def stop_gunicorn(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def gunicorn_command_line(args) -> str:
-    extra = f" -k gthread --threads {args.threads}" if args.threads > 1 else ""
-    return f"gunicorn studyapp.wsgi -w {args.workers}{extra}"
-
-
-# ------------------------------------------------------------------------------ phases
-
-
-def measure(phase: Phase, roots: dict[str, int], body: Callable[[], float]) -> Phase:
-    before = cpu_snapshot(roots)
-    phase.wall_s = body()
-    phase.cpu = cpu_delta(before, cpu_snapshot(roots))
-    return phase
-
-
-def sessions_phase(name: str, n: int, ctx: dict, think_s: float, images: bool,
-                   progress: bool) -> Phase:
-    phase = Phase(name)
-    acked, host, port = ctx["acked"], "127.0.0.1", ctx["port"]
-    per_session = ctx["trials_per_session"]
-
-    def participant(i: int, go: threading.Event) -> None:
-        browser = Browser(host, port, phase, ctx["timeout"])
-        p = Participant(browser, acked, seed=f"{name}-{i}")
-        go.wait()
-        try:
-            p.start()
-            p.run_trials(think_s, images, ctx["resend_every"])
-            p.finish()
-            with phase.lock:
-                ctx["finished"].add(p.token)
-        except RequestFailed:
-            pass
-        finally:
-            browser.close()
-
-    bar = Progress(name, n * per_session, lambda: acked.count, progress)
-    try:
-        measure(phase, ctx["roots"], lambda: run_threads(n, participant))
-    finally:
-        bar.close()
-    return phase
-
-
-def burst_phases(n: int, ctx: dict, ping_s: float, progress: bool) -> dict[str, Phase]:
-    """Start ``n`` sessions, ping, burst of submits, ping, completion."""
-    acked, port = ctx["acked"], ctx["port"]
-    start_phase, burst = Phase("burst: session starts"), Phase("submit burst")
-    finish_phase = Phase("burst: completion")
-    participants: list[Participant | None] = [None] * n
-
-    def starter(i: int, go: threading.Event) -> None:
-        browser = Browser("127.0.0.1", port, start_phase, ctx["timeout"])
-        p = Participant(browser, acked, seed=f"burst-{i}")
-        go.wait()
-        try:
-            p.start()
-            participants[i] = p
-        except RequestFailed:
-            pass
-        finally:
-            browser.close()
-
-    measure(start_phase, ctx["roots"], lambda: run_threads(n, starter))
-    ready = [p for p in participants if p is not None]
-    ping_before = ping_phase("ping (before burst)", n, ctx, ping_s)
-
-    def submitter(i: int, go: threading.Event) -> None:
-        p = ready[i]
-        p.browser = Browser("127.0.0.1", port, burst, ctx["timeout"])
-        go.wait()
-        try:
-            for trial in p.trials:
-                p.submit(trial["position"])
-        except RequestFailed:
-            participants[participants.index(p)] = None
-        finally:
-            p.browser.close()
-
-    total = sum(len(p.trials) for p in ready)
-    bar = Progress("submit burst", total, lambda: acked.count, progress)
-    try:
-        measure(burst, ctx["roots"], lambda: run_threads(len(ready), submitter))
-    finally:
-        bar.close()
-    ping_after = ping_phase("ping (after burst)", n, ctx, ping_s)
-
-    done = [p for p in participants if p is not None]
-
-    def finisher(i: int, go: threading.Event) -> None:
-        p = done[i]
-        p.browser = Browser("127.0.0.1", port, finish_phase, ctx["timeout"])
-        go.wait()
-        try:
-            p.finish()
-            with finish_phase.lock:
-                ctx["finished"].add(p.token)
-        except RequestFailed:
-            pass
-        finally:
-            p.browser.close()
-
-    measure(finish_phase, ctx["roots"], lambda: run_threads(len(done), finisher))
-    return {
-        "starts": start_phase, "ping_before": ping_before, "burst": burst,
-        "ping_after": ping_after, "finish": finish_phase,
-    }
-
-
-def ping_phase(name: str, n: int, ctx: dict, seconds: float) -> Phase:
-    phase = Phase(name)
-
-    def pinger(i: int, go: threading.Event) -> None:
-        browser = Browser("127.0.0.1", ctx["port"], phase, ctx["timeout"])
-        go.wait()
-        deadline = time.perf_counter() + seconds
-        try:
-            while time.perf_counter() < deadline:
-                browser.request("ping", "GET", "/bench/ping/")
-        except RequestFailed:
-            pass
-        finally:
-            browser.close()
-
-    return measure(phase, ctx["roots"], lambda: run_threads(n, pinger))
-
-
-# ------------------------------------------------------------------------------ report
 
 
 def machine_info() -> dict:
@@ -823,25 +353,6 @@ def machine_info() -> dict:
     }
 
 
-def rate(phase: Phase, what: str = "requests") -> float:
-    count = phase.requests if what == "requests" else phase.judgments
-    return count / phase.wall_s if phase.wall_s else 0.0
-
-
-def cores(phase: Phase) -> dict[str, float]:
-    return {k: v / phase.wall_s for k, v in phase.cpu.items() if not k.startswith("machine")}
-
-
-def server_cpu_ms(phase: Phase, count: int) -> float:
-    server = sum(phase.cpu.get(name, 0) for name in ("gunicorn", "postgres", "redis"))
-    return 1000 * server / max(count, 1)
-
-
-def gunicorn_problems(log: Path) -> list[str]:
-    """Tracebacks and error lines from gunicorn's log (Django logs 5xx there)."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    blocks = re.split(r"\n(?=\S)", text)
-    return [b.strip() for b in blocks if re.search(r"Traceback|ERROR|CRITICAL|Error", b)]
 
 
 def sql_label(sql: str) -> str:
@@ -860,210 +371,351 @@ def sql_label(sql: str) -> str:
     return f"{verb} {table.group(1) if table else '?'}{locks}"
 
 
+
+
+def judgment_body(position: int, rng: random.Random) -> dict:
+    return {
+        "position": position,
+        "response": rng.choice(["same", "different"]),
+        "response_time_ms": round(rng.uniform(350, 1400), 1),
+        "durations": {
+            "first_ms": round(rng.gauss(1000, 2), 1),
+            "blank_ms": round(rng.gauss(250, 2), 1),
+            "second_ms": round(rng.gauss(1000, 2), 1),
+        },
+        "idempotency_key": uuid.uuid4().hex,
+    }
+
+
+
+
+def gunicorn_command_line(args) -> str:
+    kind = f"-k gthread --threads {args.threads} " if args.threads > 1 else "(sync) "
+    return f"gunicorn studyapp.wsgi {kind}-w {args.workers} --keep-alive {args.keep_alive}"
+
+
+# ------------------------------------------------------------------------------ locust runs
+
+
+class CPUSampler:
+    """CPU seconds of each party, sampled every ``interval`` s in a thread, so that a window of
+    the run (the steady state) can be cut out afterwards."""
+
+    def __init__(self, roots: dict[str, int], interval: float = 1.0) -> None:
+        self.roots, self.interval = roots, interval
+        self.samples: list[tuple[float, dict[str, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            self.samples.append((time.time(), cpu_snapshot(self.roots)))
+            if self._stop.wait(self.interval):
+                self.samples.append((time.time(), cpu_snapshot(self.roots)))
+                return
+
+    def __enter__(self) -> CPUSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window(self, start: float, end: float) -> tuple[float, dict[str, float]]:
+        """(seconds, CPU seconds per party) between the samples nearest ``start`` and ``end``."""
+        first = min(self.samples, key=lambda s: abs(s[0] - start))
+        last = min(self.samples, key=lambda s: abs(s[0] - end))
+        return last[0] - first[0], cpu_delta(first[1], last[1])
+
+
+def read_stats(prefix: Path) -> dict[str, dict]:
+    """Locust's ``<prefix>_stats.csv``: per request name, count, failures, rate, percentiles."""
+    rows = {}
+    with open(f"{prefix}_stats.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            def num(key, row=row):
+                value = row.get(key, "")
+                return float(value) if value not in ("", "N/A") else float("nan")
+
+            rows[row["Name"]] = {
+                "n": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                "rps": num("Requests/s"), "mean": num("Average Response Time"),
+                "p50": num("50%"), "p95": num("95%"), "p99": num("99%"), "max": num("100%"),
+            }
+    return rows
+
+
+def read_failures(prefix: Path) -> list[dict]:
+    path = Path(f"{prefix}_failures.csv")
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [
+            {"name": row["Name"], "error": row["Error"][:300], "n": int(row["Occurrences"])}
+            for row in csv.DictReader(f)
+        ]
+
+
+def run_locust(name: str, mode: str, users: int, spawn_rate: float, run_s: float, port: int,
+               args, roots: dict[str, int], work: Path, think_ms: float | None = None) -> dict:
+    """One locust run; returns its statistics over the steady state (after every user
+    arrived: ``--reset-stats``) and the CPU of that window."""
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    prefix = OUT_DIR / f"locust_{name}"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("DJANGO", "DATABASE"))},
+        "LOAD_MODE": mode,
+        "LOAD_THINK_MS": str(args.think_ms if think_ms is None else think_ms), "LOAD_OUT": str(out),
+        "LOAD_RESEND_EVERY": str(args.resend_every), "LOAD_SLUG": STUDY_SLUG,
+    }
+    command = [
+        str(LOCUST), "-f", str(LOCUSTFILE), "--headless", "--host", f"http://127.0.0.1:{port}",
+        "-u", str(users), "-r", str(spawn_rate), "--run-time", f"{int(run_s)}s",
+        "--reset-stats", "--csv", str(prefix), "--only-summary", "--stop-timeout", "0",
+        "--loglevel", "WARNING",
+    ]
+    if mode == "submit":
+        shutil.copy(work / "sessions.jsonl", out / "sessions.jsonl")
+    log = OUT_DIR / f"locust_{name}.log"
+    # "client": this process and its locust child (whose CPU moves to this process's children
+    # total once it has exited and been waited for).
+    with log.open("wb") as sink, CPUSampler({**roots, "client": os.getpid()}) as sampler:
+        proc = subprocess.Popen(command, cwd=ROOT / "bench", env=env, stdout=sink, stderr=sink)
+        started = time.time()
+        with tqdm(total=int(run_s), desc=f"locust {name} ({users} users)", unit="s",
+                  disable=args.no_progress) as bar:
+            while proc.poll() is None:
+                time.sleep(1)
+                bar.n = min(int(time.time() - started), int(run_s))
+                bar.refresh()
+        ended = time.time()
+    if proc.returncode not in (0, 1):  # 1: some request failed (reported, not fatal)
+        raise RuntimeError(f"locust {name} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+    spawned_file = out / "spawned"
+    spawned = json.loads(spawned_file.read_text())["time"] if spawned_file.exists() else started
+    seconds, cpu = sampler.window(spawned, ended)
+    stats = read_stats(prefix)
+    acks = [json.loads(line) for path in out.glob("acks-*.jsonl")
+            for line in path.read_text().splitlines()]
+    return {
+        "users": users, "run_s": round(ended - started, 1), "steady_s": round(seconds, 1),
+        "stats": stats, "failures": read_failures(prefix), "cpu_s": cpu,
+        "cores": {k: v / seconds for k, v in cpu.items() if not k.startswith("machine")},
+        "acks": acks,
+    }
+
+
+def server_cpu_ms(run: dict, count: float) -> float:
+    server = sum(run["cpu_s"].get(name, 0) for name in ("gunicorn", "postgres", "redis"))
+    return 1000 * server / max(count, 1)
+
+
+def prepare_submit_sessions(n: int, work: Path) -> int:
+    """``n`` sessions started in process (not timed), for the submit burst."""
+    from studyapp.models import Participant, Study
+    from studyapp.scheduler import start_session
+
+    study = Study.objects.get(slug=STUDY_SLUG)
+    lines = []
+    for i in tqdm(range(n), desc="sessions for the submit burst", leave=False):
+        participant = Participant.objects.create(study=study, source="link",
+                                                 external_id=f"burst-{i}")
+        session = start_session(participant, user_agent=USER_AGENT)
+        positions = list(session.trials.order_by("position").values_list("position", flat=True))
+        lines.append(json.dumps({"token": session.token, "positions": positions}))
+    (work / "sessions.jsonl").write_text("\n".join(lines) + "\n")
+    return len(lines)
+
+
+def check_database(acks: list[list]) -> dict:
+    """Compare what the clients were told with what PostgreSQL holds."""
+    from django.db.models import Count, Q
+
+    from studyapp.models import Judgment, Pair, Session, Study
+    from studyapp.scheduler import assignment_errors
+
+    study = Study.objects.get(slug=STUDY_SLUG)
+    where = {
+        key: (token, position)
+        for key, token, position in Judgment.objects.filter(
+            trial__session__participant__study=study
+        ).values_list("idempotency_key", "trial__session__token", "trial__position")
+    }
+    stored = Counter(
+        Judgment.objects.filter(trial__session__participant__study=study)
+        .values_list("idempotency_key", flat=True)
+    )
+    keys = {key: (token, position) for key, token, position in acks}
+    lost = sorted(k for k in keys if k not in stored)
+    judged = list(
+        Pair.objects.filter(study=study, condition__isnull=False)
+        .annotate(n=Count("trials", filter=Q(trials__is_practice=False,
+                                             trials__judgment__isnull=False)))
+        .values_list("n", flat=True)
+    )
+    return {
+        "acknowledged": len(keys),
+        "stored": sum(stored.values()),
+        "lost": len(lost),
+        "lost_samples": lost[:10],
+        "stored_twice": sum(1 for n in stored.values() if n > 1),
+        "stored_unacknowledged": sum(1 for k in stored if k not in keys),
+        "stored_elsewhere": sum(1 for k, w in keys.items() if k in where and where[k] != w),
+        "assignment_errors": assignment_errors(study)[:10],
+        "max_judged_per_pair": max(judged) if judged else 0,
+        "k": study.judgments_per_pair,
+        "sessions": Session.objects.filter(participant__study=study).count(),
+        "completed": Session.objects.filter(participant__study=study,
+                                            completed_at__isnull=False).count(),
+    }
+
+
+def gunicorn_problems(log: Path) -> list[str]:
+    """Tracebacks and error lines from gunicorn's log (Django logs 5xx there)."""
+    text = log.read_text(errors="replace") if log.exists() else ""
+    blocks = re.split(r"\n(?=\S)", text)
+    return [b.strip() for b in blocks if re.search(r"Traceback|ERROR|CRITICAL|Error", b)]
+
+
+# ------------------------------------------------------------------------------ report
+
+
 def fmt(x: float, digits: int = 1) -> str:
     return f"{x:,.{digits}f}"
 
 
-def session_writes(r: dict) -> int:
-    """Unsafe requests of one whole session: judgments, re-sends, client info, completion."""
-    n = r["study"]["trials"] + r["study"]["practice"]
-    resends = -(-n // r["resend_every"]) if r["resend_every"] else 0
-    return n + resends + 2
+def verdict(ok: bool) -> str:
+    return "**met**" if ok else "**NOT met**"
 
 
-def render_markdown(r: dict) -> str:
-    p, m, db, t = r["phases"], r["machine"], r["db"], r["targets"]
+LATENCY_ROWS = [
+    ("next trial (both images)", "next trial: both images of a trial"),
+    ("image", "image: `GET /img/<token>/<key>/`"),
+    ("judgment", "submit: `POST /api/sessions/<token>/judgments/`"),
+    ("judgment retry (same key)", "re-sent judgment (same key → 200)"),
+    ("session state", "session state: `GET /api/sessions/<token>/`"),
+    ("client info", "client info: `PATCH /api/sessions/<token>/`"),
+    ("start page", "landing page: `GET /study/<slug>/`"),
+    ("consent (start)", "consent + start: `POST /study/<slug>/`"),
+    ("runner page", "runner page: `GET /session/<token>/`"),
+    ("complete", "complete: `POST /api/sessions/<token>/complete/`"),
+    ("end page", "end page: `GET /session/<token>/done/`"),
+]
+
+
+def render_markdown(r: dict) -> str:  # noqa: C901 - one linear report reads best
+    m, db, t, s = r["machine"], r["db"], r["targets"], r["runs"]["sessions"]
     title, mark_start, mark_end = section_ids(r["think_ms"], r["durable"])
+    st = s["stats"]
     lines = [
         mark_start,
         f"## {title}",
         "",
-        f"Command: `{r['command']}` ({r['date']}, {r['total_s'] / 60:.1f} min in all, of"
-        f" which {r['setup_s']['total_s']:.0f} s setting up: PostgreSQL, migrations, study,"
-        " gunicorn)",
+        f"Command: `{r['command']}` ({r['date']}, {r['total_s'] / 60:.1f} min in all)",
         "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['memory_gib']} GiB; "
         f"Python {m['python']}, Django {m['django']}, DRF {m['djangorestframework']}, "
-        f"gunicorn {m['gunicorn']}, psycopg {m['psycopg']}, {r['postgres_version']}; "
-        f"load average (1/5/15 min) {r['load_before']} at the start, {r['load_after']} at "
-        "the end. Server, database and clients all run on these cores.",
+        f"gunicorn {m['gunicorn']}, psycopg {m['psycopg']}, {r['postgres_version']}, locust "
+        f"{r['locust_version']}; load average (1/5/15 min) {r['load_before']} at the start, "
+        f"{r['load_after']} at the end. **Clients (locust), server, database and Redis all run"
+        " on these cores.**",
         "",
         f"Server: `{r['server']}` on the production settings (`bench/load_settings.py` ="
-        " `studyapp.settings` + the trivial view `/bench/ping/` from `bench/loadsite.py`),"
-        " DEBUG off, rate-limit counters "
-        + ("in Redis (`PERCEPTLAB_CACHE=redis://...`, a redis-server started for the run)"
-           if r.get("cache") == "redis" else "in the database cache table") + ";"
-        + (f" participant write rate limit overridden to `{r['write_rate']}` per session"
-           " (production: 120/min)." if r["write_rate"] else
-           " production's participant write rate limit (120/min per session: a session"
-           f" sends {session_writes(r)} writes in all, so it never refuses one here).")
-        + " PostgreSQL: a throwaway cluster (`tests.support.pgserver`) with "
+        " `studyapp.settings` + the trivial view `/bench/ping/`), DEBUG off, stimulus images"
+        " answered by `studyapp.stimulus_server.StimulusWSGI` in front of Django, rate-limit"
+        " counters in Redis (`PERCEPTLAB_CACHE=redis://...`), production's participant write"
+        " limit (120/min per session). PostgreSQL: a throwaway cluster with "
         + ("**fsync, synchronous_commit and full_page_writes on** (durable: every commit"
-           " waits for its WAL flush)." if r.get("durable") else
-           "**fsync, synchronous_commit and full_page_writes off** (commits cost less than on"
-           " a durable server; `--durable` has its own section)."),
+           " waits for its WAL flush)." if r["durable"] else
+           "**fsync, synchronous_commit and full_page_writes off** (`--durable` has its own"
+           " section)."),
         "",
-        f"Study: {r['study']['data_pairs']} data pairs (K = {r['study']['k']}), "
+        f"Study: {r['study']['data_pairs']:,} data pairs (K = {r['study']['k']}), "
         f"{r['study']['sentinels']} sentinel and {r['study']['catch']} catch pairs, "
-        f"{r['study']['image_px']}×{r['study']['image_px']} px PNGs "
-        f"({r['study']['png_kb_mean']} KiB mean); sessions of {r['study']['trials']} main + "
-        f"{r['study']['practice']} practice trials (every trial answered).",
+        f"{r['study']['image_px']}×{r['study']['image_px']} px PNGs in "
+        f"{r['study']['png_files']:,} files; sessions of {r['study']['trials']} main + "
+        f"{r['study']['practice']} practice trials (the product's defaults).",
         "",
-        f"Clients: {r['participants']} simulated participants at once, one Python thread"
-        " each (`http.client`, own cookies and connection), in the benchmark's process. "
-        + ("Each whole session: landing page → consent POST (CSRF) → runner page → state →"
-           " client-info PATCH → per trial: state (next trial), "
-           + ("both images, " if r["images"] else "")
-           + "judgment POST → complete POST → end page; "
-           + (f"every {r['resend_every']}th judgment sent again with its idempotency key after"
-              " its 201, as the runner's outbox does when an answer is lost (must answer 200;"
-              " counted apart from the submits); " if r["resend_every"] else "")
-           + (f"think time {r['think_ms']:.0f} ms (mean) per trial." if r["think_ms"]
-              else "no think time (each participant answers as soon as the server has"
-                   " replied: a stress test, far above a real study's pace).")),
+        f"Participants: **{s['users']:,} at once** (locust users; each one participant after"
+        " another, a whole session each, as the trial runner: landing page → consent POST →"
+        " runner page → state → client info → per trial: both images, a pause of "
+        f"**{r['think_ms']:.0f} ms** (±30 %), the judgment → client info → complete → end page;"
+        f" every {r['resend_every']}th judgment re-sent with its key). They arrived at "
+        f"{r['spawn_rate']}/s; everything below is over the **{fmt(s['steady_s'], 0)} s after"
+        " the last arrived** (steady state).",
         "",
-        "| phase | participants | wall s | requests | req/s | judgments/s | errors "
-        "| CPU cores used: client / gunicorn / PostgreSQL / Redis / other |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key, label, who in [
-        ("sessions", "whole sessions", r["participants"]),
-        ("starts", "burst: session starts", r["participants"]),
-        ("ping_before", "ping (before burst)", r["participants"]),
-        ("burst", "**submit burst**", r["participants"]),
-        ("ping_after", "ping (after burst)", r["participants"]),
-        ("finish", "burst: completion", r["participants"]),
-    ]:
-        ph = p[key]
-        c = ph["cores"]
-        jps = fmt(ph["judgments"] / ph["wall_s"]) if ph["judgments"] else ""
-        lines.append(
-            f"| {label} | {who} | {fmt(ph['wall_s'])} | {ph['requests']:,} | "
-            f"{fmt(ph['requests'] / ph['wall_s'])} | {jps} | {ph['errors']} | "
-            f"{c['client']:.2f} / {c['gunicorn']:.2f} / {c['postgres']:.2f} / "
-            f"{c.get('redis', 0):.2f} / {c['other processes']:.2f} |"
-        )
-    lines += [
-        "",
-        "Latency (ms, measured by the client: includes queueing in gunicorn's backlog and the"
-        " client's own thread scheduling):",
-        "",
-        "| endpoint | phase | n | p50 | p95 | p99 | max |",
+        "| request | n | p50 ms | p95 ms | p99 ms | max ms | failures |",
         "|---|---|---|---|---|---|---|",
     ]
-    rows = [
-        ("next trial: `GET /api/sessions/<token>/`", "sessions", "state"),
-        ("submit: `POST /api/sessions/<token>/judgments/`", "sessions", "judgment"),
-        ("submit: `POST /api/sessions/<token>/judgments/`", "burst", "judgment"),
-        ("trivial view: `GET /bench/ping/`", "ping_before", "ping"),
-        ("trivial view: `GET /bench/ping/`", "ping_after", "ping"),
-        ("re-sent judgment (same key → 200)", "sessions", "judgment retry"),
-        ("image: `GET /img/<token>/<key>/`", "sessions", "image"),
-        ("consent + start: `POST /study/<slug>/`", "sessions", "start"),
-        ("runner page: `GET /session/<token>/`", "sessions", "runner page"),
-        ("complete: `POST /api/sessions/<token>/complete/`", "sessions", "complete"),
-    ]
-    names = {"sessions": "whole sessions", "burst": "submit burst",
-             "ping_before": "ping before", "ping_after": "ping after"}
-    for label, key, endpoint in rows:
-        q = p[key]["latency_ms"].get(endpoint)
+    for name, label in LATENCY_ROWS:
+        q = st.get(name)
         if q and q["n"]:
-            lines.append(f"| {label} | {names[key]} | {q['n']:,} | {fmt(q['p50'])} | "
-                         f"{fmt(q['p95'])} | {fmt(q['p99'])} | {fmt(q['max'])} |")
+            lines.append(f"| {label} | {q['n']:,} | {fmt(q['p50'], 0)} | {fmt(q['p95'], 0)} | "
+                         f"{fmt(q['p99'], 0)} | {fmt(q['max'], 0)} | {q['failures']} |")
+    c = s["cores"]
     lines += [
+        "",
+        f"CPU cores used in the steady state: locust {c['client']:.2f}, gunicorn "
+        f"{c['gunicorn']:.2f}, PostgreSQL {c['postgres']:.2f}, Redis {c.get('redis', 0):.2f},"
+        f" other processes {c['other processes']:.2f} (of {m['logical_cpus']}).",
         "",
         "Targets:",
         "",
-        f"- At least 200 concurrent participants doing whole sessions over HTTP: "
-        f"{r['participants']} — **{'met' if r['participants'] >= 200 else 'NOT met'}**",
-        f"- Errors: {t['errors']} (non-2xx/expected-3xx answers and transport failures, every"
-        f" phase; {t['reconnects']} re-sends on a kept-alive connection the server had closed)"
-        f" — **{'met' if t['errors'] == 0 else 'NOT met'}**",
-        f"- Lost judgments: {db['lost']} of {db['acknowledged']:,} acknowledged (stored: "
-        f"{db['stored']:,}; stored twice: {db['stored_twice']}; stored but never acknowledged:"
-        f" {db['stored_unacknowledged']}; at another session/position: "
-        f"{db['stored_elsewhere']}; scheduler bookkeeping errors: "
-        f"{len(db['assignment_errors'])}; most judged main trials of a pair: "
-        f"{db['max_judged_per_pair']} ≤ K = {db['k']}) — "
-        f"**{'met' if db['lost'] == 0 else 'NOT met'}**",
-        f"- Submit throughput / trivial view (same server, run, concurrency): "
-        f"{fmt(t['submit_rps'])} / {fmt(t['ping_rps'])} req/s (mean of the pings before and "
-        f"after: {fmt(t['ping_before_rps'])} and {fmt(t['ping_after_rps'])}) = "
-        f"**{t['ratio']:.2f}** — **{'met' if t['ratio'] >= 0.5 else 'NOT met'}** (target ≥ 0.5)",
+        f"- {s['users']:,} participants at once at {r['think_ms']:.0f} ms per trial (target:"
+        f" 1,000 at 3,500 ms) — {verdict(s['users'] >= 1000 and r['think_ms'] >= 3500)}",
+        f"- p99 under 300 ms for next trial, image and submit: {fmt(t['p99_next'], 0)} / "
+        f"{fmt(t['p99_image'], 0)} / {fmt(t['p99_submit'], 0)} ms — "
+        f"{verdict(max(t['p99_next'], t['p99_image'], t['p99_submit']) < 300)}",
+        f"- Errors: {t['errors']} (unexpected statuses and transport failures, every run) — "
+        f"{verdict(t['errors'] == 0)}",
+        f"- Lost judgments: {db['lost']} of {db['acknowledged']:,} acknowledged (stored "
+        f"{db['stored']:,}; twice {db['stored_twice']}; never acknowledged "
+        f"{db['stored_unacknowledged']} (in flight when a run stopped); elsewhere "
+        f"{db['stored_elsewhere']}; scheduler bookkeeping errors "
+        f"{len(db['assignment_errors'])}; most judged main trials of a pair "
+        f"{db['max_judged_per_pair']} ≤ K = {db['k']}) — {verdict(db['lost'] == 0)}",
+        f"- Server CPU (gunicorn + PostgreSQL + Redis) per judgment over whole sessions: "
+        f"**{fmt(t['session_cpu_ms'], 2)} ms** (target ≤ 5 ms) — "
+        f"{verdict(t['session_cpu_ms'] <= 5)}",
+        f"- Judgments/s served: {fmt(t['session_jps'])}; offered by the pace: "
+        f"{fmt(t['offered_jps'])} ({s['users']:,} participants / (mean pause + the trial's"
+        " requests))",
         "",
-        f"Judgments/s: {fmt(t['session_jps'])} in whole sessions "
-        f"({p['sessions']['judgments']:,} judgments, every request of the sessions included),"
-        f" {fmt(t['submit_rps'])} in the submit burst.",
-        "",
-        f"Server CPU per request (gunicorn + PostgreSQL CPU seconds / requests of the phase; "
-        f"less sensitive to the client's share of the cores): ping {fmt(t['ping_cpu_ms'], 2)}"
-        f" ms, submit {fmt(t['submit_cpu_ms'], 2)} ms → CPU-cost ratio "
-        f"{t['cpu_ratio']:.2f}; a whole session costs {fmt(t['session_cpu_ms'])} ms of server"
-        " CPU per judgment.",
+        f"Submit / trivial view ({r['burst_users']} locust users each, back to back, "
+        f"{r['burst_seconds']} s each, same server and run): submit "
+        f"{fmt(t['submit_rps'])} judgments/s, `/bench/ping/` {fmt(t['ping_rps'])} req/s → "
+        f"**ratio {t['ratio']:.2f}**; server CPU per request: submit "
+        f"{fmt(t['submit_cpu_ms'], 2)} ms, ping {fmt(t['ping_cpu_ms'], 2)} ms (CPU ratio "
+        f"{t['cpu_ratio']:.2f}); locust used {r['runs']['submit']['cores']['client']:.2f} and "
+        f"{r['runs']['ping']['cores']['client']:.2f} cores.",
         "",
         "Where a request's cost comes from (after the load: one request at a time through"
-        " Django's test client on the same database, no HTTP, no concurrency, CSRF checks off;"
-        " wall ms on this machine, median and minimum — the minimum is the better guess at the"
-        " service time when other jobs share the cores; SQL statements per request):",
+        " Django's test client on the same database, no HTTP; wall ms on this machine, median"
+        " and minimum; SQL statements per request):",
         "",
         "| endpoint | SQL statements | in-process ms: median | min | requests |",
         "|---|---|---|---|---|",
     ]
     for name in ("ping", "state", "judgment", "image", "start", "complete"):
-        c = r["request_costs"].get(name)
-        if c:
-            lines.append(f"| {name} | {c['queries']} | {fmt(c['median_ms'], 2)} | "
-                         f"{fmt(c['min_ms'], 2)} | {c['n']} |")
+        cost = r["request_costs"].get(name)
+        if cost:
+            lines.append(f"| {name} | {cost['queries']} | {fmt(cost['median_ms'], 2)} | "
+                         f"{fmt(cost['min_ms'], 2)} | {cost['n']} |")
     judgment = r["request_costs"].get("judgment")
     if judgment:
         lines += [
             "",
-            f"The judgment POST's statements ({judgment['queries']}; a main trial's, in"
-            " order): "
-            + " · ".join(f"`{label}`" for label in judgment["sql"])
-            + (" (`perceptlab_cache`: the rate limit's counters)." if r.get("cache") == "db"
-               else " (the rate-limit counters are in Redis: no SQL)."),
+            f"The judgment POST's statements ({judgment['queries']}): "
+            + " · ".join(f"`{label}`" for label in judgment["sql"]) + ".",
         ]
-    lines += [
-        "",
-        "Notes:",
-        "",
-    ]
-    sessions = p["sessions"]
-    if r["think_ms"]:
-        offered = r["participants"] / (r["think_ms"] / 1000)
-        served = sessions["judgments"] / sessions["wall_s"]
-        lines.append(
-            f"- Paced: {r['participants']} participants pausing {r['think_ms']:.0f} ms (mean)"
-            f" per trial could answer at most {fmt(offered)} judgments/s; served:"
-            f" {fmt(served)} judgments/s"
-            + (" — the server, not the pace, set the rate here (each trial waited for it)."
-               if served < 0.8 * offered else ".")
-        )
-    else:
-        little = r["participants"] / (sessions["requests"] / sessions["wall_s"])
-        lines.append(
-            f"- Closed loop without think time: each of the {r['participants']} clients sends"
-            " its next request as soon as the previous one returns, so by Little's law the"
-            f" mean latency is about participants / throughput ({r['participants']} /"
-            f" {fmt(sessions['requests'] / sessions['wall_s'])} req/s ≈ {little:.1f} s in"
-            " whole sessions): the latencies above are mostly waiting in gunicorn's backlog,"
-            " not service time (see the in-process table). `--think-ms` paces participants"
-            " (section *paced participants*, when run)."
-        )
-    ping_client = (p["ping_before"]["cores"]["client"] + p["ping_after"]["cores"]["client"]) / 2
-    lines.append(
-        "- What the ratio compares: `/bench/ping/` runs the middleware stack and no SQL; the"
-        " submit adds DRF parsing and validation and the statements listed above, so the"
-        " throughput ratio follows the server-CPU ratio. During the pings the client itself"
-        f" used {ping_client:.2f} cores (vs {p['burst']['cores']['client']:.2f} in the burst):"
-        " ping throughput is partly limited by the client, which flatters the ratio."
-    )
-    lines.append(
-        "- All participants of a phase start at the same instant (in whole sessions: "
-        f"{r['participants']} consent POSTs at once); a real study's arrivals are spread out."
-    )
-    lines += [f"- {note}" for note in r["notes"]]
+    failures = [f for run in r["runs"].values() for f in run["failures"]]
+    lines += ["", "Notes:", ""]
+    if failures:
+        lines.append("- Failures: " + "; ".join(
+            f"{f['n']}× {f['name']}: {f['error'][:160]}" for f in failures[:5]))
+    lines += [f"- {note}" for note in NOTES]
     problems = r["gunicorn_log_problems"]
     lines.append(
         f"- gunicorn's log (`bench/out/load/gunicorn.log`): {len(problems)} error entries"
@@ -1074,24 +726,18 @@ def render_markdown(r: dict) -> str:
 
 
 NOTES = [
-    "One machine for everything: the clients' Python threads, gunicorn and PostgreSQL compete"
-    " for the same cores (the CPU columns say how much each got; *other* is the rest of the"
-    " machine). Throughput is the whole system's, not the server's alone; latencies include"
-    " the time a client thread waited for the GIL or a core.",
-    "The ratio compares two saturated phases at the same concurrency; with sync workers each"
-    " request also pays a TCP connect (gunicorn's sync worker closes the connection after"
-    " every response), the same for ping and submit.",
-    "The next-trial latency is the session-state GET, which the benchmark sends before every"
-    " trial (the real trial runner reads it once per page load and keeps it): more state reads"
-    " than a browser makes.",
-    "Static files (JS, CSS) are not fetched; a browser loads them once per participant"
+    "One machine for everything: locust, gunicorn, PostgreSQL and Redis compete for the same"
+    " cores (the CPU line says how much each got). Latencies are locust's: they include"
+    " waiting in gunicorn's backlog and locust's own scheduling.",
+    "*next trial* is the time to fetch both images of a trial, one after the other (the real"
+    " runner fetches them during the previous trial, so a participant waits only for what is"
+    " left). The runner reads the session state once per page load (here: once per session).",
+    "Static files (JS, CSS) are not fetched: a browser loads them once per participant"
     " (WhiteNoise, cacheable).",
-    "Unless the section says durable: PostgreSQL runs with durability off (fsync,"
-    " synchronous_commit, full_page_writes); a production server with synchronous commits"
-    " pays a WAL flush per transaction (the durable section measures it).",
     "Stimulus PNGs are crops of scikit-image's photographs with random-sign noise, not attack"
-    " outputs (the server never looks at pixels); several pairs share one file (the OS page"
-    " cache would hold a real study's images as well).",
+    " outputs (the server never looks at pixels).",
+    "A user stopped at the end of a run leaves its session unfinished; its acknowledged"
+    " judgments are checked like every other.",
 ]
 
 
@@ -1106,82 +752,75 @@ def write_benchmarks(section: str, think_ms: float, durable: bool = False) -> No
 # ------------------------------------------------------------------------------ main
 
 
-def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--participants", type=int, default=200,
-                        help="simulated participants at once, in every phase (default 200)")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (default 4)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads per gunicorn worker; > 1 uses the gthread worker")
-    parser.add_argument("--trials", type=int, default=8,
-                        help="main trials per session (default 8, so the default run stays"
-                        " near 2–3 min on 2 shared cores; a study's default is 20)")
-    parser.add_argument("--practice", type=int, default=2, help="practice trials per session")
-    parser.add_argument("--pairs", type=int, default=2800, help="data pairs (PAT study: 2800)")
+    parser.add_argument("--participants", type=int, default=1000,
+                        help="locust users at once, each a participant after another")
+    parser.add_argument("--think-ms", type=float, default=3500,
+                        help="mean pause per trial, ms (±30 %%); 0 = stress test")
+    parser.add_argument("--duration", type=float, default=120,
+                        help="steady-state seconds measured after the last user arrived")
+    parser.add_argument("--spawn-rate", type=float, default=50, help="users arriving per second")
+    parser.add_argument("--workers", type=int, default=4, help="gunicorn gthread workers")
+    parser.add_argument("--threads", type=int, default=8,
+                        help="threads per gthread worker (1: sync workers)")
+    parser.add_argument("--keep-alive", type=int, default=10, help="gunicorn keep-alive, s")
+    parser.add_argument("--trials", type=int, default=20, help="main trials per session")
+    parser.add_argument("--practice", type=int, default=4, help="practice trials per session")
+    parser.add_argument("--pairs", type=int, default=12000, help="data pairs")
     parser.add_argument("--k", type=int, default=5, help="judgments per pair (PAT study: 5)")
-    parser.add_argument("--sentinels", type=int, default=40)
-    parser.add_argument("--catch", type=int, default=20)
+    parser.add_argument("--sentinels", type=int, default=200)
+    parser.add_argument("--catch", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=224, help="stimulus side, px")
-    parser.add_argument("--distinct-images", type=int, default=200,
-                        help="PNG files written per side (pairs share them round-robin)")
-    parser.add_argument("--no-images", action="store_true",
-                        help="do not fetch the two images of each trial")
-    parser.add_argument("--think-ms", type=float, default=0,
-                        help="mean pause before each answer in whole sessions (0: none)")
-    parser.add_argument("--ping-seconds", type=float, default=6.0)
-    parser.add_argument("--resend-every", type=int, default=5,
-                        help="in whole sessions, re-send every Nth judgment (same key) after"
-                        " its 201, expecting 200 (0: never)")
-    parser.add_argument("--warmup", type=int, default=4, help="whole sessions before measuring")
-    parser.add_argument("--write-rate",
-                        help="override the participant write rate limit, e.g. 1000/min"
-                        " (default: production's, 120/min per session)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="client timeout, s")
-    parser.add_argument("--cache", choices=["redis", "db"], default="redis",
-                        help="where the rate-limit counters live: a redis-server started for"
-                        " the run (production's recommendation, default) or the database table")
+    parser.add_argument("--distinct-images", type=int, default=1000,
+                        help="distinct natural images (each with its own perturbed file)")
+    parser.add_argument("--resend-every", type=int, default=10,
+                        help="re-send every n-th judgment with its key (0: never)")
+    parser.add_argument("--warmup", type=float, default=30,
+                        help="seconds of unpaced sessions before measuring (not reported)")
+    parser.add_argument("--burst-users", type=int, default=100)
+    parser.add_argument("--burst-seconds", type=float, default=20)
     parser.add_argument("--durable", action="store_true",
-                        help="PostgreSQL with fsync, synchronous_commit and full_page_writes on")
+                        help="PostgreSQL with fsync, synchronous_commit, full_page_writes on")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the temporary folder (PNG files) after the run")
-    args = parser.parse_args(argv)
-    needed = 2 * args.participants + args.warmup + 3  # + 3: request_costs()
-    data_per_session = args.trials - round(0.1 * args.trials) * 2
-    if args.pairs * args.k < needed * data_per_session:
-        parser.error(f"--pairs × --k = {args.pairs * args.k} slots < {needed} sessions × "
-                     f"{data_per_session} data trials; raise --pairs or --k")
-    return args
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run reads best
     args = parse_args(argv)
+    if not LOCUST.exists():
+        print(f"no locust at {LOCUST.relative_to(ROOT)}: run `bash bench/setup_load_env.sh`"
+              " once (locust gets its own environment, see bench/requirements-load.txt)",
+              file=sys.stderr)
+        return 2
     t_start, started_at = time.monotonic(), datetime.now()
     given = sys.argv[1:] if argv is None else argv
     command = " ".join([".venv/bin/python bench/load.py", *given])
     OUT_DIR.mkdir(parents=True, exist_ok=True)
+    for old in OUT_DIR.glob("locust_*"):
+        old.unlink()
     load_before = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     tmp = Path(tempfile.mkdtemp(prefix="perceptlab-load-"))
     gunicorn_log = OUT_DIR / "gunicorn.log"
     gunicorn_log.write_text("")
 
-    from contextlib import ExitStack, nullcontext
+    from contextlib import ExitStack
 
     from tests.support.pgserver import temporary_postgres
     from tests.support.redisserver import temporary_redis
 
     durable = {"fsync": "on", "synchronous_commit": "on", "full_page_writes": "on"}
-    print("starting PostgreSQL …", file=sys.stderr)
+    print("starting PostgreSQL and Redis …", file=sys.stderr)
     try:
         with ExitStack() as stack:
             pg = stack.enter_context(
-                temporary_postgres(settings=durable if args.durable else None)
+                temporary_postgres(settings={**(durable if args.durable else {}),
+                                             "max_connections": "200"})
             )
-            redis = stack.enter_context(
-                temporary_redis() if args.cache == "redis" else nullcontext(None)
-            )
+            redis = stack.enter_context(temporary_redis())
             env = {
                 **os.environ,
                 "DATABASE_URL": pg.url,
@@ -1189,15 +828,12 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                 "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
                 "DJANGO_DEBUG": "0",
                 "PERCEPTLAB_VAR": str(tmp / "var"),
+                "PERCEPTLAB_CACHE": redis.url,
                 "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             }
-            for name in ("DJANGO_SECURE", "PERCEPTLAB_CACHE", "PERCEPTLAB_MEDIA",
+            for name in ("DJANGO_SECURE", "PERCEPTLAB_MEDIA", "PERCEPTLAB_ROWS_DIR",
                          "PERCEPTLAB_RATE_PARTICIPANT_WRITE", "DJANGO_ALLOWED_HOSTS"):
                 env.pop(name, None)
-            if args.write_rate:
-                env["PERCEPTLAB_RATE_PARTICIPANT_WRITE"] = args.write_rate
-            if redis:
-                env["PERCEPTLAB_CACHE"] = redis.url
             os.environ.update({k: v for k, v in env.items() if k != "PYTHONPATH"})
             import django
 
@@ -1206,7 +842,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
             from django.core.management import call_command
             from django.db import connection, connections
 
-            setup = {"postgres_s": time.monotonic() - t_start}
             print("migrating, writing the study …", file=sys.stderr)
             call_command("migrate", verbosity=0, interactive=False)
             study_info = build_study(args, Path(settings.MEDIA_ROOT))
@@ -1214,35 +849,36 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                 cursor.execute("SELECT version()")
                 pg_version = cursor.fetchone()[0].split(" on ")[0]
             postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-            setup["migrate_and_study_s"] = time.monotonic() - t_start - setup["postgres_s"]
+            n_burst = prepare_submit_sessions(
+                int(args.burst_users * max(1.0, args.burst_seconds) * 2), tmp
+            )
             connections.close_all()
 
             port = free_port()
             print(f"starting {gunicorn_command_line(args)} …", file=sys.stderr)
             server = start_gunicorn(args, env, port, gunicorn_log)
-            setup["total_s"] = time.monotonic() - t_start
+            roots = {"gunicorn": server.pid, "postgres": postmaster, "redis": redis.pid}
             try:
-                ctx = {
-                    "port": port, "timeout": args.timeout, "acked": Acknowledged(),
-                    "finished": set(), "trials_per_session": args.trials + args.practice,
-                    "resend_every": args.resend_every,
-                    "roots": {"client": os.getpid(), "gunicorn": server.pid,
-                              "postgres": postmaster, "redis": redis.pid if redis else -1},
+                ramp_s = args.participants / args.spawn_rate
+                # Warm-up (not reported; its judgments are checked too): every worker thread
+                # imports and compiles its code paths, every stimulus file gets decoded.
+                warmup = run_locust("warmup", "session", 4 * args.workers, 4 * args.workers,
+                                    args.warmup, port, args, roots, tmp, think_ms=0)
+                runs = {
+                    "sessions": run_locust(
+                        "sessions", "session", args.participants, args.spawn_rate,
+                        ramp_s + args.duration + 2, port, args, roots, tmp),
+                    "submit": run_locust(
+                        "submit", "submit", args.burst_users, args.burst_users,
+                        args.burst_seconds + 2, port, args, roots, tmp),
+                    "ping": run_locust(
+                        "ping", "ping", args.burst_users, args.burst_users,
+                        args.burst_seconds + 2, port, args, roots, tmp),
                 }
-                progress = not args.no_progress
-                phases: dict[str, Phase] = {}
-                if args.warmup:
-                    phases["warmup"] = sessions_phase("warm-up", args.warmup, ctx, 0,
-                                                      not args.no_images, False)
-                phases["sessions"] = sessions_phase(
-                    "whole sessions", args.participants, ctx, args.think_ms / 1000,
-                    not args.no_images, progress,
-                )
-                phases.update(burst_phases(args.participants, ctx, args.ping_seconds,
-                                           progress))
             finally:
                 stop_gunicorn(server)
-            db = check_database(ctx["acked"], ctx["finished"])
+            acks = warmup.pop("acks") + [a for run in runs.values() for a in run.pop("acks")]
+            db = check_database(acks)
             print("measuring queries per request (in-process) …", file=sys.stderr)
             costs = request_costs()
             connections.close_all()
@@ -1250,67 +886,62 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
         if not args.keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    summaries = {}
-    for key, phase in phases.items():
-        s = phase.summary()
-        s["cores"] = cores(phase)
-        summaries[key] = s
-    ping_before, ping_after = rate(phases["ping_before"]), rate(phases["ping_after"])
-    ping_rps = (ping_before + ping_after) / 2
-    burst = phases["burst"]
-    submit_rps = rate(burst, "judgments")
-    ping_cpu = (server_cpu_ms(phases["ping_before"], phases["ping_before"].requests)
-                + server_cpu_ms(phases["ping_after"], phases["ping_after"].requests)) / 2
-    submit_cpu = server_cpu_ms(burst, burst.judgments)
-    errors = sum(len(ph.errors) for ph in phases.values())
+    s, sub, ping = runs["sessions"], runs["submit"], runs["ping"]
+    judgments = s["stats"].get("judgment", {}).get("n", 0)
+    submit_rps = sub["stats"].get("judgment", {}).get("rps", 0.0)
+    ping_rps = ping["stats"].get("ping (trivial view)", {}).get("rps", 0.0)
+    submit_cpu = server_cpu_ms(sub, sub["stats"].get("judgment", {}).get("n", 0))
+    ping_cpu = server_cpu_ms(ping, ping["stats"].get("ping (trivial view)", {}).get("n", 0))
+    p99 = {name: s["stats"].get(name, {}).get("p99", float("nan"))
+           for name in ("next trial (both images)", "image", "judgment")}
+    per_trial_s = args.think_ms / 1000 + sum(
+        s["stats"].get(name, {}).get("mean", 0) / 1000 * k
+        for name, k in (("image", 2), ("judgment", 1))
+    )
+    errors = sum(row["failures"] for run in runs.values() for row in run["stats"].values()
+                 if row.get("n") is not None and row is not run["stats"].get("Aggregated"))
     targets = {
         "errors": errors,
-        "reconnects": sum(sum(ph.reconnects.values()) for ph in phases.values()),
-        "ping_before_rps": ping_before, "ping_after_rps": ping_after, "ping_rps": ping_rps,
-        "submit_rps": submit_rps, "ratio": submit_rps / ping_rps if ping_rps else 0.0,
-        "session_jps": rate(phases["sessions"], "judgments"),
-        "ping_cpu_ms": ping_cpu, "submit_cpu_ms": submit_cpu,
+        "p99_next": p99["next trial (both images)"], "p99_image": p99["image"],
+        "p99_submit": p99["judgment"],
+        "session_jps": judgments / s["steady_s"] if s["steady_s"] else 0.0,
+        "offered_jps": args.participants / per_trial_s if per_trial_s else 0.0,
+        "session_cpu_ms": server_cpu_ms(s, judgments),
+        "submit_rps": submit_rps, "ping_rps": ping_rps,
+        "ratio": submit_rps / ping_rps if ping_rps else 0.0,
+        "submit_cpu_ms": submit_cpu, "ping_cpu_ms": ping_cpu,
         "cpu_ratio": ping_cpu / submit_cpu if submit_cpu else 0.0,
-        "session_cpu_ms": server_cpu_ms(phases["sessions"], phases["sessions"].judgments),
     }
-    problems = gunicorn_problems(gunicorn_log)
+    locust_version = subprocess.run([str(LOCUST), "--version"], capture_output=True,
+                                    text=True).stdout.split()[1]
     result = {
         "command": command,
         "date": started_at.strftime("%Y-%m-%d %H:%M"),
         "total_s": time.monotonic() - t_start,
-        "setup_s": {k: round(v, 1) for k, v in setup.items()},
         "machine": machine_info(),
         "postgres_version": pg_version,
+        "locust_version": locust_version,
         "load_before": load_before,
         "load_after": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
         "server": gunicorn_command_line(args),
-        "cache": args.cache,
         "durable": args.durable,
-        "write_rate": args.write_rate,
         "study": study_info,
-        "participants": args.participants,
-        "images": not args.no_images,
         "think_ms": args.think_ms,
+        "spawn_rate": args.spawn_rate,
         "resend_every": args.resend_every,
-        "phases": summaries,
+        "burst_users": args.burst_users,
+        "burst_seconds": args.burst_seconds,
+        "burst_sessions_prepared": n_burst,
+        "runs": runs,
         "targets": targets,
         "db": db,
         "request_costs": costs,
-        "gunicorn_log_problems": problems[:20],
-        "notes": NOTES,
+        "gunicorn_log_problems": gunicorn_problems(gunicorn_log)[:20],
     }
     (OUT_DIR / "results.json").write_text(json.dumps(result, indent=1, default=str))
     section = render_markdown(result)
     (OUT_DIR / "section.md").write_text(section)
     print(section)
-    if errors or db["lost"] or problems:
-        print(f"\n{errors} errors; first ones:", file=sys.stderr)
-        for phase in phases.values():
-            for message in phase.errors[:5]:
-                print(f"  [{phase.name}] {message}", file=sys.stderr)
-        if problems:
-            print(f"gunicorn log ({gunicorn_log}) has {len(problems)} error entries; first:\n"
-                  + problems[0][:3000], file=sys.stderr)
     if not args.no_write:
         write_benchmarks(section, args.think_ms, args.durable)
         print(f"wrote the section '{section_ids(args.think_ms, args.durable)[0]}' of {BENCHMARKS}",

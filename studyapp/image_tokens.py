@@ -43,9 +43,8 @@ on automation signals, response-time regularity and superhuman sensitivity
 (:mod:`studyapp.quality`) are for. The canonical encoding only removes every shortcut that
 does not need the pixels: file size, byte equality, recurrence of bytes across trials, chunk
 layout and metadata. It costs bandwidth (an uncompressed PNG: 3 bytes per pixel, 27 KB for
-96×96, 147 KB for 224×224) and per request O(pixels) of vectorised work on a per-process
-cache of decoded files (``PERCEPTLAB_IMAGE_CACHE`` entries, default 256; an entry holds the
-rows under three PNG filters: about 0.6 MB for 224×224).
+96×96, 147 KB for 224×224) and per request O(pixels) of vectorised work (about 0.25 ms for
+224×224) on the decoded rows, which :mod:`studyapp.stimulus_server` keeps.
 """
 
 from __future__ import annotations
@@ -59,11 +58,8 @@ import os
 import secrets
 import struct
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
-from threading import Lock
 
 import numpy as np
 from django.conf import settings
@@ -199,29 +195,27 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Pixels:
-    """A decoded stimulus: ``rows`` is ``height × (width·channels)`` uint8.
-
-    ``scanlines[f]`` holds every row PNG-filtered with filter ``f`` (0 None, 1 Sub, 2 Up),
-    filter byte first, computed once per decoded file, so that a request only picks rows.
-    """
+    """A decoded stimulus: ``rows`` is ``height × (width·channels)`` uint8 (an array, or a
+    read-only memory map of one: see :mod:`studyapp.stimulus_server`)."""
 
     width: int
     height: int
     channels: int  # 3 (RGB) or 4 (RGBA)
-    rows: np.ndarray
-    scanlines: np.ndarray = field(repr=False, compare=False)
+    rows: np.ndarray = field(repr=False, compare=False)
 
 
-def _filtered(rows: np.ndarray, bpp: int) -> np.ndarray:
-    """``(3, height, 1 + stride)`` uint8: every row under filters None, Sub and Up."""
+def _scanlines(rows: np.ndarray, bpp: int, choice: np.ndarray) -> np.ndarray:
+    """``(height, 1 + stride)`` uint8: row ``y`` PNG-filtered with filter ``choice[y]`` (0 None,
+    1 Sub, 2 Up), filter byte first. uint8 arithmetic wraps modulo 256, as PNG's does."""
     h, stride = rows.shape
-    out = np.empty((3, h, stride + 1), dtype=np.uint8)
-    out[:, :, 0] = np.array([0, 1, 2], dtype=np.uint8)[:, None]
-    out[0, :, 1:] = rows
-    out[1, :, 1:] = rows
-    out[1, :, 1 + bpp :] -= rows[:, :-bpp]  # uint8 arithmetic wraps modulo 256, as PNG's
-    out[2, :, 1:] = rows
-    out[2, 1:, 1:] -= rows[:-1]
+    out = np.empty((h, stride + 1), dtype=np.uint8)
+    out[:, 0] = choice
+    out[:, 1:] = rows
+    sub = np.flatnonzero(choice == 1)
+    out[sub, 1 + bpp :] -= rows[sub, :-bpp]
+    up = np.flatnonzero(choice == 2)
+    up = up[up > 0]  # the first row's prior row is all zeros: Up leaves it as it is
+    out[up, 1:] -= rows[up - 1]
     return out
 
 
@@ -247,8 +241,7 @@ def decode_png(data: bytes) -> Pixels:
         raise NotAPNG(f"cannot decode: {exc}") from exc
     array = np.asarray(converted, dtype=np.uint8)
     height, width, channels = array.shape
-    rows = np.ascontiguousarray(array.reshape(height, -1))
-    return Pixels(width, height, channels, rows, _filtered(rows, channels))
+    return Pixels(width, height, channels, np.ascontiguousarray(array.reshape(height, -1)))
 
 
 def canonical_length(width: int, height: int, channels: int = 3) -> int:
@@ -268,8 +261,8 @@ def canonical_png(pixels: Pixels, rng: np.random.Generator | None = None) -> byt
     rng = rng or np.random.default_rng(secrets.randbits(128))
     h = pixels.height
     bpp = pixels.channels
-    choice = rng.integers(0, 3, size=h)
-    raw = pixels.scanlines[choice, np.arange(h)].tobytes()
+    choice = rng.integers(0, 3, size=h, dtype=np.uint8)
+    raw = _scanlines(pixels.rows, bpp, choice).tobytes()
 
     parts = [b"\x78\x01"]  # zlib header: deflate, 32K window, no preset dictionary
     offsets = range(0, max(len(raw), 1), STORED_BLOCK)
@@ -290,37 +283,3 @@ def canonical_png(pixels: Pixels, rng: np.random.Generator | None = None) -> byt
             _chunk(b"IEND", b""),
         ]
     )
-
-
-# ------------------------------------------------------------------------------ cache
-
-
-class _PixelCache:
-    """Decoded files by (path, mtime_ns, size): an image shown to many sessions is decoded once."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[tuple, Pixels] = OrderedDict()
-        self._lock = Lock()
-
-    def get(self, path: Path) -> Pixels:
-        stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                return hit
-        pixels = decode_png(path.read_bytes())
-        with self._lock:
-            self._items[key] = pixels
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return pixels
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-
-
-pixel_cache = _PixelCache(int(os.environ.get("PERCEPTLAB_IMAGE_CACHE", "256")))

@@ -1,10 +1,12 @@
 """Participant JSON API: ``/api/sessions/<token>/...`` (state, judgments, completion).
 
-The session token in the URL is the participant's credential. The API keeps DRF's
-SessionAuthentication, so an anonymous participant needs no CSRF token (nothing ambient
-authenticates them: a forged request would have to know the token), while a logged-in staff
-member trying a study gets the usual CSRF check; the trial runner always sends ``X-CSRFToken``
-read from the cookie, so both work without ``csrf_exempt``.
+The session token in the URL is the participant's only credential, so these views
+authenticate nobody (``authentication_classes = ()``): no cookie (a Django session, a staff
+login) gives any power here, and so no cross-site request can borrow one. That is why they need
+no CSRF token: a forged request would have to know the session token, and whoever knows it can
+send the request without a victim's browser. (It also spares every request the Django session
+row: the participant API is the hot path of a study.) The trial runner sends ``X-CSRFToken``
+anyway; it is ignored.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class SessionAPIView(APIView):
     """
 
     max_body_bytes = PARTICIPANT_MAX_BODY
+    authentication_classes = ()  # the token in the URL is the credential (module docstring)
 
     def initial(self, request, *args, **kwargs):
         # Also for a view that never reads its body (completion): refuse it unread.
@@ -85,18 +88,19 @@ class JudgmentCreateView(SessionAPIView):
     used for a different judgment (code ``idempotency_key_reused``), the trial already has
     another judgment (``already_answered``), or the trial's lease expired and its pair went
     to another participant (``lease_expired``); 404 for an unknown position; 400 for a bad
-    body. Every refusal writes nothing. The logic lives in :func:`scheduler.record_judgment`.
+    body (checked before the token: a bad body is 400 even for an unknown session).
+    Every refusal writes nothing. The logic lives in :func:`scheduler.record_judgment`.
     """
 
     throttle_scope = "participant-write"
 
     def post(self, request: Request, token: str) -> Response:
-        session = self.get_session(token)
         serializer = JudgmentInputSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         try:
-            judgment, created = scheduler.record_judgment(session, serializer.validated_data)
-        except scheduler.UnknownTrial as exc:
+            # By token: the session is read with the locked trial, in the same statement.
+            judgment, created = scheduler.record_judgment(token, serializer.validated_data)
+        except (scheduler.UnknownSession, scheduler.UnknownTrial) as exc:
             raise NotFound(str(exc)) from exc
         except scheduler.JudgmentConflict as exc:
             raise Conflict(str(exc), code=exc.code) from exc

@@ -45,9 +45,11 @@ Concurrency (PostgreSQL, READ COMMITTED)
 - :func:`release_expired` locks expired trials with ``SKIP LOCKED``, so a judgment being
   recorded for a trial (which holds that trial's row lock) wins over its release and vice
   versa; a judgment that loses finds ``released`` set and is refused (409).
-- :func:`record_judgment` locks the trial row, then re-reads the idempotency key, so a retry
-  racing its original sees the original's committed row and answers 200, not 409; if both
-  insert at once the unique constraint refuses one, which is retried once and answers 200.
+- :func:`record_judgment` locks the trial row (reading its judgment, if any, in the same
+  statement) and inserts; a retry of an answered trial re-reads the idempotency key under the
+  lock and answers 200, not 409. When the insert hits a unique constraint (a retry racing its
+  original, both past the read, or a key used for another trial) it runs once more with the
+  key look-up under the lock, and answers 200 for the retry, 409 otherwise.
 - Who waits for whom (so no deadlock cycle): session building never waits (SKIP LOCKED);
   a release waits for pair rows (in id order) held by builders or other releases, and for
   session rows held by a completion; a judgment waits for its own trial row and, renewing
@@ -85,7 +87,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import Count, F, Q
 from django.utils import timezone
 
-from . import adaptive
+from . import adaptive, fastsql
 from .models import Judgment, Pair, Participant, Session, Study, Trial
 
 # Near saturation: how often, and after how long (seconds, doubling: 1.26 s in all), a session
@@ -120,6 +122,12 @@ class AlreadyParticipated(StudyUnavailable):
     """
 
     code = "already_participated"
+
+
+class UnknownSession(SchedulerError, LookupError):
+    """No session has that token (→ 404)."""
+
+    code = "not_found"
 
 
 class UnknownTrial(SchedulerError, LookupError):
@@ -570,10 +578,10 @@ def renew_leases(session: Session, now: datetime | None = None) -> int:
 # ------------------------------------------------------------------------------ judgments
 
 
-def _same_judgment(judgment: Judgment, session: Session, data: Mapping[str, Any]) -> bool:
+def _same_judgment(judgment: Judgment, session_id: int, data: Mapping[str, Any]) -> bool:
     durations = data["durations"]
     return (
-        judgment.trial.session_id == session.pk
+        judgment.trial.session_id == session_id
         and judgment.trial.position == data["position"]
         and judgment.response == data["response"]
         and judgment.response_time_ms == data["response_time_ms"]
@@ -583,12 +591,12 @@ def _same_judgment(judgment: Judgment, session: Session, data: Mapping[str, Any]
     )
 
 
-def _by_key(session: Session, data: Mapping[str, Any], existing: Judgment | None):
+def _by_key(session_id: int, data: Mapping[str, Any], existing: Judgment | None):
     """``existing`` (the judgment stored under ``data``'s key) if it is this very judgment;
     :class:`IdempotencyKeyReused` if it is another; ``None`` if there is none."""
     if existing is None:
         return None
-    if _same_judgment(existing, session, data):
+    if _same_judgment(existing, session_id, data):
         return existing
     raise IdempotencyKeyReused(
         f"idempotency_key {data['idempotency_key']!r} was already used for a different judgment"
@@ -602,32 +610,40 @@ def _stored_judgments(trial: Trial, key: str) -> list[Judgment]:
     )
 
 
-def _record(session: Session, data: Mapping[str, Any], now: datetime) -> tuple[Judgment, bool]:
-    """One transaction, 6 statements for a main trial (lock, look-up, insert, lease update)."""
+def _record(
+    token: str, data: Mapping[str, Any], now: datetime, *, check_key: bool
+) -> tuple[Judgment, bool]:
+    """One transaction. The usual case (a fresh answer to a held trial) is 3 statements
+    (:mod:`.fastsql`): the locked trial with what it needs, the insert, one lease update. With
+    ``check_key`` (and whenever the trial is answered or released) the idempotency key is
+    looked up first, so that the answer is 200 for a retry, else the right 409."""
     position = data["position"]
     key = data["idempotency_key"]
-    # Lock the trial row only (no joins: FOR UPDATE on a joined pair row would block the
-    # foreign-key checks of every session being built with that pair).
-    trial = Trial.objects.select_for_update().filter(session=session, position=position).first()
+    trial = fastsql.locked_trial(token, position)
     if trial is None:
+        if not Session.objects.filter(token=token).exists():
+            raise UnknownSession("unknown session token")
         raise UnknownTrial(f"this session has no trial at position {position}")
-    # Holding the trial's lock: a concurrent request for it has committed or not started, so
-    # a retry that raced its original now sees the original's row. One query finds both the
-    # judgment stored under this key (anywhere) and this trial's judgment.
-    stored = _stored_judgments(trial, key)
-    by_key = next((j for j in stored if j.idempotency_key == key), None)
-    existing = _by_key(session, data, by_key)
-    if existing is not None:
-        return existing, False
-    if any(j.trial_id == trial.pk for j in stored):
-        raise AlreadyAnswered(f"the trial at position {position} already has a judgment")
-    if trial.released:
-        raise LeaseExpired(
-            f"this trial's lease expired (no answer for {session.study.lease_minutes} minutes) "
-            "and its pair went to another participant; this session cannot be completed"
-        )
+    if check_key or trial.released or trial.judgment_pk is not None:
+        # Holding the trial's lock: a concurrent request for it has committed or not started,
+        # so a retry that raced its original now sees the original's row. One query finds
+        # both the judgment stored under this key (anywhere) and this trial's judgment.
+        stored = _stored_judgments(trial, key)
+        by_key = next((j for j in stored if j.idempotency_key == key), None)
+        existing = _by_key(trial.session_id, data, by_key)
+        if existing is not None:
+            return existing, False
+        if any(j.trial_id == trial.pk for j in stored):
+            raise AlreadyAnswered(f"the trial at position {position} already has a judgment")
+        if trial.released:
+            raise LeaseExpired(
+                f"this trial's lease expired (no answer for {trial.lease_minutes} minutes) and "
+                "its pair went to another participant; this session cannot be completed"
+            )
+    # Without the look-up, a key already used elsewhere (or a racing twin of this request)
+    # makes the insert fail on a unique constraint: record_judgment then runs again with it.
     durations = data["durations"]
-    judgment = Judgment.objects.create(
+    judgment = Judgment(
         trial=trial,
         response=data["response"],
         response_time_ms=data["response_time_ms"],
@@ -636,39 +652,45 @@ def _record(session: Session, data: Mapping[str, Any], now: datetime) -> tuple[J
         second_ms=durations["second_ms"],
         idempotency_key=key,
     )
-    lease = timedelta(minutes=session.study.lease_minutes)
+    fastsql.insert(judgment)
+    # The judgment now holds the pair's slot for good (n_assigned unchanged): the trial's lease
+    # ends. The session's leases were all set (and are renewed) together: when this trial's
+    # lease still had more than half to run, so do the others, and there is nothing to renew.
+    lease = timedelta(minutes=trial.lease_minutes)
     held_until = trial.leased_until
-    if held_until is not None:
-        # The judgment now holds the pair's slot for good (n_assigned unchanged).
-        Trial.objects.filter(pk=trial.pk).update(leased_until=None)
-        trial.leased_until = None
-    # The session's leases were all set (and are renewed) together: when this trial's lease
-    # still had more than half to run, so do the others, and there is nothing to renew.
-    if held_until is None or held_until < now + lease / 2:
-        renew_leases(session, now)
+    renew = held_until is None or held_until < now + lease / 2
+    fastsql.settle_leases(
+        trial.session_id, trial.pk, end=held_until is not None,
+        renew_until=now + lease if renew else None, renew_before=now + lease / 2,
+    )
+    trial.leased_until = None
     return judgment, True
 
 
 def record_judgment(
-    session: Session, data: Mapping[str, Any], now: datetime | None = None
+    session: Session | str, data: Mapping[str, Any], now: datetime | None = None
 ) -> tuple[Judgment, bool]:
-    """Store the judgment ``data`` (validated ``JudgmentInputSerializer`` data) for ``session``.
+    """Store the judgment ``data`` (validated ``JudgmentInputSerializer`` data) for ``session``
+    (a :class:`Session`, or its token: then the session is read with the trial, no query of
+    its own).
 
     Returns ``(judgment, created)``: ``created`` is False when the identical judgment was
     already stored under the same ``idempotency_key`` (a retry). Practice trials are recorded
     like any other (``judgment.trial.is_practice`` tells them apart). Raises
-    :class:`UnknownTrial`, :class:`IdempotencyKeyReused`, :class:`AlreadyAnswered` or
-    :class:`LeaseExpired`; then nothing is written.
+    :class:`UnknownSession`, :class:`UnknownTrial`, :class:`IdempotencyKeyReused`,
+    :class:`AlreadyAnswered` or :class:`LeaseExpired`; then nothing is written.
     """
     now = now or timezone.now()
+    token = session.token if isinstance(session, Session) else session
     try:
         with transaction.atomic():
-            return _record(session, data, now)
+            return _record(token, data, now, check_key=False)
     except IntegrityError:
-        # A concurrent request with the same key (or for the same trial) committed first;
-        # run again to answer as if it had come second: 200 for a retry, 409 otherwise.
+        # The key was used before (for another trial), or a concurrent request with the same
+        # key (or for the same trial) committed first; run again with the look-up, to answer
+        # as if it had come second: 200 for a retry, 409 otherwise.
         with transaction.atomic():
-            return _record(session, data, now)
+            return _record(token, data, now, check_key=True)
 
 
 # ------------------------------------------------------------------------------ client info

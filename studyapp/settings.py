@@ -24,7 +24,9 @@ Production (see README, "Running a real study on MTurk / Prolific"):
   (production: Django's RedisCache, shared by every gunicorn worker, no SQL), ``db``
   (default with PostgreSQL: a table shared by every worker) or ``locmem`` (default with
   SQLite: per process, so limits apply per worker).
-- ``PERCEPTLAB_IMAGE_CACHE``: decoded stimulus images kept per process (default 256).
+- ``PERCEPTLAB_IMAGE_CACHE``: memory-mapped stimulus files kept open per process (default
+  4096; see :mod:`studyapp.stimulus_server`).
+- ``PERCEPTLAB_ROWS_DIR``: where decoded stimulus rows are kept (default ``var/stimulus-rows``).
 - ``PERCEPTLAB_RATE_PARTICIPANT_WRITE`` / ``PERCEPTLAB_RATE_STAFF``: rate limits, e.g.
   ``120/min`` (see :mod:`studyapp.throttling`).
 - ``PERCEPTLAB_ALLOW_FILE_SECRET``: ``1`` lets gunicorn start without ``DJANGO_SECRET_KEY``
@@ -149,6 +151,11 @@ STORAGES = {
 # Pair images live here and are never served directly: only through per-trial URLs.
 MEDIA_ROOT = Path(os.environ.get("PERCEPTLAB_MEDIA", VAR_DIR / "media")).resolve()
 
+# Decoded stimulus rows, shared by every worker through the page cache (studyapp.stimulus_server).
+PERCEPTLAB_ROWS_DIR = Path(
+    os.environ.get("PERCEPTLAB_ROWS_DIR", VAR_DIR / "stimulus-rows")
+).resolve()
+
 LOGIN_URL = "/admin/login/"
 
 # Rate-limit counters must be shared by every gunicorn worker. PERCEPTLAB_CACHE picks where:
@@ -163,7 +170,7 @@ _DEFAULT_CACHE = "locmem" if DATABASES["default"]["ENGINE"].endswith("sqlite3") 
 _CACHE = os.environ.get("PERCEPTLAB_CACHE", _DEFAULT_CACHE).strip()
 if _CACHE.startswith(("redis://", "rediss://", "unix://")):
     _CACHE_CONFIG: dict = {
-        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "BACKEND": "studyapp.cache.RedisCache",  # Django's, its clients reused (see there)
         "LOCATION": _CACHE,
         "KEY_PREFIX": "perceptlab",
     }

@@ -29,7 +29,6 @@ import re
 import secrets
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
@@ -42,8 +41,7 @@ from django.views.decorators.http import require_GET, require_http_methods
 from rest_framework import status
 
 from .fingerprints import assign_request_fingerprints
-from .image_tokens import NotAPNG, canonical_png, decode_image_key, pixel_cache
-from .models import Participant, Session, Study, Trial
+from .models import Participant, Session, Study
 from .recruitment import (
     MTURK_SUBMIT_HOSTS,
     BadRecruitmentLink,
@@ -54,6 +52,7 @@ from .recruitment import (
 )
 from .reports import study_counts
 from .scheduler import AlreadyParticipated, StudyUnavailable, standing, start_or_resume
+from .stimulus_server import STIMULUS_HEADERS, stimulus_response_body
 
 logger = logging.getLogger(__name__)
 
@@ -265,33 +264,15 @@ def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
 
     See :mod:`studyapp.image_tokens` for what it hides: every image of given dimensions has
     the same length, headers and chunk layout and fresh bytes; no filename, Last-Modified or
-    ETag. The key names the position and slot (no scan of the session's trials): one query.
+    ETag. In production :class:`studyapp.stimulus_server.StimulusWSGI` answers these URLs
+    before Django does, with the same body function and headers.
     """
-    found = decode_image_key(token, key)
-    if found is None:
+    body = stimulus_response_body(token, key)
+    if body is None:
         raise Http404("unknown image")
-    position, slot = found
-    row = (
-        Trial.objects.filter(session__token=token, position=position)
-        .values_list("pair_id", "natural_first", "pair__natural_path", "pair__other_path")
-        .first()
-    )
-    if row is None:
-        raise Http404("unknown image")
-    pair_id, natural_first, natural_path, other_path = row
-    relative = natural_path if (slot == 1) == natural_first else other_path
-    media_root = Path(settings.MEDIA_ROOT).resolve()
-    path = (media_root / relative).resolve()
-    if not path.is_relative_to(media_root) or not path.is_file():
-        logger.error("image of pair %s slot %s is missing: %s", pair_id, slot, path)
-        raise Http404("image missing")
-    try:
-        data = canonical_png(pixel_cache.get(path))
-    except NotAPNG as exc:
-        logger.error("image of pair %s slot %s cannot be served: %s", pair_id, slot, exc)
-        raise Http404("image missing") from exc
-    response = HttpResponse(data, content_type="image/png")
-    response["Cache-Control"] = "private, max-age=3600"
+    response = HttpResponse(body)
+    for name, value in STIMULUS_HEADERS:
+        response[name] = value
     return response
 
 

@@ -1,5 +1,7 @@
 """WSGI entry point (``gunicorn studyapp.wsgi -w 4 -b 0.0.0.0:8000``).
 
+Stimulus images (``/img/...``) are answered by :class:`studyapp.stimulus_server.StimulusWSGI`
+in front of Django (same bytes and headers, a fraction of the work); everything else by Django.
 With DEBUG off it refuses to start without ``DJANGO_SECRET_KEY`` (see
 :func:`studyapp.wiring.require_production_secret`).
 """
@@ -9,7 +11,16 @@ import os
 from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "studyapp.settings")
-application = get_wsgi_application()
+django_application = get_wsgi_application()
+
+
+def _with_stimulus_server(app):
+    from studyapp.stimulus_server import StimulusWSGI  # needs the apps loaded
+
+    return StimulusWSGI(app)
+
+
+application = _with_stimulus_server(django_application)
 
 
 def _refuse_file_secret() -> None:

@@ -49,9 +49,13 @@ def write_png(root: Path, relative: str, pixels: np.ndarray) -> str:
 
 @pytest.fixture
 def media_root(settings, tmp_path) -> Path:
+    from studyapp.stimulus_server import trial_paths
+
     root = tmp_path / "media"
     root.mkdir()
     settings.MEDIA_ROOT = root
+    settings.PERCEPTLAB_ROWS_DIR = tmp_path / "stimulus-rows"
+    trial_paths.clear()  # (paths resolved under another test's MEDIA_ROOT)
     return root
 
 

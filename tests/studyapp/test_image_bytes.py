@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import zlib
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,9 +120,56 @@ def test_image_keys_round_trip_and_are_bound_to_the_session():
 # ------------------------------------------------------------------------------ the probe
 
 
-def _serve_sessions(study, new_session, n_sessions: int) -> list[dict]:
+class _Fetched:
+    """A response as the probe sees it: status, headers, body."""
+
+    def __init__(self, status_code: int, headers: dict, content: bytes) -> None:
+        self.status_code, self._headers, self.content = status_code, headers, content
+
+    def items(self):
+        return self._headers.items()
+
+
+def _wsgi_get(app, url: str, method: str = "GET", scheme: str = "http") -> _Fetched:
+    """One request through the WSGI callable ``app`` (as gunicorn calls it)."""
+    from django.test import RequestFactory
+
+    environ = RequestFactory()._base_environ(
+        PATH_INFO=url, REQUEST_METHOD=method, **{"wsgi.url_scheme": scheme}
+    )
+    started = {}
+
+    def start_response(status, headers, exc_info=None):
+        started["status"], started["headers"] = int(status.split()[0]), dict(headers)
+
+    body = b"".join(app(environ, start_response))
+    return _Fetched(started["status"], started["headers"], body)
+
+
+class _FastPathClient:
+    """Fetches through :class:`StimulusWSGI` in front of Django, and records who answered."""
+
+    def __init__(self) -> None:
+        from django.core.handlers.wsgi import WSGIHandler
+
+        from studyapp.stimulus_server import StimulusWSGI
+
+        self.django_calls = 0
+        django = WSGIHandler()
+
+        def counted(environ, start_response):
+            self.django_calls += 1
+            return django(environ, start_response)
+
+        self.app = StimulusWSGI(counted)
+
+    def get(self, url: str, **kw) -> _Fetched:
+        return _wsgi_get(self.app, url, **kw)
+
+
+def _serve_sessions(study, new_session, n_sessions: int, client=None) -> list[dict]:
     """Every image of ``n_sessions`` fresh sessions, fetched over HTTP, with the truth."""
-    client, api = Client(), APIClient()
+    client, api = client or Client(), APIClient()
     trials = []
     for _ in range(n_sessions):
         session: Session = new_session(study)
@@ -142,15 +191,20 @@ def _serve_sessions(study, new_session, n_sessions: int) -> list[dict]:
 
 
 @pytest.mark.django_db
-def test_a_bytes_only_probe_has_nothing_to_go_on(make_study, new_session):
+@pytest.mark.parametrize("server", ["django view", "wsgi fast path"])
+def test_a_bytes_only_probe_has_nothing_to_go_on(make_study, new_session, server):
     """Size, hash, recurrence and layout rules of a cheating script never fire.
 
     Rules (each right on every applicable trial against the old server, see issue 10):
     "the larger file is the perturbed one"; "equal bytes or Content-Length means a sentinel";
-    "an image whose bytes recur elsewhere is the natural one".
+    "an image whose bytes recur elsewhere is the natural one". Both ways of serving are
+    probed: the Django view and the WSGI fast path production puts in front of it.
     """
     study = make_study(trials_per_session=6, sentinel_fraction=0.34)
-    trials = _serve_sessions(study, new_session, n_sessions=4)
+    fast = _FastPathClient() if server == "wsgi fast path" else None
+    trials = _serve_sessions(study, new_session, n_sessions=4, client=fast)
+    if fast is not None:
+        assert fast.django_calls == 0  # every image was answered by the fast path
     assert any(t["sentinel"] for t in trials) and any(not t["sentinel"] for t in trials)
     bodies = [body for t in trials for body in t["bodies"]]
 
@@ -174,6 +228,52 @@ def test_a_bytes_only_probe_has_nothing_to_go_on(make_study, new_session):
     for t in trials:
         same = np.array_equal(_rgba(t["bodies"][0]), _rgba(t["bodies"][1]))
         assert same == t["sentinel"]
+
+
+@pytest.mark.django_db
+def test_the_fast_path_and_the_view_send_the_same_headers_and_pixels(make_study, new_session):
+    study = make_study(trials_per_session=4)
+    session = new_session(study)
+    url = APIClient().get(f"/api/sessions/{session.token}/").json()["trials"][0]["images"][0]
+    fast = _FastPathClient()
+    via_fast, via_view = fast.get(url), Client().get(url)
+    assert via_fast.status_code == via_view.status_code == 200
+    assert fast.django_calls == 0
+    assert sorted(via_fast.items()) == sorted(via_view.items())
+    assert np.array_equal(_rgba(via_fast.content), _rgba(via_view.content))
+    assert via_fast.content != via_view.content  # fresh bytes each time, all the same
+
+
+@pytest.mark.django_db
+def test_the_fast_path_leaves_everything_else_to_django(make_study, new_session, settings):
+    """Unknown or tampered keys, other methods and paths, missing files, an HTTPS redirect:
+    Django answers them (its 404s, its redirects, its logging), unchanged."""
+    study = make_study(trials_per_session=4)
+    session = new_session(study)
+    state = APIClient().get(f"/api/sessions/{session.token}/").json()
+    url = state["trials"][0]["images"][0]
+    fast = _FastPathClient()
+
+    tampered = url.rstrip("/")[:-3] + "AAA/"
+    other_session = url.replace(session.token, new_session(study).token)
+    for bad in (tampered, other_session, "/img/nope/nope/"):
+        assert fast.get(bad).status_code == 404
+    assert fast.django_calls == 3
+    assert fast.get(url, method="HEAD").status_code == 405 and fast.django_calls == 4
+    assert fast.get("/api/sessions/unknown/").status_code == 404 and fast.django_calls == 5
+
+    # A stimulus file gone from disk: Django's view logs it and answers 404.
+    trial = session.trials.select_related("pair").get(position=0)
+    slot_file = trial.pair.natural_path if trial.natural_first else trial.pair.other_path
+    from studyapp.stimulus_server import trial_paths
+
+    trial_paths.clear()
+    (Path(settings.MEDIA_ROOT) / slot_file).rename(Path(settings.MEDIA_ROOT) / "moved.png")
+    assert fast.get(url).status_code == 404 and fast.django_calls == 6
+
+    settings.SECURE_SSL_REDIRECT = True  # DJANGO_SECURE: plain http goes to Django's redirect
+    secure = _FastPathClient()  # (Django's middleware reads the setting when it is built)
+    assert secure.get(url).status_code == 301 and secure.django_calls == 1
 
 
 @pytest.mark.browser
@@ -216,3 +316,46 @@ def test_chromium_decodes_the_served_pngs_to_the_stored_pixels(
                 assert np.array_equal(np.array(rgba, dtype=np.uint8).reshape(expected.shape),
                                       expected), url
         browser.close()
+
+
+@pytest.mark.django_db
+def test_decoded_rows_are_shared_on_disk_and_follow_edits(
+    make_study, new_session, settings, monkeypatch
+):
+    """The first request writes the file's rows as .npy; a fresh worker (empty per-process
+    cache) serves from that file without decoding; an edited file is decoded afresh."""
+    from studyapp import stimulus_server
+    from studyapp.stimulus_server import PixelStore
+
+    study = make_study(trials_per_session=4)
+    session = new_session(study)
+    url = APIClient().get(f"/api/sessions/{session.token}/").json()["trials"][0]["images"][0]
+    trial = session.trials.select_related("pair").get(position=0)
+    stored = Path(settings.MEDIA_ROOT) / (
+        trial.pair.natural_path if trial.natural_first else trial.pair.other_path
+    )
+    first = Client().get(url)
+    rows_dir = Path(settings.PERCEPTLAB_ROWS_DIR)
+    assert len(list(rows_dir.glob("*.npy"))) == 1
+
+    fresh_worker = PixelStore(size=8)
+    decoded = []
+    original_decode = stimulus_server.decode_png
+
+    def counting_decode(data):
+        decoded.append(len(data))
+        return original_decode(data)
+
+    monkeypatch.setattr(stimulus_server, "decode_png", counting_decode)  # a spy: counts calls
+    pixels = fresh_worker.get(stored)
+    assert decoded == []  # memory-mapped from the .npy the first request wrote
+    assert np.array_equal(
+        pixels.rows.reshape(pixels.height, pixels.width, pixels.channels),
+        _rgba(first.content)[..., : pixels.channels],
+    )
+    edited = np.zeros((pixels.height, pixels.width, 3), dtype=np.uint8)
+    Image.fromarray(edited).save(stored, format="PNG")
+    os.utime(stored, ns=(1, 1))  # a different mtime, whatever the clock's resolution
+    assert np.array_equal(fresh_worker.get(stored).rows, edited.reshape(pixels.height, -1))
+    assert len(decoded) == 1
+    assert len(list(rows_dir.glob("*.npy"))) == 2

@@ -37,7 +37,7 @@ def test_perceptlab_cache_redis_url_selects_the_redis_backend(redis_url, tmp_pat
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
                          text=True, timeout=60, check=True).stdout
-    assert json.loads(out) == ["django.core.cache.backends.redis.RedisCache", 42]
+    assert json.loads(out) == ["studyapp.cache.RedisCache", 42]
     bad = subprocess.run([sys.executable, "-c", "import django; django.setup()"],
                          env={**env, "PERCEPTLAB_CACHE": "memcached"}, cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
@@ -47,7 +47,7 @@ def test_perceptlab_cache_redis_url_selects_the_redis_backend(redis_url, tmp_pat
 def test_participant_write_limit_counts_in_redis(redis_url, settings, session, judgment_body):
     import redis
 
-    settings.CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache",
+    settings.CACHES = {"default": {"BACKEND": "studyapp.cache.RedisCache",
                                    "LOCATION": redis_url, "KEY_PREFIX": "perceptlab"}}
     settings.REST_FRAMEWORK = {
         **settings.REST_FRAMEWORK,
