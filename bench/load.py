@@ -643,8 +643,9 @@ def render_markdown(r: dict) -> str:  # noqa: C901 - one linear report reads bes
         " runner page → state → client info → per trial: both images, a pause of "
         f"**{r['think_ms']:.0f} ms** (±30 %), the judgment → client info → complete → end page;"
         f" every {r['resend_every']}th judgment re-sent with its key). They arrived at "
-        f"{r['spawn_rate']}/s; everything below is over the **{fmt(s['steady_s'], 0)} s after"
-        " the last arrived** (steady state).",
+        f"{r['spawn_rate']}/s (spread over about one session's length, so that session starts"
+        " are spread as in a study people join over time); everything below is over the"
+        f" **{fmt(s['steady_s'], 0)} s after the last arrived** (steady state).",
         "",
         "| request | n | p50 ms | p95 ms | p99 ms | max ms | failures |",
         "|---|---|---|---|---|---|---|",
@@ -761,7 +762,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="mean pause per trial, ms (±30 %%); 0 = stress test")
     parser.add_argument("--duration", type=float, default=120,
                         help="steady-state seconds measured after the last user arrived")
-    parser.add_argument("--spawn-rate", type=float, default=50, help="users arriving per second")
+    parser.add_argument("--spawn-rate", type=float, default=None,
+                        help="users arriving per second (default: participants / the length of"
+                             " a session at the pace, so that session starts are spread evenly"
+                             " as in a study people join over time)")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn gthread workers")
     parser.add_argument("--threads", type=int, default=8,
                         help="threads per gthread worker (1: sync workers)")
@@ -791,6 +795,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run reads best
     args = parse_args(argv)
+    if args.spawn_rate is None:
+        session_s = max(1.0, (args.trials + args.practice) * args.think_ms / 1000)
+        args.spawn_rate = round(max(1.0, args.participants / session_s), 2)
     if not LOCUST.exists():
         print(f"no locust at {LOCUST.relative_to(ROOT)}: run `bash bench/setup_load_env.sh`"
               " once (locust gets its own environment, see bench/requirements-load.txt)",

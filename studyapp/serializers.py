@@ -7,10 +7,9 @@ never analysed, also carry their correct answer for the feedback).
 
 from __future__ import annotations
 
-from django.db.models import Exists, OuterRef
 from rest_framework import serializers
 
-from .image_tokens import image_url
+from .image_tokens import image_urls
 from .models import Judgment, Session
 
 MAX_RESPONSE_TIME_MS = 10 * 60 * 1000
@@ -205,20 +204,19 @@ def session_state(session: Session) -> dict:
     pairs are never analysed, so that reveals nothing about the study's data.
     """
     study = session.study
-    rows = (
-        session.trials.order_by("position")
-        .annotate(has_judgment=Exists(Judgment.objects.filter(trial=OuterRef("pk"))))
-        .values_list(
-            "position", "is_practice", "has_judgment", "pair__is_sentinel",
+    rows = list(
+        session.trials.order_by("position").values_list(
+            "position", "is_practice", "judgment__id", "pair__is_sentinel",
             "pair__natural_path", "pair__other_path", "pair__width", "pair__height",
         )
     )
+    urls = image_urls(session.token, [row[0] for row in rows])
     trials, width, height = [], 0, 0
-    for position, practice, answered, sentinel, natural, other, w, h in rows:
+    for position, practice, judgment_id, sentinel, natural, other, w, h in rows:
         trial = {
             "position": position,
-            "images": [image_url(session.token, position, slot) for slot in (1, 2)],
-            "answered": answered,
+            "images": urls[position],
+            "answered": judgment_id is not None,
             "practice": practice,
         }
         if practice:
