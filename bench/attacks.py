@@ -55,6 +55,7 @@ from _common import (  # noqa: E402
     median,
     profile_table,
     timed,
+    write_markdown_section,
 )
 
 from engine.attacks import parse_attack  # noqa: E402
@@ -652,23 +653,16 @@ def command_line() -> str:
     return shlex.join([str(python), "bench/attacks.py", *sys.argv[1:]])
 
 
+def section_markers(key: str) -> tuple[str, str]:
+    """BENCHMARKS.md's markers around this script's section ``key`` (``cpu``, ``gpu`` …)."""
+    return f"<!-- bench/attacks.py {key}: start -->", f"<!-- bench/attacks.py {key}: end -->"
+
+
 def write_section(path: Path, key: str, text: str) -> None:
-    """Replace (or append) the section between this key's markers; keep everything else."""
-    start, end = f"<!-- bench/attacks.py {key}: start -->", f"<!-- bench/attacks.py {key}: end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if path.exists():
-        current = path.read_text()
-    else:
-        current = ("# Benchmarks\n\nResults of the scripts in `bench/`, each written by the script"
-                   " itself with the command that produced it. They are ratios within one run"
-                   " on one machine; nothing in the test suite asserts on time.\n")
-    if start in current and end in current:
-        before, rest = current.split(start, 1)
-        after = rest.split(end, 1)[1]
-        current = before + block + after
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    path.write_text(current)
+    """Replace (or append) the section between this key's markers; keep everything else
+    (bench/_common.py's one section writer)."""
+    start, end = section_markers(key)
+    write_markdown_section(path, start, end, f"{start}\n{text.rstrip()}\n{end}")
 
 
 def plot(runs: list[Run], pgd: Run, bound: float, path: Path, title: str) -> None:

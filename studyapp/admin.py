@@ -1,6 +1,6 @@
 from django.contrib import admin, messages
 
-from .models import Condition, Judgment, Pair, Participant, Session, Study, Trial
+from .models import Calibration, Condition, Judgment, Pair, Participant, Session, Study, Trial
 from .quality import STAFF_EXCLUDE, STAFF_INCLUDE, apply_exclusions, set_staff_decision, summary
 
 
@@ -88,6 +88,55 @@ class SessionAdmin(admin.ModelAdmin):
 class JudgmentAdmin(admin.ModelAdmin):
     list_display = ["trial", "response", "response_time_ms", "first_ms", "blank_ms", "second_ms"]
     list_filter = ["response", "trial__session__participant__study"]
+
+
+class ThreatModelFilter(admin.SimpleListFilter):
+    """Calibrations with presets for a threat model (the keys of ``presets``)."""
+
+    title = "threat model"
+    parameter_name = "threat_model"
+
+    def lookups(self, request, model_admin):
+        names: set[str] = set()
+        for presets in Calibration.objects.values_list("presets", flat=True):
+            names.update(presets or {})
+        return [(name, name) for name in sorted(names)]
+
+    def queryset(self, request, queryset):
+        return queryset.filter(presets__has_key=self.value()) if self.value() else queryset
+
+
+@admin.register(Calibration)
+class CalibrationAdmin(admin.ModelAdmin):
+    """Stored by ``manage.py calibrate``: the fitted values are shown, never edited here."""
+
+    list_display = ["id", "study", "created_at", "threat_models", "targets", "n_judgments",
+                    "n_sessions", "sigmoid", "code_version"]
+    list_filter = ["study", ThreatModelFilter, "created_at"]
+    list_select_related = ["study"]
+    search_fields = ["study__slug", "code_version"]
+    date_hierarchy = "created_at"
+    readonly_fields = ["study", "created_at", "targets", "presets", "fit", "counts", "settings",
+                       "code_version"]
+
+    def has_add_permission(self, request) -> bool:
+        return False  # only ``calibrate`` fits one
+
+    @admin.display(description="threat models")
+    def threat_models(self, obj: Calibration) -> str:
+        return ", ".join(sorted(obj.presets or {}))
+
+    @admin.display(description="judgments")
+    def n_judgments(self, obj: Calibration):
+        return (obj.counts or {}).get("n_judgments")
+
+    @admin.display(description="sessions")
+    def n_sessions(self, obj: Calibration):
+        return (obj.counts or {}).get("n_sessions")
+
+    @admin.display(description="sigmoid")
+    def sigmoid(self, obj: Calibration):
+        return (obj.settings or {}).get("sigmoid")
 
 
 admin.site.register(Participant)

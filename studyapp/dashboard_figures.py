@@ -3,10 +3,10 @@
 Used by the staff dashboard (:mod:`studyapp.dashboard`) and ``analyze --figures``. Each figure
 comes from ``engine.figures`` as ``(matplotlib Figure, DataFrame behind it)``; here it becomes
 PNG, SVG and CSV bytes. The analysis and every rendered file are cached under a key built from
-the study's state (:func:`study_state`): the newest judgment id and the judgment count (of all
-studies), the sessions and exclusion decisions, which participants are simulated, the pairs
-and the latest calibration. Any new judgment, session, exclusion, pair or calibration changes
-the key, so a cached figure is never stale.
+the study's own state (:func:`study_state`): its judgment count and newest judgment id, its
+sessions and exclusion decisions, which of its participants are simulated, its pairs and its
+latest calibration. Any new judgment, session, exclusion, pair or calibration of the study
+changes the key, so a cached figure is never stale; another study's never does.
 """
 
 from __future__ import annotations
@@ -131,11 +131,27 @@ FIGURES: dict[str, tuple[str, Callable[[FigureContext], tuple]]] = {
 }
 
 
+def study_judgments(study: Study) -> dict:
+    """``{"n", "last"}``: the count and newest id of ``study``'s judgments (practice too).
+
+    Counting one study's judgments joins them to trials, sessions and participants (seconds at
+    a million rows), so the answer is cached under the count and newest id of all judgments
+    (no join, cheap): the join runs again only after a judgment was added or deleted anywhere.
+    """
+    everywhere = Judgment.objects.aggregate(n=Count("id"), last=Max("id"))
+    key = f"dashboard:{study.pk}:judgments:{everywhere['n']}:{everywhere['last']}"
+    own = cache.get(key)
+    if own is None:
+        own = Judgment.objects.filter(trial__session__participant__study=study.pk).aggregate(
+            n=Count("id"), last=Max("id"))
+        cache.set(key, own, CACHE_SECONDS)
+    return own
+
+
 def study_state(study: Study) -> str:
-    """A short hash that changes whenever anything a dashboard number depends on changes."""
-    # Judgments of every study (no join: a join over a million rows costs seconds). A judgment
-    # anywhere then changes every study's state: a recomputation, never a stale page.
-    j = Judgment.objects.aggregate(n=Count("id"), last=Max("id"))
+    """A short hash that changes whenever anything a dashboard number of ``study`` depends
+    on changes, and only then (another study's judgments leave it as it is)."""
+    j = study_judgments(study)
     s = Session.objects.filter(participant__study=study).aggregate(
         n=Count("id"),
         n_excluded=Count("id", filter=Q(excluded=True)),

@@ -22,31 +22,38 @@ def _by(queryset, key: str, **aggregates) -> dict[Any, dict[str, int]]:
     return {row[key]: row for row in queryset.values(key).annotate(**aggregates)}
 
 
-def study_counts() -> dict[int, dict[str, int]]:
-    """Per study id: conditions, pairs by kind, sessions and judgments (see module doc)."""
+def study_counts(study: Study | None = None) -> dict[int, dict[str, int]]:
+    """Per study id: conditions, pairs by kind, sessions and judgments (see module doc).
+
+    Every study's, or only ``study``'s (the same numbers, without counting the others).
+    """
+
+    def of(queryset, path: str):
+        return queryset if study is None else queryset.filter(**{path: study.pk})
+
     pairs = _by(
-        Pair.objects,
+        of(Pair.objects, "study"),
         "study",
         n_sentinel=Count("id", filter=Q(is_sentinel=True)),
         n_catch=Count("id", filter=Q(is_catch=True)),
         n_all=Count("id"),
     )
-    conditions = _by(Condition.objects, "study", n=Count("id"))
+    conditions = _by(of(Condition.objects, "study"), "study", n=Count("id"))
     sessions = _by(
-        Session.objects,
+        of(Session.objects, "participant__study"),
         "participant__study",
         n=Count("id"),
         n_completed=Count("id", filter=Q(completed_at__isnull=False)),
         n_excluded=Count("id", filter=Q(excluded=True)),
     )
     judgments = _by(
-        Judgment.objects,
+        of(Judgment.objects, "trial__session__participant__study"),
         "trial__session__participant__study",
         n_main=Count("id", filter=Q(trial__is_practice=False)),
         n_practice=Count("id", filter=Q(trial__is_practice=True)),
     )
     out = {}
-    for pk in Study.objects.values_list("pk", flat=True):
+    for pk in of(Study.objects, "pk").values_list("pk", flat=True):
         p, s, j = pairs.get(pk, {}), sessions.get(pk, {}), judgments.get(pk, {})
         out[pk] = {
             "n_conditions": conditions.get(pk, {}).get("n", 0),

@@ -13,7 +13,8 @@ from django.core.cache import cache
 from django.core.management import call_command
 
 from studyapp import dashboard_figures
-from studyapp.models import Participant, Session
+from studyapp.models import Judgment, Participant, Session
+from studyapp.scheduler import record_judgment
 from studyapp.simulation import simulate
 
 pytestmark = pytest.mark.django_db
@@ -141,3 +142,25 @@ def test_figures_are_cached_by_study_state(staff_client, filled, monkeypatch):
     staff_client.get(url)
     staff_client.get(f"/dashboard/{filled.slug}/")
     assert len(builds) == 4
+
+
+def test_study_state_follows_only_the_studys_own_judgments(make_study, new_session,
+                                                          judgment_body):
+    a, b = make_study(slug="a"), make_study(slug="b")
+    in_a, in_b = new_session(a), new_session(b)
+    record_judgment(in_a, judgment_body(0))
+    state_a, state_b = dashboard_figures.study_state(a), dashboard_figures.study_state(b)
+    for position in (0, 1):  # judgments in study b: a's key (and cached figures) stay
+        record_judgment(in_b, judgment_body(position))
+        assert dashboard_figures.study_state(a) == state_a
+        assert dashboard_figures.study_state(b) != state_b
+        state_b = dashboard_figures.study_state(b)
+    cache.clear()  # computed afresh (the join, not the cached count), the same key
+    assert dashboard_figures.study_state(a) == state_a
+    assert dashboard_figures.study_judgments(a) == {
+        "n": 1, "last": Judgment.objects.get(trial__session=in_a).pk}
+    record_judgment(in_a, judgment_body(1))  # one in study a changes a's key, not b's
+    assert dashboard_figures.study_state(a) != state_a
+    assert dashboard_figures.study_state(b) == state_b
+    Judgment.objects.filter(trial__session=in_a, trial__position=1).delete()  # so does a deletion
+    assert dashboard_figures.study_state(a) == state_a

@@ -1,4 +1,5 @@
-"""studyapp.frames (the DataFrames the engine reads) and analyze's --json/--figures/simulated."""
+"""studyapp.frames (the DataFrames the engine reads) and analyze's --json/--figures/simulated;
+analyze's counts and progress are the staff API's (studyapp.reports)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from io import StringIO
 import numpy as np
 import pandas as pd
 import pytest
+from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from studyapp.frames import JUDGMENT_COLUMNS, judgments_frame, pairs_frame, study_frames
 from studyapp.models import Judgment, Participant, Session
+from studyapp.reports import study_counts, study_progress
 from studyapp.scheduler import complete_session, record_judgment, start_session
 from studyapp.simulation import simulate
 
@@ -118,6 +121,54 @@ def test_analyze_json_counts_match_an_independent_count(answered, settings, tmp_
                                         trial__session__participant__is_simulated=True).count()
     assert with_sim["n_judgments"].sum() == table["n_judgments"].sum() + simulated
     assert simulated > 0
+
+
+def test_analyze_counts_and_progress_are_the_staff_apis(answered, make_study, settings,
+                                                       tmp_path, client):
+    settings.VAR_DIR = tmp_path
+    study, _ = answered
+    # a session still running, with its practice trials answered only; and another study
+    running = start_session(Participant.objects.create(study=study, external_id="late"))
+    practice = running.trials.filter(is_practice=True).order_by("position")
+    assert practice.count() == 2
+    for trial in practice:
+        record_judgment(running, {
+            "position": trial.position, "response": "same", "response_time_ms": 600.0,
+            "durations": {"first_ms": 1000.0, "blank_ms": 250.0, "second_ms": 1000.0},
+            "idempotency_key": f"late-{trial.position}",
+        })
+    other = make_study(slug="other", practice_trials=1)
+    answer_all(start_session(Participant.objects.create(study=other, external_id="o")),
+               lambda t: True)
+
+    report = _json(study)
+    client.force_login(get_user_model().objects.create_user("s", password="pw", is_staff=True))
+    api_progress = client.get(f"/api/staff/studies/{study.slug}/progress/").json()
+    api_row = next(r for r in client.get("/api/staff/studies/").json()
+                   if r["slug"] == study.slug)
+    assert report["progress"] == api_progress == json.loads(json.dumps(study_progress(study)))
+    assert report["counts"] == {k: v for k, v in api_row.items() if k in report["counts"]}
+    assert report["counts"] == study_counts()[study.pk] == study_counts(study)[study.pk]
+    assert set(study_counts(study)) == {study.pk}
+    # practice judgments and control pairs counted apart, the same way on every surface
+    main = Judgment.objects.filter(trial__session__participant__study=study)
+    n_practice = main.filter(trial__is_practice=True).count()
+    assert report["counts"]["n_practice_judgments"] == n_practice == 3 * 2 + 2 * 2 + 2
+    assert report["counts"]["n_judgments"] == main.count() - n_practice
+    by = {row["condition"]: row for row in report["progress"]["conditions"]}
+    assert by["sentinel"]["n_pairs_at_k"] is None and by["catch"]["n_pairs_at_k"] is None
+    assert by["sentinel"]["n_pairs"] == report["counts"]["n_sentinel_pairs"] == 3
+    assert by["catch"]["n_pairs"] == report["counts"]["n_catch_pairs"] == 1
+    assert sum(r["n_judgments"] for r in by.values()) == report["counts"]["n_judgments"]
+    assert report["progress"]["sessions"] == {
+        "started": 6, "completed": 5, "in_progress": 1, "abandoned": 0, "excluded": 1}
+    # the printed header says the same
+    out = StringIO()
+    call_command("analyze", "--study", study.slug, "--n-boot", "0", "--csv",
+                 str(tmp_path / "a.csv"), stdout=out)
+    header = out.getvalue().splitlines()[0]
+    assert f"{report['counts']['n_judgments']} main-trial judgments" in header
+    assert f"+{n_practice} practice" in header and "6 started, 5 completed" in header
 
 
 def test_analyze_writes_figures_and_tables(answered, tmp_path):

@@ -14,7 +14,7 @@ from django.urls import reverse
 from qc_sessions import CAREFUL, SLOPPY, make_answered_session
 from rest_framework.test import APIClient
 
-from studyapp.models import Judgment, Session
+from studyapp.models import Calibration, Judgment, Session
 
 pytestmark = pytest.mark.django_db
 
@@ -87,6 +87,39 @@ def test_staff_pages_and_admin_stay_staff_only(study, staff_user):
     staff_client = Client()
     staff_client.force_login(staff_user)
     assert staff_client.get("/staff/").status_code == 200
+
+
+def test_calibrations_have_an_admin_changelist_for_staff(make_study, staff_user):
+    from django.contrib.auth.models import Permission
+
+    study, other = make_study(), make_study(slug="other")
+    fitted = Calibration.objects.create(
+        study=study, targets=[0.25, 0.5], fit={"threat_models": {}},
+        presets={"linf": {"p25": 0.01, "p50": 0.02}, "l2": {"p25": 0.3, "p50": 0.6}},
+        counts={"n_judgments": 812, "n_sessions": 50}, settings={"sigmoid": "logistic"},
+        code_version="perceptlab-test")
+    Calibration.objects.create(study=other, targets=[0.5], fit={}, presets={"ssim": {"p50": 0.9}})
+    url = "/admin/studyapp/calibration/"
+    client = Client()
+    client.force_login(staff_user)
+    assert client.get(url).status_code == 403  # staff, but no permission on calibrations yet
+    staff_user.user_permissions.add(Permission.objects.get(codename="view_calibration"))
+    page = client.get(url)
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "2 calibrations" in html and "l2, linf" in html and "812" in html
+    assert "perceptlab-test" in html and "logistic" in html
+    assert "threat model" in html  # the filter, with the threat models stored
+    only_l2 = client.get(url, {"threat_model": "l2"})
+    assert only_l2.status_code == 200 and list(only_l2.context["cl"].result_list) == [fitted]
+    by_study = client.get(url, {"study__id__exact": other.pk})
+    assert [c.study for c in by_study.context["cl"].result_list] == [other]
+    for codename in ("change_calibration", "add_calibration"):
+        staff_user.user_permissions.add(Permission.objects.get(codename=codename))
+    detail = client.get(f"{url}{fitted.pk}/change/")
+    assert detail.status_code == 200 and "0.02" in detail.content.decode()
+    assert not detail.context["adminform"].form.fields  # fitted values are read-only
+    assert client.get(f"{url}add/").status_code == 403  # only manage.py calibrate fits one
 
 
 def test_unsafe_staff_requests_need_the_csrf_token(study, staff_user):

@@ -1,4 +1,8 @@
-"""``manage.py analyze``: a study's statistics (engine.analysis) as tables, CSV, JSON, figures."""
+"""``manage.py analyze``: a study's statistics (engine.analysis) as tables, CSV, JSON, figures.
+
+The study's counts and progress come from :mod:`studyapp.reports` (``study_counts``,
+``study_progress``), as on ``/staff/`` and in the staff API, so the three agree by construction.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ from engine.analysis import analyze
 from studyapp import dashboard_figures
 from studyapp.frames import judgments_frame, pairs_frame
 from studyapp.models import Study
+from studyapp.reports import study_counts, study_progress
 
 
 def get_study(slug: str) -> Study:
@@ -80,6 +85,10 @@ class Command(BaseCommand):
         if pairs.empty:
             raise CommandError(f"study {study.slug!r} has no pairs; run generate_pairs first")
         judgments = judgments_frame(study, completed_only=opts["completed_only"])
+        # Counts of everything stored (every session, practice apart): the numbers of /staff/
+        # (study_counts) and of the staff API's progress (study_progress).
+        counts = study_counts(study)[study.pk]
+        progress = study_progress(study)
         report = analyze(
             pairs,
             judgments,
@@ -102,7 +111,10 @@ class Command(BaseCommand):
         to_stdout = opts["json"] == "-"
         if opts["json"]:
             text = json.dumps(
-                {"study": study.slug, **report.to_json()}, indent=1, allow_nan=False, default=str
+                {"study": study.slug, "counts": counts, "progress": progress, **report.to_json()},
+                indent=1,
+                allow_nan=False,
+                default=str,
             )
             if to_stdout:
                 self.stdout.write(text)
@@ -119,10 +131,25 @@ class Command(BaseCommand):
             )
             written += dashboard_figures.write_all(context, Path(opts["figures"]))
         if not to_stdout:
+            self._print_header(study, counts, progress)
             self._print(study, judgments, report, opts)
             self.stdout.write("\nWrote " + ", ".join(str(p) for p in written))
         else:
             print(f"Wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+
+    def _print_header(self, study, counts: dict, progress: dict) -> None:
+        """The stored counts and progress, as ``/staff/`` and the staff API show them."""
+        s = progress["sessions"]
+        self.stdout.write(
+            f"Study {study.slug!r} (studyapp.reports, as /staff/ and the staff API):"
+            f" {counts['n_pairs']} data pairs, {counts['n_sentinel_pairs']} sentinel and"
+            f" {counts['n_catch_pairs']} catch pairs; sessions {s['started']} started,"
+            f" {s['completed']} completed, {s['in_progress']} in progress, {s['abandoned']}"
+            f" abandoned, {s['excluded']} excluded; {counts['n_judgments']} main-trial"
+            f" judgments (+{counts['n_practice_judgments']} practice, never analysed);"
+            f" {progress['n_judgments_valid']}/{progress['n_judgments_needed']} judgments"
+            f" towards K={progress['judgments_per_pair']} per pair.\n"
+        )
 
     def _print(self, study, judgments, report, opts) -> None:
         table = report.perceptibility
@@ -141,7 +168,7 @@ class Command(BaseCommand):
         with pd.option_context(
             "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.4f}".format
         ):
-            self.stdout.write(f"Study {study.slug!r}: {len(used)} judgments")
+            self.stdout.write(f"Analysed: {len(used)} judgments")
             n_sessions, n_j = excluded["session"].nunique(), len(excluded)
             if opts["include_excluded"]:
                 self.stdout.write(
