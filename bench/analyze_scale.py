@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -228,13 +227,11 @@ def main() -> None:
 
 
 def write_section(name: str, text: str) -> None:
+    """Replace (or append) the section ``name`` (bench/_common.py's one section writer)."""
+    from bench._common import write_markdown_section
+
     path = ROOT / "BENCHMARKS.md"
-    old = path.read_text()
-    pattern = re.compile(rf"<!-- {re.escape(name)}: start -->.*?<!-- "
-                         rf"{re.escape(name)}: end -->", re.S)
-    new = pattern.sub(lambda _: text, old) if pattern.search(old) else \
-        old.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(new)
+    write_markdown_section(path, f"<!-- {name}: start -->", f"<!-- {name}: end -->", text)
     print(f"wrote the section {name!r} to {path}")
 
 

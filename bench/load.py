@@ -30,8 +30,8 @@ Reported: p50/p95/p99 per request kind (locust's), errors, lost judgments, judgm
 CPU each party used (locust, gunicorn, PostgreSQL, Redis, the rest of the machine: they share
 its cores), server CPU (gunicorn + PostgreSQL + Redis) per judgment over whole sessions, and
 the submit / trivial-view throughput ratio. Results: a section of ``BENCHMARKS.md`` (unless
-``--no-write``; one section per pace and durability), raw data, locust's CSV and the gunicorn
-log under ``bench/out/load/``.
+``--no-write``; one section per participant count, pace and durability), raw data, locust's
+CSV and the gunicorn log under ``bench/out/load/``.
 
     bash bench/setup_load_env.sh                      # once: locust in bench/.venv-load
     .venv/bin/python bench/load.py                    # 1,000 participants, 3.5 s per trial
@@ -82,17 +82,13 @@ USER_AGENT = "perceptlab-bench-load/2 (simulated participant)"
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle"]
 
 
-def section_ids(think_ms: float, durable: bool = False) -> tuple[str, str, str]:
-    """(title, start marker, end marker): paced runs and paced runs on durable PostgreSQL
-    (``--durable``) keep a section each; a run without think time (``--think-ms 0``) too."""
-    if think_ms > 0 and durable:
-        return (f"{SECTION_TITLE}: paced participants, durable PostgreSQL (fsync on)",
-                "<!-- bench/load.py paced durable: start -->",
-                "<!-- bench/load.py paced durable: end -->")
-    if think_ms > 0:
-        return (f"{SECTION_TITLE}: paced participants", "<!-- bench/load.py paced: start -->",
-                "<!-- bench/load.py paced: end -->")
-    return SECTION_TITLE, "<!-- bench/load.py: start -->", "<!-- bench/load.py: end -->"
+def section_ids(participants: int, think_ms: float, durable: bool = False) -> tuple[str, str, str]:
+    """(title, start marker, end marker) of a run's section: one per participant count, pace
+    and durability, so that a capacity sweep keeps a section per point."""
+    pace = f"{participants:,} participants at {think_ms:.0f} ms per trial"
+    key = f"{participants} {think_ms:.0f}ms" + (" durable" if durable else "")
+    title = f"{SECTION_TITLE}: {pace}" + (", durable PostgreSQL (fsync on)" if durable else "")
+    return title, f"<!-- bench/load.py {key}: start -->", f"<!-- bench/load.py {key}: end -->"
 
 
 # ------------------------------------------------------------------------------ CPU accounting
@@ -292,7 +288,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_gunicorn(args, env: dict, port: int, log: Path) -> subprocess.Popen:
+def server_command(args, port: int) -> list[str]:
+    """gunicorn's command line (sync workers, or gthread with ``--threads`` > 1)."""
     command = [
         sys.executable, "-m", "gunicorn", "studyapp.wsgi", "--chdir", str(ROOT),
         "-w", str(args.workers), "-b", f"127.0.0.1:{port}",  # else gunicorn's defaults
@@ -301,6 +298,11 @@ def start_gunicorn(args, env: dict, port: int, log: Path) -> subprocess.Popen:
     ]
     if args.threads > 1:
         command += ["-k", "gthread", "--threads", str(args.threads)]
+    return command
+
+
+def start_gunicorn(args, env: dict, port: int, log: Path) -> subprocess.Popen:
+    command = server_command(args, port)
     # gunicorn's own log and the workers' stderr (Django logs 5xx tracebacks to the console
     # handler, i.e. stderr) both go to ``log``.
     with log.open("ab") as sink:
@@ -607,7 +609,9 @@ LATENCY_ROWS = [
 
 def render_markdown(r: dict) -> str:  # noqa: C901 - one linear report reads best
     m, db, t, s = r["machine"], r["db"], r["targets"], r["runs"]["sessions"]
-    title, mark_start, mark_end = section_ids(r["think_ms"], r["durable"])
+    title, mark_start, mark_end = section_ids(
+        r["runs"]["sessions"]["users"], r["think_ms"], r["durable"]
+    )
     st = s["stats"]
     lines = [
         mark_start,
@@ -681,8 +685,7 @@ def render_markdown(r: dict) -> str:  # noqa: C901 - one linear report reads bes
         f"**{fmt(t['session_cpu_ms'], 2)} ms** (target ≤ 5 ms) — "
         f"{verdict(t['session_cpu_ms'] <= 5)}",
         f"- Judgments/s served: {fmt(t['session_jps'])}; offered by the pace: "
-        f"{fmt(t['offered_jps'])} ({s['users']:,} participants / (mean pause + the trial's"
-        " requests))",
+        f"{fmt(t['offered_jps'])} ({s['users']:,} participants / the mean pause per trial)",
         "",
         f"Submit / trivial view ({r['burst_users']} locust users each, back to back, "
         f"{r['burst_seconds']} s each, same server and run): submit "
@@ -742,11 +745,11 @@ NOTES = [
 ]
 
 
-def write_benchmarks(section: str, think_ms: float, durable: bool = False) -> None:
-    """Replace (or append) this script's section (bench/_common.py's one section writer)."""
+def write_benchmarks(section: str, participants: int, think_ms: float, durable: bool) -> None:
+    """Replace (or append) this run's section (bench/_common.py's one section writer)."""
     from bench._common import write_markdown_section
 
-    _, mark_start, mark_end = section_ids(think_ms, durable)
+    _, mark_start, mark_end = section_ids(participants, think_ms, durable)
     write_markdown_section(BENCHMARKS, mark_start, mark_end, section)
 
 
@@ -766,7 +769,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="users arriving per second (default: participants / the length of"
                              " a session at the pace, so that session starts are spread evenly"
                              " as in a study people join over time)")
-    parser.add_argument("--workers", type=int, default=4, help="gunicorn gthread workers")
+    parser.add_argument("--workers", type=int, default=4, help="server worker processes")
     parser.add_argument("--threads", type=int, default=8,
                         help="threads per gthread worker (1: sync workers)")
     parser.add_argument("--keep-alive", type=int, default=10, help="gunicorn keep-alive, s")
@@ -856,8 +859,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                 cursor.execute("SELECT version()")
                 pg_version = cursor.fetchone()[0].split(" on ")[0]
             postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
+            # Enough for 720 judgments/s through the whole burst (24 per session), so that no
+            # user runs out before the burst ends.
             n_burst = prepare_submit_sessions(
-                int(args.burst_users * max(1.0, args.burst_seconds) * 2), tmp
+                max(args.burst_users, int(30 * args.burst_seconds)), tmp
             )
             connections.close_all()
 
@@ -901,10 +906,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
     ping_cpu = server_cpu_ms(ping, ping["stats"].get("ping (trivial view)", {}).get("n", 0))
     p99 = {name: s["stats"].get(name, {}).get("p99", float("nan"))
            for name in ("next trial (both images)", "image", "judgment")}
-    per_trial_s = args.think_ms / 1000 + sum(
-        s["stats"].get(name, {}).get("mean", 0) / 1000 * k
-        for name, k in (("image", 2), ("judgment", 1))
-    )
+    per_trial_s = args.think_ms / 1000  # what the pace alone allows
     errors = sum(row["failures"] for run in runs.values() for row in run["stats"].values()
                  if row.get("n") is not None and row is not run["stats"].get("Aggregated"))
     targets = {
@@ -950,9 +952,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
     (OUT_DIR / "section.md").write_text(section)
     print(section)
     if not args.no_write:
-        write_benchmarks(section, args.think_ms, args.durable)
-        print(f"wrote the section '{section_ids(args.think_ms, args.durable)[0]}' of {BENCHMARKS}",
-              file=sys.stderr)
+        write_benchmarks(section, args.participants, args.think_ms, args.durable)
+        title = section_ids(args.participants, args.think_ms, args.durable)[0]
+        print(f"wrote the section '{title}' of {BENCHMARKS}", file=sys.stderr)
     return 1 if errors or db["lost"] else 0
 
 

@@ -210,6 +210,34 @@ def _expired_leases(study: Study, now: datetime):
     )
 
 
+# A fixed study reads this many candidates per pair it wants (least-assigned first), not all
+# its pairs: a study of 10,000 pairs would otherwise send every row with room to Python at every
+# session start. The surplus covers pairs locked by sessions starting at the same time.
+CANDIDATES_PER_PAIR = 4
+MIN_CANDIDATES = 64
+_PRIME = 2_147_483_647  # > any pair id: (a·id + b) mod P permutes the ids
+
+
+def _candidates(
+    study: Study, taken: set[int], n_wanted: int, rng: random.Random
+) -> list[tuple[int, int]]:
+    """``(pair id, n_assigned)`` of data pairs with room, not in ``taken``: least-assigned
+    first, ties in a random order drawn from ``rng`` (a random affine permutation of the ids,
+    computed by the database, so that it can stop after the first few for a fixed study; an
+    adaptive study's hook needs them all)."""
+    a, b = rng.randrange(1, _PRIME), rng.randrange(_PRIME)
+    rows = (
+        _data_pairs(study).filter(n_assigned__lt=study.judgments_per_pair)
+        .exclude(pk__in=taken)
+        .annotate(tie=(F("pk") * a + b) % _PRIME)
+        .order_by("n_assigned", "tie")
+        .values_list("pk", "n_assigned")
+    )
+    if not study.adaptive:
+        rows = rows[: max(MIN_CANDIDATES, CANDIDATES_PER_PAIR * n_wanted)]
+    return list(rows)
+
+
 def _lease_data_pairs(
     study: Study, exclude: set[int], n_wanted: int, rng: random.Random, now: datetime
 ) -> list[int]:
@@ -223,13 +251,7 @@ def _lease_data_pairs(
     empty_retries = partial_retries = 0
     while True:
         taken = exclude | set(chosen)
-        candidates = [
-            (pk, n)
-            for pk, n in _data_pairs(study).filter(n_assigned__lt=k).values_list("pk", "n_assigned")
-            if pk not in taken
-        ]
-        rng.shuffle(candidates)
-        candidates.sort(key=lambda c: c[1])  # stable: the shuffle breaks ties
+        candidates = _candidates(study, taken, n_wanted, rng)
         candidates = adaptive.order_candidates(study, candidates)  # issue 8: QUEST+ level first
         skipped = False
         start = 0
