@@ -668,8 +668,11 @@ def render_markdown(r: dict) -> str:  # noqa: C901 - one linear report reads bes
         "",
         "Targets:",
         "",
-        f"- {s['users']:,} participants at once at {r['think_ms']:.0f} ms per trial (target:"
-        f" 1,000 at 3,500 ms) — {verdict(s['users'] >= 1000 and r['think_ms'] >= 3500)}",
+        f"- {s['users']:,} participants at once at {r['think_ms']:.0f} ms per trial, served at"
+        f" their pace: {fmt(t['session_jps'])} of the {fmt(t['offered_jps'])} judgments/s the"
+        " pace asks for (target: 1,000 at 3,500 ms, at least 95 % served) — "
+        + verdict(s["users"] >= 1000 and r["think_ms"] >= 3500
+                  and t["session_jps"] >= 0.95 * t["offered_jps"]),
         f"- p99 under 300 ms for next trial, image and submit: {fmt(t['p99_next'], 0)} / "
         f"{fmt(t['p99_image'], 0)} / {fmt(t['p99_submit'], 0)} ms — "
         f"{verdict(max(t['p99_next'], t['p99_image'], t['p99_submit']) < 300)}",
@@ -684,8 +687,6 @@ def render_markdown(r: dict) -> str:  # noqa: C901 - one linear report reads bes
         f"- Server CPU (gunicorn + PostgreSQL + Redis) per judgment over whole sessions: "
         f"**{fmt(t['session_cpu_ms'], 2)} ms** (target ≤ 5 ms) — "
         f"{verdict(t['session_cpu_ms'] <= 5)}",
-        f"- Judgments/s served: {fmt(t['session_jps'])}; offered by the pace: "
-        f"{fmt(t['offered_jps'])} ({s['users']:,} participants / the mean pause per trial)",
         "",
         f"Submit / trivial view ({r['burst_users']} locust users each, back to back, "
         f"{r['burst_seconds']} s each, same server and run): submit "
@@ -793,11 +794,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--rerender", type=Path, metavar="RESULTS_JSON",
+                        help="only write the section of a saved results.json again")
     return parser.parse_args(argv)
+
+
+def rerender(path: Path) -> None:
+    """Write the section of a saved ``results.json`` again (after a change of the report)."""
+    r = json.loads(path.read_text())
+    section = render_markdown(r)
+    write_benchmarks(section, r["runs"]["sessions"]["users"], r["think_ms"], r["durable"])
+    print(section)
 
 
 def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run reads best
     args = parse_args(argv)
+    if args.rerender:
+        rerender(args.rerender)
+        return 0
     if args.spawn_rate is None:
         session_s = max(1.0, (args.trials + args.practice) * args.think_ms / 1000)
         args.spawn_rate = round(max(1.0, args.participants / session_s), 2)
