@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 import time
 from pathlib import Path
@@ -362,13 +361,11 @@ means the first checkpoint already did (the saving there is a lower bound).
 
 {sensitivity}Figure: `bench/figures/adaptive.png`.
 <!-- bench/adaptive.py: end -->"""
+    from bench._common import write_markdown_section
+
     bench = ROOT / "BENCHMARKS.md"
-    text = bench.read_text()
-    pattern = re.compile(r"<!-- bench/adaptive.py: start -->.*?<!-- bench/adaptive.py: end -->",
-                         re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else (
-        text.rstrip() + "\n\n" + section + "\n")
-    bench.write_text(text)
+    write_markdown_section(bench, "<!-- bench/adaptive.py: start -->",
+                           "<!-- bench/adaptive.py: end -->", section)
     print(f"wrote {bench} and {fig_path}")
 
 

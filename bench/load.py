@@ -58,7 +58,6 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from datetime import datetime
@@ -70,6 +69,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench._bodies import judgment_body  # noqa: E402  (one body for load.py and locust)
 
 OUT_DIR = ROOT / "bench" / "out" / "load"
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -152,8 +153,6 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return delta
 
 
-
-
 def build_study(args: argparse.Namespace, media_root: Path) -> dict:
     """Study, condition and pairs as rows; PNG files under ``media_root/load/``."""
     import skimage.data
@@ -224,8 +223,6 @@ def build_study(args: argparse.Namespace, media_root: Path) -> dict:
     }
 
 
-
-
 def request_costs(n_sessions: int = 3) -> dict[str, dict]:
     """SQL queries and in-process wall time per request, one request at a time (Django's test
     client on the same database, no HTTP, no concurrency): where a request's cost comes from.
@@ -280,8 +277,6 @@ def request_costs(n_sessions: int = 3) -> dict[str, dict]:
     }
 
 
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -332,8 +327,6 @@ def stop_gunicorn(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-
-
 def machine_info() -> dict:
     cpuinfo = Path("/proc/cpuinfo").read_text()
     model = re.search(r"model name\s*:\s*(.+)", cpuinfo)
@@ -355,8 +348,6 @@ def machine_info() -> dict:
     }
 
 
-
-
 def sql_label(sql: str) -> str:
     """``SELECT studyapp_trial``-style label of one SQL statement (verb and first table)."""
     verb = sql.split(None, 1)[0].upper() if sql.strip() else "?"
@@ -371,24 +362,6 @@ def sql_label(sql: str) -> str:
         sql = re.sub(r"\([^()]*\)", "", sql)
     table = re.search(r'(?:FROM|INTO|UPDATE)\s+"?(\w+)"?', sql, re.I)
     return f"{verb} {table.group(1) if table else '?'}{locks}"
-
-
-
-
-def judgment_body(position: int, rng: random.Random) -> dict:
-    return {
-        "position": position,
-        "response": rng.choice(["same", "different"]),
-        "response_time_ms": round(rng.uniform(350, 1400), 1),
-        "durations": {
-            "first_ms": round(rng.gauss(1000, 2), 1),
-            "blank_ms": round(rng.gauss(250, 2), 1),
-            "second_ms": round(rng.gauss(1000, 2), 1),
-        },
-        "idempotency_key": uuid.uuid4().hex,
-    }
-
-
 
 
 def gunicorn_command_line(args) -> str:

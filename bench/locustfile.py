@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 
 import gevent
+from _bodies import judgment_body  # bench/_bodies.py: locust runs from bench/
 from locust import FastHttpUser, constant, events, task
 from locust.exception import StopUser
 
@@ -88,18 +89,6 @@ class Failed(Exception):
     """A request answered something unexpected (already counted as a failure)."""
 
 
-def judgment_body(position: int, rng: random.Random) -> dict:
-    return {
-        "position": position,
-        "response": rng.choice(["same", "different"]),
-        "response_time_ms": round(rng.uniform(350, 1400), 1),
-        "durations": {
-            "first_ms": round(rng.gauss(1000, 2), 1),
-            "blank_ms": round(rng.gauss(250, 2), 1),
-            "second_ms": round(rng.gauss(1000, 2), 1),
-        },
-        "idempotency_key": uuid.uuid4().hex,
-    }
 
 
 class Participant(FastHttpUser):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -36,6 +35,7 @@ from engine.architectures import build_architecture  # noqa: E402
 from engine.objectives import StepContext, available_methods, build_method  # noqa: E402
 
 SECTION = "## Training speed of the defenses (issue 9)"
+MARK_START, MARK_END = "<!-- bench/train.py: start -->", "<!-- bench/train.py: end -->"
 QUICK = "linf:bound=8/255,num_iterations={n}|l2:bound=1.0,num_iterations={n}"
 
 
@@ -170,12 +170,10 @@ def main() -> None:
 
     text = "\n".join(lines)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        current = path.read_text()
-        pattern = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-        new = pattern.sub(lambda _: text.rstrip() + "\n", current) if SECTION in current \
-            else current.rstrip() + "\n\n" + text
-        path.write_text(new)
+        from bench._common import write_markdown_section
+
+        write_markdown_section(ROOT / "BENCHMARKS.md", MARK_START, MARK_END,
+                               f"{MARK_START}\n{text.rstrip()}\n{MARK_END}")
     print(text)
 
 
