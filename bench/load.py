@@ -846,11 +846,6 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                 cursor.execute("SELECT version()")
                 pg_version = cursor.fetchone()[0].split(" on ")[0]
             postmaster = int((pg.data_dir / "postmaster.pid").read_text().split()[0])
-            # Enough for 720 judgments/s through the whole burst (24 per session), so that no
-            # user runs out before the burst ends.
-            n_burst = prepare_submit_sessions(
-                max(args.burst_users, int(30 * args.burst_seconds)), tmp
-            )
             connections.close_all()
 
             port = free_port()
@@ -867,6 +862,15 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear run r
                     "sessions": run_locust(
                         "sessions", "session", args.participants, args.spawn_rate,
                         ramp_s + args.duration + 2, port, args, roots, tmp),
+                }
+                # Only now, so that their leases never take pairs from the participants above
+                # (a small study would turn them away: 403, study full). Enough for 720
+                # judgments/s through the whole burst (24 per session): no user runs out.
+                n_burst = prepare_submit_sessions(
+                    max(args.burst_users, int(30 * args.burst_seconds)), tmp
+                )
+                connections.close_all()
+                runs |= {
                     "submit": run_locust(
                         "submit", "submit", args.burst_users, args.burst_users,
                         args.burst_seconds + 2, port, args, roots, tmp),
