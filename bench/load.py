@@ -512,16 +512,12 @@ def check_database(acks: list[list]) -> dict:
     from studyapp.scheduler import assignment_errors
 
     study = Study.objects.get(slug=STUDY_SLUG)
-    where = {
-        key: (token, position)
-        for key, token, position in Judgment.objects.filter(
-            trial__session__participant__study=study
-        ).values_list("idempotency_key", "trial__session__token", "trial__position")
-    }
-    stored = Counter(
+    rows = list(
         Judgment.objects.filter(trial__session__participant__study=study)
-        .values_list("idempotency_key", flat=True)
+        .values_list("idempotency_key", "trial__session__token", "trial__position")
     )
+    where = {key: (token, position) for key, token, position in rows}
+    stored = Counter(key for key, _, _ in rows)
     keys = {key: (token, position) for key, token, position in acks}
     lost = sorted(k for k in keys if k not in stored)
     judged = list(

@@ -584,19 +584,6 @@ def release_expired(study: Study, now: datetime | None = None) -> int:
         return len(expired)
 
 
-def renew_leases(session: Session, now: datetime | None = None) -> int:
-    """Push the session's unanswered leases to ``now + lease_minutes`` once half is used up.
-
-    Called on every judgment (a heartbeat); cheap when there is nothing to renew. Released
-    trials stay released. Returns how many trials were renewed.
-    """
-    now = now or timezone.now()
-    lease = timedelta(minutes=session.study.lease_minutes)
-    return Trial.objects.filter(
-        session=session, released=False, leased_until__lt=now + lease / 2
-    ).update(leased_until=now + lease)
-
-
 # ------------------------------------------------------------------------------ judgments
 
 

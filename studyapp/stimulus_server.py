@@ -65,74 +65,77 @@ STIMULUS_HEADERS = (
 _IMAGE_PATH = re.compile(r"^/img/(?P<token>[^/]+)/(?P<key>[^/]+)/$")
 
 
-class _TrialPaths:
-    """``(token, position) → (natural_first, natural file, other file, pair id)``, LRU + TTL.
+class _LRU:
+    """A thread-safe map of at most ``size`` entries, least recently used out first, each
+    valid ``ttl_s`` seconds. Both per-process caches of this module are one."""
 
-    The files are absolute and resolved (``None`` for one outside ``MEDIA_ROOT``)."""
-
-    def __init__(self, size: int, ttl_s: float) -> None:
+    def __init__(self, size: int, ttl_s: float = float("inf")) -> None:
         self.size, self.ttl_s = size, ttl_s
-        self._items: OrderedDict[tuple[str, int], tuple[float, tuple]] = OrderedDict()
+        self._items: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, token: str, position: int) -> tuple | None:
-        now = time.monotonic()
+    def get(self, key):
         with self._lock:
-            hit = self._items.get((token, position))
-            if hit is not None and now - hit[0] < self.ttl_s:
-                self._items.move_to_end((token, position))
-                return hit[1]
-        row = (
-            Trial.objects.filter(session__token=token, position=position)
-            .values_list("natural_first", "pair__natural_path", "pair__other_path", "pair_id")
-            .first()
-        )
-        if row is None:
-            return None
-        natural_first, natural_path, other_path, pair_id = row
-        row = (natural_first, _media_path(natural_path, pair_id), _media_path(other_path, pair_id),
-               pair_id)
+            hit = self._items.get(key)
+            if hit is None or time.monotonic() - hit[0] >= self.ttl_s:
+                return None
+            self._items.move_to_end(key)
+            return hit[1]
+
+    def put(self, key, value) -> None:
         with self._lock:
-            self._items[(token, position)] = (now, row)
-            self._items.move_to_end((token, position))
+            self._items[key] = (time.monotonic(), value)
+            self._items.move_to_end(key)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return row
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
 
 
-trial_paths = _TrialPaths(
+#: ``(token, position) → (natural_first, natural file, other file, pair id)``; the files are
+#: absolute and resolved (``None`` for one outside ``MEDIA_ROOT``).
+trial_paths = _LRU(
     size=int(os.environ.get("PERCEPTLAB_STIMULUS_CACHE", "8192")),
     ttl_s=float(os.environ.get("PERCEPTLAB_STIMULUS_TTL", "60")),
 )
+
+
+def _trial_files(token: str, position: int) -> tuple | None:
+    """The trial's entry of :data:`trial_paths`, read from the database on a miss."""
+    row = trial_paths.get((token, position))
+    if row is not None:
+        return row
+    row = (
+        Trial.objects.filter(session__token=token, position=position)
+        .values_list("natural_first", "pair__natural_path", "pair__other_path", "pair_id")
+        .first()
+    )
+    if row is None:
+        return None
+    natural_first, natural_path, other_path, pair_id = row
+    row = (natural_first, _media_path(natural_path, pair_id), _media_path(other_path, pair_id),
+           pair_id)
+    trial_paths.put((token, position), row)
+    return row
 
 
 class PixelStore:
     """Decoded stimulus files: per-process LRU of memory maps over ``.npy`` rows on disk."""
 
     def __init__(self, size: int) -> None:
-        self.size = size
-        self._items: OrderedDict[tuple, Pixels] = OrderedDict()
-        self._lock = threading.Lock()
+        self._maps = _LRU(size)
 
     def get(self, path: Path) -> Pixels:
         """The pixels of the PNG at ``path``; :class:`NotAPNG` if it cannot be served,
         ``FileNotFoundError`` if it is gone."""
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                return hit
-        pixels = self._load(path, key)
-        with self._lock:
-            self._items[key] = pixels
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+        pixels = self._maps.get(key)
+        if pixels is None:
+            pixels = self._load(path, key)
+            self._maps.put(key, pixels)
         return pixels
 
     @staticmethod
@@ -154,8 +157,7 @@ class PixelStore:
         return Pixels(width, height, channels, array.reshape(height, width * channels))
 
     def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+        self._maps.clear()
 
 
 pixel_store = PixelStore(int(os.environ.get("PERCEPTLAB_IMAGE_CACHE", "4096")))
@@ -178,7 +180,7 @@ def stimulus_response_body(token: str, key: str) -> bytes | None:
     if found is None:
         return None
     position, slot = found
-    row = trial_paths.get(token, position)
+    row = _trial_files(token, position)
     if row is None:
         return None
     natural_first, natural_path, other_path, pair_id = row
