@@ -26,6 +26,7 @@ WORKERS ?= 4
 THREADS ?= 4
 serve: setup
 	$(PY) manage.py migrate --no-input
+	$(PY) manage.py prepare_stimuli
 	$(VENV)/bin/gunicorn studyapp.wsgi -k gthread -w $(WORKERS) --threads $(THREADS) -b $(HOST)
 
 test: setup

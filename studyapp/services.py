@@ -26,6 +26,7 @@ from engine.errors import EngineError, WeightsUnavailableError
 from engine.models import load_classifier
 from engine.stimuli import Manifest, generate_stimuli
 
+from . import stimulus_rows
 from .models import Condition, Pair, Study
 
 
@@ -225,6 +226,7 @@ def import_manifest(study: Study, manifest: Manifest, staging: Path) -> ImportSu
             dest = target / path.relative_to(staging)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, dest)
+    stimulus_rows.prepare_study(study)  # decoded now, so no first serving is slower (issue 17)
     return ImportSummary(created, updated, unchanged, len(conditions), untrained)
 
 

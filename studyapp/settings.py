@@ -24,9 +24,14 @@ Production (see README, "Running a real study on MTurk / Prolific"):
   (production: Django's RedisCache, shared by every gunicorn worker, no SQL), ``db``
   (default with PostgreSQL: a table shared by every worker) or ``locmem`` (default with
   SQLite: per process, so limits apply per worker).
-- ``PERCEPTLAB_IMAGE_CACHE``: memory-mapped stimulus files kept open per process (default
-  4096; see :mod:`studyapp.stimulus_server`).
-- ``PERCEPTLAB_ROWS_DIR``: where decoded stimulus rows are kept (default ``var/stimulus-rows``).
+- ``PERCEPTLAB_ROWS_DIR``: where this host keeps decoded stimulus rows (default
+  ``var/stimulus-rows``; see :mod:`studyapp.stimulus_rows`).
+- ``PERCEPTLAB_PREPARE_ON_START``: ``0`` = a WSGI process does not prepare the active studies'
+  stimulus rows as it loads (default ``1``; ``manage.py prepare_stimuli`` does it too).
+- ``PERCEPTLAB_S3_BUCKET``: stimulus files (pair PNGs) in this S3-compatible bucket instead of
+  ``MEDIA_ROOT`` (django-storages; ``pip install '.[s3]'``), with ``PERCEPTLAB_S3_ENDPOINT_URL``
+  (MinIO, Ceph, R2, ...; empty for AWS), ``PERCEPTLAB_S3_REGION``, ``PERCEPTLAB_S3_PREFIX``
+  (a folder in the bucket) and the usual ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``.
 - ``PERCEPTLAB_RATE_PARTICIPANT_WRITE`` / ``PERCEPTLAB_RATE_STAFF``: rate limits, e.g.
   ``120/min`` (see :mod:`studyapp.throttling`).
 - ``PERCEPTLAB_ALLOW_FILE_SECRET``: ``1`` lets gunicorn start without ``DJANGO_SECRET_KEY``
@@ -150,11 +155,27 @@ STORAGES = {
 }
 # Pair images live here and are never served directly: only through per-trial URLs.
 MEDIA_ROOT = Path(os.environ.get("PERCEPTLAB_MEDIA", VAR_DIR / "media")).resolve()
+# Stimulus files are read through the storage API (studyapp.stimulus_rows): MEDIA_ROOT by
+# default; an S3-compatible bucket (django-storages) for several web hosts without a shared disk.
+if os.environ.get("PERCEPTLAB_S3_BUCKET"):
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": os.environ["PERCEPTLAB_S3_BUCKET"],
+            "endpoint_url": os.environ.get("PERCEPTLAB_S3_ENDPOINT_URL") or None,
+            "region_name": os.environ.get("PERCEPTLAB_S3_REGION") or None,
+            "location": os.environ.get("PERCEPTLAB_S3_PREFIX", ""),
+            "default_acl": None,  # private: stimuli only ever leave through per-trial URLs
+            "querystring_auth": True,
+            "file_overwrite": True,  # an import puts a pair's file in place under its name
+        },
+    }
 
-# Decoded stimulus rows, shared by every worker through the page cache (studyapp.stimulus_server).
+# Decoded stimulus rows of this host (studyapp.stimulus_rows), read afresh per request.
 PERCEPTLAB_ROWS_DIR = Path(
     os.environ.get("PERCEPTLAB_ROWS_DIR", VAR_DIR / "stimulus-rows")
 ).resolve()
+PERCEPTLAB_PREPARE_ON_START = _flag("PERCEPTLAB_PREPARE_ON_START", "1")
 
 LOGIN_URL = "/admin/login/"
 

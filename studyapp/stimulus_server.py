@@ -13,41 +13,41 @@ not sure of goes to Django unchanged: other paths and methods, an HTTPS redirect
 ``DJANGO_SECURE`` asks for, an unknown or tampered key, a missing file, a database error (so
 404s, 503s and logging stay Django's).
 
-Decoded pixels: the first request for a stimulus file decodes the PNG (a few ms) and writes
-its rows, uncompressed, as a ``.npy`` file under ``PERCEPTLAB_ROWS_DIR`` (default
-``var/stimulus-rows``; 3 bytes per pixel, keyed by the file's path, size and mtime, so an
-edited file is decoded afresh). Every later request, in any worker, memory-maps that file: the
-operating system keeps one copy of the rows in its page cache for all workers, however many
-stimuli a study has (a study of 2,800 pairs has 5,600 files; a per-worker cache of decoded
-images would hold a fraction of them). Each worker keeps the maps of the
-``PERCEPTLAB_IMAGE_CACHE`` (default 4,096) files it served last.
+Decoded pixels: :mod:`studyapp.stimulus_rows` prepares every stimulus's rows before it is
+served (at import, at start) and serving reads them afresh per request, the same work for
+every stimulus every time: the first serving of an image costs what later ones do, so the
+response time says nothing about which image is perturbed or which pair is a sentinel.
 
-The per-process cache of trials maps ``(token, position)`` to the trial's two stimulus paths:
-the two images of a trial are usually fetched by the same worker within a second, and the
-trial's pair and image order never change once the trial exists. Entries live
-``PERCEPTLAB_STIMULUS_TTL`` seconds (default 60): a deleted session's images stop being
-served at most that long after.
+The per-process cache of trials maps ``(token, position)`` to the trial's two stimulus
+files (storage names): the two images of a trial are usually fetched by the same worker
+within a second, and the trial's pair and image order never change once the trial exists.
+On a local filesystem every request reads its file's ``stat`` (microseconds, the same for
+every file), so an edited or deleted file is noticed at once. On a remote storage (S3) a
+file's metadata is a request to the storage, so both files'
+:class:`~studyapp.stimulus_rows.Fingerprint` are read on the trial's first fetch, whichever
+slot it is for, even for a sentinel's twice-shown file: that lookup costs the same for every
+trial. Entries live ``PERCEPTLAB_STIMULUS_TTL`` seconds (default 60): a deleted session's
+images (and on S3, an edited file's old rows) stop being served at most that long after.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
-import secrets
 import threading
 import time
 from collections import OrderedDict
-from pathlib import Path
 
-import numpy as np
 from django.conf import settings
 from django.core import signals
+from django.core.files.storage import FileSystemStorage
 from django.db import DatabaseError
 
-from .image_tokens import NotAPNG, Pixels, canonical_png, decode_image_key, decode_png
+from . import stimulus_rows
+from .image_tokens import canonical_png, decode_image_key
 from .models import Trial
+from .stimulus_rows import Fingerprint, StimulusUnavailable, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ _IMAGE_PATH = re.compile(r"^/img/(?P<token>[^/]+)/(?P<key>[^/]+)/$")
 
 class _LRU:
     """A thread-safe map of at most ``size`` entries, least recently used out first, each
-    valid ``ttl_s`` seconds. Both per-process caches of this module are one."""
+    valid ``ttl_s`` seconds (the per-process cache of trials)."""
 
     def __init__(self, size: int, ttl_s: float = float("inf")) -> None:
         self.size, self.ttl_s = size, ttl_s
@@ -94,12 +94,21 @@ class _LRU:
             self._items.clear()
 
 
-#: ``(token, position) → (natural_first, natural file, other file, pair id)``; the files are
-#: absolute and resolved (``None`` for one outside ``MEDIA_ROOT``).
+#: ``(token, position) → (natural_first, natural file, other file, pair id, fingerprints)``:
+#: the files are storage names; ``fingerprints`` is ``None`` on a local filesystem (one
+#: ``stat`` per request), else both files' :class:`~studyapp.stimulus_rows.Fingerprint` (or the
+#: exception that makes one unservable), read once per trial.
 trial_paths = _LRU(
     size=int(os.environ.get("PERCEPTLAB_STIMULUS_CACHE", "8192")),
     ttl_s=float(os.environ.get("PERCEPTLAB_STIMULUS_TTL", "60")),
 )
+
+
+def _fingerprint_or_error(name: str) -> Fingerprint | Exception:
+    try:
+        return fingerprint(name)
+    except (OSError, StimulusUnavailable) as exc:
+        return exc
 
 
 def _trial_files(token: str, position: int) -> tuple | None:
@@ -114,63 +123,13 @@ def _trial_files(token: str, position: int) -> tuple | None:
     )
     if row is None:
         return None
-    natural_first, natural_path, other_path, pair_id = row
-    row = (natural_first, _media_path(natural_path, pair_id), _media_path(other_path, pair_id),
-           pair_id)
+    fingerprints = None
+    if not isinstance(stimulus_rows.stimulus_storage(), FileSystemStorage):
+        # Both files, always (a sentinel's one file twice): the same cost for every trial.
+        fingerprints = (_fingerprint_or_error(row[1]), _fingerprint_or_error(row[2]))
+    row = (*row, fingerprints)
     trial_paths.put((token, position), row)
     return row
-
-
-class PixelStore:
-    """Decoded stimulus files: per-process LRU of memory maps over ``.npy`` rows on disk."""
-
-    def __init__(self, size: int) -> None:
-        self._maps = _LRU(size)
-
-    def get(self, path: Path) -> Pixels:
-        """The pixels of the PNG at ``path``; :class:`NotAPNG` if it cannot be served,
-        ``FileNotFoundError`` if it is gone."""
-        stat = path.stat()
-        key = (str(path), stat.st_mtime_ns, stat.st_size)
-        pixels = self._maps.get(key)
-        if pixels is None:
-            pixels = self._load(path, key)
-            self._maps.put(key, pixels)
-        return pixels
-
-    @staticmethod
-    def _load(path: Path, key: tuple) -> Pixels:
-        folder = Path(settings.PERCEPTLAB_ROWS_DIR)
-        name = hashlib.sha256(repr(key).encode()).hexdigest()[:32] + ".npy"
-        try:
-            array = np.load(folder / name, mmap_mode="r", allow_pickle=False)
-        except (FileNotFoundError, ValueError, OSError):
-            pixels = decode_png(path.read_bytes())
-            array = pixels.rows.reshape(pixels.height, pixels.width, pixels.channels)
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f".{name}.{secrets.token_hex(6)}.tmp"
-            with open(partial, "wb") as f:
-                np.save(f, array, allow_pickle=False)
-            os.replace(partial, folder / name)  # atomic: another worker may write it too
-            return pixels
-        height, width, channels = array.shape
-        return Pixels(width, height, channels, array.reshape(height, width * channels))
-
-    def clear(self) -> None:
-        self._maps.clear()
-
-
-pixel_store = PixelStore(int(os.environ.get("PERCEPTLAB_IMAGE_CACHE", "4096")))
-
-
-def _media_path(relative: str, pair_id: int) -> Path | None:
-    """The file under ``MEDIA_ROOT`` (symlinks resolved), or ``None`` (logged) outside it."""
-    media_root = Path(settings.MEDIA_ROOT).resolve()
-    path = (media_root / relative).resolve()
-    if not path.is_relative_to(media_root):
-        logger.error("image of pair %s is outside MEDIA_ROOT: %s", pair_id, path)
-        return None
-    return path
 
 
 def stimulus_response_body(token: str, key: str) -> bytes | None:
@@ -183,16 +142,20 @@ def stimulus_response_body(token: str, key: str) -> bytes | None:
     row = _trial_files(token, position)
     if row is None:
         return None
-    natural_first, natural_path, other_path, pair_id = row
-    path = natural_path if (slot == 1) == natural_first else other_path
-    if path is None:
-        return None
-    try:
-        return canonical_png(pixel_store.get(path))
-    except FileNotFoundError:
-        logger.error("image of pair %s slot %s is missing: %s", pair_id, slot, path)
-    except NotAPNG as exc:
-        logger.error("image of pair %s slot %s cannot be served: %s", pair_id, slot, exc)
+    natural_first, natural_name, other_name, pair_id, fingerprints = row
+    natural = (slot == 1) == natural_first
+    if fingerprints is None:
+        file = _fingerprint_or_error(natural_name if natural else other_name)
+    else:
+        file = fingerprints[0 if natural else 1]
+    problem = file if isinstance(file, Exception) else None
+    if problem is None:
+        try:
+            return canonical_png(stimulus_rows.load(file))
+        except (OSError, StimulusUnavailable) as exc:
+            problem = exc
+    what = "is missing" if isinstance(problem, FileNotFoundError) else "cannot be served"
+    logger.error("image of pair %s slot %s %s: %s", pair_id, slot, what, problem)
     return None
 
 

@@ -3,7 +3,11 @@
 Stimulus images (``/img/...``) are answered by :class:`studyapp.stimulus_server.StimulusWSGI`
 in front of Django (same bytes and headers, a fraction of the work); everything else by Django.
 With DEBUG off it refuses to start without ``DJANGO_SECRET_KEY`` (see
-:func:`studyapp.wiring.require_production_secret`).
+:func:`studyapp.wiring.require_production_secret`). Then, before serving, it prepares the
+stimulus rows of every active study that this host lacks
+(:func:`studyapp.stimulus_rows.warm_up`; ``manage.py prepare_stimuli`` does it up front, so
+a worker only reads them), so that no stimulus is served for the first time while a
+participant waits.
 """
 
 import os
@@ -30,3 +34,12 @@ def _refuse_file_secret() -> None:
 
 
 _refuse_file_secret()
+
+
+def _prepare_stimuli() -> None:
+    from studyapp.stimulus_rows import warm_up
+
+    warm_up()
+
+
+_prepare_stimuli()

@@ -318,44 +318,162 @@ def test_chromium_decodes_the_served_pngs_to_the_stored_pixels(
         browser.close()
 
 
+def _decode_spy(monkeypatch) -> list[int]:
+    """Counts real decodes of stored PNGs (a spy: the real decoder still runs)."""
+    from studyapp import stimulus_rows
+
+    decoded: list[int] = []
+    original = stimulus_rows.decode_png
+
+    def counting(data):
+        decoded.append(len(data))
+        return original(data)
+
+    monkeypatch.setattr(stimulus_rows, "decode_png", counting)
+    return decoded
+
+
+def _slot_file(trial, slot: int) -> str:
+    return trial.pair.natural_path if (slot == 1) == trial.natural_first else trial.pair.other_path
+
+
 @pytest.mark.django_db
-def test_decoded_rows_are_shared_on_disk_and_follow_edits(
+def test_rows_prepared_before_serving_so_serving_never_decodes(
     make_study, new_session, settings, monkeypatch
 ):
-    """The first request writes the file's rows as .npy; a fresh worker (empty per-process
-    cache) serves from that file without decoding; an edited file is decoded afresh."""
-    from studyapp import stimulus_server
-    from studyapp.stimulus_server import PixelStore
+    """prepare_study decodes every file once; serving then only reads rows (no decode, no
+    first-time work), with the stored pixels; an edited file gets fresh rows."""
+    from studyapp import stimulus_rows
+    from studyapp.stimulus_server import trial_paths
+
+    study = make_study(trials_per_session=6, sentinel_fraction=0.34)
+    names = stimulus_rows.stimulus_names(study.pairs.all())
+    summary = stimulus_rows.prepare_study(study)
+    assert (summary.decoded, summary.ready, summary.failed) == (len(names), 0, [])
+    rows_dir = Path(settings.PERCEPTLAB_ROWS_DIR)
+    assert len(list(rows_dir.glob("*.rows"))) == len(names) == 9  # 3 natural + 6 perturbed
+    again = stimulus_rows.prepare_study(study)  # idempotent: read, not decoded
+    assert (again.decoded, again.ready) == (0, len(names))
+
+    decoded = _decode_spy(monkeypatch)
+    session = new_session(study)
+    state = APIClient().get(f"/api/sessions/{session.token}/").json()
+    truth = {t.position: t for t in session.trials.select_related("pair")}
+    for trial in state["trials"]:
+        for slot, url in enumerate(trial["images"], start=1):
+            served = Client().get(url)
+            stored = Path(settings.MEDIA_ROOT) / _slot_file(truth[trial["position"]], slot)
+            assert np.array_equal(_rgba(served.content), _rgba(stored.read_bytes()))
+    assert decoded == []
+
+    # An edited file has a new fingerprint (mtime, size): prepared afresh, served afresh.
+    trial = truth[state["trials"][0]["position"]]
+    stored = Path(settings.MEDIA_ROOT) / _slot_file(trial, 1)
+    edited = np.zeros((96, 96, 3), dtype=np.uint8)
+    Image.fromarray(edited).save(stored, format="PNG")
+    os.utime(stored, ns=(1, 1))  # a different mtime, whatever the clock's resolution
+    assert stimulus_rows.prepare_study(study).decoded == 1 and len(decoded) == 1
+    trial_paths.clear()  # (the per-process trial cache holds fingerprints for its TTL)
+    served = Client().get(state["trials"][0]["images"][0])
+    assert np.array_equal(_rgba(served.content)[..., :3], edited)
+    assert len(decoded) == 1
+
+
+@pytest.mark.django_db
+def test_a_host_without_rows_rebuilds_them_on_demand_and_says_so(
+    make_study, new_session, settings, tmp_path, caplog
+):
+    """Another web host starts with an empty rows folder: it decodes from storage while
+    serving (correct pixels), writes its own rows, and logs that it should have prepared."""
+    from studyapp.stimulus_server import trial_paths
 
     study = make_study(trials_per_session=4)
     session = new_session(study)
     url = APIClient().get(f"/api/sessions/{session.token}/").json()["trials"][0]["images"][0]
     trial = session.trials.select_related("pair").get(position=0)
-    stored = Path(settings.MEDIA_ROOT) / (
-        trial.pair.natural_path if trial.natural_first else trial.pair.other_path
-    )
-    first = Client().get(url)
-    rows_dir = Path(settings.PERCEPTLAB_ROWS_DIR)
-    assert len(list(rows_dir.glob("*.npy"))) == 1
+    settings.PERCEPTLAB_ROWS_DIR = tmp_path / "other-host-rows"
+    trial_paths.clear()
+    with caplog.at_level("WARNING", logger="studyapp.stimulus_rows"):
+        served = Client().get(url)
+    stored = Path(settings.MEDIA_ROOT) / _slot_file(trial, 1)
+    assert np.array_equal(_rgba(served.content), _rgba(stored.read_bytes()))
+    assert len(list((tmp_path / "other-host-rows").glob("*.rows"))) == 1
+    assert "no prepared rows on this host" in caplog.text and "prepare_stimuli" in caplog.text
 
-    fresh_worker = PixelStore(size=8)
-    decoded = []
-    original_decode = stimulus_server.decode_png
 
-    def counting_decode(data):
-        decoded.append(len(data))
-        return original_decode(data)
+@pytest.mark.django_db
+def test_prepare_lists_files_that_cannot_be_served(make_study, settings, tmp_path):
+    """A missing file, a file that is not a PNG, a symlink out of the storage: listed with
+    the reason, nothing raised, the other files prepared; serving them answers 404."""
+    from studyapp import stimulus_rows
 
-    monkeypatch.setattr(stimulus_server, "decode_png", counting_decode)  # a spy: counts calls
-    pixels = fresh_worker.get(stored)
-    assert decoded == []  # memory-mapped from the .npy the first request wrote
-    assert np.array_equal(
-        pixels.rows.reshape(pixels.height, pixels.width, pixels.channels),
-        _rgba(first.content)[..., : pixels.channels],
-    )
-    edited = np.zeros((pixels.height, pixels.width, 3), dtype=np.uint8)
-    Image.fromarray(edited).save(stored, format="PNG")
-    os.utime(stored, ns=(1, 1))  # a different mtime, whatever the clock's resolution
-    assert np.array_equal(fresh_worker.get(stored).rows, edited.reshape(pixels.height, -1))
-    assert len(decoded) == 1
-    assert len(list(rows_dir.glob("*.npy"))) == 2
+    study = make_study()
+    media = Path(settings.MEDIA_ROOT)
+    (media / "jnd-demo/large/chelsea.png").unlink()
+    (media / "jnd-demo/large/coffee.png").write_bytes(b"GIF89a not a png")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(_png(IMAGES["rgb"]))
+    (media / "jnd-demo/small/coffee.png").unlink()
+    (media / "jnd-demo/small/coffee.png").symlink_to(secret)
+    summary = stimulus_rows.prepare_study(study)
+    reasons = dict(summary.failed)
+    assert summary.decoded == 6 and len(reasons) == 3, summary
+    assert reasons["jnd-demo/large/chelsea.png"].startswith("FileNotFoundError")
+    assert "signature" in reasons["jnd-demo/large/coffee.png"]
+    assert "outside the stimulus storage" in reasons["jnd-demo/small/coffee.png"]
+    assert "3 cannot be served" in str(summary)
+
+
+@pytest.mark.django_db
+def test_stimuli_are_read_through_the_storage_api(make_study, new_session, settings):
+    """With a storage that has no local paths (Django's InMemoryStorage, standing in for S3),
+    the files are prepared and served from the storage; MEDIA_ROOT is not read."""
+    import shutil
+
+    from django.core.files.base import ContentFile
+
+    from studyapp import stimulus_rows
+    from studyapp.stimulus_server import trial_paths
+
+    study = make_study(trials_per_session=4)
+    media = Path(settings.MEDIA_ROOT)
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "default": {"BACKEND": "django.core.files.storage.InMemoryStorage"},
+    }
+    storage = stimulus_rows.stimulus_storage()
+    names = stimulus_rows.stimulus_names(study.pairs.all())
+    for name in names:
+        storage.save(name, ContentFile((media / name).read_bytes()))
+    originals = {name: (media / name).read_bytes() for name in names}
+    shutil.rmtree(media)
+    media.mkdir()
+    trial_paths.clear()
+    assert stimulus_rows.prepare_study(study).decoded == len(names)
+    session = new_session(study)
+    state = APIClient().get(f"/api/sessions/{session.token}/").json()
+    truth = {t.position: t for t in session.trials.select_related("pair")}
+    for trial in state["trials"]:
+        for slot, url in enumerate(trial["images"], start=1):
+            served = Client().get(url)
+            assert served.status_code == 200
+            expected = originals[_slot_file(truth[trial["position"]], slot)]
+            assert np.array_equal(_rgba(served.content), _rgba(expected))
+
+
+@pytest.mark.django_db
+def test_prepare_stimuli_command(make_study, settings, capsys):
+    from django.core.management import CommandError, call_command
+
+    make_study()
+    make_study(slug="closed", is_active=False)
+    call_command("prepare_stimuli", "--no-progress")
+    assert "9 stimulus files ready (9 decoded now" in capsys.readouterr().out
+    call_command("prepare_stimuli", "--all", "--no-progress")
+    assert "18 stimulus files ready (9 decoded now, 9 already" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="no study with slug 'nope'.*closed"):
+        call_command("prepare_stimuli", "--study", "nope")
+    (Path(settings.MEDIA_ROOT) / "closed/small/chelsea.png").unlink()
+    missing = r"(?s)1 stimulus file.*closed/small/chelsea.png: FileNotFoundError"
+    with pytest.raises(CommandError, match=missing):
+        call_command("prepare_stimuli", "--study", "closed", "--no-progress")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -91,3 +92,43 @@ def test_production_cookies_and_proxy_settings(tmp_path):
     laptop = run(["-c", code], tmp_path)
     assert laptop.stdout.split()[:4] == ["False", "False", "False", "False"]
     assert laptop.stdout.split()[-1] == "LocMemCache"  # SQLite: one process, exact counters
+
+
+def test_s3_storage_is_a_setting_and_a_missing_backend_is_a_clear_error(tmp_path):
+    """PERCEPTLAB_S3_BUCKET puts the stimulus files in an S3-compatible bucket
+    (django-storages); without the optional extra installed, `check` names what to install."""
+    code = (
+        "import django, os, json; os.environ['DJANGO_SETTINGS_MODULE'] = 'studyapp.settings';"
+        " django.setup(); from django.conf import settings as s;"
+        " print(json.dumps(s.STORAGES['default']))"
+    )
+    s3 = {
+        "PERCEPTLAB_S3_BUCKET": "stimuli", "PERCEPTLAB_S3_ENDPOINT_URL": "http://minio:9000",
+        "PERCEPTLAB_S3_PREFIX": "perceptlab",
+    }
+    out = run(["-c", code], tmp_path, **s3)
+    assert out.returncode == 0, out.stderr
+    storage = json.loads(out.stdout)
+    assert storage["BACKEND"] == "storages.backends.s3.S3Storage"
+    assert storage["OPTIONS"] == {
+        "bucket_name": "stimuli", "endpoint_url": "http://minio:9000", "region_name": None,
+        "location": "perceptlab", "default_acl": None, "querystring_auth": True,
+        "file_overwrite": True,
+    }
+    default = json.loads(run(["-c", code], tmp_path).stdout)
+    assert default == {"BACKEND": "django.core.files.storage.FileSystemStorage"}
+    try:
+        import storages.backends.s3  # noqa: F401
+    except ImportError:  # the s3 extra is not installed here: `check` must say so
+        checked = run(["manage.py", "check"], tmp_path, **s3)
+        assert checked.returncode != 0
+        assert "perceptlab.E101" in checked.stderr and "s3 extra" in checked.stderr
+
+
+def test_prepare_stimuli_runs_in_make_serve_before_gunicorn():
+    serve = (ROOT / "Makefile").read_text().split("\nserve:", 1)[1].split("\n\n", 1)[0]
+    lines = [line.strip() for line in serve.splitlines()]
+    migrate = next(i for i, line in enumerate(lines) if "manage.py migrate" in line)
+    prepare = next(i for i, line in enumerate(lines) if "manage.py prepare_stimuli" in line)
+    gunicorn = next(i for i, line in enumerate(lines) if "gunicorn studyapp.wsgi" in line)
+    assert migrate < prepare < gunicorn
