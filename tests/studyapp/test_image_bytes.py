@@ -477,3 +477,183 @@ def test_prepare_stimuli_command(make_study, settings, capsys):
     missing = r"(?s)1 stimulus file.*closed/small/chelsea.png: FileNotFoundError"
     with pytest.raises(CommandError, match=missing):
         call_command("prepare_stimuli", "--study", "closed", "--no-progress")
+
+
+# ------------------------------------------------------------------------------ timing, cold
+
+TIMING_SOURCES, TIMING_VARIANTS, TIMING_SENTINELS = 12, 13, 4  # per source image
+TIMING_SESSIONS, TIMING_TRIALS, TIMING_SIZE = 12, 16, 224  # 12 × (12 data + 4 sentinel)
+
+
+def _timing_study_script(report_path: str) -> None:
+    """(Runs in a subprocess, Django set up on a fresh SQLite database.) A study whose natural
+    images recur across pairs, as in a real study, with K=1 so every perturbed image is shown
+    once; 12 sessions started; writes their image URLs and the truth as JSON. The PNGs are
+    written straight to MEDIA_ROOT, without import: nothing is prepared yet."""
+    import json
+
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+    from skimage import data as skdata
+
+    from studyapp.image_tokens import image_urls
+    from studyapp.models import Condition, Pair, Participant, Study
+    from studyapp.scheduler import start_session
+
+    call_command("migrate", verbosity=0, interactive=False)
+    study = Study.objects.create(
+        slug="timing", title="timing", consent_text="", judgments_per_pair=1,
+        trials_per_session=TIMING_TRIALS, sentinel_fraction=TIMING_SENTINELS / TIMING_TRIALS,
+        catch_fraction=0.0, practice_trials=0,
+    )
+    condition = Condition.objects.create(
+        study=study, threat_model="linf", bound=8 / 255, spec="linf:bound=8/255"
+    )
+    rng = np.random.default_rng(17)
+    photo = skdata.astronaut()  # 512×512: 12 different 224×224 crops
+    media = Path(settings.MEDIA_ROOT)
+    for s in range(TIMING_SOURCES):
+        top, left = 24 * (s // 4), 96 * (s % 4)
+        natural = photo[top : top + TIMING_SIZE, left : left + TIMING_SIZE]
+        name = f"timing/{s}/natural.png"
+        (media / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(natural).save(media / name, format="PNG")
+        for v in range(TIMING_VARIANTS):
+            bound = rng.choice([2, 4, 8, 16])
+            noise = rng.choice([-bound, bound], size=natural.shape)
+            other = f"timing/{s}/v{v}.png"
+            perturbed = np.clip(natural.astype(int) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(perturbed).save(media / other, format="PNG")
+            Pair.objects.create(study=study, condition=condition, key=f"{s}|{v}",
+                                source_image=str(s), natural_path=name, other_path=other,
+                                width=TIMING_SIZE, height=TIMING_SIZE)
+        for j in range(TIMING_SENTINELS):
+            Pair.objects.create(study=study, is_sentinel=True, key=f"{s}|sentinel|{j}",
+                                source_image=str(s), natural_path=name, other_path=name,
+                                width=TIMING_SIZE, height=TIMING_SIZE)
+    trials = []
+    for i in range(TIMING_SESSIONS):
+        session = start_session(Participant.objects.create(study=study, external_id=f"p{i}"))
+        rows = list(session.trials.select_related("pair").order_by("position"))
+        urls = image_urls(session.token, [t.position for t in rows])
+        for t in rows:
+            trials.append({
+                "urls": urls[t.position],
+                "sentinel": t.pair.is_sentinel,
+                "perturbed_slot": None if t.pair.is_sentinel else (2 if t.natural_first else 1),
+            })
+    Path(report_path).write_text(json.dumps(trials))
+
+
+def _bootstrap_interval(statistic, groups, rng, level: float = 0.999, n: int = 2000):
+    """Percentile interval of ``statistic(*groups)`` over ``n`` resamples of each group."""
+    values = [
+        statistic(*(g[rng.integers(0, len(g), len(g))] for g in groups)) for _ in range(n)
+    ]
+    return tuple(np.quantile(values, [(1 - level) / 2, (1 + level) / 2]))
+
+
+@pytest.mark.slow
+def test_cold_fetch_time_tells_nothing_about_the_perturbed_image_or_sentinels(tmp_path):
+    """A freshly started production server (gunicorn + the WSGI fast path, real HTTP): every
+    image of 192 trials fetched once, cold (natural images recur across pairs, each
+    perturbed image is seen once), in a shuffled order with a random slot first per trial.
+
+    Rules a timing attacker would use: "the slower image of a trial is the perturbed one"
+    and "a trial whose images came faster is a sentinel". Each rule's accuracy (AUC) must
+    be chance: its 99.9% bootstrap interval contains 0.5 (fixed seeds). Before the rows were
+    prepared up front, the first serving of a file decoded it and the rules were right about
+    80% of the time; run this test with ``PERCEPTLAB_PREPARE_ON_START=0`` in the environment
+    to see the server without preparation fail it.
+    """
+    import http.client
+    import json
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from sklearn.metrics import roc_auc_score
+
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "PERCEPTLAB_", "DATABASE_URL"))
+    }
+    env.update(
+        DJANGO_SETTINGS_MODULE="studyapp.settings", DJANGO_SECRET_KEY="timing-test-only",
+        PERCEPTLAB_VAR=str(tmp_path / "var"), PYTHONPATH=str(root),
+        PERCEPTLAB_PREPARE_ON_START=os.environ.get("PERCEPTLAB_PREPARE_ON_START", "1"),
+    )
+    truth_path = tmp_path / "trials.json"
+    runner = ("import django, runpy, sys; django.setup(); "  # (this module imports models)
+              f"runpy.run_path({__file__!r})['_timing_study_script'](sys.argv[1])")
+    made = subprocess.run([sys.executable, "-c", runner, str(truth_path)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    trials = json.loads(truth_path.read_text())
+    assert len(trials) == TIMING_SESSIONS * TIMING_TRIALS
+    assert sum(t["sentinel"] for t in trials) == TIMING_SESSIONS * TIMING_SENTINELS
+
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "studyapp.wsgi", "-k", "gthread", "-w", "1",
+             "--threads", "2", "-b", "127.0.0.1:0", "--timeout", "120"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        deadline, port = time.monotonic() + 120, None
+        while port is None:
+            found = re.search(r"Listening at: http://127\.0\.0\.1:(\d+)", log_path.read_text())
+            port = int(found.group(1)) if found else None
+            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("GET", "/study/timing/")  # answered once the worker has loaded
+        conn.getresponse().read()
+
+        order = np.random.default_rng(2017)
+        times = np.zeros((len(trials), 2))
+        for i in order.permutation(len(trials)):  # interleaved: load hits every kind alike
+            slots = (0, 1) if order.random() < 0.5 else (1, 0)
+            for slot in slots:
+                started = time.perf_counter()
+                conn.request("GET", trials[i]["urls"][slot])
+                response = conn.getresponse()
+                body = response.read()
+                times[i, slot] = time.perf_counter() - started
+                assert response.status == 200 and body.startswith(b"\x89PNG")
+        conn.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    data = np.array([not t["sentinel"] for t in trials])
+    perturbed = np.array([t["perturbed_slot"] or 1 for t in trials])[data] - 1
+    rows = np.arange(data.sum())
+    slower_is_perturbed = np.sign(times[data][rows, perturbed] - times[data][rows, 1 - perturbed])
+    per_trial = times.sum(axis=1)
+    rng = np.random.default_rng(7)
+
+    # "The slower image is the perturbed one": right in a fraction of trials (ties: half).
+    accuracy = float(np.mean(slower_is_perturbed + 1) / 2)
+    low, high = _bootstrap_interval(lambda s: np.mean(s + 1) / 2, [slower_is_perturbed], rng)
+    # "Faster trials are sentinels": AUC of the trial's total time for telling data trials.
+    auc = roc_auc_score(data, per_trial)
+    s_low, s_high = _bootstrap_interval(
+        lambda d, s: roc_auc_score(np.r_[np.ones(len(d)), np.zeros(len(s))], np.r_[d, s]),
+        [per_trial[data], per_trial[~data]], rng,
+    )
+    report = (f"slower-is-perturbed right in {accuracy:.2f} of {data.sum()} trials"
+              f" [{low:.2f}, {high:.2f}]; sentinel AUC {auc:.2f} [{s_low:.2f}, {s_high:.2f}];"
+              f" median fetch {np.median(times) * 1e3:.1f} ms")
+    print(report)
+    assert low <= 0.5 <= high, report
+    assert s_low <= 0.5 <= s_high, report
+    # And the mechanism: no image was decoded while being served.
+    assert "no prepared rows" not in log_path.read_text()
