@@ -44,7 +44,7 @@ on automation signals, response-time regularity and superhuman sensitivity
 does not need the pixels: file size, byte equality, recurrence of bytes across trials, chunk
 layout and metadata. It costs bandwidth (an uncompressed PNG: 3 bytes per pixel, 27 KB for
 96×96, 147 KB for 224×224) and per request O(pixels) of vectorised work (about 0.25 ms for
-224×224) on the decoded rows, which :mod:`studyapp.stimulus_server` keeps.
+224×224) on the decoded rows, which :mod:`studyapp.stimulus_rows` prepares before serving.
 """
 
 from __future__ import annotations
@@ -208,8 +208,8 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Pixels:
-    """A decoded stimulus: ``rows`` is ``height × (width·channels)`` uint8 (an array, or a
-    read-only memory map of one: see :mod:`studyapp.stimulus_server`)."""
+    """A decoded stimulus: ``rows`` is ``height × (width·channels)`` uint8 (an array, maybe a
+    read-only view of a prepared rows file: see :mod:`studyapp.stimulus_rows`)."""
 
     width: int
     height: int

@@ -43,6 +43,7 @@ import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -90,11 +91,16 @@ def _local_path(storage, name: str) -> Path | None:
         local = storage.path(name)
     except SuspiciousFileOperation as exc:
         raise StimulusUnavailable(f"{name!r} is outside the stimulus storage") from exc
-    root = Path(storage.location).resolve()
+    root = _resolved(storage.location)
     path = Path(local).resolve()
     if not path.is_relative_to(root):
         raise StimulusUnavailable(f"{name!r} resolves outside the stimulus storage: {path}")
     return path
+
+
+@lru_cache(maxsize=8)
+def _resolved(location: str) -> Path:
+    return Path(location).resolve()
 
 
 def fingerprint(name: str) -> Fingerprint:

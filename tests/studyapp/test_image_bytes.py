@@ -462,6 +462,29 @@ def test_stimuli_are_read_through_the_storage_api(make_study, new_session, setti
 
 
 @pytest.mark.django_db
+def test_generated_pairs_are_prepared_by_the_import(media_root, settings, monkeypatch):
+    """generate_pairs' import (services.import_manifest) leaves every stimulus of the study
+    prepared: the first serving then decodes nothing."""
+    from studyapp import stimulus_rows
+    from studyapp.models import Study
+    from studyapp.services import GenerationRequest, generate_into_study
+
+    study = Study.objects.create(slug="generated", title="generated")
+    request = GenerationRequest(
+        specs=("linf:bound=8/255,num_iterations=2",), classifier="resnet18:untrained",
+        lpips=("alexnet:untrained",), size=32, max_images=1, sentinels=1, seed=0,
+    )
+    generate_into_study(study, request, progress=False)
+    names = stimulus_rows.stimulus_names(study.pairs.all())
+    assert len(names) >= 2
+    prepared = {p.name for p in Path(settings.PERCEPTLAB_ROWS_DIR).glob("*.rows")}
+    assert prepared == {stimulus_rows.rows_path(stimulus_rows.fingerprint(n)).name
+                        for n in names}
+    decoded = _decode_spy(monkeypatch)
+    assert stimulus_rows.prepare_study(study).ready == len(names) and decoded == []
+
+
+@pytest.mark.django_db
 def test_prepare_stimuli_command(make_study, settings, capsys):
     from django.core.management import CommandError, call_command
 
