@@ -50,7 +50,7 @@ from typing import NamedTuple
 import numpy as np
 from django.conf import settings
 from django.core import checks
-from django.core.exceptions import SuspiciousFileOperation
+from django.core.exceptions import ImproperlyConfigured, SuspiciousFileOperation
 from django.core.files.storage import FileSystemStorage, storages
 
 from .image_tokens import NotAPNG, Pixels, decode_png
@@ -282,6 +282,10 @@ def warm_up() -> PrepareSummary | None:
     except DatabaseError as exc:
         logger.warning("stimulus rows not prepared at start (database not ready: %s)", exc)
         return None
+    except OSError as exc:  # the rows folder itself: nothing could be served either
+        raise ImproperlyConfigured(
+            f"cannot prepare stimulus rows in PERCEPTLAB_ROWS_DIR={rows_folder()}: {exc}"
+        ) from exc
     finally:
         connections.close_all()  # no connection opened here crosses a fork
     (logger.warning if summary.failed else logger.info)("at start: %s", summary)

@@ -132,3 +132,18 @@ def test_prepare_stimuli_runs_in_make_serve_before_gunicorn():
     prepare = next(i for i, line in enumerate(lines) if "manage.py prepare_stimuli" in line)
     gunicorn = next(i for i, line in enumerate(lines) if "gunicorn studyapp.wsgi" in line)
     assert migrate < prepare < gunicorn
+
+
+def test_wsgi_refuses_to_start_without_a_writable_rows_folder(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    env = {"DJANGO_SECRET_KEY": PRODUCTION["DJANGO_SECRET_KEY"],
+           "PERCEPTLAB_ROWS_DIR": str(blocked / "rows")}
+    migrated = run(["manage.py", "migrate", "--no-input"], tmp_path, **env)
+    assert migrated.returncode == 0, migrated.stderr
+    result = run(WSGI, tmp_path, **env)
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr and "PERCEPTLAB_ROWS_DIR" in result.stderr
+    started = run(WSGI, tmp_path, DJANGO_SECRET_KEY=PRODUCTION["DJANGO_SECRET_KEY"])
+    assert started.returncode == 0 and "wsgi ok" in started.stdout, started.stderr
+    assert list((tmp_path / "var" / "stimulus-rows").glob(".prepare.lock"))  # it warmed up
