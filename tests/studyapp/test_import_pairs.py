@@ -208,3 +208,28 @@ def test_import_dataset_sends_an_engine_folder_to_import_pairs(folder, media):
     assert not Study.objects.exists()
     out = run("import_dataset", str(folder), "--slug", "via-dataset")
     assert "16 pairs created" in out and Pair.objects.count() == 16
+
+
+@pytest.mark.django_db
+def test_migration_renames_old_untrained_lpips_columns():
+    """0006_h15pipe: an older study's untrained-AlexNet distances stored as ``lpips_alexnet``
+    become ``lpips_alexnet_untrained``; a pretrained study's column is left alone."""
+    import importlib
+
+    from django.apps import apps
+
+    migration = importlib.import_module("studyapp.migrations.0006_h15pipe")
+    old = Study.objects.create(slug="old", title="old", generation={
+        "lpips_models": {"alexnet": {"lpips_model": "alexnet", "lpips_weights": "untrained"}}})
+    kept = Study.objects.create(slug="kept", title="kept", generation={
+        "lpips_models": {"alexnet": {"lpips_model": "alexnet",
+                                     "lpips_weights": "IMAGENET1K_V1"}}})
+    for study in (old, kept):
+        Pair.objects.create(study=study, key="a|sentinel", is_sentinel=True, source_image="a",
+                            natural_path="n.png", other_path="n.png", width=8, height=8,
+                            distances={"l2": 0.0, "lpips_alexnet": 0.25})
+    migration.rename_untrained_columns(apps, None)
+    assert Pair.objects.get(study=old).distances == {"l2": 0.0, "lpips_alexnet_untrained": 0.25}
+    assert Pair.objects.get(study=kept).distances == {"l2": 0.0, "lpips_alexnet": 0.25}
+    old.refresh_from_db()
+    assert set(old.generation["lpips_models"]) == {"alexnet_untrained"}
