@@ -28,6 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output folder (PNGs, manifest.json/csv)")
     g.add_argument("--spec", dest="specs", action="append", required=True,
                    help="attack spec, repeatable, e.g. linf:bound=4/255")
+    g.add_argument("--bounds", help="comma-separated bounds applied to every --spec: named"
+                   " (small,medium,large,cifar10), numeric or VALUE@LABEL (0.31@human_medium);"
+                   " with --ladder: LOW,HIGH")
+    g.add_argument("--ladder", type=int, metavar="N", help="N log-spaced bounds per --spec"
+                   " (labels L0..L{N-1}, ladder levels) between --bounds LOW,HIGH (default:"
+                   " half the named small to twice the named large bound)")
     g.add_argument("--images", default="skimage",
                    help="skimage, a folder, or torchvision:NAME[:ROOT]")
     g.add_argument("--classifier", default="resnet50",
@@ -106,18 +112,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def expand_conditions(specs: list[str], bounds: str | list[str] | None, ladder: int | None
+                      ) -> tuple[tuple[str, ...], dict[str, int] | None]:
+    """``(specs, levels)`` of ``--spec``/``--bounds``/``--ladder`` (shared with
+    ``manage.py generate_pairs``): :func:`engine.attacks.spec.expand_specs` or
+    :func:`~engine.attacks.spec.ladder_specs`."""
+    from .attacks.spec import expand_specs, ladder_specs
+
+    if isinstance(bounds, str):
+        bounds = [b.strip() for b in bounds.split(",") if b.strip()]
+    if ladder is not None:
+        return ladder_specs(specs, bounds, ladder)
+    return expand_specs(specs, bounds), None
+
+
 def cmd_generate(args) -> int:
     from .generate import GenerateRequest, generate
 
+    specs, levels = expand_conditions(args.specs, args.bounds, args.ladder)
     manifest = generate(GenerateRequest(
-        specs=args.specs, out=args.out, images=args.images, classifier=args.classifier,
-        lpips=tuple(args.lpips or ["alexnet"]), size=args.size,
+        specs=specs, levels=levels, out=args.out, images=args.images,
+        classifier=args.classifier, lpips=tuple(args.lpips or ["alexnet"]), size=args.size,
         crops_per_image=args.crops_per_image, max_images=args.max_images,
         sentinels=args.sentinels, catch=args.catch, seed=args.seed,
         batch_size=args.batch_size, device=args.device, autocast=args.autocast,
         progress=not args.no_progress))
     if manifest is not None:
-        print(f"wrote {len(manifest.pairs)} pairs to {args.out}/manifest.json")
+        print(f"wrote {len(manifest.pairs)} pairs to {args.out}/manifest.json"
+              f" ({manifest.generator['code_version']})")
+        if manifest.generator["untrained"]:
+            print("UNTRAINED networks used (recorded in the manifest): "
+                  + ", ".join(manifest.generator["untrained"]))
     return 0
 
 
@@ -179,6 +204,7 @@ def run_evaluation(args) -> dict:
     bundle = load_dataset(dataset, args.data_root, image_size=args.image_size)
     label = bundle.label
     rows, evaluations, sanity, perceptibility, distances = [], {}, {}, {}, []
+    column_info: dict[str, dict] = {}
     calibrated = load_calibrated_bounds(args.calibrated) if args.calibrated else None
     extra = dict(p.split("=", 1) for p in args.calibrated_params)
     for run, info in zip(args.runs, infos, strict=True):
@@ -191,6 +217,7 @@ def run_evaluation(args) -> dict:
                             seen=SEEN.get(info["method"], ()), progress=not args.no_progress)
         rows.append(ev.row())
         evaluations[name] = ev.specs
+        column_info[name] = ev.column_info()
         if args.logit_distances is not None:
             from .objectives import logit_distances
 
@@ -227,9 +254,12 @@ def run_evaluation(args) -> dict:
                              title=f"Perceptibility-matched robustness — {label}",
                              notes=[f"Calibrated bounds: {args.calibrated}. {note}"])
     result = {"dataset": dataset, "dataset_label": label, "limit": args.limit,
-              "rows": rows, "columns": evaluations, "sanity": sanity,
+              "rows": rows, "columns": evaluations, "column_info": column_info,
+              "sanity": sanity,
               "perceptibility": perceptibility, "calibrated_bounds": calibrated,
               "logit_distances": distances,
+              "untrained": sorted({n for info in column_info.values() for c in info.values()
+                                   for n in c.get("untrained", [])}),
               "runs": [str(r) for r in args.runs]}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     return result
@@ -242,8 +272,11 @@ def cmd_evaluate(args) -> int:
 
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
-    run_evaluation(args)
+    result = run_evaluation(args)
     print(f"wrote {args.out}/results.md")
+    if result["untrained"]:
+        print("UNTRAINED networks used by the attacks (recorded in results.json): "
+              + ", ".join(result["untrained"]))
     return 0
 
 

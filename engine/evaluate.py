@@ -39,7 +39,16 @@ from tqdm import tqdm
 
 from .attacks import Attack, parse_attack
 from .attacks.perceptual import LpipsAttack
+from .attacks.spec import (
+    bound_label,
+    expand_specs,
+    has_param,
+    join_params,
+    join_spec,
+    with_params,
+)
 from .errors import EngineError
+from .provenance import untrained_in_params
 
 #: AutoAttack's standard ensemble, in the order it runs.
 AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -56,6 +65,18 @@ class ModelEvaluation:
     correct: dict[str, Tensor] = field(default_factory=dict)
     specs: dict[str, str] = field(default_factory=dict)
     seen: tuple[str, ...] = ()
+    #: ``{column: {kind, threat_model, bound, label, spec}}``: what each column of
+    #: :meth:`row` measures, so that readers never parse column names or spec text.
+    info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def column_info(self) -> dict[str, dict[str, Any]]:
+        """Structured description of every column of :meth:`row` that holds an accuracy."""
+        plain = {"threat_model": None, "bound": None, "label": "", "spec": ""}
+        return {"clean": {"kind": "clean", **plain},
+                **{label: self.info.get(label, {"kind": "attack", **plain})
+                   for label in self.correct},
+                "unseen_mean": {"kind": "unseen_mean", **plain},
+                "union": {"kind": "union", **plain}}
 
     def accuracy(self, label: str) -> float:
         return float(self.correct[label].float().mean())
@@ -98,10 +119,19 @@ def prepare_attack(spec: str, model: nn.Module) -> Attack:
     """Parse ``spec``; a self-bounded perceptual spec without ``lpips_layers`` gets the
     classifier's own LPIPS layers (:class:`engine.architectures.Classifier`)."""
     attack = parse_attack(spec)
-    if (isinstance(attack, LpipsAttack) and attack.self_bounded and "lpips_layers" not in spec
+    if (isinstance(attack, LpipsAttack) and attack.self_bounded
+            and not has_param(spec, "lpips_layers")
             and getattr(model, "lpips_layers_spec", None)):
-        attack = parse_attack(f"{spec},lpips_layers={model.lpips_layers_spec}")
+        attack = parse_attack(with_params(spec, lpips_layers=model.lpips_layers_spec))
     return attack
+
+
+def attack_info(spec: str, attack: Attack) -> dict[str, Any]:
+    """The structured columns of an attack column: threat model, bound (its units), the
+    bound's label (``small``, ``p50``, ``human_medium`` or ``""``) and the canonical spec."""
+    return {"kind": "attack", "threat_model": attack.name, "bound": float(attack.bound),
+            "label": bound_label(spec), "spec": attack.spec,
+            "untrained": untrained_in_params(attack.describe())}
 
 
 def _batches(data, limit: int | None, batch_size: int, device: torch.device):
@@ -133,9 +163,12 @@ def evaluate_model(model: nn.Module, data, specs: list[str] | dict[str, str], *,
     model = model.to(device).eval()
     named = specs if isinstance(specs, dict) else None
     attacks: dict[str, Attack] = {}
+    info: dict[str, dict[str, Any]] = {}
     for key, spec in (named.items() if named else ((None, s) for s in specs)):
         attack = prepare_attack(spec, model)
-        attacks[key or threat_label(attack)] = attack
+        column = key or threat_label(attack)
+        attacks[column] = attack
+        info[column] = attack_info(spec, attack)
     aa = {}
     for text in autoattack:
         norm, _, eps = text.partition(":")
@@ -144,7 +177,11 @@ def evaluate_model(model: nn.Module, data, specs: list[str] | dict[str, str], *,
             raise EngineError(f"autoattack takes NORM:EPS with NORM linf or l2, got {text!r}")
         from .attacks.base import parse_number
 
-        aa[f"autoattack-{norm} {parse_number('eps', eps):.4g}"] = (norm, parse_number("eps", eps))
+        column = f"autoattack-{norm} {parse_number('eps', eps):.4g}"
+        aa[column] = (norm, parse_number("eps", eps))
+        info[column] = {"kind": "autoattack", "threat_model": f"autoattack-{norm}",
+                        "bound": aa[column][1], "label": "",
+                        "spec": f"autoattack {autoattack_version} {norm}:{aa[column][1]!r}"}
     if autoattack_version not in ("standard", "fast"):
         raise EngineError(f"autoattack_version must be standard or fast, got "
                           f"{autoattack_version!r}")
@@ -172,7 +209,7 @@ def evaluate_model(model: nn.Module, data, specs: list[str] | dict[str, str], *,
         clean=torch.cat(clean_parts), correct={k: torch.cat(v) for k, v in parts.items()},
         specs={**{k: a.spec for k, a in attacks.items()},
                **{k: f"autoattack {autoattack_version} {n}:{e!r}" for k, (n, e) in aa.items()}},
-        seen=seen_labels)
+        seen=seen_labels, info=info)
 
 
 def autoattack_correct(model: nn.Module, images: Tensor, labels: Tensor, norm: str, eps: float,
@@ -260,13 +297,6 @@ def write_table(rows: list[dict[str, Any]], out: Path, stem: str, *, title: str,
 # --------------------------------------------------------------------------------------------
 
 
-def _with_bound(spec: str, bound: float) -> str:
-    if re.search(r"(^|[:,])bound=", spec):
-        return re.sub(r"((?:^|[:,])bound=)[^,]*", lambda m: f"{m.group(1)}{bound!r}", spec)
-    sep = "," if ":" in spec else ":"
-    return f"{spec}{sep}bound={bound!r}"
-
-
 def sanity_checks(model: nn.Module, data, specs: list[str], *, limit: int = 200,
                   batch_size: int = 100, seed: int = 0, device: str | torch.device = "cpu",
                   square: tuple[str, ...] = ("linf:8/255",), square_queries: int = 1000,
@@ -287,7 +317,7 @@ def sanity_checks(model: nn.Module, data, specs: list[str], *, limit: int = 200,
     for spec in specs:
         attack = prepare_attack(spec, model)
         bounds = [attack.bound * f for f in (0.5, 1.0, 2.0)]
-        variants = {f"{b:.4g}": _with_bound(spec, b) for b in bounds}
+        variants = {f"{b:.4g}": with_params(spec, bound=float(b)) for b in bounds}
         ev = evaluate_model(model, data, variants, limit=limit, batch_size=batch_size,
                             seed=seed, device=device, progress=progress)
         accs = [ev.accuracy(k) for k in variants]
@@ -303,8 +333,10 @@ def sanity_checks(model: nn.Module, data, specs: list[str], *, limit: int = 200,
     for text in square:
         norm, _, eps = text.partition(":")
         ev = evaluate_model(model, data, {
-            "square": f"square:norm={norm},bound={eps},num_iterations={square_queries}",
-            "apgd": f"apgd_ce:norm={norm},bound={eps},num_iterations=50"},
+            "square": join_spec("square", [("norm", norm), ("bound", eps),
+                                           ("num_iterations", str(square_queries))]),
+            "apgd": join_spec("apgd_ce", [("norm", norm), ("bound", eps),
+                                          ("num_iterations", "50")])},
             limit=limit, batch_size=batch_size, seed=seed, device=device, progress=progress)
         sq, wb = ev.accuracy("square"), ev.accuracy("apgd")
         checks.append({"check": "square_not_stronger", "detail": f"{norm} {eps}: Square"
@@ -365,17 +397,20 @@ def perceptibility_matched(model: nn.Module, data, bounds: dict[str, dict[str, f
                            device: str | torch.device = "cpu", progress: bool = False
                            ) -> list[dict[str, Any]]:
     """Robust accuracy per threat model at each calibrated bound. Rows
-    ``{threat_model, level, bound, accuracy}``; ``attack_params`` adds spec parameters per
-    threat model (e.g. ``{"linf": "num_iterations=40"}``)."""
+    ``{threat_model, level, label, bound, spec, accuracy}`` (``level`` and ``label``: the
+    calibrated label, e.g. ``p50``; ``spec``: canonical); ``attack_params`` adds spec
+    parameters per threat model (e.g. ``{"linf": "num_iterations=40"}``)."""
     rows = []
     for threat, table in bounds.items():
-        extra = (attack_params or {}).get(threat, "")
-        specs = {label: f"{threat}:bound={bound!r}" + (f",{extra}" if extra else "")
-                 for label, bound in table.items()}
+        base = join_params(threat, (attack_params or {}).get(threat, ""))
+        specs = {label: spec for label, spec in zip(
+            table, expand_specs([base], [(label, b) for label, b in table.items()]),
+            strict=True)}
         ev = evaluate_model(model, data, specs, limit=limit, batch_size=batch_size, seed=seed,
                             device=device, progress=progress)
         for label, bound in table.items():
-            rows.append({"threat_model": threat, "level": label, "bound": bound,
+            rows.append({"threat_model": threat, "level": label, "label": label,
+                         "bound": bound, "spec": ev.info[label]["spec"],
                          "accuracy": ev.accuracy(label)})
     return rows
 

@@ -19,11 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from engine.analysis import CONTROLS, AnalysisReport, _wilson_arrays, analyze
+from engine.provenance import distance_label
 
-DISTANCE_NAMES = {
-    "l2": "L2", "linf": "L∞", "ssim": "1 − SSIM", "lpips_alexnet": "LPIPS (AlexNet)",
-    "lpips_alexnet_untrained": "LPIPS (AlexNet, untrained)", "lpips_self": "LPIPS (self)",
-}
+# Axis labels of distance columns name the network and its weights state:
+# ``lpips_alexnet_untrained`` → "LPIPS (AlexNet, untrained)" (engine.provenance.distance_label).
 
 
 def _report(report_or_frames, n_boot: int = 1000, seed: int = 0) -> AnalysisReport:
@@ -88,7 +87,7 @@ def fig4a_perceptibility_vs_lpips(report_or_frames, *, distance: str = "lpips_al
         ax.errorbar(g[col], g["perceptibility"], yerr=[g["perceptibility"] - low,
                     high - g["perceptibility"]], fmt="o-", color=colors[str(tm)], label=str(tm),
                     capsize=3)
-    ax.set(xlabel=f"mean {DISTANCE_NAMES.get(distance, distance)} distance",
+    ax.set(xlabel=f"mean {distance_label(distance)} distance",
            ylabel="perceptibility (fraction 'different')", ylim=(0, 1),
            title="Perceptibility vs distance (PAT Fig. 4a)")
     if len(data):
@@ -146,7 +145,7 @@ def fig4c_distance_correlations(report_or_frames, *, n_boot: int = 1000, seed: i
     r = data["r"].fillna(0).to_numpy()
     err = np.vstack([(data["r"] - data["r_low"]).fillna(0), (data["r_high"] - data["r"]).fillna(0)])
     ax.barh(y, r, xerr=err, color="C0", capsize=3)
-    ax.set_yticks(y, [DISTANCE_NAMES.get(d, d) for d in data["distance"]], fontsize=8)
+    ax.set_yticks(y, [distance_label(d) for d in data["distance"]], fontsize=8)
     ax.set(xlabel="Pearson r with perceptibility (across conditions)", xlim=(-1, 1),
            title="How well each distance tracks people (PAT Fig. 4c)")
     ax.axvline(0, color="k", lw=0.6)
@@ -184,7 +183,7 @@ def fig5_distance_violins(report_or_frames, *, distance: str = "lpips_alexnet",
             body.set_facecolor(c)
             body.set_alpha(0.6)
         ax.set_xticks(np.arange(1, len(values) + 1), names, fontsize=7)
-    ax.set(ylabel=f"{DISTANCE_NAMES.get(distance, distance)} distance",
+    ax.set(ylabel=f"{distance_label(distance)} distance",
            title="Distances per threat model and bound (PAT Fig. 5)")
     fig.tight_layout()
     return fig, data

@@ -7,32 +7,44 @@ pairs do not depend on which process made them. Under ``torchrun --nproc-per-nod
 manifest (``manifest.json`` + ``manifest.csv``) in batch order, byte-identical to what one
 process writes. Sentinel and catch pairs are chosen once from all sources (seeded), as
 ``generate_stimuli`` does; a catch pair's "other" image is the next source of the same batch.
-The output folder is what ``studyapp`` imports (``import_manifest``).
+The output folder is what ``manage.py import_pairs DIR --study SLUG`` imports; the manifest
+also lists every file's SHA-256, the networks with their weights state (``pretrained``,
+``untrained`` or a weights file's hash), the request, the seed and the code version.
+``manage.py generate_pairs`` is this function followed by that import, in one process.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from . import distributed
 from .errors import EngineError
+from .provenance import code_version, untrained_networks
 from .stimuli import Manifest, PairRecord, generate_stimuli
 
 
-@dataclass
+@dataclass(frozen=True)
 class GenerateRequest:
-    """What to generate. ``images``: ``skimage``, a folder, or ``torchvision:NAME[:ROOT]``;
-    ``classifier``: an ImageNet classifier spec (``resnet50``, ``alexnet:untrained``) or a run
-    folder from ``python -m engine train``; ``size``: crop side in pixels."""
+    """What to generate — the one request type of ``python -m engine generate``,
+    ``manage.py generate_pairs``, ``refill`` and ``demo``.
 
-    specs: list[str]
-    out: str
+    ``specs``: attack specs, each a condition (bounds named, numeric or ``VALUE@LABEL``; see
+    :func:`engine.attacks.spec.expand_specs` / :func:`~engine.attacks.spec.ladder_specs`);
+    ``levels``: ``{spec: ladder level}`` for ladder conditions; ``images``: ``skimage``, a
+    folder, or ``torchvision:NAME[:ROOT]``; ``classifier``: an ImageNet classifier spec
+    (``resnet50``, ``alexnet:untrained``) or a run folder from ``python -m engine train``;
+    ``lpips``: LPIPS network specs to measure every pair with; ``size``: crop side in pixels;
+    ``device``: ``auto``, ``cpu`` or ``cuda[:N]``; ``out``: the folder to write.
+    """
+
+    specs: tuple[str, ...]
+    out: str | None = None
     images: str = "skimage"
     classifier: str = "resnet50"
     lpips: tuple[str, ...] = ("alexnet",)
@@ -45,30 +57,91 @@ class GenerateRequest:
     batch_size: int = 16
     device: str = "auto"
     autocast: str | None = None
+    levels: dict[str, int] | None = None
     progress: bool = True
+
+    #: Fields that do not change what is generated (left out of :meth:`record`).
+    NOT_RECORDED: ClassVar[tuple[str, ...]] = ("out", "progress", "device")
+
+    def record(self) -> dict[str, Any]:
+        """The request as the manifest stores it: enough to generate the same pairs again
+        (the device actually used is in the manifest's ``generator.device``)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name not in self.NOT_RECORDED}
+        out["specs"], out["lpips"] = list(self.specs), list(self.lpips)
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], **changes: Any) -> GenerateRequest:
+        """The request a manifest recorded (:meth:`record`), with ``changes``."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in record.items() if k in known}
+        values.update(changes)
+        values["specs"] = tuple(values["specs"])
+        values["lpips"] = tuple(values.get("lpips", ("alexnet",)))
+        return cls(**values)
+
+    def check(self) -> None:
+        """Every cheap check, so that bad input fails before networks load or files are
+        written (:class:`EngineError` naming the problem)."""
+        from .attacks import parse_attack
+        from .models import parse_network
+
+        if not self.specs:
+            raise EngineError("at least one attack spec (condition) is needed")
+        for spec in self.specs:
+            parse_attack(spec)
+        for spec in (self.levels or {}):
+            if spec not in self.specs:
+                raise EngineError(f"ladder level given for {spec!r}, which is not a spec")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise EngineError(f"unknown device {self.device!r}; use auto, cpu or cuda[:N]")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EngineError(f"device {self.device!r} requested but no CUDA GPU is available")
+        if self.autocast not in (None, "bf16"):
+            raise EngineError(f"unknown autocast {self.autocast!r}; use bf16 or leave it out")
+        if self.batch_size < 1:
+            raise EngineError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not Path(self.classifier).exists():
+            parse_network(self.classifier)
+        for spec in self.lpips:
+            parse_network(spec)
 
 
 def _classifier(spec: str):
+    """``(classifier, network record)``: a run folder's model or an ImageNet classifier."""
+    from .provenance import file_sha256, network_record
+
     path = Path(spec)
     if path.exists():
-        from .train import load_model
+        from .train import _model_file, load_model
 
-        return load_model(path)
+        model = load_model(path)
+        return model, {"role": "classifier", "spec": str(path), "arch": type(model).__name__,
+                       "weights": f"sha256:{file_sha256(_model_file(path))}"}
     from .models import load_classifier
 
-    torch.manual_seed(0)  # untrained ImageNet classifiers: the same weights on every rank
-    return load_classifier(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # untrained classifiers: the same weights on every rank and route
+        model = load_classifier(spec)
+    return model, network_record(spec, "classifier")
 
 
-def _lpips_models(names: tuple[str, ...]) -> dict:
+def _lpips_models(names: tuple[str, ...]) -> tuple[dict, list[dict]]:
+    """``({column name: LPIPS}, [network records])``; columns name the weights state."""
     from .distances import build_lpips
+    from .provenance import lpips_column, network_record
 
-    models = {}
+    models, records = {}, []
     for name in names:
+        column = lpips_column(name)
+        if column in models:
+            raise EngineError(f"LPIPS network {name!r} given twice")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            models[name] = build_lpips(name)
-    return models
+            models[column] = build_lpips(name)
+        records.append({**network_record(name, "lpips"), "column": f"lpips_{column}"})
+    return models, records
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -80,6 +153,9 @@ def generate(request: GenerateRequest) -> Manifest | None:
     """Generate (sharded under torchrun); returns the merged manifest on rank 0, else None."""
     from .data import load_sources
 
+    request.check()
+    if request.out is None:
+        raise EngineError("the request names no output folder (out)")
     info = distributed.setup(request.device)
     try:
         sources = load_sources(request.images, size=request.size,
@@ -91,8 +167,6 @@ def generate(request: GenerateRequest) -> Manifest | None:
         if not 0 <= n_sentinels <= len(sources):
             raise EngineError(f"sentinels must be between 0 and {len(sources)}, got"
                               f" {n_sentinels}")
-        if request.batch_size < 1:
-            raise EngineError(f"batch_size must be >= 1, got {request.batch_size}")
         starts = list(range(0, len(sources), request.batch_size))
         catchable = [i for i in range(len(sources))
                      if min(request.batch_size, len(sources) - (i // request.batch_size)
@@ -105,8 +179,8 @@ def generate(request: GenerateRequest) -> Manifest | None:
         catch_ids = set(np.asarray(catchable)[rng.choice(len(catchable), size=request.catch,
                                                          replace=False)].tolist()
                         ) if request.catch else set()
-        classifier = _classifier(request.classifier)
-        lpips = _lpips_models(tuple(request.lpips))
+        classifier, classifier_record = _classifier(request.classifier)
+        lpips, lpips_records = _lpips_models(tuple(request.lpips))
         out = Path(request.out)
         mine: list[tuple[int, dict[str, Any], list[dict], list[PairRecord]]] = []
         for k, start in enumerate(starts):
@@ -117,7 +191,8 @@ def generate(request: GenerateRequest) -> Manifest | None:
                 batch, request.specs, classifier, out, lpips_models=lpips,
                 seed=batch_seed(request.seed, k), batch_size=request.batch_size,
                 sentinels=len(batch), catch=len(batch) if len(batch) >= 2 else 0,
-                device=info.device, autocast=request.autocast, progress=request.progress)
+                device=info.device, autocast=request.autocast, progress=request.progress,
+                levels=request.levels, write_manifest=False)
             chosen = {s.id for i, s in enumerate(batch, start) if i in sentinel_ids}
             caught = {s.id for i, s in enumerate(batch, start) if i in catch_ids}
             pairs = [p for p in manifest.pairs
@@ -138,6 +213,11 @@ def generate(request: GenerateRequest) -> Manifest | None:
         generator["seed"] = request.seed
         generator["batch_seeds"] = "zlib.crc32(f'{seed}|batch|{k}') for source batch k"
         generator["batch_size"] = request.batch_size
+        networks = [classifier_record, *lpips_records]
+        generator["networks"] = networks
+        generator["untrained"] = untrained_networks(networks)
+        generator["code_version"] = code_version()
+        generator["request"] = request.record()
         merged = Manifest(generator=generator, conditions=parts[0][2],
                           pairs=attacked + controls)
         merged.write(out)

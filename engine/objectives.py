@@ -41,6 +41,7 @@ from .attacks import (
     parse_attack,
 )
 from .attacks.base import eval_mode, noise_normal, noise_uniform, parse_bool, parse_number
+from .attacks.spec import join_spec
 from .errors import EngineError
 
 
@@ -273,10 +274,10 @@ class _AttackTraining(Method):
     threat = "linf"
 
     def attack(self):
-        return parse_attack(
-            f"{self.threat}:bound={self.bound!r},num_iterations={self.num_iterations}"
-            + ("" if self.step_size is None else f",step_size={self.step_size!r}")
-        )
+        params = [("bound", repr(self.bound)), ("num_iterations", str(self.num_iterations))]
+        if self.step_size is not None:
+            params.append(("step_size", repr(self.step_size)))
+        return parse_attack(join_spec(self.threat, params))
 
     def check(self):
         self._attack = self.attack()

@@ -36,13 +36,15 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attacks import parse_attack
-from .attacks.spec import bound_label as spec_bound_label
+from .attacks.spec import bound_label
 from .data import SourceImage
 from .distances import LPIPS, pairwise_distances
 from .errors import EngineError
 from .models import ImageClassifier
 
-MANIFEST_VERSION = 1
+#: 2: adds ``files`` (path → SHA-256), each condition's ``level`` and ``given`` spec, and the
+#: generator's ``networks`` / ``untrained`` / ``request`` / ``code_version`` (engine.generate).
+MANIFEST_VERSION = 2
 
 
 @dataclass
@@ -87,13 +89,60 @@ class Manifest:
     pairs: list[PairRecord] = field(default_factory=list)
     version: int = MANIFEST_VERSION
 
+    @property
+    def files(self) -> dict[str, str]:
+        """``{path relative to the folder: SHA-256}`` of every PNG the pairs name, sorted."""
+        out: dict[str, str] = {}
+        for p in self.pairs:
+            out[p.natural_path] = p.natural_sha256
+            out[p.other_path] = p.other_sha256
+        return dict(sorted(out.items()))
+
     def to_json(self) -> dict:
         return {
             "version": self.version,
             "generator": self.generator,
             "conditions": self.conditions,
+            "files": self.files,
             "pairs": [asdict(p) for p in self.pairs],
         }
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        """The manifest of a folder written by :meth:`write`; :class:`EngineError` naming
+        the problem when it is missing, not JSON, of another version or malformed."""
+        path = Path(folder) / "manifest.json"
+        if not path.is_file():
+            raise EngineError(f"{path} not found: give the folder `python -m engine generate"
+                              " --out` wrote")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise EngineError(f"{path} is not a readable JSON manifest: {exc}") from None
+        if not isinstance(data, dict):
+            raise EngineError(f"{path}: a manifest is a JSON object")
+        if data.get("version") != MANIFEST_VERSION:
+            raise EngineError(f"{path}: manifest version {data.get('version')!r}, this code"
+                              f" reads version {MANIFEST_VERSION}: generate the folder again"
+                              " with this code's `python -m engine generate`")
+        for key, kind in (("generator", dict), ("conditions", list), ("pairs", list),
+                          ("files", dict)):
+            if not isinstance(data.get(key), kind):
+                raise EngineError(f"{path}: {key!r} must be a JSON {kind.__name__}")
+        names = set(PairRecord.__dataclass_fields__)
+        pairs = []
+        for i, row in enumerate(data["pairs"]):
+            if not isinstance(row, dict) or set(row) != names:
+                got = set(row) if isinstance(row, dict) else set()
+                raise EngineError(
+                    f"{path}: pair {i} does not have the manifest's fields (missing:"
+                    f" {sorted(names - got)}, unknown: {sorted(got - names)})")
+            pairs.append(PairRecord(**row))
+        manifest = cls(generator=data["generator"], conditions=data["conditions"],
+                       pairs=pairs, version=data["version"])
+        if manifest.files != data["files"]:
+            raise EngineError(f"{path}: its 'files' list does not match its pairs' hashes")
+        return manifest
 
     def write(self, out_dir: Path) -> None:
         (out_dir / "manifest.json").write_text(json.dumps(self.to_json(), indent=1))
@@ -147,13 +196,6 @@ def from_uint8(pixels: np.ndarray, device: torch.device | str = "cpu") -> torch.
 def condition_slug(spec: str) -> str:
     """A file-safe folder name for a spec: ``linf:bound=0.0157`` → ``linf_bound-0.0157``."""
     return "".join(c if c.isalnum() or c in ".-" else "_" for c in spec.replace("=", "-"))
-
-
-def bound_label(spec: str) -> str:
-    """The label of a spec's bound as written: a named bound (``linf:bound=small`` →
-    ``small``), a labelled number (``ppgd:bound=0.31@human_medium`` → ``human_medium``), else
-    ``""`` (see :func:`engine.attacks.spec.bound_label`)."""
-    return spec_bound_label(spec)
 
 
 #: Attacks with a hard LPIPS bound: truncating toward the natural image does not bound
@@ -226,6 +268,8 @@ def generate_stimuli(
     device: str | torch.device = "cpu",
     autocast: str | None = None,
     progress: bool = True,
+    levels: dict[str, int] | None = None,
+    write_manifest: bool = True,
 ) -> Manifest:
     """Attack every source under every spec and write pairs, sentinels and the manifest.
 
@@ -235,7 +279,8 @@ def generate_stimuli(
     :class:`EngineError` for unknown or malformed specs before anything is written.
     Deterministic for a seed: the same inputs give byte-identical PNGs and manifest.
     ``autocast="bf16"`` runs the attacks (not the distance measurements) under bfloat16
-    autocast, for GPUs.
+    autocast, for GPUs. ``levels`` maps specs (as given) to their ladder level, recorded with
+    the condition; labels come from the specs (``bound=small``, ``bound=0.31@human``).
     """
     if autocast not in (None, "bf16"):
         raise EngineError(f"autocast must be None or 'bf16', got {autocast!r}")
@@ -302,6 +347,8 @@ def generate_stimuli(
                 "bound": float(a.bound),
                 "slug": condition_slug(a.spec),
                 "label": bound_label(text),
+                "level": (levels or {}).get(text),
+                "given": text,
                 "parameters": a.describe(),
             }
             for a, text in zip(attacks, attack_specs, strict=True)
@@ -409,5 +456,6 @@ def generate_stimuli(
                 origin=src.origin,
             )
         )
-    manifest.write(out_dir)
+    if write_manifest:
+        manifest.write(out_dir)
     return manifest

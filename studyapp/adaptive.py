@@ -2,9 +2,10 @@
 
 The closed loop (issue 8):
 
-1. ``generate_pairs --ladder N`` makes N log-spaced bounds per threat model (levels 0..N−1,
-   ``Pair.level``, condition labels ``L0``..``L{N-1}``); the ladder is recorded in
-   ``study.adaptive_config["ladder"]``.
+1. ``generate_pairs --ladder N`` (or ``python -m engine generate --ladder N`` + ``import_pairs``)
+   makes N log-spaced bounds per threat model (:func:`engine.attacks.spec.ladder_specs`:
+   levels 0..N−1 travel through the manifest to ``Pair.level``, condition labels
+   ``L0``..``L{N-1}``); the import records the ladder in ``study.adaptive_config["ladder"]``.
 2. In an adaptive study (``Study.adaptive``) the scheduler, when it builds a session, asks
    :func:`order_candidates` to put first the pairs at the level that QUEST+ (Watson 2017)
    chooses for each threat model: the level whose answer minimises the expected entropy of a
@@ -15,7 +16,8 @@ The closed loop (issue 8):
    no pair with room left, its neighbours come next (nearest level first), so a session is
    never refused for the posterior's sake.
 3. ``calibrate`` fits psychometric functions and stores presets; ``generate_pairs --bounds
-   calibrated:SLUG`` reads them back (:func:`calibrated_bounds`).
+   calibrated:SLUG`` reads them back as labelled bounds ``VALUE@LABEL``
+   (:func:`calibrated_specs`), which the engine carries to ``Condition.label``.
 4. ``refill`` tops up levels running short of open slots (:func:`short_levels`).
 
 Units: bounds are in each threat model's own units (Lp on the [0,1] pixel scale).
@@ -23,7 +25,6 @@ Units: bounds are in each threat model's own units (Lp on the [0,1] pixel scale)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -31,9 +32,11 @@ from collections.abc import Sequence
 import numpy as np
 from django.db.models import Count, F, Q, Sum
 
-from engine.adaptive import QuestPlus, ladder
+from engine.adaptive import QuestPlus
+from engine.attacks.spec import expand_specs, resolve_preset, threat_model_of
+from engine.errors import EngineError
 
-from .models import Calibration, Condition, Judgment, Pair, Study
+from .models import Calibration, Judgment, Pair, Study
 
 DEFAULTS = {
     "lapse_rate": 0.02,
@@ -48,62 +51,7 @@ class AdaptiveError(ValueError):
     """A ladder, preset or adaptive setting that cannot be used (the message says why)."""
 
 
-# ------------------------------------------------------------------------------ specs
-
-
-def _with_bound(spec: str, bound: float) -> str:
-    name, _, rest = spec.partition(":")
-    keys = [p.partition("=")[0].strip() for p in rest.split(",") if p.strip()]
-    if "bound" in keys:
-        raise AdaptiveError(f"spec {spec!r} sets bound itself; drop it or drop --bounds/--ladder")
-    return f"{name}:bound={bound!r}" + (f",{rest}" if rest.strip() else "")
-
-
-def resolve_bound(spec: str, bound: str) -> float:
-    """A named (``small``) or numeric bound of ``spec``'s threat model, as a number."""
-    if _is_number(bound):
-        return float(bound)
-    from engine.attacks import parse_attack  # the engine owns the named presets
-
-    try:
-        return float(parse_attack(f"{spec.partition(':')[0]}:bound={bound}").bound)
-    except Exception as exc:
-        raise AdaptiveError(f"cannot resolve bound {bound!r} for {spec!r}: {exc}") from exc
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def ladder_specs(specs: Sequence[str], bounds: Sequence[str] | None, n: int):
-    """``(specs, labels)``: ``n`` log-spaced bounds per spec between its low and high bound.
-
-    ``bounds`` gives ``low,high`` (named or numeric); without it the ladder spans the named
-    ``small`` to ``large`` presets of each threat model (PAT table 4), widened ×0.5 and ×2.
-    ``labels`` maps each expanded spec to ``L<i>`` (its level).
-    """
-    if n < 2:
-        raise AdaptiveError(f"--ladder needs at least 2 levels, got {n}")
-    if bounds is not None and len(bounds) != 2:
-        raise AdaptiveError(f"--ladder takes --bounds LOW,HIGH (two values), got {list(bounds)}")
-    out, labels = [], {}
-    for spec in specs:
-        _with_bound(spec, 1.0)  # refuses a spec that sets bound itself
-        if bounds is None:
-            low, high = resolve_bound(spec, "small") / 2, resolve_bound(spec, "large") * 2
-        else:
-            low, high = resolve_bound(spec, bounds[0]), resolve_bound(spec, bounds[1])
-        if not 0 < low < high:
-            raise AdaptiveError(f"ladder for {spec!r} needs 0 < low < high, got {low}, {high}")
-        for i, b in enumerate(ladder(low, high, n)):
-            s = _with_bound(spec, float(b))
-            out.append(s)
-            labels[s] = f"L{i}"
-    return tuple(out), labels
+# ------------------------------------------------------------------------------ presets
 
 
 def calibrated_bounds(slug: str) -> tuple[Calibration, dict[str, dict[str, float]]]:
@@ -127,20 +75,21 @@ def named_and_calibrated(presets: dict[str, dict[str, float | None]]) -> list[di
         row: dict = {"threat_model": tm}
         for name in ("small", "medium", "large"):
             try:
-                row[name] = resolve_bound(tm, name)
-            except AdaptiveError:
+                row[name] = resolve_preset(tm, name)
+            except EngineError:
                 row[name] = None
         row.update(presets[tm])
         rows.append(row)
     return rows
 
 
-def calibrated_specs(specs: Sequence[str], slug: str):
-    """``(specs, labels)``: each spec at each calibrated bound of its threat model."""
+def calibrated_specs(specs: Sequence[str], slug: str) -> tuple[str, ...]:
+    """Each spec at each calibrated bound of its threat model, labelled: ``VALUE@LABEL``
+    (:func:`engine.attacks.spec.expand_specs`), e.g. ``linf:bound=0.0123@p50,...``."""
     row, presets = calibrated_bounds(slug)
-    out, labels = [], {}
+    out: list[str] = []
     for spec in specs:
-        tm = spec.partition(":")[0].strip()
+        tm = threat_model_of(spec)
         if tm not in presets:
             raise AdaptiveError(
                 f"calibration {row.pk} of study {slug!r} has no presets for threat model "
@@ -152,46 +101,8 @@ def calibrated_specs(specs: Sequence[str], slug: str):
                     f"calibration {row.pk}: {tm} {label} has no usable bound ({bound}); the "
                     "fit did not reach that perceptibility inside its range"
                 )
-            s = _with_bound(spec, float(bound))
-            out.append(s)
-            labels[s] = label
-    return tuple(out), labels
-
-
-def label_conditions(
-    study: Study, labels: dict[str, str], *, ladder_levels: bool, request=None
-) -> int:
-    """Label the study's conditions made from ``labels``' specs; with ``ladder_levels`` set
-    ``Pair.level`` and record the ladder in ``adaptive_config``. Returns conditions labelled.
-
-    Conditions are matched by threat model and bound (the stored spec is the engine's
-    canonical form, not the string we built).
-    """
-    wanted = []
-    for spec, label in labels.items():
-        tm = spec.partition(":")[0].strip()
-        bound = float(spec.partition("bound=")[2].partition(",")[0])
-        wanted.append((tm, bound, label))
-    n = 0
-    ladder_cfg = dict(study.adaptive_config.get("ladder", {}))
-    for condition in Condition.objects.filter(study=study):
-        for tm, bound, label in wanted:
-            if condition.threat_model == tm and math.isclose(condition.bound, bound,
-                                                             rel_tol=1e-6):
-                Condition.objects.filter(pk=condition.pk).update(label=label)
-                n += 1
-                if ladder_levels:
-                    level = int(label.removeprefix("L"))
-                    Pair.objects.filter(condition=condition).update(level=level)
-                    bounds = ladder_cfg.setdefault(tm, {})
-                    bounds[str(level)] = {"bound": condition.bound, "spec": condition.spec}
-    if ladder_levels:
-        extra = {"ladder": ladder_cfg}
-        if request is not None:  # what refill needs to make more pairs the same way
-            extra["generation"] = {**dataclasses.asdict(request), "specs": None}
-        study.adaptive_config = {**study.adaptive_config, **extra}
-        study.save(update_fields=["adaptive_config"])
-    return n
+        out += expand_specs([spec], [(label, float(b)) for label, b in presets[tm].items()])
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------ QUEST+

@@ -488,6 +488,9 @@ class DefenseResult(models.Model):
                                     " an attack name")
     bound = models.FloatField(null=True, blank=True, help_text="In the threat model's units.")
     spec = models.CharField(max_length=500, blank=True)
+    label = models.CharField(max_length=50, blank=True, help_text="The bound's label: named"
+                             " (small, medium, large, cifar10), calibrated (p25) or given"
+                             " (VALUE@LABEL); blank for a plain number.")
     perceptibility = models.CharField(max_length=50, blank=True)
     accuracy = models.FloatField(validators=[MinValueValidator(0.0), MaxValueValidator(1.0)])
     n_images = models.PositiveIntegerField()

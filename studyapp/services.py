@@ -1,62 +1,65 @@
-"""Turning engine output into study rows and files. Management commands stay thin and call this.
+"""Turning the engine's output folders into study rows and files. Commands stay thin.
 
-The one rule here: bad input writes nothing, and re-running never duplicates or silently
-changes what participants already judged. Stimuli are generated into a staging folder first;
-rows are upserted by the pair's stable ``key`` inside one transaction; files move into place
-only after every check has passed.
+There is one generation pipeline: :func:`engine.generate.generate` writes PNG pairs and a
+manifest into a folder (``python -m engine generate``, on any machine, 1 or N ranks), and
+:func:`import_folder` stores such a folder in a study (``manage.py import_pairs``).
+``generate_pairs`` is exactly the two in one process (:func:`generate_into_study`), so the
+same request and seed give byte-identical pairs and equal rows by either route.
+
+The rules of an import:
+
+- everything is checked before anything is written (:func:`validate_manifest`): every
+  file's SHA-256, the spec grammar (:mod:`engine.attacks.spec`), the labels, the bounds
+  (recorded ones agree with the specs; Lp sizes re-measured from the PNGs are within them)
+  and the networks (known architectures, a weights state each, distance columns that name
+  them, the same networks as the study's earlier pairs);
+- files are copied into a staging folder first and moved into place only after the rows
+  were written, inside one transaction: any error writes nothing;
+- rows are upserted by the pair's stable ``key``: re-importing a manifest changes nothing;
+- a pair already shown to participants is never changed (:class:`StimulusImportError`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
+import numpy as np
 from django.conf import settings
 from django.db import transaction
+from PIL import Image
 
 from engine.attacks import parse_attack
-from engine.attacks.spec import expand_specs as spec_expand_specs
-from engine.data import load_sources
-from engine.distances import build_lpips
+from engine.attacks.spec import check_label
 from engine.errors import EngineError, WeightsUnavailableError
-from engine.models import load_classifier
-from engine.stimuli import Manifest, generate_stimuli
+from engine.generate import GenerateRequest, generate
+from engine.models import KNOWN_ARCHITECTURES, parse_network
+from engine.provenance import untrained_networks
+from engine.stimuli import Manifest
 
 from . import stimulus_rows
 from .models import Condition, Pair, Study
 
+__all__ = [
+    "GenerateRequest", "ImportSummary", "StimulusImportError", "WeightsUnavailableError",
+    "generate_into_study", "import_folder", "pretrained_or_untrained", "study_dir",
+    "validate_manifest",
+]
+
+#: Relative tolerance of a bound check (the engine's, :func:`engine.stimuli._le`).
+BOUND_RTOL = 1e-4
+#: Threat models whose stored size :func:`validate_manifest` re-measures from the PNGs.
+LP_NORMS = {"linf": lambda d: float(np.abs(d).max()), "l2": lambda d: float(np.linalg.norm(d))}
+
 
 class StimulusImportError(Exception):
-    """Generated stimuli cannot be stored without changing pairs that were already judged."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """Arguments of one ``generate_pairs`` run (units: ``size`` in pixels, bounds in specs)."""
-
-    specs: tuple[str, ...]
-    images: str = "skimage"
-    classifier: str = "resnet50"
-    lpips: tuple[str, ...] = ("alexnet",)
-    size: int = 224
-    crops_per_image: int = 1
-    max_images: int | None = None
-    sentinels: int | None = None
-    catch: int = 0
-    seed: int = 0
-    batch_size: int = 16
-    device: str = "cpu"
-    autocast: str | None = None
-
-
-def expand_specs(specs: list[str], bounds: list[str] | None) -> tuple[str, ...]:
-    """Each spec once per bound in ``bounds``: :func:`engine.attacks.spec.expand_specs`
-    (names, numbers, or ``VALUE@LABEL``; the specs must then omit ``bound``)."""
-    return spec_expand_specs(specs, bounds)
+    """A folder cannot be imported: it fails a check, or it would change pairs that were
+    already shown to participants. Nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -72,162 +75,302 @@ def study_dir(study: Study) -> Path:
     return Path(settings.MEDIA_ROOT) / "studies" / study.slug
 
 
-def _validate(request: GenerationRequest) -> None:
-    """Every cheap check, so that bad input fails before models load or files are written."""
-    for spec in request.specs:
-        parse_attack(spec)
-    if request.device != "cpu" and not request.device.startswith("cuda"):
-        raise EngineError(f"unknown device {request.device!r}; use cpu or cuda[:N]")
-    if request.autocast not in (None, "bf16"):
-        raise EngineError(f"unknown autocast {request.autocast!r}; use bf16 or leave it out")
-    if request.device.startswith("cuda") and not torch.cuda.is_available():
-        raise EngineError(f"device {request.device!r} requested but no CUDA GPU is available")
-
-
 def generate_into_study(
-    study: Study, request: GenerationRequest, *, progress: bool = True
+    study: Study, request: GenerateRequest, *, progress: bool = True
 ) -> ImportSummary:
-    """Generate stimuli for ``request`` and store them as rows and files of ``study``.
+    """``python -m engine generate`` into a staging folder, then :func:`import_folder`.
 
     Raises :class:`engine.errors.EngineError`, :class:`WeightsUnavailableError` or
     :class:`StimulusImportError`; in each case nothing is written.
     """
-    _validate(request)
-    sources = load_sources(
-        request.images,
-        size=request.size,
-        crops_per_image=request.crops_per_image,
-        max_images=request.max_images,
-        seed=request.seed,
-    )
-    torch.manual_seed(request.seed)  # untrained networks are initialised reproducibly
-    classifier = load_classifier(request.classifier)
-    lpips_models = {spec.split(":")[0]: build_lpips(spec) for spec in request.lpips}
+    request.check()
     target = study_dir(study)
     target.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
     try:
-        manifest = generate_stimuli(
-            sources,
-            list(request.specs),
-            classifier,
-            staging,
-            lpips_models=lpips_models,
-            seed=request.seed,
-            batch_size=request.batch_size,
-            sentinels=request.sentinels,
-            catch=request.catch,
-            device=request.device,
-            autocast=request.autocast,
-            progress=progress,
-        )
-        return import_manifest(study, manifest, staging)
+        generate(replace(request, out=str(staging), progress=progress))
+        return import_folder(study, staging, staged=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _untrained(generator: dict) -> tuple[str, ...]:
-    names = []
-    if generator.get("weights") == "untrained":
-        names.append(f"classifier {generator.get('classifier')}")
-    for name, desc in generator.get("lpips_models", {}).items():
-        if desc.get("lpips_weights") == "untrained":
-            names.append(f"LPIPS {name}")
-    return tuple(names)
+def _safe(folder: Path, rel: str) -> Path:
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or ".." in Path(
+            rel).parts or "\\" in rel:
+        raise StimulusImportError(f"manifest names an unsafe file path {rel!r}")
+    return folder / rel
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.float64) / 255
+
+
+def validate_manifest(manifest: Manifest, folder: Path, study: Study | None = None) -> None:
+    """Every check of an import, before anything is written; :class:`StimulusImportError`
+    naming the first problem. ``study``: also check the networks match its earlier pairs."""
+    # Files: each present, each with the recorded SHA-256.
+    for rel, digest in manifest.files.items():
+        path = _safe(folder, rel)
+        if not path.is_file():
+            raise StimulusImportError(f"{rel}: listed in the manifest but missing in {folder}")
+        actual = _sha256(path)
+        if actual != digest:
+            raise StimulusImportError(
+                f"{rel}: SHA-256 {actual[:16]}… does not match the manifest's {digest[:16]}…"
+                " (file changed or corrupted after generation)")
+    # Specs, labels, levels, bounds of the conditions (spec.py reads the text).
+    conditions: dict[str, dict] = {}
+    for c in manifest.conditions:
+        if not isinstance(c, dict):
+            raise StimulusImportError(f"manifest condition {c!r} is not a JSON object")
+        spec = c.get("spec")
+        try:
+            attack = parse_attack(spec)
+            check_label(c.get("label", ""))
+        except EngineError as exc:
+            raise StimulusImportError(f"condition {spec!r}: {exc}") from None
+        if attack.spec != spec:
+            raise StimulusImportError(f"condition {spec!r} is not in canonical form (the"
+                                      f" engine writes {attack.spec!r})")
+        if c.get("threat_model") != attack.name or c.get("bound") != float(attack.bound):
+            raise StimulusImportError(
+                f"condition {spec!r}: recorded threat model/bound {c.get('threat_model')!r}/"
+                f"{c.get('bound')!r} disagree with its spec ({attack.name}/{attack.bound!r})")
+        level = c.get("level")
+        if level is not None and (not isinstance(level, int) or level < 0):
+            raise StimulusImportError(f"condition {spec!r}: ladder level {level!r} is not an"
+                                      " integer >= 0")
+        if spec in conditions:
+            raise StimulusImportError(f"condition {spec!r} is listed twice")
+        conditions[spec] = c
+    # Networks: known architectures, a weights state each, distance columns that name them.
+    networks = manifest.generator.get("networks")
+    if not isinstance(networks, list) or not networks:
+        raise StimulusImportError("the manifest lists no networks (written by an older engine?"
+                                  " generate it again with `python -m engine generate`)")
+    columns = set()
+    for net in networks:
+        if not isinstance(net, dict):
+            raise StimulusImportError(f"manifest network {net!r} is not a JSON object")
+        weights = str(net.get("weights", ""))
+        if weights not in ("pretrained", "untrained") and not weights.startswith(
+                ("sha256:", "file:")):
+            raise StimulusImportError(f"network {net.get('spec')!r}: unknown weights state"
+                                      f" {weights!r} (pretrained, untrained or sha256:…)")
+        if net.get("role") == "lpips":
+            if net.get("arch") not in KNOWN_ARCHITECTURES:
+                raise StimulusImportError(f"LPIPS network {net.get('arch')!r} is unknown")
+            columns.add(net.get("column"))
+    if study is not None:
+        before = (study.generation or {}).get("networks")
+        if before and study.pairs.exists() and _network_set(before) != _network_set(networks):
+            raise StimulusImportError(
+                f"study {study.slug!r} has pairs made with other networks"
+                f" ({_describe(before)}) than this folder ({_describe(networks)}); their"
+                " distances would not be comparable: use a new study")
+    # Pairs: their condition, bound and distance columns; Lp sizes re-measured.
+    keys = set()
+    for p in manifest.pairs:
+        if p.key in keys:
+            raise StimulusImportError(f"pair {p.key!r} is listed twice")
+        keys.add(p.key)
+        lpips = {k for k in p.distances if k.startswith("lpips_")}
+        if lpips != columns:
+            raise StimulusImportError(
+                f"pair {p.key!r}: LPIPS columns {sorted(lpips)} do not match the manifest's"
+                f" networks {sorted(columns)}")
+        if p.is_sentinel or p.is_catch:
+            if p.condition is not None or (p.is_sentinel and p.is_catch):
+                raise StimulusImportError(f"control pair {p.key!r} has a condition")
+            continue
+        c = conditions.get(p.condition)
+        if c is None:
+            raise StimulusImportError(f"pair {p.key!r}: unknown condition {p.condition!r}")
+        if p.threat_model != c["threat_model"] or p.bound != c["bound"]:
+            raise StimulusImportError(f"pair {p.key!r}: threat model/bound differ from its"
+                                      f" condition {p.condition!r}")
+        measure = LP_NORMS.get(p.threat_model)
+        if measure is not None:
+            size = measure(_pixels(folder / p.other_path) - _pixels(folder / p.natural_path))
+            if size > p.bound * (1 + BOUND_RTOL) + 1e-9:
+                raise StimulusImportError(
+                    f"pair {p.key!r}: its stored images differ by {p.threat_model} {size:.6g},"
+                    f" over the bound {p.bound:.6g}")
+            if p.stored_size is None or not math.isclose(size, p.stored_size, rel_tol=1e-4,
+                                                         abs_tol=1e-6):
+                raise StimulusImportError(
+                    f"pair {p.key!r}: recorded stored size {p.stored_size!r} is not the"
+                    f" {p.threat_model} size of its images ({size:.6g})")
+
+
+def _network_set(networks: list[dict]) -> set[tuple]:
+    return {(n.get("role"), n.get("spec"), n.get("weights")) for n in networks}
+
+
+def _describe(networks: list[dict]) -> str:
+    return ", ".join(f"{n.get('role')} {n.get('spec')} [{n.get('weights')}]" for n in networks)
+
+
+def import_folder(study: Study, folder: str | Path, *, staged: bool = False) -> ImportSummary:
+    """Store the manifest folder ``folder`` in ``study`` (see the module's rules).
+
+    ``staged``: ``folder`` is a private staging folder inside the study's media folder whose
+    files may be moved; otherwise the files are copied into one first.
+    """
+    folder = Path(folder)
+    try:
+        manifest = Manifest.read(folder)
+    except EngineError as exc:
+        raise StimulusImportError(str(exc)) from None
+    validate_manifest(manifest, folder, study)
+    if staged:
+        return _store(study, manifest, folder)
+    target = study_dir(study)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target))
+    try:
+        for rel, digest in manifest.files.items():
+            dest = staging / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / rel, dest)
+            if _sha256(dest) != digest:  # the folder changed while we were reading it
+                raise StimulusImportError(f"{rel}: changed while being imported; try again")
+        return _store(study, manifest, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _pair_fields(r, conditions: dict, levels: dict, prefix: str) -> dict:
+    return {
+        "condition": conditions.get(r.condition) if r.condition else None,
+        "is_sentinel": r.is_sentinel,
+        "is_catch": r.is_catch,
+        "source_image": r.source_image,
+        "natural_path": prefix + r.natural_path,
+        "other_path": prefix + r.other_path,
+        "width": r.width,
+        "height": r.height,
+        "label": r.label,
+        "adversarial_label": r.adversarial_label,
+        "attack_success": r.attack_success,
+        "distances": r.distances,
+        "level": levels.get(r.condition) if r.condition else None,
+        "metadata": {
+            "natural_sha256": r.natural_sha256,
+            "other_sha256": r.other_sha256,
+            "size": r.size,
+            "within_bound": r.within_bound,
+            "stored_size": r.stored_size,
+            "within_bound_stored": r.within_bound_stored,
+            "attack_measures": r.attack_measures,
+            "origin": r.origin,
+            "threat_model": r.threat_model,
+            "bound": r.bound,
+        },
+    }
 
 
 @transaction.atomic
-def import_manifest(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
-    """Upsert ``manifest``'s conditions and pairs into ``study``; move files from ``staging``.
-
-    A pair whose images would change after it has been shown in a trial is refused
-    (:class:`StimulusImportError`) and the whole import rolls back.
-    """
+def _store(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
+    """Upsert ``manifest``'s conditions and pairs into ``study``; move files from
+    ``staging`` into place last. Refuses (and rolls back) any change to a shown pair."""
     study = Study.objects.select_for_update().get(pk=study.pk)
     prefix = f"studies/{study.slug}/"
-    existing = {p.key: p for p in study.pairs.all()}
-    shown = set(study.pairs.filter(trials__isnull=False).values_list("key", flat=True).distinct())
-    changed_shown = [
-        r.key
-        for r in manifest.pairs
-        if r.key in shown
-        and (
-            existing[r.key].metadata.get("natural_sha256") != r.natural_sha256
-            or existing[r.key].metadata.get("other_sha256") != r.other_sha256
-        )
-    ]
-    if changed_shown:
-        raise StimulusImportError(
-            f"{len(changed_shown)} pair(s) already shown to participants would get different"
-            f" images (first: {changed_shown[0]!r}); use a new study slug or the same seed,"
-            " networks and settings as before"
-        )
+    target = study_dir(study)
+    existing = {p.key: p for p in study.pairs.select_related("condition")}
+    shown_pairs = study.pairs.filter(trials__isnull=False).select_related("condition").distinct()
+    shown = {p.key: p for p in shown_pairs}
+    # Files a shown pair uses must keep their bytes, even where the new manifest's pairs differ.
+    shown_files = {path for p in shown.values() for path in (p.natural_path, p.other_path)}
+    for rel, digest in manifest.files.items():
+        dest = target / rel
+        if prefix + rel in shown_files and dest.is_file() and _sha256(dest) != digest:
+            raise StimulusImportError(
+                f"{prefix + rel} is already shown to participants and this folder has"
+                " different bytes for it; use a new study slug or the same seed, networks and"
+                " settings")
 
-    conditions = {}
+    conditions: dict[str, Condition] = {}
+    levels: dict[str, int | None] = {}
+    old_conditions = {c.spec: c for c in Condition.objects.filter(study=study)}
+    shown_conditions = {p.condition.spec for p in shown.values() if p.condition_id}
     for c in manifest.conditions:
+        label = c.get("label", "")
+        old = old_conditions.get(c["spec"])
+        if old is not None and old.label != label and c["spec"] in shown_conditions:
+            raise StimulusImportError(
+                f"condition {c['spec']!r} was shown to participants labelled {old.label!r};"
+                f" this folder labels it {label!r}")
         conditions[c["spec"]], _ = Condition.objects.update_or_create(
-            study=study,
-            spec=c["spec"],
-            defaults={
-                "threat_model": c["threat_model"],
-                "bound": c["bound"],
-                "label": c.get("label", ""),
-            },
-        )
+            study=study, spec=c["spec"],
+            defaults={"threat_model": c["threat_model"], "bound": c["bound"], "label": label})
+        levels[c["spec"]] = c.get("level")
+
     created = updated = unchanged = 0
+    changed_shown = []
     for r in manifest.pairs:
-        fields = {
-            "condition": conditions.get(r.condition) if r.condition else None,
-            "is_sentinel": r.is_sentinel,
-            "is_catch": r.is_catch,
-            "source_image": r.source_image,
-            "natural_path": prefix + r.natural_path,
-            "other_path": prefix + r.other_path,
-            "width": r.width,
-            "height": r.height,
-            "label": r.label,
-            "adversarial_label": r.adversarial_label,
-            "attack_success": r.attack_success,
-            "distances": r.distances,
-            "metadata": {
-                "natural_sha256": r.natural_sha256,
-                "other_sha256": r.other_sha256,
-                "size": r.size,
-                "within_bound": r.within_bound,
-                "stored_size": r.stored_size,
-                "within_bound_stored": r.within_bound_stored,
-                "attack_measures": r.attack_measures,
-                "origin": r.origin,
-                "threat_model": r.threat_model,
-                "bound": r.bound,
-            },
-        }
+        fields = _pair_fields(r, conditions, levels, prefix)
         old = existing.get(r.key)
         if old is None:
             Pair.objects.create(study=study, key=r.key, **fields)
             created += 1
         elif any(getattr(old, k) != v for k, v in fields.items()):
+            if r.key in shown:
+                changed_shown.append(r.key)
+                continue
             Pair.objects.filter(pk=old.pk).update(**fields)
             updated += 1
         else:
             unchanged += 1
-    generation = dict(manifest.generator, conditions=[c["spec"] for c in manifest.conditions])
-    untrained = _untrained(manifest.generator)
-    study.generation = generation
-    if untrained and "untrained" not in study.description:
+    if changed_shown:
+        raise StimulusImportError(
+            f"{len(changed_shown)} pair(s) already shown to participants would change (first:"
+            f" {changed_shown[0]!r}); use a new study slug or the same seed, networks and"
+            " settings as before")
+
+    generator = manifest.generator
+    untrained = tuple(untrained_networks(generator.get("networks", [])))
+    study.generation = dict(generator, conditions=[c["spec"] for c in manifest.conditions])
+    if untrained and "untrained" not in study.description.lower():
         study.description = (
             study.description + "\n" if study.description else ""
         ) + f"Generated with UNTRAINED networks: {', '.join(untrained)}."
-    study.save(update_fields=["generation", "description"])
+    ladder = _ladder(manifest)
+    if ladder:
+        config = dict(study.adaptive_config)
+        merged = {tm: dict(config.get("ladder", {}).get(tm, {})) for tm in ladder}
+        for tm, steps in ladder.items():
+            merged[tm].update(steps)
+        config["ladder"] = {**config.get("ladder", {}), **merged}
+        if "request" in generator:  # what refill needs to make more pairs the same way
+            config["generation"] = {**generator["request"], "specs": None, "levels": None}
+        study.adaptive_config = config
+    study.save(update_fields=["generation", "description", "adaptive_config"])
 
-    target = study_dir(study)
-    for path in sorted(staging.rglob("*")):
-        if path.is_file():
-            dest = target / path.relative_to(staging)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, dest)
+    for rel, digest in manifest.files.items():
+        dest = target / rel
+        if dest.is_file() and _sha256(dest) == digest:
+            continue  # already in place (re-import): leave it untouched
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, dest)
     stimulus_rows.prepare_study(study)  # decoded now, so no first serving is slower (issue 17)
     return ImportSummary(created, updated, unchanged, len(conditions), untrained)
+
+
+def _ladder(manifest: Manifest) -> dict[str, dict[str, dict]]:
+    """``{threat model: {level: {bound, spec, given}}}`` of the manifest's ladder conditions
+    (``given``: the spec as requested, with its ``@L<level>`` label, for ``refill``)."""
+    out: dict[str, dict[str, dict]] = {}
+    for c in manifest.conditions:
+        if c.get("level") is not None:
+            out.setdefault(c["threat_model"], {})[str(c["level"])] = {
+                "bound": c["bound"], "spec": c["spec"], "given": c.get("given", c["spec"])}
+    return out
 
 
 def pretrained_or_untrained(load, spec: str, log) -> str:
@@ -239,6 +382,6 @@ def pretrained_or_untrained(load, spec: str, log) -> str:
         load(spec)
         return spec
     except WeightsUnavailableError as exc:
-        fallback = f"{spec.split(':')[0]}:untrained"
+        fallback = f"{parse_network(spec).arch}:untrained"
         log(f"WARNING: {exc}\n  -> using the UNTRAINED network {fallback!r} instead.")
         return fallback

@@ -147,7 +147,7 @@ def parse_bound(text: str) -> float:
     """Parse a ``bound`` value: a number or fraction in ``[0, 1]`` image units.
 
     Named bounds (``small``, ``medium``, ``large``, ``cifar10``) depend on the threat model
-    and are resolved by the registry (:mod:`engine.attacks.presets`) before this is called.
+    and are resolved by the registry (:mod:`engine.attacks.spec`) before this is called.
     """
     try:
         return parse_number("bound", text)

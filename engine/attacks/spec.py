@@ -238,6 +238,89 @@ def expand_specs(specs: Iterable[str], bounds: Iterable[str | float | tuple[str,
     return tuple(out)
 
 
+def threat_model_of(spec: str) -> str:
+    """The attack name of a spec (``'linf:bound=0.1'`` → ``'linf'``); grammar checked."""
+    return split_spec(spec)[0]
+
+
+def check_label(label: str) -> str:
+    """A condition label as written after ``@`` (:func:`split_bound`'s rule); returns it."""
+    if not isinstance(label, str):
+        raise EngineError(f"condition label must be a string, got {label!r}")
+    if label == "":
+        return label
+    if any(c in label for c in ",=:@ \t\n"):
+        raise EngineError(f"condition label {label!r} must be one word (letters, digits, '_',"
+                          " '-', '.')")
+    return label
+
+
+def with_params(spec: str, **params: object) -> str:
+    """``spec`` with parameters set (replaced where given, else added after the name's
+    ``bound``): ``with_params('linf:bound=0.1,num_iterations=5', bound=0.2)`` →
+    ``'linf:bound=0.2,num_iterations=5'``. Floats are written with ``repr`` (exact)."""
+    name, pieces = split_spec(spec)
+
+    def text(value: object) -> str:
+        return repr(float(value)) if isinstance(value, float) else str(value)
+
+    given = dict(pieces)
+    out = [(k, text(params[k]) if k in params else v) for k, v in pieces]
+    out += [(k, text(v)) for k, v in params.items() if k not in given]
+    return join_spec(name, out)
+
+
+def join_params(name: str, params: str) -> str:
+    """A spec from an attack name and a parameter list ``"k=v,k=v"`` (grammar checked):
+    ``join_params('linf', 'num_iterations=40')`` → ``'linf:num_iterations=40'``."""
+    return join_spec(*split_spec(f"{name}:{params}" if params.strip() else name))
+
+
+def has_param(spec: str, key: str) -> bool:
+    """Does ``spec`` set parameter ``key`` itself?"""
+    return any(k == key for k, _ in split_spec(spec)[1])
+
+
+def ladder_specs(specs: Iterable[str], bounds: Iterable[str] | None, n: int
+                 ) -> tuple[tuple[str, ...], dict[str, int]]:
+    """An adaptive ladder: ``n`` log-spaced bounds per spec, labelled ``L0``…``L{n-1}``.
+
+    ``bounds`` gives ``(low, high)`` (named or numeric, in each threat model's units);
+    without it the ladder spans half the ``small`` to twice the ``large`` named bound.
+    Returns ``(specs, levels)``: the expanded specs (``linf:bound=0.0039…@L0,...``) and
+    ``{expanded spec: level}``. The specs must omit ``bound``.
+    """
+    from ..adaptive import ladder
+    from .registry import parse_attack
+
+    if n < 2:
+        raise EngineError(f"a ladder needs at least 2 levels, got {n}")
+    bounds = None if bounds is None else list(bounds)
+    if bounds is not None and len(bounds) != 2:
+        raise EngineError(f"a ladder takes two bounds LOW,HIGH, got {bounds}")
+    out: list[str] = []
+    levels: dict[str, int] = {}
+    for spec in specs:
+        name, pieces = split_spec(spec)
+        if any(key == "bound" for key, _ in pieces):
+            raise EngineError(f"spec {spec!r} sets bound itself; drop it or drop the bounds")
+
+        def resolve(text: str, name: str = name, pieces: list = pieces) -> float:
+            return float(parse_attack(join_spec(name, [("bound", str(text)), *pieces])).bound)
+
+        low, high = ((resolve("small") / 2, resolve("large") * 2) if bounds is None
+                     else (resolve(bounds[0]), resolve(bounds[1])))
+        if not 0 < low < high:
+            raise EngineError(f"ladder for {spec!r} needs 0 < low < high, got {low}, {high}")
+        for i, value in enumerate(ladder(low, high, n)):
+            expanded = join_spec(name, [("bound", f"{float(value)!r}{LABEL_SEPARATOR}L{i}"),
+                                        *pieces])
+            parse_attack(expanded)
+            out.append(expanded)
+            levels[expanded] = i
+    return tuple(out), levels
+
+
 # --------------------------------------------------------------------------------------------
 # Spec → attack
 # --------------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ from engine.attacks.jpeg import (
     project_jpeg,
     ycbcr_matrix,
 )
-from engine.attacks.presets import BOUND_PRESETS
 from engine.attacks.spatial import apply_flow, flow_smoothness
+from engine.attacks.spec import BOUND_PRESETS
 from engine.errors import EngineError
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,9 +13,15 @@ from engine.attacks import parse_attack
 from engine.attacks.spec import (
     BOUND_PRESETS,
     bound_label,
+    check_label,
     expand_specs,
+    has_param,
+    join_params,
+    ladder_specs,
     split_bound,
     split_spec,
+    threat_model_of,
+    with_params,
 )
 from engine.errors import EngineError, WeightsUnavailableError
 from engine.models import build_backbone, parse_network
@@ -215,3 +222,36 @@ def test_jpeg_chroma_subsampling_transform_and_attack(digits_model, digits_batch
             assert bool((size <= 0.5 * (1 + 1e-4)).all()), size
     plain = parse_attack("jpeg:bound=0.5,num_iterations=5")
     assert plain.chroma_subsampling is False
+
+
+def test_ladder_specs_are_log_spaced_labelled_and_levelled():
+    specs, levels = ladder_specs(["linf:num_iterations=2", "l2"], ["0.01", "0.16"], 5)
+    linf = [parse_attack(s).bound for s in specs if threat_model_of(s) == "linf"]
+    assert np.allclose(linf, [0.01, 0.02, 0.04, 0.08, 0.16])
+    assert [bound_label(s) for s in specs[:5]] == ["L0", "L1", "L2", "L3", "L4"]
+    assert [levels[s] for s in specs] == [0, 1, 2, 3, 4] * 2
+    named, _ = ladder_specs(["linf"], ["small", "large"], 3)
+    assert parse_attack(named[0]).bound == pytest.approx(parse_attack("linf:bound=small").bound)
+    default, _ = ladder_specs(["linf"], None, 2)  # half the small to twice the large bound
+    assert parse_attack(default[-1]).bound == pytest.approx(16 / 255)
+    for bad, message in ((["linf"], None, 1), "at least 2 levels"), (
+            (["linf"], ["1", "2", "3"], 3), "LOW,HIGH"), (
+            (["linf"], ["0.2", "0.1"], 3), "0 < low < high"), (
+            (["linf:bound=0.1"], ["0.01", "0.1"], 3), "sets bound itself"):
+        with pytest.raises(EngineError, match=message):
+            ladder_specs(*bad)
+
+
+def test_with_params_and_join_params_keep_the_grammar():
+    assert with_params("linf:bound=0.1@x,num_iterations=5", bound=0.2) == (
+        "linf:bound=0.2,num_iterations=5")
+    assert with_params("ppgd:bound=0.5", lpips_layers="a+b") == "ppgd:bound=0.5,lpips_layers=a+b"
+    assert join_params("linf", "num_iterations=40") == "linf:num_iterations=40"
+    assert join_params("linf", "") == "linf"
+    assert has_param("ppgd:bound=0.5,lpips_layers=a", "lpips_layers")
+    assert not has_param("ppgd:bound=0.5", "lpips_layers")
+    with pytest.raises(EngineError, match="no '='"):
+        join_params("linf", "num_iterations")
+    assert check_label("human_medium") == "human_medium"
+    with pytest.raises(EngineError, match="one word"):
+        check_label("two words")

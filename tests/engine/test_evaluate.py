@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from engine.attacks import parse_attack
 from engine.datasets import load_dataset
 from engine.errors import EngineError
 from engine.evaluate import (
@@ -54,6 +55,20 @@ def test_self_bounded_perceptual_spec_uses_the_classifier_layers(model, digits):
     assert "lpips_layers=network.relu1+network.relu2+network.relu3" in ev.specs["fast_lpa 0.5"]
 
 
+def test_columns_are_described_structurally(model, digits):
+    ev = evaluate_model(model, digits.test, ["linf:bound=small,num_iterations=2",
+                                             "l2:bound=0.5@mine,num_iterations=2"], limit=10,
+                        progress=False)
+    info = ev.column_info()
+    assert set(info) == set(ev.row()) - {"model", "dataset", "images"}
+    linf, l2 = (info[c] for c in ev.correct)
+    assert (linf["kind"], linf["threat_model"], linf["label"]) == ("attack", "linf", "small")
+    assert linf["bound"] == pytest.approx(2 / 255)
+    assert (l2["threat_model"], l2["bound"], l2["label"]) == ("l2", 0.5, "mine")
+    assert parse_attack(l2["spec"]).spec == l2["spec"]
+    assert info["union"]["kind"] == "union" and info["union"]["bound"] is None
+
+
 def test_autoattack_is_no_weaker_than_clean(model, digits):
     images = torch.stack([digits.test[i][0] for i in range(20)])
     labels = torch.tensor([int(digits.test[i][1]) for i in range(20)])
@@ -96,6 +111,10 @@ def test_calibrated_bounds(tmp_path, model, digits):
                                   attack_params={"linf": "num_iterations=5"})
     accs = {r["level"]: r["accuracy"] for r in rows}
     assert accs["p50"] <= accs["p10"]
+    for r in rows:  # structured: the label, the exact bound, the canonical spec it ran
+        attack = parse_attack(r["spec"])
+        assert (attack.name, attack.bound, attack.num_iterations) == ("linf", r["bound"], 5)
+        assert r["label"] == r["level"]
     paths = write_perceptibility({"m": rows}, tmp_path / "out", title="digits")
     assert (tmp_path / "out" / "perceptibility.png") in paths
     with pytest.raises(EngineError, match="must be a number >= 0"):

@@ -47,3 +47,47 @@ def test_bad_generate_input_is_a_clear_error(tmp_path):
                  "resnet18:untrained", "--lpips", "alexnet:untrained", "--size", "32",
                  "--max-images", "2", "--device", "cpu", "--no-progress"])
     assert code == 2
+
+
+def test_the_manifest_carries_hashes_labels_networks_and_versions(tmp_path, capsys):
+    import hashlib
+
+    from engine.__main__ import main
+    from engine.stimuli import Manifest
+
+    out = tmp_path / "out"
+    code = main(["generate", "--out", str(out), "--spec", "linf:num_iterations=1", "--bounds",
+                 "small,0.05@mine", "--classifier", "resnet18:untrained", "--lpips",
+                 "alexnet:untrained", "--size", "32", "--max-images", "2", "--device", "cpu",
+                 "--seed", "3", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "UNTRAINED networks used" in printed and "classifier resnet18" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    for rel, digest in manifest["files"].items():
+        assert hashlib.sha256((out / rel).read_bytes()).hexdigest() == digest
+    assert sorted(c["label"] for c in manifest["conditions"]) == ["mine", "small"]
+    assert all(c["level"] is None for c in manifest["conditions"])
+    gen = manifest["generator"]
+    assert [(n["role"], n["weights"]) for n in gen["networks"]] == [
+        ("classifier", "untrained"), ("lpips", "untrained")]
+    assert gen["untrained"] == ["classifier resnet18", "LPIPS alexnet"]
+    assert gen["seed"] == 3 and gen["request"]["seed"] == 3
+    assert gen["code_version"].startswith("perceptlab ")
+    # The untrained LPIPS network's distances are stored under a name that says so.
+    assert all("lpips_alexnet_untrained" in p["distances"] for p in manifest["pairs"])
+    read = Manifest.read(out)
+    assert read.to_json() == manifest
+
+
+def test_ladder_levels_are_recorded_in_the_manifest(tmp_path):
+    from engine.__main__ import main
+
+    out = tmp_path / "out"
+    assert main(["generate", "--out", str(out), "--spec", "linf:num_iterations=1", "--bounds",
+                 "0.01,0.04", "--ladder", "3", "--classifier", "resnet18:untrained",
+                 "--lpips", "alexnet:untrained", "--size", "32", "--max-images", "1",
+                 "--sentinels", "0", "--device", "cpu", "--no-progress"]) == 0
+    conditions = json.loads((out / "manifest.json").read_text())["conditions"]
+    assert [(c["label"], c["level"]) for c in conditions] == [("L0", 0), ("L1", 1), ("L2", 2)]
+    assert [c["bound"] for c in conditions] == pytest.approx([0.01, 0.02, 0.04])

@@ -11,6 +11,8 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from scipy.special import logit
 
+from engine.attacks import parse_attack
+from engine.attacks.spec import bound_label
 from studyapp import adaptive
 from studyapp.models import Calibration, Condition, Pair
 
@@ -67,12 +69,12 @@ def test_calibrate_recovers_the_simulated_thresholds_and_stores_presets(simulate
     assert row.presets["linf"]["p10"] < row.presets["linf"]["p25"] < row.presets["linf"]["p50"]
 
     # generate_pairs --bounds calibrated:SLUG expands to those bounds, labelled p10/p25/p50
-    specs, labels = adaptive.calibrated_specs(["linf:num_iterations=2"], study.slug)
-    assert sorted(labels.values()) == ["p10", "p25", "p50"]
-    for spec in specs:
-        bound = float(spec.partition("bound=")[2].partition(",")[0])
-        assert bound == pytest.approx(row.presets["linf"][labels[spec]])
-        assert spec.endswith(",num_iterations=2")
+    specs = adaptive.calibrated_specs(["linf:num_iterations=2"], study.slug)
+    assert sorted(bound_label(s) for s in specs) == ["p10", "p25", "p50"]
+    for spec in specs:  # VALUE@LABEL: the label travels in the spec, the bound is exact
+        attack = parse_attack(spec)
+        assert attack.bound == row.presets["linf"][bound_label(spec)]
+        assert attack.num_iterations == 2
     with pytest.raises(adaptive.AdaptiveError, match="no presets for threat model 'l2'"):
         adaptive.calibrated_specs(["l2"], study.slug)
 
@@ -121,22 +123,18 @@ def test_generate_pairs_calibrated_bounds_errors(make_study, settings, tmp_path)
         run(*base, "--bounds", "calibrated:uncal")
 
 
-def test_ladder_specs_are_log_spaced_between_low_and_high():
-    specs, labels = adaptive.ladder_specs(["linf:num_iterations=2", "l2"], ["0.01", "0.16"], 5)
-    linf = [float(s.partition("bound=")[2].partition(",")[0]) for s in specs if s[:4] == "linf"]
-    assert np.allclose(linf, [0.01, 0.02, 0.04, 0.08, 0.16])
-    assert [labels[s] for s in specs[:5]] == ["L0", "L1", "L2", "L3", "L4"]
-    assert len(specs) == 10
-    named, _ = adaptive.ladder_specs(["linf"], ["small", "large"], 3)
-    from engine.attacks import parse_attack
-
-    low = parse_attack("linf:bound=small").bound
-    assert float(named[0].partition("bound=")[2]) == pytest.approx(low)
-    with pytest.raises(adaptive.AdaptiveError, match="at least 2 levels"):
-        adaptive.ladder_specs(["linf"], None, 1)
-    with pytest.raises(adaptive.AdaptiveError, match="LOW,HIGH"):
-        adaptive.ladder_specs(["linf"], ["1", "2", "3"], 3)
-    with pytest.raises(adaptive.AdaptiveError, match="0 < low < high"):
-        adaptive.ladder_specs(["linf"], ["0.2", "0.1"], 3)
-    with pytest.raises(adaptive.AdaptiveError, match="sets bound itself"):
-        adaptive.ladder_specs(["linf:bound=0.1"], ["0.01", "0.1"], 3)
+def test_ladder_levels_travel_to_pairs_and_the_study(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    run("generate_pairs", "--study", "lad", "--spec", "linf:num_iterations=2", "--bounds",
+        "0.01,0.04", "--ladder", "3", "--sentinels", "0", *FAST)
+    conditions = Condition.objects.filter(study__slug="lad").order_by("bound")
+    assert [c.label for c in conditions] == ["L0", "L1", "L2"]
+    assert np.allclose([c.bound for c in conditions], [0.01, 0.02, 0.04])
+    for level, condition in enumerate(conditions):
+        assert set(Pair.objects.filter(condition=condition).values_list("level", flat=True)
+                   ) == {level}
+    study = conditions[0].study
+    ladder = study.adaptive_config["ladder"]["linf"]
+    assert {k: v["spec"] for k, v in ladder.items()} == {
+        str(i): c.spec for i, c in enumerate(conditions)}
+    assert study.adaptive_config["generation"]["classifier"] == "resnet18:untrained"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import urllib.error
@@ -14,9 +15,10 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command, get_commands
 from PIL import Image
 
+from engine.generate import GenerateRequest
 from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study
 from studyapp.scheduler import start_session
-from studyapp.services import GenerationRequest, StimulusImportError, generate_into_study
+from studyapp.services import StimulusImportError, generate_into_study
 
 FAST = [
     "--size",
@@ -77,7 +79,7 @@ def test_generate_pairs_creates_rows_and_files_and_is_idempotent(media):
     assert study.pairs.filter(is_sentinel=True).count() == 2
     for pair in study.pairs.all():
         assert (media / pair.natural_path).is_file() and (media / pair.other_path).is_file()
-        assert {"l2", "linf", "ssim", "lpips_alexnet"} <= set(pair.distances)
+        assert {"l2", "linf", "ssim", "lpips_alexnet_untrained"} <= set(pair.distances)
     assert "untrained" in study.description.lower()
     files = media_files(media)
     again = run(
@@ -169,8 +171,9 @@ def test_missing_pretrained_weights_is_a_clear_error(media, offline):
 @pytest.mark.django_db
 def test_pairs_already_shown_are_never_changed(media):
     study = Study.objects.create(slug="kept", title="kept")
-    request = GenerationRequest(
+    request = GenerateRequest(
         specs=(SPEC,),
+        device="cpu",
         classifier="resnet18:untrained",
         lpips=("alexnet:untrained",),
         size=64,
@@ -182,7 +185,7 @@ def test_pairs_already_shown_are_never_changed(media):
     start_session(participant)
     before = {p.key: (p.other_path, dict(p.metadata)) for p in study.pairs.all()}
     snapshot = {p: p.read_bytes() for p in media_files(media)}
-    changed = GenerationRequest(**{**request.__dict__, "seed": 1})
+    changed = dataclasses.replace(request, seed=1)
     with pytest.raises(StimulusImportError, match="already shown"):
         generate_into_study(study, changed, progress=False)
     assert {p.key: (p.other_path, dict(p.metadata)) for p in study.pairs.all()} == before
@@ -341,7 +344,7 @@ def test_every_threat_model_generates_stimuli(media):
         meta = pair.metadata
         seen.setdefault(pair.condition.threat_model, []).append(meta)
         assert (media / pair.other_path).is_file()
-        assert {"l2", "linf", "ssim", "lpips_alexnet"} <= set(pair.distances)
+        assert {"l2", "linf", "ssim", "lpips_alexnet_untrained"} <= set(pair.distances)
     assert set(seen) == {s.split(":")[0] for s in SUITE}
     for name, metas in seen.items():
         for meta in metas:

@@ -16,17 +16,9 @@ from django.core.management.base import BaseCommand, CommandError
 from engine.analysis import analyze
 from studyapp import dashboard_figures
 from studyapp.frames import judgments_frame, pairs_frame
-from studyapp.models import Study
 from studyapp.reports import study_counts, study_progress
 
-
-def get_study(slug: str) -> Study:
-    """The study with ``slug``, or a CommandError that lists the known ones."""
-    study = Study.objects.filter(slug=slug).first()
-    if study is None:
-        known = ", ".join(Study.objects.values_list("slug", flat=True)) or "none"
-        raise CommandError(f"no study with slug {slug!r} (studies: {known})")
-    return study
+from ._shared import get_study
 
 
 class Command(BaseCommand):

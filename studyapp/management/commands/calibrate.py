@@ -9,8 +9,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from engine.calibration import calibrate
 from studyapp.frames import study_frames
-from studyapp.management.commands.analyze import get_study
 from studyapp.models import Calibration
+
+from ._shared import code_version, get_study
 
 
 def parse_targets(text: str) -> tuple[float, ...]:
@@ -21,16 +22,6 @@ def parse_targets(text: str) -> tuple[float, ...]:
     if not targets or any(not 0 < t < 1 for t in targets):
         raise CommandError(f"--targets must be perceptibilities strictly between 0 and 1: {text!r}")
     return targets
-
-
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"perceptlab {version('perceptlab')}"
-    except PackageNotFoundError:
-        return "perceptlab (not installed)"
-
 
 class Command(BaseCommand):
     help = (

@@ -11,20 +11,20 @@ from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from engine.attacks.spec import expand_specs
 from engine.distances import build_lpips
 from engine.errors import EngineError, WeightsUnavailableError
+from engine.generate import GenerateRequest
 from engine.models import load_classifier
 from studyapp.models import Study
 from studyapp.services import (
-    GenerationRequest,
     StimulusImportError,
-    expand_specs,
     generate_into_study,
     pretrained_or_untrained,
 )
 
 # PAT paper, table 4 (ImageNet-100, 224 px): the named bounds resolve to its small / medium /
-# large bounds, divided by 255 for our [0, 1] images (engine.attacks.presets).
+# large bounds, divided by 255 for our [0, 1] images (engine.attacks.spec).
 DEMO_THREAT_MODELS = ("linf", "l2")
 DEMO_BOUNDS = ("small", "medium", "large")
 DEMO_CONSENT = (
@@ -114,8 +114,9 @@ class Command(BaseCommand):
                 "is_active": True,
             },
         )
-        request = GenerationRequest(
+        request = GenerateRequest(
             specs=specs,
+            device="cpu",
             images="skimage",
             classifier=classifier,
             lpips=(lpips,),

@@ -4,17 +4,15 @@ and store the accuracies (:class:`studyapp.models.DefenseResult`), attached to a
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
+from studyapp.adaptive import AdaptiveError, calibrated_bounds
 from studyapp.models import DefenseResult, DefenseRun, Study
 
-from .train_defense import run_engine
-
-SKIP = {"model", "dataset", "images"}
+from ._shared import run_engine
 
 
 class Command(BaseCommand):
@@ -31,7 +29,8 @@ class Command(BaseCommand):
         parser.add_argument("--autoattack", action="append", default=[], metavar="NORM:EPS")
         parser.add_argument("--autoattack-version", choices=["standard", "fast"],
                             default="standard")
-        parser.add_argument("--calibrated", help="JSON {threat_model: {label: bound}}")
+        parser.add_argument("--calibrated", help="calibrated:SLUG (the latest calibration of a"
+                            " study) or a JSON file {threat_model: {label: bound}}")
         parser.add_argument("--sanity", action="store_true")
         parser.add_argument("--limit", type=int, default=500)
         parser.add_argument("--image-size", type=int)
@@ -61,7 +60,7 @@ class Command(BaseCommand):
         for aa in opts.get("autoattack") or []:
             argv += ["--autoattack", aa]
         if opts["calibrated"]:
-            argv += ["--calibrated", opts["calibrated"]]
+            argv += ["--calibrated", str(calibrated_file(opts["calibrated"], out))]
         if opts["sanity"]:
             argv.append("--sanity")
         if opts["image_size"]:
@@ -72,34 +71,50 @@ class Command(BaseCommand):
         result = json.loads((out / "results.json").read_text())
         created = store_results(result, runs, study, out)
         self.stdout.write(f"stored {created} results ({result['dataset_label']}) in {out}")
+        if result.get("untrained"):
+            self.stdout.write("UNTRAINED networks used by the attacks (recorded in"
+                              f" {out / 'results.json'}): {', '.join(result['untrained'])}")
 
 
-def _bound(column: str) -> float | None:
-    match = re.search(r" ([0-9.eE+-]+)$", column)
+def calibrated_file(text: str, out: Path) -> Path:
+    """``calibrated:SLUG`` → the study's latest calibration presets written to
+    ``OUT/calibrated.json`` (with the calibration's id); a path is returned unchanged."""
+    if not text.startswith("calibrated:"):
+        return Path(text)
     try:
-        return float(match.group(1)) if match else None
-    except ValueError:
-        return None
+        row, presets = calibrated_bounds(text.partition(":")[2])
+    except AdaptiveError as exc:
+        raise CommandError(str(exc)) from exc
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "calibrated.json"
+    path.write_text(json.dumps({"presets": presets, "note": f"Calibration {row.pk} of study"
+                                f" {row.study.slug} ({row.code_version})."}, indent=1))
+    return path
 
 
 @transaction.atomic
 def store_results(result: dict, runs: list[DefenseRun], study, out: Path) -> int:
+    """One :class:`DefenseResult` per model and accuracy column, from the structured columns
+    the engine writes (``column_info``: kind, threat model, bound, label, spec); no column
+    name or spec text is parsed here."""
     created = 0
     for run, row in zip(runs, result["rows"], strict=True):
-        specs = result["columns"].get(row["model"], {})
+        info = result["column_info"][row["model"]]
         for column, value in row.items():
-            if column in SKIP or value is None:
+            if column not in info or value is None:
                 continue
+            c = info[column]
+            threat = c["threat_model"] if c["kind"] in ("attack", "autoattack") else c["kind"]
             DefenseResult.objects.create(
-                run=run, study=study, column=column, threat_model=column.split(" ")[0],
-                bound=_bound(column), spec=specs.get(column, ""), accuracy=value,
-                n_images=row["images"], evaluation_dir=str(out))
+                run=run, study=study, column=column, threat_model=threat, bound=c["bound"],
+                label=c["label"], spec=c["spec"], accuracy=value, n_images=row["images"],
+                evaluation_dir=str(out))
             created += 1
         for item in result["perceptibility"].get(row["model"], []):
             DefenseResult.objects.create(
-                run=run, study=study, column=f"{item['threat_model']} {item['level']}",
-                threat_model=item["threat_model"], bound=item["bound"],
-                perceptibility=item["level"], accuracy=item["accuracy"],
+                run=run, study=study, column=f"{item['threat_model']} {item['label']}",
+                threat_model=item["threat_model"], bound=item["bound"], label=item["label"],
+                perceptibility=item["label"], spec=item["spec"], accuracy=item["accuracy"],
                 n_images=row["images"], evaluation_dir=str(out))
             created += 1
     return created

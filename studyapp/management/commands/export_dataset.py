@@ -6,9 +6,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from studyapp.management.commands.analyze import get_study
-from studyapp.management.commands.calibrate import code_version
 from studyapp.releases import ReleaseError, export_bapps_jnd, export_release
+
+from ._shared import code_version, get_study
 
 
 class Command(BaseCommand):

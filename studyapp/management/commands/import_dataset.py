@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from studyapp.releases import ReleaseError, import_bapps_jnd, import_release
@@ -14,7 +15,9 @@ class Command(BaseCommand):
     help = (
         "Read a release written by export_dataset into a new study (every row, image and fit;"
         " export again gives byte-identical tables), or with --bapps-jnd a BAPPS JND folder"
-        " (p0/, p1/, same/) as a study to analyse here. Nothing is written on any error."
+        " (p0/, p1/, same/) as a study to analyse here. A `python -m engine generate` folder"
+        " (manifest.json) goes to import_pairs (with --slug as the study). Nothing is written"
+        " on any error."
     )
 
     def add_arguments(self, parser):
@@ -29,6 +32,15 @@ class Command(BaseCommand):
         folder = Path(opts["folder"])
         if not folder.is_dir():
             raise CommandError(f"{folder} is not a folder")
+        if (folder / "manifest.json").is_file() and not (folder / "study.json").exists():
+            # A folder of `python -m engine generate`: import_pairs reads those.
+            if not opts["slug"]:
+                raise CommandError(
+                    f"{folder} holds engine pairs (manifest.json), not a release: import them"
+                    f" with `manage.py import_pairs {folder} --study SLUG` (or give --slug)")
+            call_command("import_pairs", str(folder), "--study", opts["slug"],
+                         stdout=self.stdout)
+            return
         try:
             if opts["bapps_jnd"]:
                 slug = opts["slug"] or folder.name.replace("_", "-")

@@ -22,7 +22,8 @@ from django.core.management.base import BaseCommand, CommandError
 from engine.analysis import wilson_sample_size
 from engine.observers import ObserverPopulation, power
 from studyapp.frames import study_frames
-from studyapp.management.commands.analyze import get_study
+
+from ._shared import get_study
 
 
 def _floats(text: str, what: str) -> list[float]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from engine.errors import EngineError, WeightsUnavailableError
+from engine.generate import GenerateRequest
 from studyapp import adaptive
-from studyapp.management.commands.analyze import get_study
 from studyapp.models import Pair, Study
-from studyapp.services import GenerationRequest, StimulusImportError, generate_into_study
+from studyapp.services import StimulusImportError, generate_into_study
+
+from ._shared import get_study
 
 
 class Command(BaseCommand):
@@ -51,26 +53,25 @@ class Command(BaseCommand):
             self.stdout.write(f"{tm} level {level}: {slots[(tm, level)]} open slot(s)")
         if opts["dry_run"]:
             return
-        specs = {ladder[tm][str(level)]["spec"]: (tm, level) for tm, level in short}
+        # The specs as first requested (with their @L<level> labels): the levels travel through
+        # the engine's manifest to Pair.level, as in generate_pairs --ladder.
+        given = {ladder[tm][str(level)]["given"]: level for tm, level in short}
         crops = int(generation["crops_per_image"]) + opts["extra_crops"]
-        request = GenerationRequest(**{
-            **{k: v for k, v in generation.items() if k != "specs"},
-            "lpips": tuple(generation["lpips"]), "specs": tuple(specs),
-            "crops_per_image": crops, "sentinels": 0, "catch": 0,
-            "max_images": None if generation.get("max_images") is None
-            else int(generation["max_images"]) * crops // int(generation["crops_per_image"]),
-        })
+        try:
+            request = GenerateRequest.from_record(
+                generation, specs=tuple(given), levels=given, crops_per_image=crops,
+                sentinels=0, catch=0, progress=not opts["no_progress"], device="cpu",
+                max_images=None if generation.get("max_images") is None
+                else int(generation["max_images"]) * crops // int(generation["crops_per_image"]))
+        except (TypeError, KeyError) as exc:
+            raise CommandError(f"study {study.slug!r}: its recorded generation request is"
+                               f" unusable ({exc}); generate the ladder again") from exc
         before = Pair.objects.filter(study=study).count()
         try:
             summary = generate_into_study(study, request, progress=not opts["no_progress"])
         except (EngineError, WeightsUnavailableError, StimulusImportError) as exc:
             raise CommandError(str(exc)) from exc
-        for spec, (_, level) in specs.items():
-            Pair.objects.filter(study=study, condition__spec=spec).update(level=level)
-        study.adaptive_config = {
-            **study.adaptive_config, "generation": {**generation, "crops_per_image": crops}
-        }
-        study.save(update_fields=["adaptive_config"])
+        # The import recorded this request (crops_per_image included) for the next refill.
         self.stdout.write(
             f"study {study.slug}: {summary.created} new pair(s) at {len(short)} level(s)"
             f" ({before} → {Pair.objects.filter(study=study).count()} pairs)"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from studyapp.management.commands.analyze import get_study
 from studyapp.simulation import SimulationError, simulate
+
+from ._shared import get_study
 
 
 def parse_thresholds(text: str | None) -> dict[str, float]:

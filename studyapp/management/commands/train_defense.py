@@ -7,14 +7,15 @@ Django only records the run (:class:`studyapp.models.DefenseRun`).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from engine.provenance import untrained_in_params
 from studyapp.models import DefenseRun, Study
+
+from ._shared import run_engine
 
 
 class Command(BaseCommand):
@@ -72,13 +73,8 @@ class Command(BaseCommand):
         run.status, run.finished_at = "finished", timezone.now()
         run.save()
         self.stdout.write(f"trained {run.name}: {out} ({run.dataset_label})")
-
-
-def run_engine(argv: list[str], nproc: int = 1) -> int:
-    """Run ``python -m engine ARGV``: in this process, or under torchrun for ``nproc > 1``."""
-    if nproc > 1:
-        return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                "--nproc-per-node", str(nproc), "-m", "engine", *argv])
-    from engine.__main__ import main
-
-    return main(argv)
+        untrained = untrained_in_params(run.method_params)
+        if untrained:
+            run.config = {**record, "untrained": untrained}
+            run.save(update_fields=["config"])
+            self.stdout.write(f"UNTRAINED networks used in training: {', '.join(untrained)}")
