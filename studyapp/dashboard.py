@@ -254,8 +254,8 @@ def study_robustness(request: HttpRequest, slug: str) -> HttpResponse:
     threat model at named and calibrated bounds, union and unseen mean, the masking checks
     and robust accuracy against the study's human perceptibility (people only)."""
     study = get_object_or_404(Study, slug=slug)
-    summary, state = dashboard_figures.cached_summary(study)
-    tables = robustness.robustness_tables(study, summary["report"])
+    report, n_used, state = robustness.people_report(study)
+    tables = robustness.robustness_tables(study, report)
     acc_cols = ["run", "condition", "kind", "bound", "units", "accuracy", "n_images"]
     equal_cols = ["run", "condition", "units", "n_judgments", "perceptibility", "boot_low",
                   "boot_high", "defense_bound", "accuracy"]
@@ -270,7 +270,7 @@ def study_robustness(request: HttpRequest, slug: str) -> HttpResponse:
     context = {
         "study": study,
         "state": state,
-        "n_used": summary["n_used"],
+        "n_used": n_used,
         "accuracy": table(accuracy, acc_cols, key="key", hover={"condition": "spec"}),
         "summary": table(tables["summary"], key="run"),
         "sanity": table(sanity, ["run", "check", "detail", "value", "passed"], key="key"),
@@ -289,8 +289,8 @@ def robustness_figure(request: HttpRequest, slug: str, name: str, fmt: str) -> H
     study = get_object_or_404(Study, slug=slug)
     if name not in robustness.FIGURES or fmt not in dashboard_figures.FORMATS:
         raise Http404(f"no robustness figure {name}.{fmt}")
-    summary, _ = dashboard_figures.cached_summary(study)
-    data = robustness.render(robustness.robustness_tables(study, summary["report"]), name, fmt)
+    report = robustness.people_report(study)[0]
+    data = robustness.render(robustness.robustness_tables(study, report), name, fmt)
     response = HttpResponse(data, content_type=dashboard_figures.FORMATS[fmt])
     if request.GET.get("download"):
         response["Content-Disposition"] = (

@@ -142,8 +142,7 @@ def study_judgments(study: Study) -> dict:
     key = f"dashboard:{study.pk}:judgments:{everywhere['n']}:{everywhere['last']}"
     own = cache.get(key)
     if own is None:
-        own = Judgment.objects.filter(trial__session__participant__study=study.pk).aggregate(
-            n=Count("id"), last=Max("id"))
+        own = Judgment.objects.of_study(study.pk).aggregate(n=Count("id"), last=Max("id"))
         cache.set(key, own, CACHE_SECONDS)
     return own
 

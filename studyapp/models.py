@@ -27,12 +27,6 @@ def _completion_code() -> str:
     return secrets.token_hex(4).upper()
 
 
-class StudyQuerySet(models.QuerySet):
-    def judged(self) -> StudyQuerySet:
-        """Studies with at least one stored judgment: their pairs and conditions are data."""
-        return self.filter(participants__sessions__trials__judgment__isnull=False).distinct()
-
-
 class Study(models.Model):
     """A JND study: its pairs, its protocol settings, and who took it."""
 
@@ -167,8 +161,6 @@ class Study(models.Model):
         default=False,
         help_text="Exclude sessions too sensitive to pairs the study's participants barely see.",
     )
-
-    objects = StudyQuerySet.as_manager()
 
     class Meta:
         verbose_name_plural = "studies"

@@ -105,6 +105,18 @@ def _human(report) -> pd.DataFrame:
     return table[table["bound"].notna() & (table["label"].fillna("") != "")]
 
 
+def people_report(study: Study) -> tuple[Any, int, str]:
+    """``(report, n_used, state)``: the study's analysis of people's judgments, as the
+    dashboard's (cached by study state); ``report`` is None for a study without pairs."""
+    from . import dashboard_figures
+
+    try:
+        summary, state = dashboard_figures.cached_summary(study)
+    except ValueError:  # no pairs (or nothing analysable): no human side to show
+        return None, 0, dashboard_figures.study_state(study)
+    return summary["report"], summary["n_used"], state
+
+
 def robustness_tables(study: Study, report=None) -> dict[str, pd.DataFrame]:
     """``{"accuracy", "summary", "sanity", "equal_perceptibility"}`` frames (see the module
     doc) of ``study``'s stored defense results; ``report`` is the study's
@@ -243,8 +255,8 @@ def figure_equal_perceptibility(tables: dict[str, pd.DataFrame]):
     ax.set_xlabel("human perceptibility (% answering “different”; 95 % participant-bootstrap"
                   " interval)", fontsize=7)
     ax.set_ylabel("robust accuracy (%)")
-    ax.set_xlim(0, 100)
-    ax.set_ylim(0, 100)
+    ax.set_xlim(-2, 102)  # a margin, so points at 0 % or 100 % stay visible
+    ax.set_ylim(-2, 102)
     ax.legend(fontsize=6)
     ax.set_title(title, fontsize=9)
     return fig, data

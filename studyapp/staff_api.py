@@ -424,10 +424,9 @@ class StudyRobustnessView(StaffAPIView):
         responses={200: RobustnessSerializer, **errors(403, 404, 429)},
     )
     def get(self, request: Request, slug: str) -> Response:
-        from . import dashboard_figures, robustness
+        from . import robustness
 
         study = self.get_study(slug)
-        summary, _ = dashboard_figures.cached_summary(study)
-        tables = robustness.robustness_tables(study, summary["report"])
+        tables = robustness.robustness_tables(study, robustness.people_report(study)[0])
         data = {"study": study.slug, **{k: robustness.records(v) for k, v in tables.items()}}
         return Response(RobustnessSerializer(data).data)

@@ -180,6 +180,8 @@ def test_robustness_page_api_and_downloads_show_the_same_numbers(evaluated, staf
             assert {r["label"]: float(r["accuracy"]) for r in rows} == pytest.approx(
                 {r["label"]: r["accuracy"] for r in api["equal_perceptibility"]})
     assert staff_client.get(f"/dashboard/{study.slug}/robustness/nope.png").status_code == 404
+    paths = staff_client.get("/api/schema/", {"format": "json"}).json()["paths"]
+    assert "get" in paths["/api/staff/studies/{slug}/robustness/"]
     # staff only
     client.logout()
     assert client.get(f"/dashboard/{study.slug}/robustness/").status_code == 302
@@ -222,3 +224,19 @@ def test_admin_shows_defense_records_read_only(evaluated, client):
     client.post(f"/admin/studyapp/defenseresult/{result.pk}/change/", {"accuracy": "0.99"})
     assert DefenseResult.objects.get(pk=result.pk).accuracy == before
     assert DefenseRun.objects.filter(pk=run.pk).exists()
+
+
+def test_a_study_without_defenses_has_an_empty_page_api_and_placeholder_figures(
+        make_study, staff_client):
+    study = make_study(with_pairs=False)
+    html = staff_client.get(f"/dashboard/{study.slug}/robustness/").content.decode()
+    assert 'id="accuracy">Nothing yet.' in html and "run <code>evaluate_defense --sanity" in html
+    api = staff_client.get(f"/api/staff/studies/{study.slug}/robustness/").json()
+    assert api == {"study": study.slug, "accuracy": [], "summary": [], "sanity": [],
+                   "equal_perceptibility": []}
+    for name in ("robust_accuracy", "union", "equal_perceptibility"):
+        base = f"/dashboard/{study.slug}/robustness/{name}"
+        assert staff_client.get(f"{base}.png").content[:4] == b"\x89PNG"
+        header = staff_client.get(f"{base}.csv").content.decode().strip()
+        assert header and "\n" not in header  # the columns, no rows
+    assert staff_client.get("/api/staff/studies/nope/robustness/").status_code == 404
