@@ -3,7 +3,7 @@ per study progress, statistics, QC, calibrated fits, the paper's figures (server
 PNG/SVG/CSV) and the defenses' robustness (``/dashboard/SLUG/robustness/``).
 
 Staff only. The study list and the judgment counts come from one function,
-:func:`studyapp.reports.study_overview` (the staff API's numbers); progress towards the target
+:func:`studyapp.reports.staff_study_list` (the staff API's numbers); progress towards the target
 from :func:`studyapp.reports.study_progress` (cached by study state); statistics and figures
 from the engine through :mod:`studyapp.dashboard_figures`, cached by study state, with the same
 defaults as ``manage.py analyze`` (1000 bootstrap resamples, seed 0; excluded sessions and
@@ -29,7 +29,7 @@ from engine.figures import DISTANCE_NAMES
 
 from . import adaptive, dashboard_figures, robustness
 from .models import Calibration, Session, Study
-from .reports import study_counts, study_overview
+from .reports import staff_study_list, study_counts
 
 PARTICIPANT_ROWS = 100
 
@@ -151,9 +151,9 @@ def session_stats(study: Study) -> dict:
 @staff_member_required
 @require_GET
 def study_list(request: HttpRequest) -> HttpResponse:
-    """The staff's one study list (also at ``/staff/``): :func:`reports.study_overview`."""
+    """The staff's one study list (also at ``/staff/``): :func:`reports.staff_study_list`."""
     rows = []
-    for row in study_overview(progress=dashboard_figures.cached_progress):
+    for row in staff_study_list(progress=dashboard_figures.cached_progress):
         s = row["progress"]["sessions"]
         rows.append({
             **row,

@@ -219,7 +219,7 @@ def export_rows(study: Study) -> tuple[list[str], list[dict[str, Any]]]:
 # ----------------------------------------------------------------------------- study list
 
 
-def study_overview(progress=study_progress) -> list[dict[str, Any]]:
+def staff_study_list(progress=study_progress) -> list[dict[str, Any]]:
     """The staff's one study list (``/dashboard/``; ``/staff/`` shows the same page): per
     study, newest first, ``{"study", **study_counts(), "progress"}``.
 

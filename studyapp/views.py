@@ -281,7 +281,7 @@ def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
 @require_GET
 def staff_home(request: HttpRequest) -> HttpResponse:
     """The staff's one study list, the same page as ``/dashboard/`` (one count definition:
-    :func:`reports.study_overview`, as the staff API), with the participant links."""
+    :func:`reports.staff_study_list`, as the staff API), with the participant links."""
     from .dashboard import study_list  # matplotlib and the engine only for staff pages
 
     return study_list(request)
