@@ -1,12 +1,87 @@
+"""Django admin for staff.
+
+Stored data stays as the participants produced it:
+
+- a Condition or Pair of a study that has judgments cannot be changed or deleted (its page is
+  read-only), and a judged study cannot be deleted;
+- Judgments are read-only everywhere, and neither Judgments nor Sessions (nor their Trials) can
+  be added by hand: only the scheduler and the participant API create them;
+- defense runs, results and checks (``train_defense`` / ``evaluate_defense``) and calibrations
+  (``calibrate``) are read-only records of those commands.
+"""
+
 from django.contrib import admin, messages
 
-from .models import Calibration, Condition, Judgment, Pair, Participant, Session, Study, Trial
+from .models import (
+    Calibration,
+    Condition,
+    DefenseCheck,
+    DefenseResult,
+    DefenseRun,
+    Judgment,
+    Pair,
+    Participant,
+    Session,
+    Study,
+    Trial,
+)
 from .quality import STAFF_EXCLUDE, STAFF_INCLUDE, apply_exclusions, set_staff_decision, summary
 
 
+def _judged(study) -> bool:
+    return study is not None and study.pk is not None and study.has_judgments()
+
+
+class LockedWhenJudged:
+    """Change and delete refused for an object whose study has judgments (its page becomes
+    read-only); no bulk delete (it would bypass the per-object check)."""
+
+    def study_of(self, obj):
+        return obj.study
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        if obj is not None and _judged(self.study_of(obj)):
+            return False
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if obj is not None and _judged(self.study_of(obj)):
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """A record written by a command: viewed here, never added, changed or deleted."""
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False
+
+
 class ConditionInline(admin.TabularInline):
+    """A study's conditions; read-only (no add, change or delete) once it has judgments."""
+
     model = Condition
     extra = 0
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return not _judged(obj) and super().has_add_permission(request, obj)
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return not _judged(obj) and super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return not _judged(obj) and super().has_delete_permission(request, obj)
 
 
 def _report_quality(modeladmin, request, studies) -> None:
@@ -34,9 +109,26 @@ class StudyAdmin(admin.ModelAdmin):
     def apply_quality_control(self, request, queryset):
         _report_quality(self, request, queryset)
 
+    def has_delete_permission(self, request, obj=None) -> bool:
+        if _judged(obj):
+            return False  # deleting it would delete its judgments
+        return super().has_delete_permission(request, obj)
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)
+        return actions
+
+
+@admin.register(Condition)
+class ConditionAdmin(LockedWhenJudged, admin.ModelAdmin):
+    list_display = ["spec", "study", "threat_model", "bound", "label"]
+    list_filter = ["study", "threat_model"]
+    search_fields = ["spec", "label"]
+
 
 @admin.register(Pair)
-class PairAdmin(admin.ModelAdmin):
+class PairAdmin(LockedWhenJudged, admin.ModelAdmin):
     list_display = ["key", "study", "condition", "is_sentinel", "is_catch", "attack_success"]
     list_filter = ["study", "is_sentinel", "is_catch", "condition"]
     search_fields = ["key", "source_image"]
@@ -47,6 +139,9 @@ class TrialInline(admin.TabularInline):
     extra = 0
     readonly_fields = ["position", "pair", "natural_first", "is_practice"]
     can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False  # trials are the scheduler's
 
 
 @admin.register(Session)
@@ -83,9 +178,14 @@ class SessionAdmin(admin.ModelAdmin):
         studies = Study.objects.filter(participants__sessions__in=queryset).distinct()
         _report_quality(self, request, studies)
 
+    def has_add_permission(self, request) -> bool:
+        return False  # sessions start through the participant link (the scheduler)
+
 
 @admin.register(Judgment)
-class JudgmentAdmin(admin.ModelAdmin):
+class JudgmentAdmin(ReadOnlyAdmin):
+    """Participants' answers: read-only (a judgment always belongs to a judged study)."""
+
     list_display = ["trial", "response", "response_time_ms", "first_ms", "blank_ms", "second_ms"]
     list_filter = ["response", "trial__session__participant__study"]
 
@@ -137,6 +237,36 @@ class CalibrationAdmin(admin.ModelAdmin):
     @admin.display(description="sigmoid")
     def sigmoid(self, obj: Calibration):
         return (obj.settings or {}).get("sigmoid")
+
+
+@admin.register(DefenseRun)
+class DefenseRunAdmin(ReadOnlyAdmin):
+    """Recorded by ``manage.py train_defense``; the weights live in ``run_dir``."""
+
+    list_display = ["name", "study", "method", "arch", "dataset", "status", "created_at",
+                    "finished_at"]
+    list_filter = ["study", "method", "status", "dataset"]
+    search_fields = ["name", "method", "dataset_label", "run_dir"]
+
+
+@admin.register(DefenseResult)
+class DefenseResultAdmin(ReadOnlyAdmin):
+    """Stored by ``manage.py evaluate_defense``; the dashboard's robustness page shows them."""
+
+    list_display = ["run", "study", "threat_model", "column", "bound", "perceptibility",
+                    "accuracy", "n_images", "created_at"]
+    list_filter = ["study", "threat_model", "run"]
+    list_select_related = ["run", "study"]
+    search_fields = ["run__name", "column", "spec"]
+
+
+@admin.register(DefenseCheck)
+class DefenseCheckAdmin(ReadOnlyAdmin):
+    """Gradient-masking sanity checks stored by ``manage.py evaluate_defense --sanity``."""
+
+    list_display = ["run", "study", "name", "detail", "value", "passed", "created_at"]
+    list_filter = ["study", "name", "passed"]
+    list_select_related = ["run", "study"]
 
 
 admin.site.register(Participant)

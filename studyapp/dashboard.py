@@ -1,11 +1,15 @@
-"""Staff dashboard (``/dashboard/``): study list, and per study progress, statistics, QC,
-calibrated fits and the paper's figures (server-rendered, PNG/SVG/CSV).
+"""Staff dashboard (``/dashboard/``; ``/staff/`` shows the same study list): study list, and
+per study progress, statistics, QC, calibrated fits, the paper's figures (server-rendered,
+PNG/SVG/CSV) and the defenses' robustness (``/dashboard/SLUG/robustness/``).
 
-Staff only. Counts of progress come from :func:`studyapp.reports.study_progress` (the same
-numbers as the staff API, cached by study state); statistics and figures from the engine through
-:mod:`studyapp.dashboard_figures`, cached by study state, with the same defaults as
-``manage.py analyze`` (1000 bootstrap resamples, seed 0; excluded sessions and simulated
-observers left out), so the page and the command agree.
+Staff only. The study list and the judgment counts come from one function,
+:func:`studyapp.reports.staff_study_list` (the staff API's numbers); progress towards the target
+from :func:`studyapp.reports.study_progress` (cached by study state); statistics and figures
+from the engine through :mod:`studyapp.dashboard_figures`, cached by study state, with the same
+defaults as ``manage.py analyze`` (1000 bootstrap resamples, seed 0; excluded sessions and
+simulated observers left out), so the page and the command agree. The people-only view never
+shows a calibration fitted with simulated observers: it shows the newest calibration fitted on
+people, and says that a newer simulated one is hidden.
 """
 
 from __future__ import annotations
@@ -17,12 +21,55 @@ import pandas as pd
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
 from django.views.decorators.http import require_GET
 
-from . import adaptive, dashboard_figures
+from engine.attacks.spec import bound_units, condition_title
+from engine.figures import DISTANCE_NAMES
+
+from . import adaptive, dashboard_figures, robustness
 from .models import Calibration, Session, Study
+from .reports import staff_study_list, study_counts
 
 PARTICIPANT_ROWS = 100
+
+
+#: Human column headers of the dashboard's tables (raw names stay in ``data-col``).
+HEADERS = {
+    "condition": "Condition", "threat_model": "Threat model", "bound": "Bound ε",
+    "label": "Label", "units": "Units of ε", "n_pairs": "Pairs", "n_judgments": "Judgments",
+    "n_different": "Answered “different”",
+    "perceptibility": "Perceptibility (share “different”)",
+    "ci": "95 % Wilson interval", "boot": "95 % participant-bootstrap interval",
+    "ci_low": "Wilson 95 % low", "ci_high": "Wilson 95 % high",
+    "boot_low": "Bootstrap 95 % low", "boot_high": "Bootstrap 95 % high",
+    "control": "Control pairs", "statistic": "Statistic", "rate": "Rate",
+    "strength": "Attack success rate", "strength_source": "Success from",
+    "n_success_known": "Pairs with known success", "distance": "Distance",
+    "transform": "Transform", "n_conditions": "Conditions", "r": "Pearson r",
+    "r_low": "r 95 % low", "r_high": "r 95 % high", "p_value": "p", "rho": "Spearman ρ",
+    "rho_low": "ρ 95 % low", "rho_high": "ρ 95 % high", "participant": "Participant",
+    "fa_rate": "Sentinel false-alarm rate", "what": "What", "value": "Value",
+    "target": "Target perceptibility", "low": "95 % low", "high": "95 % high",
+    "n_boot_valid": "Bootstrap fits", "guess_rate": "Guess rate γ",
+    "lapse_rate": "Lapse rate λ", "beta": "Slope β", "n_participants": "Participants",
+    "run": "Defense run", "column": "Column", "kind": "Bound kind", "spec": "Spec",
+    "accuracy": "Robust accuracy", "n_images": "Test images", "dataset": "Dataset",
+    "method": "Method", "arch": "Architecture", "clean": "Clean accuracy",
+    "union": "Union accuracy (all threat models)", "unseen_mean": "Unseen mean accuracy",
+    "check": "Check", "detail": "Detail", "passed": "Passed",
+    "defense_bound": "Defense bound ε", "condition_spec": "Condition spec",
+}
+
+
+def header(column: str) -> str:
+    """A human header: :data:`HEADERS`, ``mean_<distance>`` → ``Mean LPIPS (AlexNet)``."""
+    if column in HEADERS:
+        return HEADERS[column]
+    if column.startswith("mean_"):
+        name = column.removeprefix("mean_")
+        return f"Mean {DISTANCE_NAMES.get(name, name)}"
+    return column.replace("_", " ").capitalize()
 
 
 def _cell(value) -> str:
@@ -35,22 +82,61 @@ def _cell(value) -> str:
     return str(value)
 
 
-def table(frame: pd.DataFrame, columns: list[str] | None = None, key: str | None = None):
+def table(frame: pd.DataFrame, columns: list[str] | None = None, key: str | None = None,
+          *, hover: dict[str, str] | None = None, show: dict[str, str] | None = None):
     """``{"columns", "rows"}`` for templates/dashboard/_table.html; cells formatted to 4 places.
 
     Each row carries ``key`` (the value of column ``key``) so tests and scripts can find a
-    cell by ``data-row``/``data-col``.
+    cell by ``data-row``/``data-col``. Headers are human (:func:`header`); ``show`` maps a
+    column to another whose text its cell shows, ``hover`` to another whose value is the
+    cell's tooltip (``title``).
     """
     if frame is None or frame.empty:
-        return {"columns": columns or [], "rows": []}
+        return {"columns": [], "rows": []}
     columns = [c for c in (columns or list(frame.columns)) if c in frame.columns]
+    hover, show = hover or {}, show or {}
     rows = []
     for record in frame.to_dict("records"):
         rows.append({
             "key": _cell(record.get(key)) if key else "",
-            "cells": [(c, _cell(record[c])) for c in columns],
+            "cells": [(c, _cell(record[show.get(c, c)]),
+                       _cell(record[hover[c]]) if c in hover else "") for c in columns],
         })
-    return {"columns": columns, "rows": rows}
+    return {"columns": [(c, header(c)) for c in columns], "rows": rows}
+
+
+CONTROL_TITLES = {"sentinel": "Sentinel (the same image twice)",
+                  "catch": "Catch (two different photographs)"}
+
+
+def perceptibility_table(report) -> dict:
+    """The perceptibility table a researcher reads at 1,280 px: a short condition label
+    (``L2 · medium (ε = 4.71)``, from the condition's threat model, bound and label) with the
+    full spec on hover, the bound's units, human headers and both intervals named."""
+    frame = report.perceptibility.copy()
+    if frame.empty:
+        return table(frame)
+    titles, units = [], []
+    for spec, tm, bound, label in zip(frame["condition"], frame["threat_model"],
+                                      frame["bound"], frame["label"], strict=True):
+        if spec in CONTROL_TITLES:
+            titles.append(CONTROL_TITLES[spec])
+            units.append("–")
+        else:
+            b = None if bound is None or pd.isna(bound) else float(bound)
+            titles.append(condition_title(str(tm), b, "" if pd.isna(label) else str(label)))
+            units.append(bound_units(str(tm)))
+    frame["condition_title"] = titles
+    frame["units"] = units
+    columns = ["condition", "units", "n_pairs", "n_judgments", "perceptibility", "ci", "boot"]
+    columns += [c for c in frame.columns if c.startswith("mean_")]
+    frame["ci"] = frame["boot"] = None  # drawn from the low/high columns by the template
+    t = table(frame, columns, key="condition", hover={"condition": "condition"},
+              show={"condition": "condition_title"})
+    for row, record in zip(t["rows"], frame.to_dict("records"), strict=True):
+        row["intervals"] = {name: (_cell(record[f"{name}_low"]), _cell(record[f"{name}_high"]))
+                            for name in ("ci", "boot")}
+    return t
 
 
 def session_stats(study: Study) -> dict:
@@ -65,15 +151,13 @@ def session_stats(study: Study) -> dict:
 @staff_member_required
 @require_GET
 def study_list(request: HttpRequest) -> HttpResponse:
+    """The staff's one study list (also at ``/staff/``): :func:`reports.staff_study_list`."""
     rows = []
-    for study in Study.objects.all():
-        progress = dashboard_figures.cached_progress(study)
-        s = progress["sessions"]
+    for row in staff_study_list(progress=dashboard_figures.cached_progress):
+        s = row["progress"]["sessions"]
         rows.append({
-            "study": study,
-            "needed": progress["n_judgments_needed"],
-            "valid": progress["n_judgments_valid"],
-            "sessions": s,
+            **row,
+            "link": request.build_absolute_uri(reverse("study-start", args=[row["study"].slug])),
             "completion_rate": s["completed"] / s["started"] if s["started"] else None,
         })
     return render(request, "dashboard/study_list.html", {"rows": rows})
@@ -88,17 +172,18 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
     progress = summary["progress"]
     sessions = progress["sessions"]
     report = summary["report"]
-    perc_cols = ["condition", "threat_model", "bound", "label", "n_pairs", "n_judgments",
-                 "perceptibility", "ci_low", "ci_high", "boot_low", "boot_high"]
-    perc_cols += [c for c in report.perceptibility.columns if c.startswith("mean_")]
     excluded = list(
         Session.objects.filter(participant__study=study, excluded=True)
         .order_by("pk").values("pk", "participant_id", "exclusion_reason")
     )
-    calibration = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
+    # a people-only view shows only fits on people; a newer simulated one is named, not shown
+    latest = Calibration.objects.latest_for(study)
+    calibration = Calibration.objects.latest_for(study, include_simulated=with_simulated)
+    hidden_calibration = latest if latest is not None and latest != calibration else None
     fits = pd.DataFrame()
     if calibration is not None:
-        fits = dashboard_figures.latest_calibration(study).table()
+        fits = dashboard_figures.latest_calibration(
+            study, include_simulated=with_simulated).table()
         if not fits.empty:
             fits = fits.sort_values(["threat_model", "target"], kind="stable")
             fits["key"] = fits["threat_model"] + ":" + fits["label"]
@@ -119,7 +204,8 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "session_stats": session_stats(study),
         "n_used": summary["n_used"],
         "n_simulated": summary["n_simulated"],
-        "perceptibility": table(report.perceptibility, perc_cols, key="condition"),
+        "n_judgments": study_counts(study)[study.pk]["n_judgments"],
+        "perceptibility": perceptibility_table(report),
         "controls": table(report.controls, key="control"),
         "correlations": table(report.correlations, key="distance"),
         # worst false-alarm rates first; the page shows at most PARTICIPANT_ROWS of them
@@ -133,6 +219,8 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
         "exclusions": table(exclusions, key="what"),
         "excluded_sessions": excluded,
         "calibration": calibration,
+        "hidden_calibration": hidden_calibration,
+        "n_defense_results": study.defense_results.count(),
         "fits": table(fits, ["threat_model", "label", "target", "bound", "low", "high",
                              "n_boot_valid", "guess_rate", "lapse_rate", "beta", "p_value",
                              "n_judgments", "n_participants"], key="key"),
@@ -155,5 +243,57 @@ def figure(request: HttpRequest, slug: str, name: str, fmt: str) -> HttpResponse
     response = HttpResponse(data, content_type=dashboard_figures.FORMATS[fmt])
     if request.GET.get("download"):
         response["Content-Disposition"] = f'attachment; filename="{study.slug}-{name}.{fmt}"'
+    response["Cache-Control"] = "private, max-age=60"
+    return response
+
+
+@staff_member_required
+@require_GET
+def study_robustness(request: HttpRequest, slug: str) -> HttpResponse:
+    """The defenses evaluated against ``study`` (:mod:`studyapp.robustness`): accuracy per
+    threat model at named and calibrated bounds, union and unseen mean, the masking checks
+    and robust accuracy against the study's human perceptibility (people only)."""
+    study = get_object_or_404(Study, slug=slug)
+    report, n_used, state = robustness.people_report(study)
+    tables = robustness.robustness_tables(study, report)
+    acc_cols = ["run", "condition", "kind", "bound", "units", "accuracy", "n_images"]
+    equal_cols = ["run", "condition", "units", "n_judgments", "perceptibility", "boot_low",
+                  "boot_high", "defense_bound", "accuracy"]
+    accuracy = tables["accuracy"].assign(key=tables["accuracy"]["run"] + "|"
+                                         + tables["accuracy"]["column"])
+    equal = tables["equal_perceptibility"].assign(
+        key=tables["equal_perceptibility"]["run"] + "|"
+        + tables["equal_perceptibility"]["threat_model"] + "|"
+        + tables["equal_perceptibility"]["label"])
+    sanity = tables["sanity"].assign(key=[f"{r}|{i}" for i, r in enumerate(
+        tables["sanity"]["run"])])
+    context = {
+        "study": study,
+        "state": state,
+        "n_used": n_used,
+        "accuracy": table(accuracy, acc_cols, key="key", hover={"condition": "spec"}),
+        "summary": table(tables["summary"], key="run"),
+        "sanity": table(sanity, ["run", "check", "detail", "value", "passed"], key="key"),
+        "n_failed": int((~tables["sanity"]["passed"].astype(bool)).sum()),
+        "equal": table(equal, equal_cols, key="key", hover={"condition": "condition_spec"}),
+        "datasets": sorted(set(tables["accuracy"]["dataset"])),
+        "figures": [(name, title) for name, (title, _) in robustness.FIGURES.items()],
+        "version": f"{state}-{study.defense_results.count()}-{study.defense_checks.count()}",
+    }
+    return render(request, "dashboard/robustness.html", context)
+
+
+@staff_member_required
+@require_GET
+def robustness_figure(request: HttpRequest, slug: str, name: str, fmt: str) -> HttpResponse:
+    study = get_object_or_404(Study, slug=slug)
+    if name not in robustness.FIGURES or fmt not in dashboard_figures.FORMATS:
+        raise Http404(f"no robustness figure {name}.{fmt}")
+    report = robustness.people_report(study)[0]
+    data = robustness.render(robustness.robustness_tables(study, report), name, fmt)
+    response = HttpResponse(data, content_type=dashboard_figures.FORMATS[fmt])
+    if request.GET.get("download"):
+        response["Content-Disposition"] = (
+            f'attachment; filename="{study.slug}-{name}.{fmt}"')
     response["Cache-Control"] = "private, max-age=60"
     return response

@@ -142,8 +142,7 @@ def study_judgments(study: Study) -> dict:
     key = f"dashboard:{study.pk}:judgments:{everywhere['n']}:{everywhere['last']}"
     own = cache.get(key)
     if own is None:
-        own = Judgment.objects.filter(trial__session__participant__study=study.pk).aggregate(
-            n=Count("id"), last=Max("id"))
+        own = Judgment.objects.of_study(study.pk).aggregate(n=Count("id"), last=Max("id"))
         cache.set(key, own, CACHE_SECONDS)
     return own
 
@@ -170,9 +169,11 @@ def study_state(study: Study) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def latest_calibration(study: Study):
-    """The engine CalibrationResult of the study's latest ``calibrate`` run, or None."""
-    row = Calibration.objects.filter(study=study).order_by("-created_at", "-id").first()
+def latest_calibration(study: Study, *, include_simulated: bool = True):
+    """The engine CalibrationResult of the study's latest ``calibrate`` run, or None; with
+    ``include_simulated=False`` the latest fitted on people only (a people-only view never
+    draws a fit of simulated observers)."""
+    row = Calibration.objects.latest_for(study, include_simulated=include_simulated)
     if row is None:
         return None
     return CalibrationResult.from_dict(row.fit)
@@ -185,7 +186,8 @@ def build_context(
     judgments = judgments_frame(study)
     report = analyze(pairs, judgments, n_boot=n_boot, seed=0,
                                 include_simulated=include_simulated)
-    return FigureContext(study, pairs, judgments, report, latest_calibration(study),
+    return FigureContext(study, pairs, judgments, report,
+                         latest_calibration(study, include_simulated=include_simulated),
                          include_simulated=include_simulated)
 
 

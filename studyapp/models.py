@@ -169,6 +169,10 @@ class Study(models.Model):
     def __str__(self) -> str:
         return self.title or self.slug
 
+    def has_judgments(self) -> bool:
+        """Has anyone answered a trial of this study (practice included)?"""
+        return Judgment.objects.of_study(self).exists()
+
 
 class Condition(models.Model):
     """One threat model at one bound, e.g. ``linf:bound=4/255``."""
@@ -389,6 +393,16 @@ class Trial(models.Model):
         return self.pair.natural_path if natural else self.pair.other_path
 
 
+class JudgmentQuerySet(models.QuerySet):
+    def of_study(self, study: Study | int) -> JudgmentQuerySet:
+        """Judgments given in ``study``'s sessions (practice ones too)."""
+        return self.filter(trial__session__participant__study=study)
+
+    def main(self) -> JudgmentQuerySet:
+        """Judgments of main trials: what is analysed and counted (practice left out)."""
+        return self.filter(trial__is_practice=False)
+
+
 class Judgment(models.Model):
     """A participant's answer to one trial, with the on-screen durations the browser measured."""
 
@@ -405,6 +419,8 @@ class Judgment(models.Model):
     idempotency_key = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    objects = JudgmentQuerySet.as_manager()
+
     def __str__(self) -> str:
         return f"{self.response} on {self.trial}"
 
@@ -414,6 +430,21 @@ class Judgment(models.Model):
 
 
 # --- analysis & calibration (issue 8) ---
+
+
+class CalibrationQuerySet(models.QuerySet):
+    def people_only(self) -> CalibrationQuerySet:
+        """Calibrations fitted without simulated observers (``calibrate`` without
+        ``--include-simulated``)."""
+        return self.exclude(settings__include_simulated=True)
+
+    def latest_for(self, study: Study, *, include_simulated: bool = True) -> Calibration | None:
+        """The study's newest calibration (or None); with ``include_simulated=False`` the
+        newest fitted on people only."""
+        rows = self.filter(study=study)
+        if not include_simulated:
+            rows = rows.people_only()
+        return rows.order_by("-created_at", "-id").first()
 
 
 class Calibration(models.Model):
@@ -436,14 +467,28 @@ class Calibration(models.Model):
     )
     code_version = models.CharField(max_length=100, blank=True)
 
+    objects = CalibrationQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at", "-id"]
         get_latest_by = ["created_at", "id"]
+
+    @property
+    def uses_simulated(self) -> bool:
+        """Fitted with simulated observers' judgments allowed in (``--include-simulated``)."""
+        return bool((self.settings or {}).get("include_simulated"))
 
     def __str__(self) -> str:
         return f"calibration {self.pk} of {self.study}"
 
 # --- defenses (issue 9) ---
+
+
+class DefenseResultQuerySet(models.QuerySet):
+    def for_study(self, study: Study) -> DefenseResultQuerySet:
+        """``study``'s defense results with their runs, oldest run first, in stored order."""
+        return (self.filter(study=study).select_related("run")
+                .order_by("run__created_at", "run_id", "id"))
 
 
 class DefenseRun(models.Model):
@@ -497,8 +542,37 @@ class DefenseResult(models.Model):
     evaluation_dir = models.CharField(max_length=500, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
+    objects = DefenseResultQuerySet.as_manager()
+
     class Meta:
         indexes = [models.Index(fields=["study", "threat_model"])]
 
     def __str__(self) -> str:
         return f"{self.run.name}: {self.column} {self.accuracy:.3f}"
+
+
+class DefenseCheck(models.Model):
+    """One gradient-masking sanity check of a defense (``evaluate_defense --sanity``; the
+    perceptual-prior paper, section 4.4): ``name`` is ``bound_monotone`` (accuracy falls as
+    the bound grows), ``unbounded`` (an unbounded attack reaches about 0 %) or
+    ``square_not_stronger`` (black-box Square is not stronger than white-box APGD-CE)."""
+
+    run = models.ForeignKey(DefenseRun, on_delete=models.CASCADE, related_name="checks")
+    study = models.ForeignKey(Study, on_delete=models.SET_NULL, null=True, blank=True,
+                              related_name="defense_checks")
+    name = models.CharField(max_length=50, help_text="bound_monotone, unbounded or"
+                            " square_not_stronger")
+    detail = models.CharField(max_length=300, blank=True)
+    value = models.CharField(max_length=200, blank=True,
+                             help_text="The accuracies compared, as the engine wrote them.")
+    passed = models.BooleanField()
+    evaluation_dir = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = DefenseResultQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["run", "id"]
+
+    def __str__(self) -> str:
+        return f"{self.run.name}: {self.name} {'passed' if self.passed else 'FAILED'}"

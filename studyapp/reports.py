@@ -214,3 +214,20 @@ def export_rows(study: Study) -> tuple[list[str], list[dict[str, Any]]]:
         rows.append(row)
     columns = EXPORT_COLUMNS + sorted(distance_names)
     return columns, [{c: row.get(c) for c in columns} for row in rows]
+
+
+# ----------------------------------------------------------------------------- study list
+
+
+def staff_study_list(progress=study_progress) -> list[dict[str, Any]]:
+    """The staff's one study list (``/dashboard/``; ``/staff/`` shows the same page): per
+    study, newest first, ``{"study", **study_counts(), "progress"}``.
+
+    One judgment count: ``n_judgments`` (main-trial judgments of every session, as the staff
+    API's ``n_judgments``). ``progress`` (:func:`study_progress`, or a cached twin) adds the
+    share of the target reached: ``n_judgments_valid`` of ``n_judgments_needed`` (at most K
+    per pair, sessions not excluded), and the session states.
+    """
+    counts = study_counts()
+    return [{"study": study, **counts[study.pk], "progress": progress(study)}
+            for study in Study.objects.order_by("-created_at", "slug")]

@@ -1,4 +1,5 @@
-"""Staff JSON API: ``/api/staff/...`` (studies, progress, export, quality control).
+"""Staff JSON API: ``/api/staff/...`` (studies, progress, export, quality control,
+robustness of defenses).
 
 Staff only (``is_staff``, DRF's ``IsAdminUser``) through the Django login session; unsafe
 methods need the CSRF token (DRF's SessionAuthentication enforces it for logged-in users).
@@ -343,3 +344,89 @@ class StudyQualityView(StaffAPIView):
         study = self.get_study(slug)
         rows = apply_exclusions(study, **body.validated_data)
         return self._table(study, rows, applied=True)
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+class DefenseAccuracySerializer(serializers.Serializer):
+    run = serializers.CharField(help_text="DefenseRun name.")
+    column = serializers.CharField(help_text="The engine's table column, e.g. 'linf 0.03137'.")
+    threat_model = serializers.CharField()
+    label = serializers.CharField(allow_blank=True, help_text="Bound label: a named bound"
+                                  " (small/medium/large/cifar10), a calibrated level, or ''.")
+    kind = serializers.ChoiceField(choices=["named", "calibrated", "labelled", "numeric"])
+    bound = serializers.FloatField(allow_null=True, help_text="In `units`.")
+    units = serializers.CharField()
+    condition = serializers.CharField(help_text="Short label, e.g. 'L2 · medium (ε = 4.71)'.")
+    spec = serializers.CharField(allow_blank=True, help_text="The spec the engine ran.")
+    accuracy = serializers.FloatField(help_text="Robust accuracy, a fraction in [0, 1].")
+    n_images = serializers.IntegerField()
+    dataset = serializers.CharField()
+
+
+class DefenseSummarySerializer(serializers.Serializer):
+    run = serializers.CharField()
+    method = serializers.CharField()
+    arch = serializers.CharField()
+    dataset = serializers.CharField()
+    n_images = serializers.IntegerField()
+    clean = serializers.FloatField(allow_null=True)
+    union = serializers.FloatField(allow_null=True, help_text="Correct under every threat"
+                                   " model at once.")
+    unseen_mean = serializers.FloatField(allow_null=True, help_text="Mean accuracy over the"
+                                         " threat models not trained against.")
+
+
+class DefenseCheckSerializer(serializers.Serializer):
+    run = serializers.CharField()
+    check = serializers.CharField(help_text="bound_monotone, unbounded or square_not_stronger.")
+    detail = serializers.CharField(allow_blank=True)
+    value = serializers.CharField(allow_blank=True)
+    passed = serializers.BooleanField()
+
+
+class EqualPerceptibilitySerializer(serializers.Serializer):
+    run = serializers.CharField()
+    threat_model = serializers.CharField()
+    label = serializers.CharField()
+    condition = serializers.CharField()
+    condition_spec = serializers.CharField()
+    bound = serializers.FloatField(help_text="The condition's bound, in `units`.")
+    defense_bound = serializers.FloatField(allow_null=True, help_text="The bound the defense"
+                                           " was attacked at, in `units`.")
+    units = serializers.CharField()
+    perceptibility = serializers.FloatField(allow_null=True, help_text="Share of people"
+                                            " answering 'different'.")
+    boot_low = serializers.FloatField(allow_null=True, help_text="95 % participant bootstrap.")
+    boot_high = serializers.FloatField(allow_null=True)
+    n_judgments = serializers.IntegerField(allow_null=True)
+    accuracy = serializers.FloatField()
+    n_images = serializers.IntegerField()
+
+
+class RobustnessSerializer(serializers.Serializer):
+    study = serializers.SlugField()
+    accuracy = DefenseAccuracySerializer(many=True)
+    summary = DefenseSummarySerializer(many=True)
+    sanity = DefenseCheckSerializer(many=True)
+    equal_perceptibility = EqualPerceptibilitySerializer(many=True)
+
+
+class StudyRobustnessView(StaffAPIView):
+    @extend_schema(
+        tags=TAG,
+        summary="Defenses evaluated against the study: accuracy per threat model, union,"
+        " masking checks, accuracy at equal human perceptibility",
+        description="What `manage.py evaluate_defense --study SLUG` stored, as the dashboard's"
+        " robustness page shows it (studyapp.robustness). Human perceptibility leaves"
+        " simulated observers and excluded sessions out.",
+        responses={200: RobustnessSerializer, **errors(403, 404, 429)},
+    )
+    def get(self, request: Request, slug: str) -> Response:
+        from . import robustness
+
+        study = self.get_study(slug)
+        tables = robustness.robustness_tables(study, robustness.people_report(study)[0])
+        data = {"study": study.slug, **{k: robustness.records(v) for k, v in tables.items()}}
+        return Response(RobustnessSerializer(data).data)

@@ -19,4 +19,9 @@ urlpatterns = [
         staff_api.StudyQualityView.as_view(),
         name="staff-api-quality",
     ),
+    path(
+        "studies/<slug:slug>/robustness/",
+        staff_api.StudyRobustnessView.as_view(),
+        name="staff-api-robustness",
+    ),
 ]

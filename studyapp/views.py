@@ -14,7 +14,7 @@ Pages (server-rendered):
                                  redirect, or the completion code
   ``/img/<token>/<key>/``        one stimulus PNG, by opaque per-(trial, slot) key
                                  (:mod:`studyapp.image_tokens`)
-  ``/staff/``                    studies with counts (staff only)
+  ``/staff/``                    the staff study list (the same page as ``/dashboard/``)
 
 The participant pages may be shown inside MTurk's iframe (``frame-ancestors``: this site and
 MTurk's two sites); every other page keeps Django's ``X-Frame-Options: DENY``.
@@ -34,7 +34,6 @@ from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
-from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.clickjacking import xframe_options_exempt
 from django.views.decorators.http import require_GET, require_http_methods
@@ -50,7 +49,6 @@ from .recruitment import (
     parse_recruitment,
     prolific_complete_url,
 )
-from .reports import study_counts
 from .scheduler import AlreadyParticipated, StudyUnavailable, standing, start_or_resume
 from .stimulus_server import STIMULUS_HEADERS, stimulus_response_body
 
@@ -282,15 +280,8 @@ def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
 @staff_member_required
 @require_GET
 def staff_home(request: HttpRequest) -> HttpResponse:
-    """Studies with pair/session/judgment counts (:func:`reports.study_counts`, as the staff
-    API) and their participant links."""
-    counts = study_counts()
-    rows = [
-        {
-            "study": study,
-            **counts[study.pk],
-            "link": request.build_absolute_uri(reverse("study-start", args=[study.slug])),
-        }
-        for study in Study.objects.order_by("-created_at", "slug")
-    ]
-    return render(request, "staff.html", {"rows": rows})
+    """The staff's one study list, the same page as ``/dashboard/`` (one count definition:
+    :func:`reports.staff_study_list`, as the staff API), with the participant links."""
+    from .dashboard import study_list  # matplotlib and the engine only for staff pages
+
+    return study_list(request)

@@ -436,3 +436,56 @@ def _table4_lpips(name: str, preset: str, values: dict[str, object], spec: str) 
             f" lpips_model={arch}{':/path/to/weights.pt' if arch == 'alexnet_cifar' else ''}"
             f" (or leave it out), or give a numeric bound — in spec {spec!r}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Display: short condition labels from the structured fields (threat model, bound, label)
+# --------------------------------------------------------------------------------------------
+
+#: How people write each threat model (PAT's names); unknown ones are shown as registered.
+THREAT_MODEL_TITLES: Mapping[str, str] = MappingProxyType({
+    "linf": "L∞", "l2": "L2", "jpeg": "JPEG", "stadv": "StAdv", "recoloradv": "ReColorAdv",
+    "ppgd": "PPGD", "lpa": "LPA", "fast_lpa": "Fast-LPA", "lpips_oa": "LPIPS-OA",
+    "lagrangian": "Lagrangian", "apgd_ce": "APGD-CE", "apgd_dlr": "APGD-DLR",
+    "square": "Square",
+})
+
+#: Units of each threat model's ``bound`` (see the attack modules' docstrings).
+BOUND_UNITS: Mapping[str, str] = MappingProxyType({
+    "linf": "L∞ norm, pixels in [0, 1]",
+    "l2": "L2 norm, pixels in [0, 1]",
+    "lpips_oa": "L∞ norm, pixels in [0, 1]",
+    "apgd_ce": "Lp norm, pixels in [0, 1]",
+    "apgd_dlr": "Lp norm, pixels in [0, 1]",
+    "square": "Lp norm, pixels in [0, 1]",
+    "jpeg": "JPEG DCT coefficients (Kang et al.)",
+    "stadv": "flow, grid_sample coordinates ([-1, 1] across the image)",
+    "recoloradv": "normalised CIELUV units",
+    "ppgd": "LPIPS distance",
+    "lpa": "LPIPS distance",
+    "fast_lpa": "LPIPS distance",
+    "lagrangian": "Lagrangian-AT units",
+})
+
+
+def threat_model_title(threat_model: str) -> str:
+    """``'linf'`` → ``'L∞'``, ``'l2'`` → ``'L2'``; an unknown name as it is."""
+    return THREAT_MODEL_TITLES.get(threat_model, threat_model)
+
+
+def bound_units(threat_model: str) -> str:
+    """The units of ``threat_model``'s bound, e.g. ``'L2 norm, pixels in [0, 1]'``."""
+    return BOUND_UNITS.get(threat_model, "the threat model's own units")
+
+
+def condition_title(threat_model: str, bound: float | None, label: str = "") -> str:
+    """A short label for a condition from its structured fields (never its spec text):
+    ``condition_title('l2', 1200/255, 'medium')`` → ``'L2 · medium (ε = 4.71)'``;
+    without a label ``'L2 (ε = 4.71)'``; without a bound ``'L2 · medium'``. ``ε`` is the
+    bound in :func:`bound_units`, to 3 significant figures."""
+    text = threat_model_title(threat_model)
+    if label:
+        text += f" · {label}"
+    if bound is not None:
+        text += f" (ε = {bound:.3g})"
+    return text

@@ -52,11 +52,13 @@ def analyze_json(study) -> dict:
 
 
 def cells(html: str, table_id: str) -> dict[tuple[str, str], str]:
-    """``{(data-row, data-col): text}`` of the dashboard table ``table_id``."""
+    """``{(data-row, data-col): text}`` of the dashboard table ``table_id`` (cells and the
+    spans of interval cells, ``ci_low`` inside ``ci``)."""
     body = html.split(f'id="{table_id}"', 1)[1].split("</table>", 1)[0]
     out = {}
     for row, content in re.findall(r'<tr data-row="([^"]*)">(.*?)</tr>', body, re.S):
-        for col, text in re.findall(r'<td data-col="([^"]*)">(.*?)</td>', content, re.S):
+        for col, text in re.findall(r'<(?:td|span) data-col="([^"]*)"[^>]*>([^<]*)(?=<)',
+                                    content, re.S):
             out[(row, col)] = text
     return out
 

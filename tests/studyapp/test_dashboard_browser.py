@@ -60,8 +60,9 @@ def test_staff_sees_tables_and_figures_matching_analyze(
     # Simulated observers are left out of the page's statistics, as out of analyze's:
     assert page.locator('#perceptibility tr[data-row="sentinel"] td[data-col="n_judgments"]'
                         ).inner_text() == "0"
-    # ... and the calibrated bounds are shown
-    assert page.locator("#fits tr").count() == 1 + 3
+    # ... and so is their calibration (calibrate --include-simulated): named, not shown
+    assert page.locator("#hidden-calibration .mark-simulated").is_visible()
+    assert page.locator("#fits tr").count() == 0
     for name in ("fig4a", "fig4b", "fig4c", "fig5", "psychometric"):
         img = page.locator(f"#figure-{name} img")
         img.scroll_into_view_if_needed()
@@ -78,11 +79,14 @@ def test_staff_sees_tables_and_figures_matching_analyze(
     page.click("text=include the simulated observers")
     page.wait_for_url("**/?simulated=1")
     assert "Including simulated observers" in page.inner_text("#simulated-note")
+    # the calibration is shown here, marked as fitted on simulated observers
+    assert page.locator("#fits tr").count() == 1 + 3
+    assert page.locator("#calibration-simulated").is_visible()
     for row in simulated["perceptibility"]:
         for col in ("n_judgments", "perceptibility", "ci_low", "ci_high", "boot_low",
                     "boot_high"):
-            cell = page.locator(
-                f'#perceptibility tr[data-row="{row["condition"]}"] td[data-col="{col}"]'
+            cell = page.locator(  # interval ends are spans inside their interval's cell
+                f'#perceptibility tr[data-row="{row["condition"]}"] [data-col="{col}"]'
             ).inner_text()
             value = row[col]
             expect = "–" if value is None else (

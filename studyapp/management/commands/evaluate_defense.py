@@ -11,6 +11,7 @@ from django.db import transaction
 
 from studyapp.adaptive import AdaptiveError, calibrated_bounds
 from studyapp.models import DefenseResult, DefenseRun, Study
+from studyapp.robustness import store_checks
 
 from ._shared import run_engine
 
@@ -69,8 +70,11 @@ class Command(BaseCommand):
         if code != 0:
             raise CommandError(f"`python -m engine {' '.join(argv)}` failed (exit {code})")
         result = json.loads((out / "results.json").read_text())
-        created = store_results(result, runs, study, out)
-        self.stdout.write(f"stored {created} results ({result['dataset_label']}) in {out}")
+        with transaction.atomic():  # results and their masking checks (--sanity) together
+            created = store_results(result, runs, study, out)
+            checks = store_checks(result, runs, study, out)
+        self.stdout.write(f"stored {created} results and {checks} sanity checks"
+                          f" ({result['dataset_label']}) in {out}")
         if result.get("untrained"):
             self.stdout.write("UNTRAINED networks used by the attacks (recorded in"
                               f" {out / 'results.json'}): {', '.join(result['untrained'])}")
