@@ -211,46 +211,57 @@ function pixelScale(study, ratio = window.devicePixelRatio) {
 // CSS pixels of `natural` image pixels drawn at `n` device pixels each.
 const cssPixels = (natural, n) => (natural * n) / window.devicePixelRatio;
 
-// Zoom watch: `display.changed` is set when the ratio changes (re-armed for the new ratio).
-const display = { changed: false, listeners: new Set() };
+// Zoom watch: `display.changed` is set when the ratio changes. Browsers announce it through a
+// resolution media query (re-armed for each new ratio) and a resize; the ratio is also read on
+// every frame of a presentation and twice a second while waiting for a whole ratio, because an
+// emulated change (DevTools, CDP) announces nothing.
+const display = { changed: false, ratio: window.devicePixelRatio, listeners: new Set() };
+function noteRatio() {
+  if (window.devicePixelRatio === display.ratio) return;
+  display.ratio = window.devicePixelRatio;
+  signals.zoom_changes += 1;
+  display.changed = true;
+  for (const listener of display.listeners) listener();
+}
 function watchRatio() {
   const query = window.matchMedia(`(resolution: ${window.devicePixelRatio}dppx)`);
   query.addEventListener("change", () => {
-    signals.zoom_changes += 1;
-    display.changed = true;
-    for (const listener of display.listeners) listener();
+    noteRatio();
     watchRatio();
   }, { once: true });
 }
+window.addEventListener("resize", noteRatio);
 
 // Resolves the scale to draw at, waiting (rule "reset_zoom") for a whole ratio; with the rule
 // "refuse" a ratio that is not whole ends the session here (FatalError, after telling the server).
 async function ensurePixelScale(study, resumeStep) {
   let scale = pixelScale(study);
   if (scale.n !== null) return scale;
-  const percent = Math.round(window.devicePixelRatio * 100);
   if (scale.rule === "refuse") {
     setStep("display-refused");
     await sendClientInfo(measuredFrames, { display_refused: true });
     throw new DisplayRefused();
   }
   setStep("reset-zoom");
+  let poll = null;
   await new Promise((resolve) => {
     const check = () => {
       scale = pixelScale(study);
       ui.displayDetail.textContent =
         `Your screen now shows ${window.devicePixelRatio.toFixed(2)} screen pixels per page pixel ` +
-        `(${percent}% scaling); this study needs a whole number (100% or 200%).`;
+        `(${Math.round(window.devicePixelRatio * 100)}% scaling); this study needs a whole ` +
+        "number (100% or 200%).";
       if (scale.n !== null) {
         display.listeners.delete(check);
         window.removeEventListener("resize", check);
         resolve();
       }
     };
+    poll = setInterval(noteRatio, 500);
     display.listeners.add(check);
     window.addEventListener("resize", check);
     check();
-  });
+  }).finally(() => clearInterval(poll));
   setStep(resumeStep);
   return scale;
 }
@@ -401,6 +412,7 @@ function present(first, second, study, frameMs) {
   return new Promise((resolve) => {
     let current = -1;
     function onFrame(timestamp) {
+      noteRatio();
       if (hiddenDuringTrial || display.changed) {
         if (hiddenDuringTrial) signals.hidden_stimuli += 1;
         for (const el of [ui.fixation, first, second]) show(el, false);
