@@ -709,6 +709,14 @@ def test_rescaled_and_resampled_sessions_are_flagged_and_excluded_under_the_rule
         "display resampled: 3/3 main trials not drawn at a whole number of device pixels per "
         "image pixel"]
     assert not any(q.excluded for q in apply_exclusions(study))
+    # The staff export carries each trial's display.
+    from studyapp.reports import export_rows
+
+    columns, rows = export_rows(study)
+    assert {"display_scale", "device_pixel_ratio", "display_exact"} <= set(columns)
+    assert {(r["session_id"], r["display_scale"], r["device_pixel_ratio"], r["display_exact"])
+            for r in rows} == {(exact.pk, 2, 2.0, True), (nearest.pk, 1, 1.25, True),
+                               (resampled.pk, 1, 1.0, False)}
     # A study that states its n (2 device pixels per image pixel) rescales nothing.
     Study.objects.filter(pk=study.pk).update(display_scale=1)
     study.refresh_from_db()
