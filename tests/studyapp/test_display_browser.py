@@ -59,10 +59,11 @@ def display_study(media_root):
     """``display_study(**fields)``: one perturbed noise pair, one main trial, no practice; the
     first image stays 6 s on screen (time for the screenshot on a busy machine)."""
 
-    def make(**fields) -> Study:
+    def make(*, controls: bool = False, **fields) -> Study:
+        fields = {"practice_trials": 0, **fields}
         study = Study.objects.create(
             slug="pixels", title="Pixels", trials_per_session=1, sentinel_fraction=0.0,
-            practice_trials=0, first_ms=6000, blank_ms=0, second_ms=50, **fields,
+            first_ms=6000, blank_ms=0, second_ms=50, **fields,
         )
         condition = Condition.objects.create(
             study=study, threat_model="linf", bound=1.0, spec="linf:bound=1", label="flip")
@@ -75,6 +76,25 @@ def display_study(media_root):
             other_path=write_png(media_root, "pixels/other.png", other),
             width=SIDE, height=SIDE,
         )
+        if controls:  # a sentinel and a catch pair (two unrelated noise images)
+            unrelated = write_png(media_root, "pixels/unrelated.png", noise(1))
+            natural_path = "pixels/natural.png"
+            Pair.objects.create(
+                study=study, is_sentinel=True, key="noise|sentinel", source_image="noise",
+                natural_path=natural_path, other_path=natural_path, width=SIDE, height=SIDE)
+            Pair.objects.create(
+                study=study, is_catch=True, key="noise|catch", source_image="noise",
+                natural_path=natural_path, other_path=unrelated, width=SIDE, height=SIDE)
+            # A second perturbed pair at a smaller bound: main trials take it or the other.
+            small = Condition.objects.create(
+                study=study, threat_model="linf", bound=0.1, spec="linf:bound=0.1", label="s")
+            other = natural.copy()
+            other[:4, :4] = 255 - other[:4, :4]
+            Pair.objects.create(
+                study=study, condition=small, key="noise|small", source_image="noise",
+                natural_path=natural_path,
+                other_path=write_png(media_root, "pixels/small.png", other),
+                width=SIDE, height=SIDE)
         return study
 
     return make
@@ -288,3 +308,46 @@ def test_touch_only_devices_are_refused_with_a_clear_page(
         page.wait_for_selector("#runner[data-step='touch-only'] #touch-only", state="visible")
         assert not page.is_visible("#intro")
         browser.close()
+
+
+def test_the_different_example_is_the_studys_own_pair_drawn_pixel_exact(
+    live_server, chromium_executable, display_study, allow_orm_next_to_playwright
+):
+    """The instructions' "different" example is the study's perturbed pair at its largest
+    bound (not the catch pair of two unrelated images), drawn like the trials: at device scale
+    factor 2, each image pixel is a 2×2 block."""
+    from playwright.sync_api import sync_playwright
+
+    study = display_study(controls=True, practice_trials=3)  # 1 same, example, catch
+    # The largest-bound pair has its K judgments, so the main trial takes the other one and
+    # the largest-bound pair is free to be the example.
+    Pair.objects.filter(key="noise|flip").update(n_assigned=study.judgments_per_pair)
+    with sync_playwright() as playwright:
+        browser = launch(playwright, chromium_executable, 2)
+        page = browser.new_context(no_viewport=True).new_page()
+        session = start(page, live_server, study)
+        page.wait_for_selector("#intro", state="visible")
+        selector = '.example[data-answer="different"] img'
+        page.wait_for_function(
+            f"[...document.querySelectorAll('{selector}')].every(i => i.complete &&"
+            " i.naturalWidth && i.style.width)")
+        state = page.context.request.get(
+            f"{live_server.url}/api/sessions/{session.token}/").json()
+        shown = page.eval_on_selector_all(
+            selector, "imgs => imgs.map(i => new URL(i.src).pathname)")
+        shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+        rects = page.eval_on_selector_all(selector, "imgs => imgs.map(i => {"
+                                          " const r = i.getBoundingClientRect();"
+                                          " return [r.left, r.top, r.width, r.height]; })")
+        browser.close()
+    (example,) = [t for t in state["trials"] if t.get("example")]
+    assert shown == example["images"]
+    trial = session.trials.select_related("pair__condition").get(position=example["position"])
+    assert trial.is_practice and trial.pair.key == "noise|flip"  # the largest bound (1.0)
+    from django.conf import settings
+
+    for slot, (left, top, width, height) in enumerate(rects, start=1):
+        assert (width * 2, height * 2) == (SIDE * 2, SIDE * 2)
+        png = np.asarray(Image.open(settings.MEDIA_ROOT / trial.image_path(slot)).convert("RGB"))
+        x, y = round(left * 2), round(top * 2)
+        assert np.array_equal(shot[y : y + SIDE * 2, x : x + SIDE * 2], replicated(png, 2))
