@@ -263,24 +263,43 @@ def test_reset_zoom_waits_for_a_whole_ratio_and_a_zoom_change_reshows_the_pair(
     assert (judgment.display_scale, judgment.device_pixel_ratio) == (2, 2)
 
 
-def test_refuse_ends_the_session_before_its_trials(
+def test_refuse_stops_before_any_session_and_the_runner_refuses_too(
     live_server, chromium_executable, display_study, allow_orm_next_to_playwright
 ):
     from playwright.sync_api import sync_playwright
 
+    from studyapp.models import Participant
+    from studyapp.scheduler import start_session
+
     study = display_study(display_rule="refuse")
+    # A session started on another screen, then opened on this one (e.g. a link reopened).
+    session = start_session(Participant.objects.create(study=study, external_id="moved"))
     with sync_playwright() as playwright:
         browser = launch(playwright, chromium_executable, 1.5)
         page = browser.new_context(no_viewport=True).new_page()
-        session = start(page, live_server, study)
+        page.goto(f"{live_server.url}/study/{study.slug}/")
         page.wait_for_selector("#display-refused", state="visible")
+        assert "cannot be shown exactly" in page.text_content("#display-refused")
+        assert page.locator("form, button").count() == 0  # nothing to start
+        page.goto(f"{live_server.url}/session/{session.token}/")
+        page.wait_for_selector("#runner[data-step='display-refused']", state="attached")
+        page.wait_for_function("!!document.querySelector('#display-refused').offsetParent")
         page.wait_for_timeout(500)
         assert not page.is_visible("#intro") and not page.is_visible("#status.error")
         browser.close()
+    assert Session.objects.count() == 1  # the landing page created none
     session.refresh_from_db()
     assert session.client_info["display_refused"] is True
     assert session.client_info["device_pixel_ratio"] == 1.5
     assert Judgment.objects.count() == 0
+    # The same study on a 200 % screen starts as usual.
+    with sync_playwright() as playwright:
+        browser = launch(playwright, chromium_executable, 2)
+        page = browser.new_context(no_viewport=True).new_page()
+        page.goto(f"{live_server.url}/study/{study.slug}/")
+        assert page.get_by_role("button", name="Start").is_visible()
+        assert not page.is_visible("#display-refused")
+        browser.close()
 
 
 def test_touch_only_devices_are_refused_with_a_clear_page(
