@@ -518,14 +518,18 @@ async function showIntro(state, nPractice, scale) {
     const trial = practice.find((t) => t.example) || practice[0];
     if (!trial) continue;
     figure.classList.add("from-study");
-    figure.querySelectorAll("img").forEach((img, slot) => {
-      img.removeAttribute("width");
-      img.removeAttribute("height");
-      img.addEventListener("load", () => {
+    // The practice trial's own decoded images (fetched with retries, like every trial's), put
+    // in place of the illustration once they arrive; that trial later moves them to the stage.
+    const placeholders = [...figure.querySelectorAll("img")];
+    for (const img of placeholders) img.removeAttribute("src");
+    trialImages(trial).then((images) => {
+      images.forEach((img, slot) => {
+        if (img.isConnected) return; // the trial has already begun
         img.style.width = `${cssPixels(img.naturalWidth, scale.n)}px`;
         img.style.height = `${cssPixels(img.naturalHeight, scale.n)}px`;
-      }, { once: true });
-      img.src = trial.images[slot];
+        img.alt = placeholders[slot].alt;
+        placeholders[slot].replaceWith(img);
+      });
     });
   }
   ui.introPractice.textContent = nPractice
