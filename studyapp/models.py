@@ -116,6 +116,32 @@ class Study(models.Model):
         help_text="QUEST+ settings: target, guess_rate, lapse_rate, sigmoid, grid sizes.",
     )
 
+    # --- display (issue 17): pixel-exact stimuli (static/js/trials.js, studyapp.display)
+    display_scale = models.PositiveSmallIntegerField(
+        default=0,
+        validators=[MaxValueValidator(16)],
+        help_text="Device pixels per image pixel (n, each way): every image pixel is drawn as "
+        "an n×n block of screen pixels. 0 = the image's own size in CSS pixels, i.e. n = the "
+        "device pixel ratio, which is whole only at 100%/200% scaling (see display_rule).",
+    )
+    DISPLAY_RULES = [
+        ("nearest", "draw at the nearest whole factor (and flag the session)"),
+        ("reset_zoom", "ask the participant to change the zoom, and wait"),
+        ("refuse", "refuse the session"),
+    ]
+    display_rule = models.CharField(
+        max_length=12,
+        choices=DISPLAY_RULES,
+        default="nearest",
+        help_text="With display_scale 0, when the device pixel ratio is not whole (Windows "
+        "at 125%/150%, browser zoom): what the trial runner does.",
+    )
+    exclude_inexact_display = models.BooleanField(
+        default=False,
+        help_text="Exclude sessions whose stimuli were not drawn pixel-exact at the intended "
+        "size (rescaled to the nearest whole factor, or resampled by the browser).",
+    )
+
     # Recruitment
     allow_retakes = models.BooleanField(
         default=False, help_text="Let one participant take several sessions of this study."
@@ -416,6 +442,19 @@ class Judgment(models.Model):
     first_ms = models.FloatField(help_text="Measured on-screen time of the first image, ms.")
     blank_ms = models.FloatField(help_text="Measured blank between the images, ms.")
     second_ms = models.FloatField(help_text="Measured on-screen time of the second image, ms.")
+    # --- display (issue 17): how the browser drew this trial's images (empty: not reported)
+    display_scale = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="Device pixels per image pixel (n) the runner drew."
+    )
+    device_pixel_ratio = models.FloatField(
+        null=True, blank=True, help_text="window.devicePixelRatio while the pair was shown."
+    )
+    display_exact = models.BooleanField(
+        null=True,
+        blank=True,
+        help_text="The browser reported each image at exactly natural size × n device pixels "
+        "(ResizeObserver device-pixel-content-box); False = resampled; empty = not measurable.",
+    )
     idempotency_key = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

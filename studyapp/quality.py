@@ -40,6 +40,7 @@ from django.db import transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
+from .display import display_flags
 from .fingerprints import (  # noqa: F401  (re-exported: the quality tools' vocabulary)
     BROWSER_ID_SESSION_KEY,
     assign_request_fingerprints,
@@ -82,6 +83,7 @@ class SessionQuality:
     superhuman_p: float | None = None
     ip_shared_with: list[int] = field(default_factory=list)
     browser_shared_with: list[int] = field(default_factory=list)
+    display_flags: list[str] = field(default_factory=list)  # studyapp.display (issue 17)
     flags: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     staff_decision: str | None = None
@@ -106,6 +108,7 @@ def rules_of(study: Study) -> dict[str, float | int | bool | None]:
         "exclude_automation": study.exclude_automation,
         "exclude_regular_rt": study.exclude_regular_rt,
         "exclude_superhuman": study.exclude_superhuman,
+        "exclude_inexact_display": study.exclude_inexact_display,
     }
 
 
@@ -140,6 +143,8 @@ def rule_violations(q: SessionQuality, study: Study) -> list[str]:
     ):
         if switch:
             out += [flag for flag in bot if flag.startswith(prefix)]
+    if study.exclude_inexact_display:
+        out += q.display_flags
     return out
 
 
@@ -183,6 +188,7 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
         )
     }
     bots = _bot_metrics(study, [s.pk for s in sessions])
+    display = display_flags(study, [s.pk for s in sessions])
     shared_ip = _shared(all_sessions, "ip_hash")
     shared_browser = _shared(all_sessions, "browser_hash")
     rows = []
@@ -211,7 +217,8 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
             automation_signals=automation_signals(session.client_info, n_answered),
             **bots.get(session.pk, {}),
         )
-        q.flags += bot_flags(q)
+        q.display_flags = display.get(session.pk, [])
+        q.flags += bot_flags(q) + q.display_flags
         if q.ip_shared_with:
             q.flags.append(f"same IP as {len(q.ip_shared_with)} other participant(s)")
         if q.browser_shared_with:

@@ -159,6 +159,9 @@ EXPORT_COLUMNS = [
     "first_ms",
     "blank_ms",
     "second_ms",
+    "display_scale",
+    "device_pixel_ratio",
+    "display_exact",
     "judged_at",
 ]
 
@@ -193,6 +196,10 @@ def export_rows(study: Study) -> tuple[list[str], list[dict[str, Any]]]:
         "first_ms": "first_ms",
         "blank_ms": "blank_ms",
         "second_ms": "second_ms",
+        # Issue 17: how the browser drew the pair (studyapp.display); empty if not reported.
+        "display_scale": "display_scale",
+        "device_pixel_ratio": "device_pixel_ratio",
+        "display_exact": "display_exact",
         "judged_at": "created_at",
     }
     judgments = (

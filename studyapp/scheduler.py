@@ -84,11 +84,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Q
+from django.db.models import Count, F, Max, Q
 from django.utils import timezone
 
 from . import adaptive, fastsql
-from .models import Judgment, Pair, Participant, Session, Study, Trial
+from .models import Condition, Judgment, Pair, Participant, Session, Study, Trial
 
 # Near saturation: how often, and after how long (seconds, doubling: 1.26 s in all), a session
 # that could not lock a single pair with room re-reads the pool before it is refused.
@@ -289,6 +289,42 @@ def _lease_data_pairs(
     return chosen
 
 
+def _perceptual_distance(distances: Mapping[str, Any]) -> tuple[int, float]:
+    """Sort key of a pair's distances: LPIPS where measured (the largest of its models), else
+    L-inf, else L2 (a pair with LPIPS ranks above one without)."""
+    lpips = [float(v) for k, v in distances.items() if k.startswith("lpips") and v is not None]
+    if lpips:
+        return (2, max(lpips))
+    for rank, name in ((1, "linf"), (0, "l2")):
+        if distances.get(name) is not None:
+            return (rank, float(distances[name]))
+    return (-1, 0.0)
+
+
+def example_pair_ids(study: Study, exclude: set[int] = frozenset(), limit: int = 1) -> list[int]:
+    """The study's best "different" examples (issue 17): perturbed pairs at the largest bound
+    of their threat model, the largest perceptual distance first (``_perceptual_distance``),
+    ``exclude`` left out. Shown as a practice pair and as the instructions' example, so that
+    it shows what the study is about (a visible perturbation made by the study's own attacks)
+    rather than two unrelated photographs."""
+    largest = dict(
+        Condition.objects.filter(study=study)
+        .values("threat_model").annotate(b=Max("bound")).values_list("threat_model", "b")
+    )
+    if not largest:
+        return []
+    at_largest = Q()
+    for threat_model, bound in largest.items():
+        at_largest |= Q(condition__threat_model=threat_model, condition__bound=bound)
+    candidates = (
+        _data_pairs(study).filter(at_largest).exclude(pk__in=exclude)
+        .values_list("pk", "distances")
+    )
+    ranked = sorted(candidates, key=lambda c: (_perceptual_distance(c[1] or {}), -c[0]),
+                    reverse=True)
+    return [pk for pk, _ in ranked[:limit]]
+
+
 def _practice_pairs(
     study: Study,
     sentinels: list[int],
@@ -297,7 +333,9 @@ def _practice_pairs(
     n: int,
     rng: random.Random,
 ) -> list[int]:
-    """``n`` practice pairs, half identical (sentinels) and half obviously different (catch).
+    """``n`` practice pairs, half identical (sentinels) and half different: the study's best
+    "different" example first (:func:`example_pair_ids`, also the instructions' example),
+    then obviously different ones (catch).
 
     Where a kind runs short, "different" examples come from data pairs the participant will
     not judge (the most-assigned first: those the study needs least; they are perturbed, so
@@ -305,8 +343,9 @@ def _practice_pairs(
     ones from spare sentinels. Shuffled.
     """
     n_same = min((n + 1) // 2, len(sentinels))
-    n_different = min(n - n_same, len(catch))
-    picked = sentinels[:n_same] + catch[:n_different]
+    example = example_pair_ids(study, exclude) if n - n_same > 0 else []
+    n_different = min(n - n_same - len(example), len(catch))
+    picked = sentinels[:n_same] + example + catch[:n_different]
     if len(picked) < n:
         others = list(
             _data_pairs(study).exclude(pk__in=exclude | set(picked)).values_list("pk", "n_assigned")
@@ -612,6 +651,17 @@ def _by_key(session_id: int, data: Mapping[str, Any], existing: Judgment | None)
     )
 
 
+def _display_columns(display: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Judgment columns of the optional ``display`` object (issue 17)."""
+    if not display:
+        return {}
+    return {
+        "display_scale": display["scale"],
+        "device_pixel_ratio": display["device_pixel_ratio"],
+        "display_exact": display["exact"],
+    }
+
+
 def _stored_judgments(trial: Trial, key: str) -> list[Judgment]:
     """The judgment stored under ``key`` (any trial) and ``trial``'s judgment: one query."""
     return list(
@@ -660,6 +710,7 @@ def _record(
         blank_ms=durations["blank_ms"],
         second_ms=durations["second_ms"],
         idempotency_key=key,
+        **_display_columns(data.get("display")),
     )
     fastsql.insert(judgment)
     # The judgment now holds the pair's slot for good (n_assigned unchanged): the trial's lease

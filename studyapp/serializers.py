@@ -49,6 +49,18 @@ class JSONStringField(serializers.CharField):
         return super().to_internal_value(data)
 
 
+class JSONBooleanField(serializers.BooleanField):
+    """A JSON boolean; strings and numbers are refused (DRF's BooleanField would map "yes",
+    1 ...)."""
+
+    default_error_messages = {"not_boolean": "Must be a JSON boolean, not {kind}."}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, bool):
+            self.fail("not_boolean", kind=type(data).__name__)
+        return data
+
+
 def _ms(max_value: float) -> JSONNumberField:
     return JSONNumberField(min_value=0, max_value=max_value)
 
@@ -61,13 +73,30 @@ class DurationsSerializer(serializers.Serializer):
     second_ms = _ms(MAX_PHASE_MS)
 
 
+class DisplaySerializer(serializers.Serializer):
+    """How the browser drew the trial's images (issue 17; see static/js/trials.js)."""
+
+    scale = JSONIntegerField(
+        min_value=1, max_value=64, help_text="Device pixels per image pixel (n) drawn."
+    )
+    device_pixel_ratio = JSONNumberField(
+        min_value=0.05, max_value=100, help_text="window.devicePixelRatio while shown."
+    )
+    exact = JSONBooleanField(
+        allow_null=True,
+        help_text="Each image measured at natural size × n device pixels; null = the browser "
+        "cannot measure it.",
+    )
+
+
 class JudgmentInputSerializer(serializers.Serializer):
-    """Body of ``POST /api/sessions/<token>/judgments/``."""
+    """Body of ``POST /api/sessions/<token>/judgments/`` (``display`` optional)."""
 
     position = JSONIntegerField(min_value=0)
     response = serializers.ChoiceField(choices=[c for c, _ in Judgment.RESPONSES])
     response_time_ms = _ms(MAX_RESPONSE_TIME_MS)
     durations = DurationsSerializer()
+    display = DisplaySerializer(required=False)
     idempotency_key = JSONStringField(
         min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length
     )
@@ -78,13 +107,17 @@ class JudgmentSerializer(serializers.ModelSerializer):
 
     position = serializers.IntegerField(source="trial.position")
     durations = serializers.SerializerMethodField()
+    display = serializers.SerializerMethodField()
 
     class Meta:
         model = Judgment
         fields = [
-            "position", "response", "response_time_ms", "durations", "idempotency_key",
-            "created_at",
+            "position", "response", "response_time_ms", "durations", "display",
+            "idempotency_key", "created_at",
         ]
+
+    def get_display(self, judgment: Judgment) -> dict | None:
+        return _display_data(judgment)
 
     def get_durations(self, judgment: Judgment) -> dict[str, float]:
         return {
@@ -106,8 +139,19 @@ def judgment_data(judgment: Judgment) -> dict:
             "blank_ms": judgment.blank_ms,
             "second_ms": judgment.second_ms,
         },
+        "display": _display_data(judgment),
         "idempotency_key": judgment.idempotency_key,
         "created_at": serializers.DateTimeField().to_representation(judgment.created_at),
+    }
+
+
+def _display_data(judgment: Judgment) -> dict | None:
+    if judgment.display_scale is None:
+        return None
+    return {
+        "scale": judgment.display_scale,
+        "device_pixel_ratio": judgment.device_pixel_ratio,
+        "exact": judgment.display_exact,
     }
 
 
@@ -141,9 +185,23 @@ class ClientInfoSerializer(serializers.Serializer):
         min_value=0, max_value=10**6, required=False,
         help_text="Stimuli interrupted because the page was hidden.",
     )
+    # Display (issue 17): zoom / device-pixel-ratio changes seen, and a refused display.
+    zoom_changes = JSONIntegerField(
+        min_value=0, max_value=10**6, required=False,
+        help_text="Changes of window.devicePixelRatio (zoom, moved window) seen by the page.",
+    )
+    display_refused = serializers.BooleanField(
+        required=False,
+        help_text="The runner refused this display (the study's display_rule 'refuse').",
+    )
 
     def validate_webdriver(self, value):
         if not isinstance(self.initial_data.get("webdriver"), bool):
+            raise serializers.ValidationError("Must be a JSON boolean.")
+        return value
+
+    def validate_display_refused(self, value):
+        if not isinstance(self.initial_data.get("display_refused"), bool):
             raise serializers.ValidationError("Must be a JSON boolean.")
         return value
 
@@ -160,10 +218,15 @@ class StudySettingsSerializer(serializers.Serializer):
     break_every = serializers.IntegerField(
         help_text="A break is offered after this many main trials; 0 = no breaks."
     )
+    display_scale = serializers.IntegerField(
+        help_text="Device pixels per image pixel; 0 = the image's CSS size (n = device pixel "
+        "ratio, display_rule when that is not whole)."
+    )
+    display_rule = serializers.ChoiceField(choices=["nearest", "reset_zoom", "refuse"])
 
 
 class StimulusSizeSerializer(serializers.Serializer):
-    """The largest image of the session, in CSS pixels (images are shown 1:1)."""
+    """The largest image of the session, in image pixels (drawn n device pixels each)."""
 
     width = serializers.IntegerField()
     height = serializers.IntegerField()
@@ -183,6 +246,11 @@ class TrialStateSerializer(serializers.Serializer):
         choices=["same", "different"],
         required=False,
         help_text="Practice trials only: the correct answer, for the feedback.",
+    )
+    example = serializers.BooleanField(
+        required=False,
+        help_text="Practice trials only: a perturbed pair of the study (not a catch pair), "
+        "shown as the instructions' 'different' example.",
     )
 
 
@@ -208,11 +276,12 @@ def session_state(session: Session) -> dict:
         session.trials.order_by("position").values_list(
             "position", "is_practice", "judgment__id", "pair__is_sentinel",
             "pair__natural_path", "pair__other_path", "pair__width", "pair__height",
+            "pair__condition_id",
         )
     )
     urls = image_urls(session.token, [row[0] for row in rows])
     trials, width, height = [], 0, 0
-    for position, practice, judgment_id, sentinel, natural, other, w, h in rows:
+    for position, practice, judgment_id, sentinel, natural, other, w, h, condition in rows:
         trial = {
             "position": position,
             "images": urls[position],
@@ -221,6 +290,8 @@ def session_state(session: Session) -> dict:
         }
         if practice:
             trial["answer"] = "same" if sentinel or natural == other else "different"
+            # A perturbed pair (scheduler.example_pair_ids): the "different" example.
+            trial["example"] = condition is not None and trial["answer"] == "different"
         trials.append(trial)
         width, height = max(width, w), max(height, h)
     return {
@@ -232,6 +303,8 @@ def session_state(session: Session) -> dict:
             "key_same": study.key_same.lower(),
             "key_different": study.key_different.lower(),
             "break_every": study.break_every,
+            "display_scale": study.display_scale,
+            "display_rule": study.display_rule,
         },
         "stimulus": {"width": width, "height": height},
         "trials": trials,

@@ -188,6 +188,15 @@ class ExportRowSerializer(serializers.Serializer):
     first_ms = serializers.FloatField(help_text="Measured, ms.")
     blank_ms = serializers.FloatField(help_text="Measured, ms.")
     second_ms = serializers.FloatField(help_text="Measured, ms.")
+    display_scale = serializers.IntegerField(
+        allow_null=True, help_text="Device pixels per image pixel drawn (studyapp.display)."
+    )
+    device_pixel_ratio = serializers.FloatField(
+        allow_null=True, help_text="window.devicePixelRatio while the pair was shown."
+    )
+    display_exact = serializers.BooleanField(
+        allow_null=True, help_text="Drawn at exactly natural × n device pixels; False: resampled."
+    )
     judged_at = serializers.DateTimeField()
 
 

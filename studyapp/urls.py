@@ -18,3 +18,6 @@ urlpatterns = [
 
 # Uncaught failures: 503 + Retry-After on a database outage, JSON under /api/ (studyapp.api).
 handler500 = "studyapp.api.server_error"
+# Mistyped links and refused requests: styled pages (JSON under /api/), studyapp.views.
+handler404 = "studyapp.views.page_not_found"
+handler400 = "studyapp.views.bad_request"

@@ -32,7 +32,7 @@ from functools import wraps
 
 from django.conf import settings
 from django.contrib.admin.views.decorators import staff_member_required
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.cache import never_cache
 from django.views.decorators.clickjacking import xframe_options_exempt
@@ -226,6 +226,7 @@ def session_page(request: HttpRequest, token: str) -> HttpResponse:
             "study": study,
             "key_same": study.key_same.upper(),
             "key_different": study.key_different.upper(),
+            "n_trials": study.trials_per_session,
             "csrf_cookie_name": settings.CSRF_COOKIE_NAME,
         },
     )
@@ -272,6 +273,30 @@ def trial_image(request: HttpRequest, token: str, key: str) -> HttpResponse:
     for name, value in STIMULUS_HEADERS:
         response[name] = value
     return response
+
+
+# --------------------------------------------------------------------------- error pages
+
+
+def _error_page(request: HttpRequest, status_code: int, code: str, message: str, template: str):
+    """A styled page (``templates/<status>.html``), or the JSON error shape under ``/api/``."""
+    if request.path.startswith("/api/"):
+        return JsonResponse({"error": message, "code": code}, status=status_code)
+    return render(request, template, {"message": message}, status=status_code)
+
+
+def page_not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """``handler404``: a mistyped or outdated link."""
+    return _error_page(
+        request, 404, "not_found", "There is no page at this address.", "404.html"
+    )
+
+
+def bad_request(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """``handler400``: a request Django refused before any view (e.g. a bad Host header)."""
+    return _error_page(
+        request, 400, "bad_request", "This request could not be understood.", "400.html"
+    )
 
 
 # --------------------------------------------------------------------------- staff

@@ -1,8 +1,9 @@
 // Trial runner for a just-noticeable-difference session (PAT paper, section 6 protocol):
 // fixation, image 1 (first_ms), blank (blank_ms), image 2 (second_ms), then "same or different?".
 //
-// Steps: measure the display → refuse a window smaller than the stimulus (re-checked on every
-// resize, and before every trial) → instructions with two example pairs (first visit only) →
+// Steps: refuse touch-only devices → measure the display → choose the pixel scale (below) →
+// refuse a window smaller than the stimulus (re-checked on every resize, and before every
+// trial) → instructions with two example pairs (first visit only) →
 // practice trials with feedback → main trials, with a break every `break_every` of them → wait
 // until the server has acknowledged every answer → complete the session → end page.
 //
@@ -16,6 +17,19 @@
 // is the median rAF interval measured before the first trial. Switching only toggles the CSS
 // `visibility` of elements that are already laid out, so no switch causes layout work, and no
 // request is started while a stimulus is on screen (retries wait for the prompt).
+//
+// Pixel-exact display (issue 17). Each image pixel is drawn as an n×n block of device pixels,
+// with no smoothing: the image's CSS size is natural × n / devicePixelRatio (Chromium lays out
+// and snaps at device resolution, so that is a whole number of device pixels on the device
+// grid), with `image-rendering: pixelated` for n > 1. The study states n (`display_scale`),
+// or 0 for the image's own CSS size, i.e. n = devicePixelRatio; when that is not whole (Windows
+// at 125 %, a browser zoom) the study's `display_rule` says what to do: "nearest" (draw at the
+// nearest whole n; the server flags the session as rescaled), "reset_zoom" (ask, and wait
+// until the ratio is whole) or "refuse". After layout the runner asks the browser how many
+// device pixels each image covers (ResizeObserver, device-pixel-content-box); each judgment
+// carries {scale: n, device_pixel_ratio, exact}, exact = false meaning resampled. A change of
+// the ratio (zoom, window moved to another screen) is watched with a matchMedia resolution
+// query: a pair on screen at that moment is shown again, at the new scale.
 //
 // Data (see buffer.js). Each judgment is written to localStorage and POSTed at once with an
 // idempotency key, retried with backoff until the server acknowledges it. A reload resumes at
@@ -38,6 +52,7 @@ const MARGIN_HEIGHT = 240;
 const root = document.getElementById("runner");
 const $ = (id) => document.getElementById(id);
 const ui = {
+  displayDetail: $("display-detail"),
   progress: $("progress"),
   stage: $("stage"),
   fixation: $("fixation"),
@@ -55,6 +70,11 @@ const ui = {
 const csrf = { cookie: root.dataset.csrfCookie, token: root.dataset.csrfToken };
 
 class FatalError extends Error {}
+// The display was refused (the study's display_rule "refuse"): the page already says why.
+class DisplayRefused extends Error {}
+
+let settings = null; // state.study, once loaded
+let scaledStimulus = { width: 0, height: 0 }; // state.stimulus: the largest image, image pixels
 
 const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve));
 const show = (el, visible) => el.classList.toggle("is-visible", visible);
@@ -153,8 +173,11 @@ async function measureFrameInterval(samples = FRAME_SAMPLES) {
   return { frameMs: intervals[Math.floor(intervals.length / 2)], samples: intervals.length };
 }
 
-function sendClientInfo({ frameMs, samples }) {
+let measuredFrames = null; // the rAF measurement, kept for later client-info PATCHes
+function sendClientInfo({ frameMs, samples } = measuredFrames, extra = {}) {
+  measuredFrames = { frameMs, samples };
   const info = {
+    ...extra,
     window_width: window.innerWidth,
     window_height: window.innerHeight,
     screen_width: window.screen.width,
@@ -171,10 +194,123 @@ function sendClientInfo({ frameMs, samples }) {
   });
 }
 
-// The window must hold the stimulus at its own pixel size plus the runner around it. Until it
+// ------------------------------------------------------------------------------ pixel scale
+
+// A ratio this close to a whole number counts as whole (studyapp.display.WHOLE_TOLERANCE).
+const isWhole = (ratio) => Math.abs(ratio - Math.round(ratio)) < 1e-3;
+
+// The device pixels per image pixel to draw at the current ratio, or {n: null} when the study's
+// rule does not allow drawing now ("reset_zoom", "refuse").
+function pixelScale(study, ratio = window.devicePixelRatio) {
+  if (study.display_scale > 0) return { n: study.display_scale, ratio };
+  if (isWhole(ratio)) return { n: Math.max(1, Math.round(ratio)), ratio };
+  if (study.display_rule === "nearest") return { n: Math.max(1, Math.round(ratio)), ratio, rescaled: true };
+  return { n: null, ratio, rule: study.display_rule };
+}
+
+// CSS pixels of `natural` image pixels drawn at `n` device pixels each.
+const cssPixels = (natural, n) => (natural * n) / window.devicePixelRatio;
+
+// Zoom watch: `display.changed` is set when the ratio changes. Browsers announce it through a
+// resolution media query (re-armed for each new ratio) and a resize; the ratio is also read on
+// every frame of a presentation and twice a second while waiting for a whole ratio, because an
+// emulated change (DevTools, CDP) announces nothing.
+const display = { changed: false, ratio: window.devicePixelRatio, listeners: new Set() };
+function noteRatio() {
+  if (window.devicePixelRatio === display.ratio) return;
+  display.ratio = window.devicePixelRatio;
+  signals.zoom_changes += 1;
+  display.changed = true;
+  for (const listener of display.listeners) listener();
+}
+function watchRatio() {
+  const query = window.matchMedia(`(resolution: ${window.devicePixelRatio}dppx)`);
+  query.addEventListener("change", () => {
+    noteRatio();
+    watchRatio();
+  }, { once: true });
+}
+window.addEventListener("resize", noteRatio);
+
+// Resolves the scale to draw at, waiting (rule "reset_zoom") for a whole ratio; with the rule
+// "refuse" a ratio that is not whole ends the session here (FatalError, after telling the server).
+async function ensurePixelScale(study, resumeStep) {
+  let scale = pixelScale(study);
+  if (scale.n !== null) return scale;
+  if (scale.rule === "refuse") {
+    setStep("display-refused");
+    await sendClientInfo(measuredFrames, { display_refused: true });
+    throw new DisplayRefused();
+  }
+  setStep("reset-zoom");
+  let poll = null;
+  await new Promise((resolve) => {
+    const check = () => {
+      scale = pixelScale(study);
+      ui.displayDetail.textContent =
+        `Your screen now shows ${window.devicePixelRatio.toFixed(2)} screen pixels per page pixel ` +
+        `(${Math.round(window.devicePixelRatio * 100)}% scaling); this study needs a whole ` +
+        "number (100% or 200%).";
+      if (scale.n !== null) {
+        display.listeners.delete(check);
+        window.removeEventListener("resize", check);
+        resolve();
+      }
+    };
+    poll = setInterval(noteRatio, 500);
+    display.listeners.add(check);
+    window.addEventListener("resize", check);
+    check();
+  }).finally(() => clearInterval(poll));
+  setStep(resumeStep);
+  return scale;
+}
+
+// Device pixels the browser gives `el` (ResizeObserver device-pixel-content-box), or null where
+// the browser cannot say.
+function devicePixelSize(el) {
+  if (!("ResizeObserver" in window) || !("devicePixelContentBoxSize" in ResizeObserverEntry.prototype)) {
+    return Promise.resolve(null);
+  }
+  return new Promise((resolve) => {
+    const observer = new ResizeObserver((entries) => {
+      observer.disconnect();
+      const box = entries[0].devicePixelContentBoxSize?.[0];
+      resolve(box ? { width: box.inlineSize, height: box.blockSize } : null);
+    });
+    try {
+      observer.observe(el, { box: "device-pixel-content-box" });
+    } catch {
+      resolve(null);
+    }
+  });
+}
+
+// true: every image covers exactly natural × n device pixels; false: resampled; null: unknown.
+async function drawnExactly(images, n) {
+  const sizes = await Promise.all(images.map(devicePixelSize));
+  if (sizes.some((size) => size === null)) return null;
+  return images.every((img, i) =>
+    sizes[i].width === img.naturalWidth * n && sizes[i].height === img.naturalHeight * n);
+}
+
+// ------------------------------------------------------------------------------ touch-only devices
+
+// A phone or tablet without mouse or keyboard: no fine pointer, no hover, touch points. (A
+// keyboard cannot be detected; a touch screen with a mouse or touchpad passes.)
+function touchOnly() {
+  const query = (q) => window.matchMedia(q).matches;
+  return navigator.maxTouchPoints > 0 && !query("(any-pointer: fine)") && !query("(any-hover: hover)");
+}
+
+// The window must hold the stimulus at its drawn size plus the runner around it. Until it
 // does, a message says so; it is re-checked on every resize.
 function windowFits(stimulus) {
-  const need = { width: stimulus.width + MARGIN_WIDTH, height: stimulus.height + MARGIN_HEIGHT };
+  const n = pixelScale(settings).n || 1;
+  const need = {
+    width: Math.ceil(cssPixels(stimulus.width, n)) + MARGIN_WIDTH,
+    height: Math.ceil(cssPixels(stimulus.height, n)) + MARGIN_HEIGHT,
+  };
   const fits = window.innerWidth >= need.width && window.innerHeight >= need.height;
   return { fits, need };
 }
@@ -185,8 +321,10 @@ async function ensureWindowFits(stimulus, resumeStep) {
   await new Promise((resolve) => {
     const check = () => {
       const { fits, need } = windowFits(stimulus);
+      const n = pixelScale(settings).n || 1;
       ui.tooSmallDetail.textContent =
-        `The images are ${stimulus.width} × ${stimulus.height} pixels, so this study needs a ` +
+        `The images are ${Math.ceil(cssPixels(stimulus.width, n))} × ` +
+        `${Math.ceil(cssPixels(stimulus.height, n))} pixels, so this study needs a ` +
         `window of at least ${need.width} × ${need.height} pixels; yours is ` +
         `${window.innerWidth} × ${window.innerHeight}.`;
       if (fits) {
@@ -205,11 +343,7 @@ function loadImage(url) {
   img.alt = "";
   img.decoding = "sync";
   img.src = url;
-  return img.decode().then(() => {
-    img.width = img.naturalWidth;
-    img.height = img.naturalHeight;
-    return img;
-  });
+  return img.decode().then(() => img);
 }
 
 // Both images of a trial, fetched and decoded; retried (with a notice) until they arrive.
@@ -250,7 +384,7 @@ document.addEventListener("visibilitychange", () => {
 // (navigator.webdriver), how many trusted (user-made, not script-dispatched) pointer and
 // keyboard events the page saw, and how many stimuli were interrupted by the page being hidden.
 // Counted here, sent with the display info (PATCH) when the session starts and before it ends.
-const signals = { pointer_events: 0, key_events: 0, hidden_stimuli: 0 };
+const signals = { pointer_events: 0, key_events: 0, hidden_stimuli: 0, zoom_changes: 0 };
 for (const type of ["pointerdown", "pointermove", "wheel", "touchstart"]) {
   window.addEventListener(type, (event) => {
     if (event.isTrusted) signals.pointer_events += 1;
@@ -274,13 +408,15 @@ function present(first, second, study, frameMs) {
   ];
   const startedAt = [];
   hiddenDuringTrial = false;
+  display.changed = false;
   return new Promise((resolve) => {
     let current = -1;
     function onFrame(timestamp) {
-      if (hiddenDuringTrial) {
-        signals.hidden_stimuli += 1;
+      noteRatio();
+      if (hiddenDuringTrial || display.changed) {
+        if (hiddenDuringTrial) signals.hidden_stimuli += 1;
         for (const el of [ui.fixation, first, second]) show(el, false);
-        resolve({ interrupted: true });
+        resolve({ interrupted: hiddenDuringTrial ? "hidden" : "zoom" });
         return;
       }
       if (current < 0) {
@@ -372,13 +508,28 @@ async function pause(text) {
 // ------------------------------------------------------------------------------ steps
 
 // Instructions with two example pairs: a practice pair of each kind (shown through the same
-// opaque image URLs as the trials), else the static illustration in the template.
-async function showIntro(state, nPractice) {
+// opaque image URLs as the trials, at the trials' pixel scale; the "different" one is the
+// study's own perturbed pair marked `example`, see scheduler.example_pair_ids), else the
+// static illustration in the template.
+async function showIntro(state, nPractice, scale) {
   for (const figure of document.querySelectorAll(".example[data-answer]")) {
-    const trial = state.trials.find((t) => t.practice && t.answer === figure.dataset.answer);
+    const kind = figure.dataset.answer;
+    const practice = state.trials.filter((t) => t.practice && t.answer === kind);
+    const trial = practice.find((t) => t.example) || practice[0];
     if (!trial) continue;
-    figure.querySelectorAll("img").forEach((img, slot) => {
-      img.src = trial.images[slot];
+    figure.classList.add("from-study");
+    // The practice trial's own decoded images (fetched with retries, like every trial's), put
+    // in place of the illustration once they arrive; that trial later moves them to the stage.
+    const placeholders = [...figure.querySelectorAll("img")];
+    for (const img of placeholders) img.removeAttribute("src");
+    trialImages(trial).then((images) => {
+      images.forEach((img, slot) => {
+        if (img.isConnected) return; // the trial has already begun
+        img.style.width = `${cssPixels(img.naturalWidth, scale.n)}px`;
+        img.style.height = `${cssPixels(img.naturalHeight, scale.n)}px`;
+        img.alt = placeholders[slot].alt;
+        placeholders[slot].replaceWith(img);
+      });
     });
   }
   ui.introPractice.textContent = nPractice
@@ -403,11 +554,16 @@ async function showFeedback(trial, response) {
   show(ui.feedback, false);
 }
 
-function placeImages(first, second) {
-  const width = Math.max(first.width, second.width);
-  const height = Math.max(first.height, second.height);
-  ui.stage.style.width = `${width}px`;
-  ui.stage.style.height = `${height}px`;
+// Sizes the images for `n` device pixels per image pixel (see "Pixel-exact display").
+function placeImages(first, second, n) {
+  for (const img of [first, second]) {
+    img.style.width = `${cssPixels(img.naturalWidth, n)}px`;
+    img.style.height = `${cssPixels(img.naturalHeight, n)}px`;
+  }
+  const width = Math.max(first.naturalWidth, second.naturalWidth);
+  const height = Math.max(first.naturalHeight, second.naturalHeight);
+  ui.stage.style.width = `${cssPixels(width, n)}px`;
+  ui.stage.style.height = `${cssPixels(height, n)}px`;
   ui.stage.replaceChildren(ui.fixation, first, second);
 }
 
@@ -415,12 +571,22 @@ async function runTrial(trial, next, study, frameMs) {
   const [first, second] = await trialImages(trial);
   first.dataset.slot = "1";
   second.dataset.slot = "2";
-  placeImages(first, second);
   for (;;) {
+    const scale = await ensurePixelScale(study, "trials");
+    await ensureWindowFits(scaledStimulus, "trials");
+    placeImages(first, second, scale.n);
     await nextFrame(); // the new images are laid out before the fixation starts
+    const exact = await drawnExactly([first, second], scale.n);
+    if (display.changed && window.devicePixelRatio !== scale.ratio) continue;
     presentation.begin();
     const shown = await present(first, second, study, frameMs);
     presentation.end();
+    if (shown.interrupted === "zoom") {
+      setStatus("The zoom changed, so that pair will be shown again.");
+      await sleep(1000);
+      setStatus("");
+      continue;
+    }
     if (shown.interrupted) {
       setStatus("The page was hidden, so that pair will be shown again.");
       while (document.hidden) await sleep(200);
@@ -442,6 +608,7 @@ async function runTrial(trial, next, study, frameMs) {
       response,
       response_time_ms: Math.max(0, responseTime),
       durations: { first_ms: shown.first_ms, blank_ms: shown.blank_ms, second_ms: shown.second_ms },
+      display: { scale: scale.n, device_pixel_ratio: scale.ratio, exact },
       idempotency_key: newKey(),
     };
   }
@@ -501,14 +668,24 @@ async function main() {
   noteFinished();
   outbox.start(); // re-send what an earlier page left unacknowledged
   keys = { [state.study.key_same]: "same", [state.study.key_different]: "different" };
+  settings = state.study;
+  scaledStimulus = state.stimulus;
   const fresh = finished.size === 0;
 
   ui.progress.textContent = state.study.title;
-  const display = await measureFrameInterval();
-  root.dataset.frameMs = String(display.frameMs);
+  if (touchOnly()) {
+    setStep("touch-only");
+    ui.progress.textContent = "";
+    return;
+  }
+  const frames = await measureFrameInterval();
+  root.dataset.frameMs = String(frames.frameMs);
+  watchRatio();
+  measuredFrames = frames;
+  const scale = await ensurePixelScale(state.study, "trials");
   await ensureWindowFits(state.stimulus, "trials");
-  sendClientInfo(display);
-  if (fresh) await showIntro(state, state.trials.filter((t) => t.practice).length);
+  sendClientInfo(frames);
+  if (fresh) await showIntro(state, state.trials.filter((t) => t.practice).length, scale);
   setStep("trials");
 
   let resumed = !fresh;
@@ -520,8 +697,7 @@ async function main() {
       const message = pauseBefore(trial, state, resumed);
       resumed = false;
       if (message) await pause(message);
-      await ensureWindowFits(state.stimulus, "trials");
-      const judgment = await runTrial(trial, open[i + 1], state.study, display.frameMs);
+      const judgment = await runTrial(trial, open[i + 1], state.study, frames.frameMs);
       outbox.add(judgment); // buffered, and sent at once
       finished.add(trial.position);
       imageCache.delete(trial.position);
@@ -530,7 +706,7 @@ async function main() {
     }
     ui.progress.textContent = "Saving your answers…";
     await outbox.drain();
-    await sendClientInfo(display); // the signals as they stand at the end
+    await sendClientInfo(frames); // the signals as they stand at the end
     if (await complete()) {
       outbox.clear();
       window.location.assign(root.dataset.doneUrl);
@@ -543,6 +719,7 @@ async function main() {
 }
 
 main().catch((error) => {
+  if (error instanceof DisplayRefused) return;
   console.error(error);
   openPrompt(false);
   const message = error instanceof FatalError ? error.message : `Something went wrong (${error}).`;

@@ -229,6 +229,15 @@ def test_demo_builds_the_study_prints_links_and_reruns_cleanly(media, offline):
         python, manage, command = Path(line[0]), Path(line[1]), line[2]
         assert os.access(python, os.X_OK) and manage.name == "manage.py" and manage.is_file()
         assert command in get_commands() and line[3:] == ["--study", "demo"]
+    # Issue 17: the instructions name no keys (the runner shows the study's own), and catch
+    # pairs are among the main trials, so the catch row has data after simulated observers.
+    assert not {"F", "J"} & set(study.instructions.replace(".", " ").split())
+    assert study.catch_fraction > 0
+    run("simulate_observers", "--study", "demo", "--n", "3", "--no-progress")
+    from studyapp.reports import study_progress
+
+    rows = {r["condition"]: r for r in study_progress(study)["conditions"]}
+    assert rows["catch"]["n_judgments"] >= 3 and rows["sentinel"]["n_judgments"] >= 3
     out2 = run(*argv)
     assert Pair.objects.count() == 48 and Condition.objects.count() == 6
     assert get_user_model().objects.count() == 1 and Study.objects.count() == 1

@@ -261,10 +261,15 @@ def test_sentinels_and_catch_trials_sit_at_random_main_positions():
             for t in main
         )
         assert kinds == {"sentinel": 2, "catch": 1, "data": 17}
-        # Practice: unused control pairs, identical and obviously different ones.
-        assert all(t.pair.is_sentinel or t.pair.is_catch for t in practice)
-        assert any(t.pair.is_sentinel for t in practice)
-        assert any(t.pair.is_catch for t in practice)
+        # Practice: unused sentinels (identical), the study's "different" example (a perturbed
+        # pair this participant does not judge: scheduler.example_pair_ids) and catch pairs.
+        kinds = Counter(
+            "sentinel" if t.pair.is_sentinel else "catch" if t.pair.is_catch else "data"
+            for t in practice
+        )
+        assert kinds == {"sentinel": 2, "data": 1, "catch": 1}
+        (example,) = [t.pair_id for t in practice if t.pair.condition_id is not None]
+        assert example not in {t.pair_id for t in main}
         for t in main:
             if t.pair.is_sentinel or t.pair.is_catch:
                 control_positions[t.position] += 1

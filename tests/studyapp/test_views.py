@@ -15,7 +15,7 @@ from PIL import Image, PngImagePlugin
 from rest_framework.test import APIClient
 
 from studyapp.image_tokens import image_url
-from studyapp.models import Judgment, Participant, Session, Study, Trial
+from studyapp.models import Judgment, Pair, Participant, Session, Study, Trial
 
 pytestmark = pytest.mark.django_db
 
@@ -51,16 +51,33 @@ def db_counts() -> tuple[int, int, int, int]:
 # ------------------------------------------------------------------------------ start page
 
 
-def test_start_page_shows_instructions_and_a_start_form(client: Client, study: Study):
+def test_start_page_gives_an_overview_and_a_start_form(client: Client, study: Study):
     response = client.get(reverse("study-start", args=[study.slug]))
     assert response.status_code == 200
     html = response.content.decode()
     assert study.title in html
-    assert "Look closely at the centre of the screen." in html
-    assert "1000 ms" in html and "250 ms" in html
-    assert "<kbd>F</kbd>" in html and "<kbd>J</kbd>" in html
+    assert "5 pairs of images" in html and "same or different" in html
+    # The instructions come once, in the trial runner (next test), not here as well.
+    assert "Look closely at the centre of the screen." not in html and "<kbd>" not in html
     assert 'method="post"' in html and "csrfmiddlewaretoken" in html
     assert db_counts()[:2] == (0, 0)
+
+
+def test_the_instructions_are_given_once_with_the_studys_own_keys(
+    client: Client, make_study, new_session
+):
+    study = make_study(key_same="d", key_different="k", consent_text="You agree.",
+                       first_ms=900, blank_ms=250, second_ms=700)
+    start = client.get(reverse("study-start", args=[study.slug])).content.decode()
+    session = new_session(study)
+    runner = client.get(reverse("session-page", args=[session.token])).content.decode()
+    pages = start + runner
+    assert pages.count("Look closely at the centre of the screen.") == 1
+    # The protocol (durations, keys) once, in the runner's instructions, with D and K.
+    assert [pages.count(f"{ms} ms") for ms in (900, 250, 700)] == [1, 1, 1]
+    assert "<kbd>D</kbd> for <strong>same</strong>" in runner
+    assert "<kbd>K</kbd> for <strong>different</strong>" in runner
+    assert "<kbd>F</kbd>" not in pages and "<kbd>J</kbd>" not in pages
 
 
 def test_unknown_study_is_404(client: Client, study: Study):
@@ -281,6 +298,7 @@ def test_state_lists_trials_with_opaque_image_urls(api: APIClient, session: Sess
     assert state["study"] == {
         "title": "Do these images differ?", "first_ms": 1000, "blank_ms": 250, "second_ms": 1000,
         "key_same": "f", "key_different": "j", "break_every": 0,
+        "display_scale": 0, "display_rule": "nearest",
     }
     assert state["stimulus"] == {"width": 96, "height": 96}  # for the window-size check
     assert state["completed"] is False
@@ -314,8 +332,36 @@ def test_state_gives_the_answer_of_practice_trials_only(
         pair = trials[t["position"]].pair
         if t["practice"]:
             assert t["answer"] == ("same" if pair.is_sentinel else "different")
+            assert t["example"] == (pair.condition_id is not None)
         else:
-            assert "answer" not in t
+            assert "answer" not in t and "example" not in t
+
+
+def test_the_different_example_is_the_studys_most_visible_perturbed_pair(
+    api: APIClient, make_study, new_session
+):
+    """Not two unrelated photographs (catch pairs): a perturbed pair of the study at its
+    largest bound, the largest LPIPS first, among pairs this participant does not judge."""
+    study = make_study(practice_trials=2, catch_pairs=2, trials_per_session=2)
+    lpips = {pair.pk: 0.05 * (i + 1) for i, pair in enumerate(Pair.objects.filter(
+        study=study, condition__isnull=False).order_by("-pk"))}
+    for pk, value in lpips.items():
+        Pair.objects.filter(pk=pk).update(distances={"linf": 0.1, "lpips_alex": value})
+    for _ in range(3):
+        session = new_session(study)
+        trials = list(session.trials.select_related("pair__condition"))
+        main = {t.pair_id for t in trials if not t.is_practice}
+        largest = max(p.condition.bound for p in Pair.objects.filter(condition__isnull=False))
+        candidates = [p for p in Pair.objects.filter(condition__bound=largest)
+                      if p.pk not in main]
+        expected = max(candidates, key=lambda p: lpips[p.pk])
+        practice = [t for t in trials if t.is_practice]
+        assert sorted(t.pair.is_sentinel for t in practice) == [False, True]
+        (different,) = [t for t in practice if not t.pair.is_sentinel]
+        assert different.pair_id == expected.pk and not different.pair.is_catch
+        state = api.get(reverse("api-session", args=[session.token])).json()
+        (marked,) = [t for t in state["trials"] if t.get("example")]
+        assert marked["position"] == different.position and marked["answer"] == "different"
 
 
 def test_state_marks_answered_trials(api: APIClient, session: Session, judgment_body):
@@ -596,3 +642,110 @@ def test_staff_page_lists_studies_with_counts(
                         ("n_completed", 0), ("n_judgments", 1)]:
         assert f'data-count="{name}">{value}<' in html, name
     assert 'href="/admin/"' in html
+
+
+# ------------------------------------------------------------------------------ display (issue 17)
+
+
+def test_a_judgment_stores_how_its_images_were_drawn(
+    api: APIClient, session: Session, judgment_body
+):
+    display = {"scale": 1, "device_pixel_ratio": 1.25, "exact": True}
+    response = api.post(judgments_url(session), judgment_body(0, display=display), format="json")
+    assert response.status_code == 201 and response.json()["display"] == display
+    response = api.post(judgments_url(session), judgment_body(1), format="json")  # not reported
+    assert response.status_code == 201 and response.json()["display"] is None
+    stored = {j.trial.position: j for j in Judgment.objects.select_related("trial")}
+    assert (stored[0].display_scale, stored[0].device_pixel_ratio, stored[0].display_exact) == (
+        1, 1.25, True)
+    assert (stored[1].display_scale, stored[1].device_pixel_ratio, stored[1].display_exact) == (
+        None, None, None)
+
+
+@pytest.mark.parametrize("display,field", [
+    ({"scale": 0, "device_pixel_ratio": 1, "exact": True}, "display.scale"),
+    ({"scale": 1.5, "device_pixel_ratio": 1, "exact": True}, "display.scale"),
+    ({"scale": 1, "device_pixel_ratio": "1.25", "exact": True}, "display.device_pixel_ratio"),
+    ({"scale": 1, "device_pixel_ratio": 1, "exact": "yes"}, "display.exact"),
+    ({"scale": 1, "device_pixel_ratio": 1}, "display.exact"),
+    ([1, 1, True], "display"),
+])
+def test_a_bad_display_object_is_400_and_writes_nothing(
+    api: APIClient, session: Session, judgment_body, display, field
+):
+    response = api.post(judgments_url(session), judgment_body(0, display=display), format="json")
+    assert response.status_code == 400 and field in response.json()["error"], response.json()
+    assert Judgment.objects.count() == 0
+
+
+def _answer_with_display(api, session, judgment_body, display) -> None:
+    for trial in session.trials.all():
+        body = judgment_body(trial.position, display=display)
+        assert api.post(judgments_url(session), body, format="json").status_code == 201
+    assert api.post(reverse("api-complete", args=[session.token])).status_code == 200
+
+
+def test_rescaled_and_resampled_sessions_are_flagged_and_excluded_under_the_rule(
+    api: APIClient, make_study, new_session, judgment_body
+):
+    from studyapp.quality import apply_exclusions, compute_quality
+
+    study = make_study(trials_per_session=3)
+    exact, nearest, resampled = (new_session(study) for _ in range(3))
+    _answer_with_display(api, exact, judgment_body,
+                         {"scale": 2, "device_pixel_ratio": 2, "exact": True})
+    _answer_with_display(api, nearest, judgment_body,  # Windows at 125 %: drawn at n = 1
+                         {"scale": 1, "device_pixel_ratio": 1.25, "exact": True})
+    _answer_with_display(api, resampled, judgment_body,
+                         {"scale": 1, "device_pixel_ratio": 1, "exact": False})
+    rows = compute_quality(study)
+    assert all(set(q.display_flags) <= set(q.flags) for q in rows)  # shown with the others
+    flags = {q.session_id: q.display_flags for q in rows}
+    assert flags[exact.pk] == []
+    assert flags[nearest.pk] == [
+        "display rescaled: 3/3 main trials drawn at the nearest whole factor, not the image's "
+        "own size (1× at device pixel ratio 1.25)"]
+    assert flags[resampled.pk] == [
+        "display resampled: 3/3 main trials not drawn at a whole number of device pixels per "
+        "image pixel"]
+    assert not any(q.excluded for q in apply_exclusions(study))
+    # The staff export carries each trial's display.
+    from studyapp.reports import export_rows
+
+    columns, rows = export_rows(study)
+    assert {"display_scale", "device_pixel_ratio", "display_exact"} <= set(columns)
+    assert {(r["session_id"], r["display_scale"], r["device_pixel_ratio"], r["display_exact"])
+            for r in rows} == {(exact.pk, 2, 2.0, True), (nearest.pk, 1, 1.25, True),
+                               (resampled.pk, 1, 1.0, False)}
+    # A study that states its n (2 device pixels per image pixel) rescales nothing.
+    Study.objects.filter(pk=study.pk).update(display_scale=1)
+    study.refresh_from_db()
+    assert {q.session_id: q.display_flags for q in compute_quality(study)}[nearest.pk] == []
+    Study.objects.filter(pk=study.pk).update(display_scale=0, exclude_inexact_display=True)
+    study.refresh_from_db()
+    excluded = {q.session_id: q.excluded for q in apply_exclusions(study)}
+    assert excluded == {exact.pk: False, nearest.pk: True, resampled.pk: True}
+    assert Session.objects.get(pk=resampled.pk).exclusion_reason.startswith("display resampled")
+
+
+# ------------------------------------------------------------------------------ error pages
+
+
+def test_a_mistyped_link_gets_a_styled_404_page_and_json_under_the_api(client: Client, settings):
+    assert settings.DEBUG is False  # (Django's handler404 only runs without DEBUG)
+    response = client.get("/studdy/demo/")
+    html = response.content.decode()
+    assert response.status_code == 404 and response["Content-Type"].startswith("text/html")
+    assert "<h1>Page not found</h1>" in html and "css/study.css" in html
+    assert "Not Found</h1>" not in html  # Django's stock page
+    response = client.get("/api/nope/")
+    assert response.status_code == 404
+    assert response.json() == {"error": "There is no page at this address.", "code": "not_found"}
+
+
+def test_a_request_django_refuses_gets_a_styled_400_page(client: Client):
+    response = client.get("/study/demo/", HTTP_HOST="evil.example")  # not in ALLOWED_HOSTS
+    html = response.content.decode()
+    assert response.status_code == 400 and response["Content-Type"].startswith("text/html")
+    assert "could not be handled" in html and "css/study.css" in html
+    assert "Bad Request (400)" not in html  # Django's stock page

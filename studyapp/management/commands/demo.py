@@ -53,10 +53,11 @@ def _command_paths() -> tuple[str, str]:
 
 
 DEMO_INSTRUCTIONS = (
-    "You will see an image for one second, a short blank, then a second image for one second."
-    " Sometimes the two are exactly the same image; sometimes the second has been changed very"
-    " slightly. After each pair, answer whether the two images were the SAME or DIFFERENT"
-    " (keys F and J, or the buttons). Answer as well as you can; guessing is fine."
+    # Only what the generic protocol text (templates/_protocol.html, with the study's own keys
+    # and durations) does not say: the instructions are given once.
+    "The changed images were made by algorithms that try to fool an image classifier: some"
+    " changes are easy to see, many are very subtle. Answer as well as you can; guessing is"
+    " fine."
 )
 
 
@@ -111,6 +112,7 @@ class Command(BaseCommand):
                 "instructions": DEMO_INSTRUCTIONS,
                 "consent_text": DEMO_CONSENT,
                 "trials_per_session": opts["trials_per_session"],
+                "catch_fraction": 0.1,  # catch pairs among the main trials: the catch row has data
                 "is_active": True,
             },
         )
