@@ -371,8 +371,9 @@ class LPIPS(nn.Module):
         A hand-written tangent (forward-mode) pass that re-runs the network's own forward code
         on ``v`` with every module replaced by its linearisation at the recorded point:
         convolutions and linear layers without their bias, batch norm (eval) and the input
-        normalisation as their per-channel scales, ReLU as the recorded mask ``output > 0``,
-        max-pooling as a gather at the recorded argmax indices; pooling, flattening, residual
+        normalisation as their per-channel scales, ReLU as the recorded mask ``output > 0``
+        (one ``threshold_backward`` kernel), max-pooling as a gather at the recorded argmax
+        indices; pooling, flattening, residual
         sums are linear already. Then the derivative of the channel normalisation
         ``a / (‖a‖ + eps)``. It costs about one forward pass (no bias, no recomputed
         nonlinearity, no autograd bookkeeping) where ``torch.func.jvp`` costs about 2.5, and
@@ -460,9 +461,10 @@ class Linearization:
     """The activation patterns of one recorded forward pass of an :class:`LPIPS` network.
 
     Made by :meth:`LPIPS.features_recorded`, used by :meth:`LPIPS.feature_tangents`. Holds,
-    per ReLU call its output (the mask is ``output > 0``), per max-pool call its input (the
-    argmax indices), and the raw (un-normalised) output of every LPIPS layer — references to
-    tensors the forward pass made anyway, no copies. ``unsupported`` names the first module
+    per ReLU call its output (the mask is ``output > 0``), per max-pool call its argmax
+    indices, and the raw (un-normalised) output of every LPIPS layer — tensors the forward
+    pass made anyway (PyTorch's max-pooling computes the indices in any case; the recorded
+    pass keeps them), no copies. ``unsupported`` names the first module
     without a known linearisation (then no tangent pass: callers fall back to AD). In-place
     changes to the recorded tensors after the pass are detected (their version counters).
     """
@@ -517,7 +519,8 @@ def _recording(lpips: LPIPS, record: Linearization) -> Iterator[None]:
 
     Pre-hooks (they fire before a container's forward even when the pass stops early inside
     it) check types; ReLU outputs are kept by forward hooks that run before the LPIPS capture
-    hooks, max-pool inputs by the pre-hooks.
+    hooks; max-pooling runs as ``F.max_pool2d(..., return_indices=True)`` for the pass (the
+    same values) and its indices are kept.
     """
     containers = _linear_containers()
     normalizations = _normalization_types()
@@ -529,7 +532,7 @@ def _recording(lpips: LPIPS, record: Linearization) -> Iterator[None]:
                 record.refuse(f"container {kind.__name__} (its forward code is not known to"
                               " be linear between its modules)")
         elif kind is nn.MaxPool2d:
-            record.keep_pattern(module, inputs[0])
+            pass  # its argmax indices are kept by the patched forward below
         elif kind is nn.Conv2d:
             if module.padding_mode != "zeros":
                 record.refuse(f"Conv2d with padding_mode={module.padding_mode!r}")
@@ -547,16 +550,32 @@ def _recording(lpips: LPIPS, record: Linearization) -> Iterator[None]:
     def relu_hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
         record.keep_pattern(module, output)
 
-    handles = []
+    def pool_with_indices(module: nn.MaxPool2d):
+        # The same pooling, keeping the argmax indices that PyTorch computes anyway (CPU
+        # inference and every pass with autograd): the tangent pass then only gathers.
+        def forward(x: Tensor) -> Tensor:
+            output, index = F.max_pool2d(x, module.kernel_size, module.stride, module.padding,
+                                         module.dilation, ceil_mode=module.ceil_mode,
+                                         return_indices=True)
+            record.keep_pattern(module, index)
+            return output
+        return forward
+
+    handles, patched = [], []
     try:
         for module in lpips.network.modules():
             handles.append(module.register_forward_pre_hook(pre_hook))
             if type(module) is nn.ReLU:
                 handles.append(module.register_forward_hook(relu_hook, prepend=True))
+            elif type(module) is nn.MaxPool2d and not module.return_indices:
+                module.forward = pool_with_indices(module)
+                patched.append(module)
         yield
     finally:
         for handle in handles:
             handle.remove()
+        for module in patched:
+            del module.forward
 
 
 @contextmanager
@@ -578,13 +597,11 @@ def _tangent_rules(record: Linearization) -> Iterator[None]:
 
     def rule_for(module: nn.Module):
         kind = type(module)
-        if kind is nn.ReLU:
-            return lambda v: v.masked_fill(recorded(module) <= 0, 0)
+        if kind is nn.ReLU:  # v where output > 0, else 0: ReLU's own backward kernel
+            return lambda v: torch.ops.aten.threshold_backward(v, recorded(module), 0)
         if kind is nn.MaxPool2d:
             def max_pool(v: Tensor) -> Tensor:
-                _, index = F.max_pool2d(recorded(module), module.kernel_size, module.stride,
-                                        module.padding, module.dilation,
-                                        ceil_mode=module.ceil_mode, return_indices=True)
+                index = recorded(module)
                 return v.flatten(2).gather(2, index.flatten(2)).view(index.shape)
             return max_pool
         if kind is nn.Conv2d:

@@ -31,11 +31,16 @@ in the authors' code):
   ``lam·LPIPS(x, x̃)`` — its ``bound`` is an L∞ radius in ``[0, 1]`` pixel units.
 
 Cost per iteration, in passes of the classifier (self-bounded; externally bounded adds the
-LPIPS network's passes): Fast-LPA and LPA 1F + 1B + one forward-mode JVP (≈ 2.5F) for the
-exact slope (the PGD loop is 1F + 1B); PPGD 1F + 1B, one double-backward build, then per CG
-step one double-backward and one backward, plus the slope JVP and the projection (bisection:
-10 F; Newton: 1F + 1B per step, usually 1–3 steps, on the images outside the ball only);
-lpips_oa 1F + 1B.
+LPIPS network's passes): Fast-LPA and LPA 1F + 1B + one tangent pass (≈ 1F) for the exact
+slope (the PGD loop is 1F + 1B; externally bounded, the LPIPS network's backward is skipped
+while every image is inside the ball, its penalty being zero); PPGD 1F + 1B, then per CG step
+one tangent pass and one backward (CG skipped for images whose gradient is zero), plus the
+slope's tangent pass and the projection (bisection: 10 F; Newton: 1F + 1B per step, usually
+1–3 steps, on the images outside the ball only); lpips_oa 1F + 1B. The tangent pass
+(:meth:`engine.distances.LPIPS.feature_tangents`) re-runs the network's linear part on the
+direction with the ReLU masks and max-pool indices recorded by the iteration's forward pass;
+where a network has a layer without a tangent rule, autograd is used instead (forward-mode
+JVP ≈ 2.5–4F for slopes, double backward for CG products) and a warning says so.
 
 Precision: the LPIPS features, every Jacobian product and the projections run under
 :func:`engine.distances.exact_precision` (autocast and TF32 off), so reduced precision only
@@ -229,6 +234,11 @@ class LpipsBall:
               ) -> Tensor:
         """``‖J u‖`` ``[N]`` at ``x`` (where ``linearization`` was recorded) along
         ``direction`` (see :meth:`tangent` and :func:`lpips_slope`)."""
+        if EXACT_TANGENT_PASS and linearization is not None and linearization.unsupported is None:
+            with exact_precision():  # ‖φ'‖ layer by layer: no concatenated copy
+                tangents = self.lpips.feature_tangents(direction.detach(), linearization)
+                squared = sum((t * t).flatten(1).sum(dim=1) / t[0, 0].numel() for t in tangents)
+                return squared.sqrt()
         return torch.linalg.vector_norm(self.tangent(direction, linearization, x), dim=1)
 
     def subset(self, rows: Tensor) -> LpipsBall:
@@ -274,8 +284,9 @@ def feature_jvp(feature_fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) ->
     """Exact ``J v`` ``[N, M]``: the derivative of ``φ = feature_fn`` at ``x`` along ``v``.
 
     Forward-mode AD (``torch.func.jvp``), in the inputs' precision with autocast and TF32 off
-    (:func:`engine.distances.exact_precision`). One forward-mode pass, measured at about 2.5
-    inference passes on CPU (AlexNet, 96 px).
+    (:func:`engine.distances.exact_precision`). One forward-mode pass, measured at 2.5–4
+    inference passes on CPU (AlexNet, 64–96 px). The attacks use the tangent pass instead
+    (:meth:`LpipsBall.tangent`); this is its oracle and fallback.
     """
     with exact_precision():
         _, product = torch.func.jvp(feature_fn, (x.detach(),), (v.detach(),))
@@ -328,11 +339,11 @@ def solve_jtj(features: Tensor, leaf: Tensor, rhs: Tensor, *, iterations: int,
     scaled to unit norm inside (CG is linear in it). Returns ``δ`` like ``rhs``. ``jv``: an
     exact ``v ↦ Jv`` to use instead of double backward (see :func:`jtj_operator`).
 
-    Why double-backward and not forward mode here: measured on CPU (untrained AlexNet LPIPS,
-    8 images of 96 px, one thread), a ``Jv`` by ``torch.func.jvp`` costs 79 ms; by double
-    backward 57 ms per product plus 45 ms once per solve to build ``g`` — cheaper from the
-    second product on (PAT's K = 5). Both agree with a float64 reference to 5e-7; the finite
-    difference this replaces (h = 1e-3) was 165× off under bf16 autocast.
+    Costs measured on CPU (``bench/fast_lpa_floor.py``: PGD-AT digits AlexNet setting, LPIPS
+    AlexNet, 8 images of 64 px, one thread), per ``Jv`` in LPIPS forward passes: the tangent
+    pass ≈ 1.0, double backward ≈ 2.2 (plus the build of ``g`` once per solve),
+    ``torch.func.jvp`` ≈ 4. All agree with a float64 reference to 5e-7; the finite difference
+    the authors use (h = 1e-3) was 165× off under bf16 autocast.
     """
     scale = per_image_norm(rhs)
     rhs = (rhs / scale.clamp_min(_TINY)).detach()
