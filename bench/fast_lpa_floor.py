@@ -1,4 +1,4 @@
-"""Pass-cost floors of the perceptual attacks (BENCHMARKS.md, "Attack speed: the floor").
+"""Pass-cost floors of the perceptual attacks (BENCHMARKS.md, attack speed targets: the floor).
 
     .venv/bin/python bench/fast_lpa_floor.py [--repeats 5] [--batch-size 8]
 
