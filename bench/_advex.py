@@ -8,7 +8,9 @@ the project's ``.venv``: it imports ``perceptual_advex`` and NOT ``engine``::
 
 ``JOB.pt`` (written by ``bench/attacks.py``) holds the natural images and labels, the
 classifier's and the LPIPS AlexNet's state dicts (the very weights our side attacks and
-measures with), the attack name and its constructor arguments, threads, device and autocast.
+measures with; for the trained setting also the classifier module itself, torchvision's AlexNet
+with a head sized for 64 px, made of torch classes only), the attack name and its constructor
+arguments, threads, device and autocast.
 The worker builds the reference attack once, then answers one JSON request per stdin line
 (``call`` one attack on the batch with a seed and report wall and CPU seconds; ``profile``;
 ``finish``: save the kept outputs, pass counts and the reference's own LPIPS of its outputs
@@ -60,7 +62,10 @@ def build_networks(job: dict, device: torch.device):
     code expects them (``AlexNetFeatureModel`` around a torchvision AlexNet for LPIPS)."""
     from perceptual_advex.models import AlexNetFeatureModel, ImageNetNormalizer
 
-    network = torchvision.models.get_model(job["arch"], weights=None)
+    if job.get("classifier_module") is not None:  # a trained module (torch classes only)
+        network = job["classifier_module"]
+    else:
+        network = torchvision.models.get_model(job["arch"], weights=None)
     network.load_state_dict(job["classifier_state"])
     if job["lpips_self"]:
         # Self-bounded: the classifier is its own LPIPS network ('self' in their API).

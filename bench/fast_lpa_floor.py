@@ -1,19 +1,31 @@
-"""Pass-count floor of self-bounded Fast-LPA (BENCHMARKS.md, "Fast-LPA floor").
+"""Pass-cost floors of the perceptual attacks (BENCHMARKS.md, attack speed targets: the floor).
 
-    .venv/bin/python bench/fast_lpa_floor.py [--logit-scale 300] [--repeats 5]
+    .venv/bin/python bench/fast_lpa_floor.py [--repeats 5] [--batch-size 8]
 
-Times, in CPU seconds on one thread, the passes a self-bounded Fast-LPA call cannot avoid in
-the setting of bench/attacks.py (untrained AlexNet, 16 crops of 128 px): per iteration one
-classifier forward+backward (logits and LPIPS features from the same pass, the gradient of
-the Lagrangian) and one forward-mode JVP of the features (the exact LPIPS slope ‖J u‖); per
-call one forward (clean logits and φ(natural)) and one forward (the returned images' logits
-and size). floor = iterations·(F+B + JVP) + 2·F_full. Then times the attack itself and prints
-the ratio. Medians of --repeats.
+In the setting of ``bench/attacks.py`` (default: the PGD-AT digits AlexNet of
+``bench/_trained.py`` at 64 px, LPIPS by the engine's ``alexnet:untrained``), times in CPU
+seconds on one thread the building blocks an attack iteration is made of:
+
+- ``cla F`` / ``cla F+B``: classifier forward without graph / forward with graph plus the
+  backward pass to the input (every attack needs the latter once per iteration);
+- ``lpi F`` / ``lpi F(graph)`` / ``lpi B``: the LPIPS features forward without graph, with
+  graph, and the backward pass through it to the input (LPA and Fast-LPA need it only when an
+  image is outside the ball; PPGD's CG needs one per product);
+- ``tangent``: our hand-written tangent pass ``J v`` reusing the recorded forward's masks
+  (:meth:`engine.distances.LPIPS.feature_tangents`), against ``jvp`` (``torch.func.jvp``, the
+  former slope) and ``double-backward Jv`` (the former CG product) — with their largest
+  relative difference from the float64 forward-mode result.
+
+Then the floors: the cost of the passes each algorithm cannot avoid at ``N`` iterations, for
+our side and for the authors' (their finite-difference slope is one ``lpi F``, their CG makes
+``K + 1`` products of ``lpi F + lpi B`` plus one ``lpi F`` for the slope) — so the largest
+ratio theirs / ours that equal work allows. Medians of ``--repeats``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -28,8 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from attacks import load_inputs, parse_args  # noqa: E402
 
 from engine.attacks import parse_attack  # noqa: E402
-from engine.attacks.perceptual import SELF, feature_jvp  # noqa: E402
-from engine.distances import LPIPS, flatten_features  # noqa: E402
+from engine.distances import flatten_features  # noqa: E402
 
 
 def cpu(fn, repeats: int) -> float:
@@ -43,44 +54,107 @@ def cpu(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--logit-scale", type=float, default=1.0)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=10, help="N (PPGD, Fast-LPA)")
+    parser.add_argument("--cg", type=int, default=5, help="K, CG products per PPGD step")
+    parser.add_argument("--setting", choices=("trained", "untrained"), default="trained")
     own = parser.parse_args()
-    args = parse_args(["--logit-scale", str(own.logit_scale), "--no-write"])
+    args = parse_args(["--setting", own.setting, "--batch-size", str(own.batch_size),
+                       "--no-write"])
     torch.set_num_threads(1)
     images, labels, classifier = load_inputs(args, torch.device("cpu"))
-    attack = parse_attack(f"fast_lpa:bound=0.5,num_iterations={own.iterations},"
-                          f"lpips_model={SELF}")
-    lpips: LPIPS = attack.lpips_network(images, classifier)
+    lpips = parse_attack("fast_lpa:bound=0.5,lpips_model=alexnet:untrained").lpips_network(images)
     x = images.clone()
-    u = torch.randn_like(x)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
 
-    def forward_full():
+    def flat(z):
+        return flatten_features(lpips.features(z, check=False))
+
+    def cla_f():
         with torch.no_grad():
-            lpips.logits_and_features(x, check=False)
+            classifier(x)
 
-    def forward_backward():
+    def cla_fb():
         leaf = x.clone().requires_grad_(True)
-        logits, features = lpips.logits_and_features(leaf, check=False)
-        loss = logits.sum() + flatten_features(features).sum()
-        torch.autograd.grad(loss, leaf)
+        torch.autograd.grad(classifier(leaf).sum(), leaf)
+
+    def lpi_f():
+        with torch.no_grad():
+            flat(x)
+
+    def lpi_f_graph():
+        leaf = x.clone().requires_grad_(True)
+        flat(leaf)
+
+    graph = {}
+
+    def lpi_b():
+        if "phi" not in graph:
+            leaf = x.clone().requires_grad_(True)
+            graph["leaf"], graph["phi"] = leaf, flat(leaf)
+        torch.autograd.grad(graph["phi"], graph["leaf"], v.new_ones(graph["phi"].shape),
+                            retain_graph=True)
+
+    with torch.no_grad():
+        _, _, record = lpips.features_recorded(x)
+
+    def tangent():
+        lpips.feature_tangents(v, record)
 
     def jvp():
-        feature_jvp(lambda z: flatten_features(lpips.features(z, check=False)), x, u)
+        torch.func.jvp(flat, (x,), (v,))
 
-    def run_attack():
-        attack(classifier, images, labels, generator=torch.Generator().manual_seed(0))
+    double = {}
 
-    f = cpu(forward_full, own.repeats)
-    fb = cpu(forward_backward, own.repeats)
-    j = cpu(jvp, own.repeats)
-    measured = cpu(run_attack, max(2, own.repeats // 2))
-    floor = own.iterations * (fb + j) + 2 * f
-    print(f"F_full {f:.3f} s, F+B {fb:.3f} s, JVP(features) {j:.3f} s (CPU, 1 thread)")
-    print(f"floor = {own.iterations}·(F+B + JVP) + 2·F = {floor:.3f} s; Fast-LPA (self)"
-          f" measured {measured:.3f} s; ratio {measured / floor:.3f}")
+    def double_backward_jv():
+        if "t" not in double:
+            leaf = x.clone().requires_grad_(True)
+            phi = flat(leaf)
+            dummy = torch.zeros_like(phi, requires_grad=True)
+            (t,) = torch.autograd.grad(phi, leaf, dummy, create_graph=True)
+            double.update(t=t, dummy=dummy)
+        torch.autograd.grad(double["t"], double["dummy"], v, retain_graph=True)
+
+    r = own.repeats
+    costs = {name: cpu(fn, r) for name, fn in (
+        ("cla F", cla_f), ("cla F+B", cla_fb), ("lpi F", lpi_f), ("lpi F(graph)", lpi_f_graph),
+        ("lpi B", lpi_b), ("tangent", tangent), ("jvp", jvp),
+        ("double-backward Jv", double_backward_jv))}
+    lpips64 = copy.deepcopy(lpips).double()
+    _, reference = torch.func.jvp(lambda z: flatten_features(lpips64.features(z, check=False)),
+                                  (x.double(),), (v.double(),))
+    ours = flatten_features(lpips.feature_tangents(v, record)).double()
+    _, theirs_ad = torch.func.jvp(flat, (x,), (v,))
+
+    def error(a):
+        return float(((a.double() - reference).norm(dim=1) / reference.norm(dim=1)).max())
+
+    print(f"setting {own.setting}, batch {own.batch_size}, 64 px; CPU s, 1 thread, median of {r}:")
+    for name, value in costs.items():
+        print(f"  {name:20s} {value:.4f}")
+    f = costs["lpi F"]
+    print(f"tangent = {costs['tangent'] / f:.2f}× lpi F (error vs float64 {error(ours):.1e});"
+          f" jvp = {costs['jvp'] / f:.2f}× lpi F (error {error(theirs_ad):.1e});"
+          f" double-backward Jv = {costs['double-backward Jv'] / f:.2f}× lpi F")
+    n, k = own.iterations, own.cg
+    c = costs
+    per_call = 2 * c["cla F"] + 2 * c["lpi F"]  # clean logits + φ(natural); final logits + size
+    fast_ours_in = n * (c["cla F+B"] + c["lpi F(graph)"] + c["tangent"]) + per_call
+    fast_ours_out = fast_ours_in + n * c["lpi B"]
+    fast_theirs = n * (c["cla F+B"] + c["lpi F(graph)"] + c["lpi B"] + c["lpi F"]) + c["lpi F"]
+    ppgd_ours = n * (c["cla F+B"] + c["lpi F(graph)"] + k * (c["tangent"] + c["lpi B"])
+                     + c["tangent"]) + per_call
+    ppgd_theirs = n * (c["cla F+B"] + c["lpi F(graph)"] + (k + 1) * (c["lpi F"] + c["lpi B"])
+                       + c["lpi F"]) + c["lpi F"]
+    print(f"Fast-LPA / LPA step floors, N={n}: ours {fast_ours_in:.3f} s (all inside the ball)"
+          f" – {fast_ours_out:.3f} s (all outside); theirs {fast_theirs:.3f} s →"
+          f" largest ratio theirs/ours {fast_theirs / fast_ours_out:.2f}–"
+          f"{fast_theirs / fast_ours_in:.2f}")
+    print(f"PPGD floor (no projection), N={n}, K={k}: ours {ppgd_ours:.3f} s, theirs"
+          f" {ppgd_theirs:.3f} s (their CG not stopping early) → largest ratio"
+          f" {ppgd_theirs / ppgd_ours:.2f} (more only by skipping CG for zero-gradient images)")
 
 
 if __name__ == "__main__":

@@ -31,11 +31,16 @@ in the authors' code):
   ``lam·LPIPS(x, x̃)`` — its ``bound`` is an L∞ radius in ``[0, 1]`` pixel units.
 
 Cost per iteration, in passes of the classifier (self-bounded; externally bounded adds the
-LPIPS network's passes): Fast-LPA and LPA 1F + 1B + one forward-mode JVP (≈ 2.5F) for the
-exact slope (the PGD loop is 1F + 1B); PPGD 1F + 1B, one double-backward build, then per CG
-step one double-backward and one backward, plus the slope JVP and the projection (bisection:
-10 F; Newton: 1F + 1B per step, usually 1–3 steps, on the images outside the ball only);
-lpips_oa 1F + 1B.
+LPIPS network's passes): Fast-LPA and LPA 1F + 1B + one tangent pass (≈ 1F) for the exact
+slope (the PGD loop is 1F + 1B; externally bounded, the LPIPS network's backward is skipped
+while every image is inside the ball, its penalty being zero); PPGD 1F + 1B, then per CG step
+one tangent pass and one backward (CG skipped for images whose gradient is zero), plus the
+slope's tangent pass and the projection (bisection: 10 F; Newton: 1F + 1B per step, usually
+1–3 steps, on the images outside the ball only); lpips_oa 1F + 1B. The tangent pass
+(:meth:`engine.distances.LPIPS.feature_tangents`) re-runs the network's linear part on the
+direction with the ReLU masks and max-pool indices recorded by the iteration's forward pass;
+where a network has a layer without a tangent rule, autograd is used instead (forward-mode
+JVP ≈ 2.5–4F for slopes, double backward for CG products) and a warning says so.
 
 Precision: the LPIPS features, every Jacobian product and the projections run under
 :func:`engine.distances.exact_precision` (autocast and TF32 off), so reduced precision only
@@ -52,6 +57,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,7 +68,14 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from ..distances import LPIPS, build_lpips, exact_precision, flatten_features, lpips_layers
+from ..distances import (
+    LPIPS,
+    Linearization,
+    build_lpips,
+    exact_precision,
+    flatten_features,
+    lpips_layers,
+)
 from ..errors import EngineError
 from ..models import KNOWN_ARCHITECTURES, ImageClassifier, parse_network
 from .base import (
@@ -98,6 +111,16 @@ START_NOISE = 0.01
 FEASIBLE_SLACK = 1e-6
 _TINY = 1e-12
 _SEED_FOR_UNTRAINED = 0
+#: PPGD skips conjugate gradient for images whose gradient is exactly zero (their step is 0
+#: anyway); with at least this share of such images the others are re-run alone (one forward
+#: pass on them) so that CG's passes cover them only. ``CG_SKIP_ZERO_GRADIENT = False`` turns
+#: the skipping off (tests compare both).
+CG_SKIP_SHARE = 0.125
+CG_SKIP_ZERO_GRADIENT = True
+#: LPIPS slopes and PPGD's ``Jv`` products by the hand-written tangent pass
+#: (:meth:`engine.distances.LPIPS.feature_tangents`); ``False`` uses autograd instead
+#: (forward-mode slopes, double-backward products): the oracle the tests compare with.
+EXACT_TANGENT_PASS = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,6 +198,49 @@ class LpipsBall:
                 return logits, flatten_features(features)
         return self.model(x), self.features(x)
 
+    def logits_features_linearization(self, x: Tensor
+                                      ) -> tuple[Tensor, Tensor, Linearization]:
+        """:meth:`logits_and_features` from a pass that also records its activation patterns
+        (ReLU masks, max-pool inputs; references, no copies), so that :meth:`slope` and
+        :meth:`tangent` at ``x`` cost one linear pass instead of forward-mode AD."""
+        if self.self_bounded:
+            with exact_precision():
+                logits, features, record = self.lpips.features_recorded(x, logits=True)
+                return logits, flatten_features(features), record
+        logits = self.model(x)
+        with exact_precision():
+            _, features, record = self.lpips.features_recorded(x)
+        return logits, flatten_features(features), record
+
+    def tangent(self, v: Tensor, linearization: Linearization | None, x: Tensor | None = None
+                ) -> Tensor:
+        """Exact ``J v`` ``[N, M]`` (``J`` the Jacobian of :meth:`features`) at the point where
+        ``linearization`` was recorded, by :meth:`LPIPS.feature_tangents` (about one forward
+        pass). Without a usable linearization (None, or a network with a module the tangent
+        pass has no rule for: a warning names it once) it falls back to forward-mode AD at
+        ``x`` (:func:`feature_jvp`, about 2.5 passes, equally exact)."""
+        if not EXACT_TANGENT_PASS:
+            linearization = None
+        if linearization is not None and linearization.unsupported is None:
+            with exact_precision():
+                return flatten_features(self.lpips.feature_tangents(v.detach(), linearization))
+        if x is None:
+            raise EngineError("the tangent pass is unsupported here and no point x was given")
+        if linearization is not None:
+            _warn_fallback(linearization.unsupported)
+        return feature_jvp(self.features, x, v)
+
+    def slope(self, x: Tensor, direction: Tensor, linearization: Linearization | None
+              ) -> Tensor:
+        """``‖J u‖`` ``[N]`` at ``x`` (where ``linearization`` was recorded) along
+        ``direction`` (see :meth:`tangent` and :func:`lpips_slope`)."""
+        if EXACT_TANGENT_PASS and linearization is not None and linearization.unsupported is None:
+            with exact_precision():  # ‖φ'‖ layer by layer: no concatenated copy
+                tangents = self.lpips.feature_tangents(direction.detach(), linearization)
+                squared = sum((t * t).flatten(1).sum(dim=1) / t[0, 0].numel() for t in tangents)
+                return squared.sqrt()
+        return torch.linalg.vector_norm(self.tangent(direction, linearization, x), dim=1)
+
     def subset(self, rows: Tensor) -> LpipsBall:
         """The ball around the natural images ``rows`` only (no forward pass)."""
         ball = copy.copy(self)
@@ -201,43 +267,67 @@ def _bcast(v: Tensor, like: Tensor) -> Tensor:
     return v.view(-1, *([1] * (like.dim() - 1)))
 
 
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _warn_fallback(reason: str) -> None:
+    """Say once per reason that the exact tangent pass is unavailable and AD is used."""
+    if reason not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(reason)
+        warnings.warn(
+            f"LPIPS tangent pass unsupported ({reason}); LPIPS slopes and CG products fall"
+            " back to autograd (forward-mode / double-backward: equally exact, ~2x slower)",
+            RuntimeWarning, stacklevel=3)
+
+
 def feature_jvp(feature_fn: Callable[[Tensor], Tensor], x: Tensor, v: Tensor) -> Tensor:
     """Exact ``J v`` ``[N, M]``: the derivative of ``φ = feature_fn`` at ``x`` along ``v``.
 
     Forward-mode AD (``torch.func.jvp``), in the inputs' precision with autocast and TF32 off
-    (:func:`engine.distances.exact_precision`). One forward-mode pass, measured at about 2.5
-    inference passes on CPU (AlexNet, 96 px).
+    (:func:`engine.distances.exact_precision`). One forward-mode pass, measured at 2.5–4
+    inference passes on CPU (AlexNet, 64–96 px). The attacks use the tangent pass instead
+    (:meth:`LpipsBall.tangent`); this is its oracle and fallback.
     """
     with exact_precision():
         _, product = torch.func.jvp(feature_fn, (x.detach(),), (v.detach(),))
     return product
 
 
-def jtj_operator(features: Tensor, leaf: Tensor) -> Callable[[Tensor], Tensor]:
+def jtj_operator(features: Tensor, leaf: Tensor,
+                 jv: Callable[[Tensor], Tensor] | None = None) -> Callable[[Tensor], Tensor]:
     """The exact Gauss–Newton product ``v ↦ JᵀJ v`` (``[N, 3, H, W]`` → same), ``J`` the
     Jacobian of ``features`` (``[N, M]``, with their graph) w.r.t. ``leaf``.
 
-    ``Jv`` by the double-backward trick (``g(u) = Jᵀu`` built once with ``create_graph``;
-    ``Jv = ∂⟨g(u), v⟩/∂u``), then ``Jᵀ(Jv)`` by a backward pass through the retained graph;
-    everything under :func:`~engine.distances.exact_precision`. Per image (rows independent).
+    ``Jv`` by ``jv`` when given (the attacks pass the tangent pass, :meth:`LpipsBall.tangent`,
+    about one forward), else by the double-backward trick (``g(u) = Jᵀu`` built once with
+    ``create_graph``; ``Jv = ∂⟨g(u), v⟩/∂u``, about one backward each plus the build: the AD
+    path, kept as the oracle and the fallback); then ``Jᵀ(Jv)`` by a backward pass through the
+    retained graph; everything under :func:`~engine.distances.exact_precision`. Per image
+    (rows independent).
     """
-    with exact_precision():
-        dummy = torch.zeros_like(features, requires_grad=True)
-        (transposed,) = torch.autograd.grad(features, leaf, grad_outputs=dummy,
-                                            create_graph=True, retain_graph=True)
+    if jv is None:
+        with exact_precision():
+            dummy = torch.zeros_like(features, requires_grad=True)
+            (transposed,) = torch.autograd.grad(features, leaf, grad_outputs=dummy,
+                                                create_graph=True, retain_graph=True)
+
+        def jv(v: Tensor) -> Tensor:
+            (product,) = torch.autograd.grad(transposed, dummy, grad_outputs=v.detach(),
+                                             retain_graph=True)
+            return product
 
     def jtj(v: Tensor) -> Tensor:
         with exact_precision():
-            (jv,) = torch.autograd.grad(transposed, dummy, grad_outputs=v.detach(),
-                                        retain_graph=True)
-            (product,) = torch.autograd.grad(features, leaf, grad_outputs=jv.detach(),
+            forward = jv(v)
+            (product,) = torch.autograd.grad(features, leaf, grad_outputs=forward.detach(),
                                              retain_graph=True)
         return product
 
     return jtj
 
 
-def solve_jtj(features: Tensor, leaf: Tensor, rhs: Tensor, *, iterations: int) -> Tensor:
+def solve_jtj(features: Tensor, leaf: Tensor, rhs: Tensor, *, iterations: int,
+              jv: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Approximately solve ``(JᵀJ) δ = rhs`` per image by conjugate gradient (PAT eq. 12).
 
     ``J`` is the Jacobian of the features at ``leaf`` (``[N, 3, H, W]``, requires grad);
@@ -246,17 +336,18 @@ def solve_jtj(features: Tensor, leaf: Tensor, rhs: Tensor, *, iterations: int) -
     double-backward trick (``g(u) = Jᵀu`` is built once with ``create_graph``, linear in
     ``u``, and ``Jv = ∂⟨g(u), v⟩/∂u`` is one backward pass through it), then ``Jᵀ(Jv)`` by one
     backward pass through the retained graph. Starts at ``δ = 0``; the right-hand side is
-    scaled to unit norm inside (CG is linear in it). Returns ``δ`` like ``rhs``.
+    scaled to unit norm inside (CG is linear in it). Returns ``δ`` like ``rhs``. ``jv``: an
+    exact ``v ↦ Jv`` to use instead of double backward (see :func:`jtj_operator`).
 
-    Why double-backward and not forward mode here: measured on CPU (untrained AlexNet LPIPS,
-    8 images of 96 px, one thread), a ``Jv`` by ``torch.func.jvp`` costs 79 ms; by double
-    backward 57 ms per product plus 45 ms once per solve to build ``g`` — cheaper from the
-    second product on (PAT's K = 5). Both agree with a float64 reference to 5e-7; the finite
-    difference this replaces (h = 1e-3) was 165× off under bf16 autocast.
+    Costs measured on CPU (``bench/fast_lpa_floor.py``: PGD-AT digits AlexNet setting, LPIPS
+    AlexNet, 8 images of 64 px, one thread), per ``Jv`` in LPIPS forward passes: the tangent
+    pass ≈ 1.0, double backward ≈ 2.2 (plus the build of ``g`` once per solve),
+    ``torch.func.jvp`` ≈ 4. All agree with a float64 reference to 5e-7; the finite difference
+    the authors use (h = 1e-3) was 165× off under bf16 autocast.
     """
     scale = per_image_norm(rhs)
     rhs = (rhs / scale.clamp_min(_TINY)).detach()
-    jtj = jtj_operator(features, leaf)
+    jtj = jtj_operator(features, leaf, jv)
     with exact_precision():
         delta = torch.zeros_like(rhs)
         residual = rhs
@@ -286,12 +377,18 @@ def lpips_slope(feature_fn: Callable[[Tensor], Tensor], x: Tensor, direction: Te
 
 
 def lpips_step(feature_fn: Callable[[Tensor], Tensor], x: Tensor, direction: Tensor,
-               size: Tensor | float) -> Tensor:
+               size: Tensor | float, *, slope: Callable[[Tensor], Tensor] | None = None
+               ) -> Tensor:
     """The move ``(size / m)·u`` that is ``size`` long in LPIPS to first order, ``u`` the
-    direction scaled to unit L2 norm per image (zero where the direction or slope is zero)."""
+    direction scaled to unit L2 norm per image (zero where the direction or slope is zero).
+    ``slope``: ``u ↦ ‖J u‖`` ``[N]`` (the attacks pass the tangent pass,
+    :meth:`LpipsBall.slope`); default :func:`lpips_slope` of ``feature_fn`` (forward-mode AD)."""
     norm = per_image_norm(direction)
     unit = direction / norm.clamp_min(_TINY)
-    slope = lpips_slope(feature_fn, x, unit).to(x.dtype)
+    if slope is None:
+        slope = lpips_slope(feature_fn, x, unit).to(x.dtype)
+    else:
+        slope = slope(unit).to(x.dtype)
     size = torch.as_tensor(size, dtype=x.dtype, device=x.device).expand_as(slope)
     length = torch.where((slope > 0) & (norm.flatten() > 0), size / slope.clamp_min(_TINY),
                          torch.zeros_like(slope))
@@ -637,15 +734,16 @@ class PerceptualPGD(LpipsAttack):
             sub = ball.subset(rows) if tracker.partial else ball
             x, y = adversarial[rows], labels[rows]
             leaf = x.detach().requires_grad_(True)
-            logits, features = sub.logits_and_features(leaf)
+            logits, features, record = sub.logits_features_linearization(leaf)
             tracker.observe(best, sub, x, logits, features, y, iteration)
             if tracker.empty:
                 break
             objective = self._clamped_objective(logits, y, self.kappa)
             (gradient,) = torch.autograd.grad(objective.sum(), leaf, retain_graph=True)
-            delta = solve_jtj(features, leaf, gradient, iterations=self.cg_iterations)
-            step = lpips_step(sub.features, x, delta, self.step_size)
-            del leaf, logits, features  # free the graph before the projection
+            delta = self._cg_direction(sub, x, leaf, features, record, gradient)
+            step = lpips_step(sub.features, x, delta, self.step_size,
+                              slope=lambda u, b=sub, r=record, z=x: b.slope(z, u, r))
+            del leaf, logits, features, record  # free the graph before the projection
             keep = tracker.kept(rows)  # rows still active after this iteration's check
             moved = project(sub.subset(keep), images[rows][keep],
                             (x[keep] + step[keep]).clamp(0, 1), self.bound)
@@ -662,6 +760,46 @@ class PerceptualPGD(LpipsAttack):
     def perturb(self, model: Model, images: Tensor, labels: Tensor,
                 generator: torch.Generator | None) -> Tensor:
         return self.perturb_with_extras(model, images, labels, generator)[0]
+
+    def _cg_direction(self, ball: LpipsBall, x: Tensor, leaf: Tensor, features: Tensor,
+                      record: Linearization, gradient: Tensor) -> Tensor:
+        """``δ ≈ (JᵀJ)⁻¹∇f`` per image (:func:`solve_jtj`, ``Jv`` by the tangent pass),
+        skipping the images whose gradient is exactly zero: their ``δ`` is 0 whatever CG
+        does (CG starts at 0 and is linear in ``∇f``), e.g. once the clamped margin passes
+        ``kappa``. When at least :data:`CG_SKIP_SHARE` of the images have a zero gradient,
+        the others' features are recomputed with their own graph (one forward pass on them)
+        so that the ``2·cg_iterations`` passes of CG run on them only; below that share CG
+        runs on the whole batch (the zero rows stay exactly 0)."""
+        moving = per_image_norm(gradient).flatten() > 0
+        count = int(moving.sum())
+        if count == 0:
+            return torch.zeros_like(gradient)
+        if not CG_SKIP_ZERO_GRADIENT or count > (1 - CG_SKIP_SHARE) * moving.numel():
+            return solve_jtj(features, leaf, gradient, iterations=self.cg_iterations,
+                             jv=_tangent_or_ad(ball, record, x))
+        rows = moving.nonzero().flatten()
+        part = ball.subset(rows)
+        part_leaf = x[rows].detach().requires_grad_(True)
+        with exact_precision():
+            _, part_features, part_record = part.lpips.features_recorded(part_leaf)
+            part_features = flatten_features(part_features)
+        delta = torch.zeros_like(gradient)
+        delta[rows] = solve_jtj(part_features, part_leaf, gradient[rows],
+                                iterations=self.cg_iterations,
+                                jv=_tangent_or_ad(part, part_record, x[rows]))
+        return delta
+
+
+def _tangent_or_ad(ball: LpipsBall, record: Linearization, x: Tensor
+                   ) -> Callable[[Tensor], Tensor] | None:
+    """``v ↦ Jv`` by the tangent pass for :func:`solve_jtj`, or None (double backward) when
+    the pass is off or unsupported for this network (a warning says so once)."""
+    if not EXACT_TANGENT_PASS:
+        return None
+    if record.unsupported is not None:
+        _warn_fallback(record.unsupported)
+        return None
+    return lambda v: ball.tangent(v, record, x)
 
 
 class _EarlyStop:
@@ -764,6 +902,16 @@ def _reduced_precision() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def _penalised(objective: Tensor, lam: Tensor | float, distance: Tensor, bound: float
+               ) -> Tensor:
+    """``objective − λ·max(0, d − bound)`` per image. When no image is outside the ball the
+    penalty and its gradient are exactly zero, so it is left out: the backward pass then
+    skips the LPIPS network (externally bounded) — the same gradient, less work."""
+    if not bool((distance.detach() > bound).any()):
+        return objective
+    return objective - lam * F.relu(distance - bound)
+
+
 def _decay(t: int, steps: int) -> float:
     """``t / (steps − 1)`` in ``[0, 1]``: the schedules run exactly from their start to end."""
     return t / (steps - 1) if steps > 1 else 0.0
@@ -820,7 +968,7 @@ class LagrangianPerceptualAttack(LpipsAttack):
                 sub = ball.subset(rows) if tracker.partial else ball
                 x, y = adversarial[rows], labels[rows]
                 leaf = x.detach().requires_grad_(True)
-                logits, features = sub.logits_and_features(leaf)
+                logits, features, record = sub.logits_features_linearization(leaf)
                 distance = sub.distance(features)
                 if t == 0 and round_index > 0:  # this evaluates the previous round's result
                     outside = distance.detach() > self.bound
@@ -828,12 +976,17 @@ class LagrangianPerceptualAttack(LpipsAttack):
                 tracker.observe(best, sub, x, logits, features, y, round_index * steps + t)
                 if tracker.empty:
                     break
-                objective = (self._clamped_objective(logits, y, self.kappa)
-                             - lam[rows] * F.relu(distance - self.bound))
+                objective = _penalised(self._clamped_objective(logits, y, self.kappa),
+                                       lam[rows], distance, self.bound)
                 (gradient,) = torch.autograd.grad(objective.sum(), leaf)
                 keep = tracker.kept(rows)
                 size = self.step_size * 0.1 ** _decay(t, steps)
-                step = lpips_step(sub.subset(keep).features, x[keep], gradient[keep], size)
+                if not bool(keep.all()):
+                    record = record.subset(keep)
+                kept_ball, kept_x = sub.subset(keep), x[keep]
+                step = lpips_step(kept_ball.features, kept_x, gradient[keep], size,
+                                  slope=lambda u, b=kept_ball, r=record, z=kept_x:
+                                  b.slope(z, u, r))
                 adversarial = adversarial.index_copy(0, rows[keep],
                                                      (x[keep] + step).clamp(0, 1))
             if tracker.empty:
@@ -891,12 +1044,13 @@ class FastLagrangianPerceptualAttack(LpipsAttack):
             progress = _decay(t, steps)
             lam = self.lam * 0.1 ** (1 - progress)
             leaf = adversarial.detach().requires_grad_(True)
-            logits, features = ball.logits_and_features(leaf)
-            penalty = F.relu(ball.distance(features) - self.bound)
-            objective = self.objective(logits, labels) - lam * penalty
+            logits, features, record = ball.logits_features_linearization(leaf)
+            objective = _penalised(self.objective(logits, labels), lam,
+                                   ball.distance(features), self.bound)
             (gradient,) = torch.autograd.grad(objective.sum(), leaf)
             step = lpips_step(ball.features, adversarial, gradient,
-                              self.step_size * 0.1 ** progress)
+                              self.step_size * 0.1 ** progress,
+                              slope=lambda u, r=record, z=adversarial: ball.slope(z, u, r))
             adversarial = (adversarial + step).clamp(0, 1)
         return adversarial, self._known(ball, adversarial)
 
