@@ -25,7 +25,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_GET
 
 from engine.attacks.spec import bound_units, condition_title
-from engine.figures import DISTANCE_NAMES
+from engine.provenance import distance_label
 
 from . import adaptive, dashboard_figures, robustness
 from .models import Calibration, Session, Study
@@ -68,7 +68,7 @@ def header(column: str) -> str:
         return HEADERS[column]
     if column.startswith("mean_"):
         name = column.removeprefix("mean_")
-        return f"Mean {DISTANCE_NAMES.get(name, name)}"
+        return f"Mean {distance_label(name)}"
     return column.replace("_", " ").capitalize()
 
 
