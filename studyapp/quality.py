@@ -80,6 +80,8 @@ class SessionQuality:
     n_low_pairs_different: int = 0
     low_pairs_population_rate: float | None = None
     superhuman_p: float | None = None
+    n_probes: int = 0
+    n_probes_different: int = 0
     bot_score: float | None = None
     bot_llr_answers: float | None = None
     bot_llr_rt: float | None = None
@@ -266,6 +268,10 @@ LOW_MIN_TRIALS = 6
 LOW_P_FLOOR = 0.02
 SUPERHUMAN_ALPHA = 0.001
 BOT_MIN_TRIALS = 10
+# Sub-threshold probes: data pairs of a condition labelled "probe" (e.g. ``generate_pairs
+# --bounds 1/255@probe,...``): people answer them "same", a pixel comparison "different".
+# Counted for staff; the bot score weighs them through the population function like any pair.
+PROBE_LABEL = "probe"
 BOT_MIN_SESSIONS = 5
 
 
@@ -303,13 +309,18 @@ def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, An
             "session_id", "pair_id", "pair__condition_id", "judgment__response",
             "judgment__response_time_ms", "pair__is_sentinel", "pair__is_catch",
             "pair__condition__threat_model", "pair__condition__bound",
+            "pair__condition__label",
         )
     )
-    scores = _bot_scores(rows)
+    scores = _bot_scores([row[:-1] for row in rows])
     per_pair: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # pair → [different, n]
     per_session: dict[int, list[tuple]] = defaultdict(list)
-    for session_id, pair_id, condition_id, response, rt, *_ in rows:
+    probes: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # session → [different, n]
+    for session_id, pair_id, condition_id, response, rt, *_, label in rows:
         different = response == "different"
+        if label == PROBE_LABEL:
+            probes[session_id][0] += different
+            probes[session_id][1] += 1
         if condition_id is not None:
             per_pair[pair_id][0] += different
             per_pair[pair_id][1] += 1
@@ -341,6 +352,7 @@ def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, An
             p0 = max(statistics.fmean(low_rates), LOW_P_FLOOR)
             metrics["low_pairs_population_rate"] = round(p0, 4)
             metrics["superhuman_p"] = binomial_tail(x, len(low_rates), p0)
+        metrics["n_probes_different"], metrics["n_probes"] = probes.get(session_id, (0, 0))
         score = scores.get(session_id)
         if score is not None:
             metrics["bot_score"] = score.score
@@ -403,6 +415,8 @@ def bot_flags(q: SessionQuality) -> list[str]:
             f"superhuman: bot score {q.bot_score:.1f} nats < {BOT_FLAG_BELOW:g} (answers "
             f"{q.bot_llr_answers:+.1f}, response times {q.bot_llr_rt:+.1f}): a pixel-comparing "
             "bot explains this session better than the study's people do"
+            + (f"; sub-threshold probes answered 'different' {q.n_probes_different}/"
+               f"{q.n_probes}" if q.n_probes else "")
         )
     return out
 

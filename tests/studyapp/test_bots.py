@@ -270,7 +270,10 @@ LEVELS = (0.25, 0.35, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0)
 
 def _jnd_study(make_study) -> Study:
     return make_study(
-        slug="jnd-bots", conditions=[("linf", f * THRESHOLD, f"x{f}") for f in LEVELS],
+        # the lowest level is the sub-threshold probe (1.5 grey levels: people see nothing)
+        slug="jnd-bots",
+        conditions=[("linf", f * THRESHOLD, "probe" if f == LEVELS[0] else f"x{f}")
+                    for f in LEVELS],
         trials_per_session=39, sentinel_fraction=3 / 39, judgments_per_pair=1000,
     )
 
@@ -282,7 +285,8 @@ def _simulated_person_session(study: Study, traits, rng: np.random.Generator) ->
 
     participant = Participant.objects.create(
         study=study, external_id=f"p{rng.integers(2**40)}")
-    session = start_session(participant, client_info=dict(HUMAN_SIGNALS))
+    session = start_session(participant, client_info=dict(HUMAN_SIGNALS),
+                            rng=random.Random(int(rng.integers(2**32))))  # reproducible
     trials = list(session.trials.select_related("pair__condition").order_by("position"))
     frame = pd.DataFrame({
         "kind": [bots.KIND_SENTINEL if t.pair.is_sentinel else bots.KIND_DATA for t in trials],
@@ -308,7 +312,7 @@ def _human_timed_pixel_bot(study: Study, rng: np.random.Generator) -> Session:
     σ 0.35), and fakes a person's browser signals."""
     client = Client()
     participant = Participant.objects.create(study=study, external_id="agent")
-    session = start_session(participant)
+    session = start_session(participant, rng=random.Random(int(rng.integers(2**32))))
     Session.objects.filter(pk=session.pk).update(client_info=dict(HUMAN_SIGNALS))
     state = client.get(f"/api/sessions/{session.token}/").json()
     py_rng = random.Random(5)
@@ -341,6 +345,10 @@ def test_a_pixel_bot_with_human_timing_is_caught_by_the_bot_score_alone(make_stu
     flags = bot_flags(agent_q)
     assert any(f.startswith("superhuman: bot score") for f in flags), (flags, agent_q)
     assert agent_q.bot_score < -2 and agent_q.bot_llr_answers < 0, agent_q
+    assert agent_q.n_probes == 3 and agent_q.n_probes_different >= 2, agent_q
+    assert "sub-threshold probes answered 'different'" in next(
+        f for f in flags if f.startswith("superhuman: bot score"))
+    assert sum(rows[s.pk].n_probes_different for s in people) <= 15  # of 72: people see little
     # Its timing and its browser signals pass the older rules: only the evidence of seeing
     # like a machine is left.
     assert not any(f.startswith(("automation", "response times")) for f in flags), flags
