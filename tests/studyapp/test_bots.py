@@ -248,8 +248,13 @@ def test_a_playwright_bot_and_a_simulated_person_in_chromium(
 
     bot_flags_ = _flags(study, bot_session)
     assert any("navigator.webdriver" in f for f in bot_flags_), bot_flags_
-    assert any(f.startswith("response times too regular") for f in bot_flags_), bot_flags_
-    assert any(f.startswith("superhuman") for f in bot_flags_), bot_flags_
+    assert any(f.startswith("superhuman sensitivity") for f in bot_flags_), bot_flags_
+    assert any(f.startswith("superhuman: bot score") for f in bot_flags_), bot_flags_
+    # Not asserted: "response times too regular". The bot's 350 ms timer is regular on a quiet
+    # machine, but under CPU load (two busy loops beside the suite) the page's timers jitter by
+    # tens of ms and the rule may not fire: a timing property of the machine, not of the code.
+    # The rule itself is tested on the API bot above, whose times are given.
+    print("regularity rule fired:", any(f.startswith("response times") for f in bot_flags_))
     info = Session.objects.get(pk=person_session.pk).client_info
     assert info["webdriver"] is False and info["key_events"] >= 20 and info["pointer_events"] > 0
     assert _flags(study, person_session) == []
