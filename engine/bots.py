@@ -14,8 +14,11 @@ the threshold. Two pieces of evidence use that:
    near γ and a pixel comparison "different").
 
    - Person model: answers ~ Bernoulli(expit(k · logit(p) + c)), with the worker's own
-     criterion shift ``c`` ∈ [−3, 3] and slope factor ``k`` ∈ [0.25, 4] fitted by maximum
-     likelihood (people differ in criterion and slope; the range is wide on purpose).
+     criterion shift ``c`` ∈ [−3, 3] and slope factor ``k`` ∈ [0.25, 4] *integrated* over
+     how the study's people vary (``c ~ N(0, σ_c)``, ``ln k ~ N(0, σ_k)``; the spreads
+     estimated from the study's workers by empirical Bayes, :func:`estimate_spread`). A
+     maximised, free ``c`` and ``k`` would let "a person" with an extreme criterion and a
+     flat slope answer like a bot.
    - Bot model: a pixel comparison with an error rate: P(different) = 1 − e where the two
      images differ in pixels, e where they are identical; ``e`` ∈ [0.001, 0.5] fitted.
 
@@ -85,8 +88,8 @@ class WorkerScore:
     score: float
     llr_answers: float
     llr_rt: float
-    criterion: float  # fitted person-model criterion shift c
-    slope_factor: float  # fitted person-model slope factor k
+    criterion: float  # person model: posterior mode of the criterion shift c
+    slope_factor: float  # person model: posterior mode of the slope factor k
     error_rate: float  # fitted bot-model error rate e
     rt_slope: float  # the population's slope b of ln RT on p(1 − p)
     flagged: bool
