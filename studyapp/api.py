@@ -9,8 +9,10 @@ Bodies (:class:`studyapp.parsers.StrictJSONParser`, the API's only parser): a bo
 than the view's ``max_body_bytes`` (participant writes: :data:`PARTICIPANT_MAX_BODY` = 8 KiB,
 checked from ``Content-Length`` even where the view reads no body; staff:
 :data:`STAFF_MAX_BODY`) is refused with 413 ``too_large`` before it is read; invalid UTF-8,
-invalid JSON, ``NaN``/``Infinity`` and nesting deeper than :data:`MAX_DEPTH` are 400
-``parse_error``. Every refusal happens before the view runs: nothing is written.
+invalid JSON, ``NaN``/``Infinity``, a string with a lone UTF-16 surrogate (``"\\udc00"``) and
+nesting deeper than :data:`MAX_DEPTH` are 400 ``parse_error``; a body sent without a length
+(``Transfer-Encoding: chunked``) is 411 ``length_required``. Every refusal happens before the
+view runs: nothing is written.
 
 Server failures: a database that cannot be reached (or a statement it aborts) is 503
 ``database_unavailable`` with ``Retry-After`` (:func:`database_unavailable`), for the API in the

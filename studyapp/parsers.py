@@ -1,4 +1,5 @@
-"""The API's JSON parser: size-limited, strict UTF-8, no NaN/Infinity, shallow.
+"""The API's JSON parser: size-limited, strict UTF-8, no NaN/Infinity, shallow, no lone
+surrogates; a body without a length (``Transfer-Encoding: chunked``) is 411.
 
 Kept apart from :mod:`studyapp.api` because DRF reads ``DEFAULT_PARSER_CLASSES`` while
 ``rest_framework.views`` is being imported, so this module must not import it.
@@ -23,9 +24,23 @@ class PayloadTooLarge(exceptions.APIException):
     default_code = "too_large"
 
 
+class LengthRequired(exceptions.APIException):
+    status_code = status.HTTP_411_LENGTH_REQUIRED
+    default_detail = (
+        "The request body has no Content-Length (it was sent chunked); send it with its length."
+    )
+    default_code = "length_required"
+
+
 def check_content_length(request, limit: int) -> None:
-    """:class:`PayloadTooLarge` when the declared ``Content-Length`` is over ``limit``."""
-    declared = request.META.get("CONTENT_LENGTH") or "0"
+    """:class:`PayloadTooLarge` when the declared ``Content-Length`` is over ``limit``;
+    :class:`LengthRequired` for a body sent without one (``Transfer-Encoding: chunked``: WSGI
+    then reads it as empty, which would be answered 400 "required" for fields that were sent).
+    """
+    meta = request.META
+    if not meta.get("CONTENT_LENGTH") and meta.get("HTTP_TRANSFER_ENCODING", "").strip():
+        raise LengthRequired()
+    declared = meta.get("CONTENT_LENGTH") or "0"
     try:
         length = int(declared)
     except ValueError:
@@ -34,17 +49,39 @@ def check_content_length(request, limit: int) -> None:
         raise PayloadTooLarge(f"the request body is over {limit} bytes")
 
 
-def _depth_ok(value: Any, limit: int) -> bool:
-    """Whether ``value`` nests at most ``limit`` containers deep (iterative: no recursion)."""
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _check_value(value: Any, limit: int) -> None:
+    """:class:`ParseError` when ``value`` nests more than ``limit`` containers deep, or holds a
+    string (a key or a value) with a lone surrogate such as ``"\\udc00"``: JSON's ``\\u``
+    escapes allow one, but it is no text: no database column stores it and no UTF-8 answer
+    can echo it back (that was a 500). Iterative: no recursion."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, dict | list):
+        if isinstance(item, str):
+            if _has_lone_surrogate(item):
+                raise exceptions.ParseError(
+                    "JSON parse error - a string holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF "
+                    "escape without its pair), which is not text"
+                )
+        elif isinstance(item, dict | list):
             if depth > limit:
-                return False
-            children = item.values() if isinstance(item, dict) else item
+                raise exceptions.ParseError(
+                    f"JSON parse error - nested more than {limit} levels deep"
+                )
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                children = item.values()
+            else:
+                children = item
             stack.extend((child, depth + 1) for child in children)
-    return True
 
 
 def _refuse_constant(name: str):
@@ -78,10 +115,7 @@ class StrictJSONParser(JSONParser):
             ) from None
         except ValueError as exc:
             raise exceptions.ParseError(f"JSON parse error - {exc}") from None
-        if not _depth_ok(data, MAX_DEPTH):
-            raise exceptions.ParseError(
-                f"JSON parse error - nested more than {MAX_DEPTH} levels deep"
-            )
+        _check_value(data, MAX_DEPTH)
         return data
 
 

@@ -81,6 +81,11 @@ class SessionQuality:
     n_low_pairs_different: int = 0
     low_pairs_population_rate: float | None = None
     superhuman_p: float | None = None
+    n_probes: int = 0
+    n_probes_different: int = 0
+    bot_score: float | None = None
+    bot_llr_answers: float | None = None
+    bot_llr_rt: float | None = None
     ip_shared_with: list[int] = field(default_factory=list)
     browser_shared_with: list[int] = field(default_factory=list)
     display_flags: list[str] = field(default_factory=list)  # studyapp.display (issue 17)
@@ -231,8 +236,9 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
 
 # ----------------------------------------------------------------------------- automated sessions
 #
-# Three rules, flags always (shown to staff), exclusions only where the study switches them on
-# (``exclude_automation``, ``exclude_regular_rt``, ``exclude_superhuman``; all off by default):
+# Four rules, flags always (shown to staff), exclusions only where the study switches them on
+# (``exclude_automation``, ``exclude_regular_rt``, ``exclude_superhuman`` — the last for both
+# the superhuman test and the bot score; all off by default):
 #
 # - automation signals, from the trial runner (``client_info``, see static/js/trials.js):
 #   ``navigator.webdriver`` true; answers given but no trusted keyboard event (the answers are
@@ -249,7 +255,15 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
 #   number of "different" answers on such pairs is Binomial(n, p0) with p0 the mean of those
 #   pairs' rates (at least LOW_P_FLOOR, a lapse rate); flagged when n ≥ LOW_MIN_TRIALS and the
 #   one-sided p-value P(X ≥ x) < SUPERHUMAN_ALPHA (0.001: about one honest participant in a
-#   thousand is flagged by chance; flags are for staff to read, not verdicts).
+#   thousand is flagged by chance; flags are for staff to read, not verdicts);
+# - the bot score (issue 17, :mod:`engine.bots`): a likelihood ratio, in nats, of "one of this
+#   study's people" against "a pixel-comparing bot" from the session's answers (against the
+#   study's own psychometric function, fitted from its judgments, with the person's criterion
+#   and slope integrated over how people vary) and its response times (people are slower near
+#   threshold; a bot's sleep is unrelated to the pair). Flagged below 0 (the bot model explains
+#   the session better), from BOT_MIN_TRIALS answered main trials and BOT_MIN_SESSIONS scored
+#   sessions in the study. This is the evidence a pixel-diff agent with human-like log-normal
+#   timing and a human-like error rate cannot fake (bench/bots.py: the rates).
 
 RT_MIN_TRIALS = 10
 RT_MIN_SD_MS = 40.0
@@ -260,6 +274,12 @@ LOW_MIN_OTHERS = 3
 LOW_MIN_TRIALS = 6
 LOW_P_FLOOR = 0.02
 SUPERHUMAN_ALPHA = 0.001
+BOT_MIN_TRIALS = 10
+# Sub-threshold probes: data pairs of a condition labelled "probe" (e.g. ``generate_pairs
+# --bounds 1/255@probe,...``): people answer them "same", a pixel comparison "different".
+# Counted for staff; the bot score weighs them through the population function like any pair.
+PROBE_LABEL = "probe"
+BOT_MIN_SESSIONS = 5
 
 
 def automation_signals(client_info: dict | None, n_answered: int) -> list[str]:
@@ -294,13 +314,20 @@ def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, An
             session__participant__study=study, is_practice=False, judgment__isnull=False
         ).values_list(
             "session_id", "pair_id", "pair__condition_id", "judgment__response",
-            "judgment__response_time_ms",
+            "judgment__response_time_ms", "pair__is_sentinel", "pair__is_catch",
+            "pair__condition__threat_model", "pair__condition__bound",
+            "pair__condition__label",
         )
     )
+    scores = _bot_scores([row[:-1] for row in rows])
     per_pair: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # pair → [different, n]
     per_session: dict[int, list[tuple]] = defaultdict(list)
-    for session_id, pair_id, condition_id, response, rt in rows:
+    probes: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # session → [different, n]
+    for session_id, pair_id, condition_id, response, rt, *_, label in rows:
         different = response == "different"
+        if label == PROBE_LABEL:
+            probes[session_id][0] += different
+            probes[session_id][1] += 1
         if condition_id is not None:
             per_pair[pair_id][0] += different
             per_pair[pair_id][1] += 1
@@ -332,8 +359,40 @@ def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, An
             p0 = max(statistics.fmean(low_rates), LOW_P_FLOOR)
             metrics["low_pairs_population_rate"] = round(p0, 4)
             metrics["superhuman_p"] = binomial_tail(x, len(low_rates), p0)
+        metrics["n_probes_different"], metrics["n_probes"] = probes.get(session_id, (0, 0))
+        score = scores.get(session_id)
+        if score is not None:
+            metrics["bot_score"] = score.score
+            metrics["bot_llr_answers"] = score.llr_answers
+            metrics["bot_llr_rt"] = score.llr_rt
         out[session_id] = metrics
     return out
+
+
+def _bot_scores(rows: list[tuple]) -> dict[int, Any]:
+    """:func:`engine.bots.score_workers` over the study's answered main trials (``rows`` of
+    :func:`_bot_metrics`), for sessions with at least BOT_MIN_TRIALS of them; empty when
+    fewer than BOT_MIN_SESSIONS sessions qualify (no population to compare with)."""
+    import numpy as np
+    import pandas as pd
+
+    from engine import bots  # lazily: the participant pages import this module
+
+    frame = pd.DataFrame(rows, columns=[
+        "worker", "pair", "condition", "response", "rt_ms", "is_sentinel", "is_catch",
+        "threat_model", "bound",
+    ])
+    counts = frame["worker"].value_counts()
+    frame = frame[frame["worker"].isin(counts.index[counts >= BOT_MIN_TRIALS])]
+    if frame["worker"].nunique() < BOT_MIN_SESSIONS:
+        return {}
+    frame = frame.assign(
+        kind=np.select([frame["is_sentinel"], frame["is_catch"]],
+                       [bots.KIND_SENTINEL, bots.KIND_CATCH], bots.KIND_DATA),
+        different=frame["response"] == "different",
+        bound=pd.to_numeric(frame["bound"], errors="coerce").fillna(0.0),
+    )
+    return bots.score_workers(frame)
 
 
 def bot_flags(q: SessionQuality) -> list[str]:
@@ -355,6 +414,16 @@ def bot_flags(q: SessionQuality) -> list[str]:
             f"superhuman sensitivity: {q.n_low_pairs_different}/{q.n_low_pairs} 'different' on "
             f"pairs the others saw as different at rate {q.low_pairs_population_rate:.2f}; "
             f"binomial p = {q.superhuman_p:.1e} < {SUPERHUMAN_ALPHA}"
+        )
+    from engine.bots import FLAG_BELOW as BOT_FLAG_BELOW
+
+    if q.bot_score is not None and q.bot_score < BOT_FLAG_BELOW:
+        out.append(
+            f"superhuman: bot score {q.bot_score:.1f} nats < {BOT_FLAG_BELOW:g} (answers "
+            f"{q.bot_llr_answers:+.1f}, response times {q.bot_llr_rt:+.1f}): a pixel-comparing "
+            "bot explains this session better than the study's people do"
+            + (f"; sub-threshold probes answered 'different' {q.n_probes_different}/"
+               f"{q.n_probes}" if q.n_probes else "")
         )
     return out
 

@@ -14,6 +14,10 @@ from .models import Judgment, Session
 
 MAX_RESPONSE_TIME_MS = 10 * 60 * 1000
 MAX_PHASE_MS = 60 * 1000
+# Trial.position is a PositiveIntegerField: 0 … 2^31 − 1 on every backend. A larger position
+# cannot name a trial; refused here (400) rather than overflowing the database's integer
+# (SQLite raised OverflowError at ≥ 2^63: a 500).
+MAX_POSITION = 2**31 - 1
 
 
 class JSONNumberField(serializers.FloatField):
@@ -92,7 +96,7 @@ class DisplaySerializer(serializers.Serializer):
 class JudgmentInputSerializer(serializers.Serializer):
     """Body of ``POST /api/sessions/<token>/judgments/`` (``display`` optional)."""
 
-    position = JSONIntegerField(min_value=0)
+    position = JSONIntegerField(min_value=0, max_value=MAX_POSITION)
     response = serializers.ChoiceField(choices=[c for c, _ in Judgment.RESPONSES])
     response_time_ms = _ms(MAX_RESPONSE_TIME_MS)
     durations = DurationsSerializer()

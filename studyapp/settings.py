@@ -129,8 +129,12 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
-    # Concurrent writers (several browser tabs, the runserver threads) wait instead of failing.
-    DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 20
+    # Concurrent writers (several browser tabs, the runserver threads) wait instead of failing:
+    # every transaction takes SQLite's writer lock at BEGIN ("IMMEDIATE"), so a second one waits
+    # (up to ``timeout`` seconds) at its start. With the default deferred BEGIN two transactions
+    # that had both read could not both upgrade to write, and SQLite answers that deadlock with
+    # "database is locked" at once, without waiting (issue 17: two simultaneous consent POSTs).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(timeout=20, transaction_mode="IMMEDIATE")
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

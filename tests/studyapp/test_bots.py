@@ -6,6 +6,9 @@ response times, the browser signals of a person) gives the study its own data; t
 
 - scripted sessions over the API: a pixel bot (compares the images' pixels, answers at a
   constant pace, no runner) and one more honest person;
+- (issue 17) a pixel-diff agent with log-normal, human-like timing, a human error rate and
+  faked browser signals, in a study whose bounds lie around the threshold: only the bot
+  score (:mod:`engine.bots`) catches it; simulated honest people are not flagged;
 - whole sessions in Chromium through the trial runner: a Playwright bot that decodes both
   images of every trial on a canvas and answers at a fixed delay, and a simulated person
   (mouse moves, variable response times, answers from the psychometric model) in a Chromium
@@ -126,6 +129,7 @@ def test_a_pixel_bot_on_the_api_is_flagged_by_every_rule(population, media_root)
     assert any(f.startswith("response times too regular") for f in flags), flags
     superhuman = [f for f in flags if f.startswith("superhuman")]
     assert superhuman and "binomial p" in superhuman[0], flags
+    assert any(f.startswith("superhuman: bot score") for f in flags), flags  # issue 17
     # Flags only: the exclusion switches are off by default...
     assert not Session.objects.get(pk=bot.pk).excluded
     rows = {q.session_id: q for q in apply_exclusions(study)}
@@ -244,8 +248,121 @@ def test_a_playwright_bot_and_a_simulated_person_in_chromium(
 
     bot_flags_ = _flags(study, bot_session)
     assert any("navigator.webdriver" in f for f in bot_flags_), bot_flags_
-    assert any(f.startswith("response times too regular") for f in bot_flags_), bot_flags_
-    assert any(f.startswith("superhuman") for f in bot_flags_), bot_flags_
+    assert any(f.startswith("superhuman sensitivity") for f in bot_flags_), bot_flags_
+    assert any(f.startswith("superhuman: bot score") for f in bot_flags_), bot_flags_
+    # Not asserted: "response times too regular". The bot's 350 ms timer is regular on a quiet
+    # machine, but under CPU load (two busy loops beside the suite) the page's timers jitter by
+    # tens of ms and the rule may not fire: a timing property of the machine, not of the code.
+    # The rule itself is tested on the API bot above, whose times are given.
+    print("regularity rule fired:", any(f.startswith("response times") for f in bot_flags_))
     info = Session.objects.get(pk=person_session.pk).client_info
     assert info["webdriver"] is False and info["key_events"] >= 20 and info["pointer_events"] > 0
     assert _flags(study, person_session) == []
+
+
+# ------------------------------------------------------------------------------ issue 17
+#
+# The bot of today: a pixel-diff agent that sleeps a log-normal, human-looking time, gets a
+# human share of its answers wrong, and fakes the runner's browser signals. Neither the
+# automation signals nor the regularity rule can see it; the bot score (engine.bots) does,
+# from a study whose bounds lie around the threshold (as a JND study's do), with honest
+# simulated people (engine.bots.simulate_person: criterion, slope and threshold spread, slower
+# near their threshold) as its population.
+
+THRESHOLD = 6 / 255
+LEVELS = (0.25, 0.35, 0.5, 0.6, 0.7, 0.85, 1.0, 1.2, 1.5, 2.0, 3.0, 4.0)
+
+
+def _jnd_study(make_study) -> Study:
+    return make_study(
+        # the lowest level is the sub-threshold probe (1.5 grey levels: people see nothing)
+        slug="jnd-bots",
+        conditions=[("linf", f * THRESHOLD, "probe" if f == LEVELS[0] else f"x{f}")
+                    for f in LEVELS],
+        trials_per_session=39, sentinel_fraction=3 / 39, judgments_per_pair=1000,
+    )
+
+
+def _simulated_person_session(study: Study, traits, rng: np.random.Generator) -> Session:
+    import pandas as pd
+
+    from engine import bots
+
+    participant = Participant.objects.create(
+        study=study, external_id=f"p{rng.integers(2**40)}")
+    session = start_session(participant, client_info=dict(HUMAN_SIGNALS),
+                            rng=random.Random(int(rng.integers(2**32))))  # reproducible
+    trials = list(session.trials.select_related("pair__condition").order_by("position"))
+    frame = pd.DataFrame({
+        "kind": [bots.KIND_SENTINEL if t.pair.is_sentinel else bots.KIND_DATA for t in trials],
+        "threat_model": [t.pair.condition.threat_model if t.pair.condition else None
+                         for t in trials],
+        "bound": [t.pair.condition.bound if t.pair.condition else 0.0 for t in trials],
+        "condition": [t.pair.condition_id for t in trials],
+    })
+    answered = bots.simulate_person(frame, traits, rng)
+    py_rng = random.Random(int(rng.integers(2**32)))
+    for trial, different, rt in zip(trials, answered["different"], answered["rt_ms"],
+                                    strict=True):
+        record_judgment(session, _body(trial.position, "different" if different else "same",
+                                       float(rt), py_rng))
+    session.completed_at = session.started_at
+    session.save(update_fields=["completed_at"])
+    return session
+
+
+def _human_timed_pixel_bot(study: Study, rng: np.random.Generator) -> Session:
+    """Over the real API: decodes both images of each trial, answers "different" where the
+    pixels differ, flips 10 % of its answers, waits a log-normal time (median 800 ms,
+    σ 0.35), and fakes a person's browser signals."""
+    client = Client()
+    participant = Participant.objects.create(study=study, external_id="agent")
+    session = start_session(participant, rng=random.Random(int(rng.integers(2**32))))
+    Session.objects.filter(pk=session.pk).update(client_info=dict(HUMAN_SIGNALS))
+    state = client.get(f"/api/sessions/{session.token}/").json()
+    py_rng = random.Random(5)
+    for trial in state["trials"]:
+        first, second = (client.get(url).content for url in trial["images"])
+        images = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in (first, second)]
+        different = not np.array_equal(*images)
+        if rng.random() < 0.10:
+            different = not different
+        rt = float(np.exp(np.log(800) + rng.normal(0, 0.35)))
+        body = _body(trial["position"], "different" if different else "same", rt, py_rng)
+        assert client.post(f"/api/sessions/{session.token}/judgments/", body,
+                           content_type="application/json").status_code == 201
+    assert client.post(f"/api/sessions/{session.token}/complete/").status_code == 200
+    return session
+
+
+@pytest.mark.slow
+def test_a_pixel_bot_with_human_timing_is_caught_by_the_bot_score_alone(make_study, media_root):
+    from engine import bots
+
+    study = _jnd_study(make_study)
+    rng = np.random.default_rng(17)
+    traits = bots.HumanTraits(thresholds={"linf": THRESHOLD})
+    people = [_simulated_person_session(study, traits, rng) for _ in range(24)]
+    agent = _human_timed_pixel_bot(study, rng)
+
+    rows = {q.session_id: q for q in compute_quality(study)}
+    agent_q = rows[agent.pk]
+    flags = bot_flags(agent_q)
+    assert any(f.startswith("superhuman: bot score") for f in flags), (flags, agent_q)
+    assert agent_q.bot_score < -2 and agent_q.bot_llr_answers < 0, agent_q
+    assert agent_q.n_probes == 3 and agent_q.n_probes_different >= 2, agent_q
+    assert "sub-threshold probes answered 'different'" in next(
+        f for f in flags if f.startswith("superhuman: bot score"))
+    assert sum(rows[s.pk].n_probes_different for s in people) <= 15  # of 72: people see little
+    # Its timing and its browser signals pass the older rules: only the evidence of seeing
+    # like a machine is left.
+    assert not any(f.startswith(("automation", "response times")) for f in flags), flags
+    for session in people:
+        q = rows[session.pk]
+        assert q.bot_score is not None and q.bot_score > 0, (q.bot_score, q.bot_llr_answers)
+        assert bot_flags(q) == [], bot_flags(q)
+    # The study's switch turns the flag into an exclusion, of the agent only.
+    Study.objects.filter(pk=study.pk).update(exclude_superhuman=True)
+    study.refresh_from_db()
+    excluded = [q.session_id for q in apply_exclusions(study) if q.excluded]
+    assert excluded == [agent.pk]

@@ -10,8 +10,26 @@ Two scenarios, each one test so that the browser and the study are set up once:
 - a Prolific participant over 40 main trials: the network cut for a few trials and restored,
   cut again and the page reloaded while answers are still unacknowledged (it resumes at the
   next unanswered trial and re-sends them), a break, every judgment stored exactly once, the
-  redirect to Prolific with the study's code, and the 99th percentile of
-  |measured - intended| phase duration within one frame.
+  redirect to Prolific with the study's code, and frame-accurate presentation: every phase
+  ends at the first frame it was due (see *Frames shown against frames intended* below).
+
+**Frames shown against frames intended** (issue 17). The old check, the 99th percentile of
+|measured − intended| within one frame, failed on a loaded machine (p99 27 ms): Chromium
+then produces fewer frames, and a phase lasts until the next frame there is, however well the
+runner does. What the runner controls, and what this test asserts, holds under any load:
+
+- every rAF frame timestamp of the page is recorded (a rAF loop of the test's own: all
+  callbacks of a frame get the same timestamp), so the stored ``first_ms``, ``blank_ms`` and
+  ``second_ms`` of each trial must be differences of actual frame timestamps ``a < b``: the
+  runner's record is the screen's frames, not a timer's wish;
+- the phase ended at the *first frame it was due*: ``b − a ≥ intended − frame/2`` and the
+  frame before ``b`` came earlier than that; so a phase is never cut short, and it overruns
+  only by the frames the browser did not produce (counted and printed: frames shown against
+  frames intended, with the overrun percentiles for information).
+
+A late switch by the runner (a timer, a skipped frame it could have used) or a short phase
+fails these on a quiet machine and on a busy one alike; a machine too busy to draw frames does
+not.
 """
 
 from __future__ import annotations
@@ -38,8 +56,10 @@ CHROMIUM_ARGS = [
     "--disable-background-timer-throttling",
     "--disable-backgrounding-occluded-windows",
 ]
-FRAME_MS = 1000 / 60  # one frame at 60 Hz (headless Chromium's frame rate)
-FRAME_TOLERANCE_MS = 17  # one frame, plus timer jitter
+# A MutationObserver sees a switch when the frame's callbacks run, which on a loaded machine
+# can lag the frame's timestamp by tens of ms; it witnesses the order and rough timing of what
+# was on screen, and the exact check is against the frame timestamps (FrameRecord).
+OBSERVER_SLACK_MS = 100
 MTURK_SANDBOX = "https://workersandbox.mturk.com"
 
 # Reports every change of what is visible in the stimulus area and the prompt to the test as
@@ -61,6 +81,83 @@ new PerformanceObserver((list) => {
   }
 }).observe({type: "resource", buffered: true});
 """
+
+
+# Every frame's rAF timestamp, and when image 1 appeared, on one clock across reloads
+# (performance.timeOrigin + the page's own time), sent to the test in batches with the
+# runner's frame interval (the one its switching rule uses).
+RECORD_FRAMES = """
+(() => {
+  const origin = performance.timeOrigin;
+  let frames = [];
+  const tick = (t) => { frames.push(origin + t); requestAnimationFrame(tick); };
+  requestAnimationFrame(tick);
+  const flush = () => {
+    const runner = document.getElementById("runner");  // the runner's frame interval
+    const frameMs = Number((runner && runner.dataset.frameMs) || 0);
+    if (frames.length) { window.recordFrames(origin, frameMs, frames); frames = []; }
+  };
+  setInterval(flush, 200);
+  new MutationObserver((mutations) => {
+    const t = performance.now();
+    for (const m of mutations) {
+      const el = m.target;
+      if (el.dataset && el.dataset.slot === "1" && el.classList.contains("is-visible")) {
+        window.recordImage1(origin + t);
+        flush();
+      }
+    }
+  }).observe(document, {subtree: true, attributes: true, attributeFilter: ["class"]});
+})();
+"""
+
+
+class FrameRecord:
+    """What RECORD_FRAMES sent: frame timestamps per document, and image-1 onsets."""
+
+    def __init__(self, page):
+        self.frames: dict[float, list[float]] = {}
+        self.frame_ms: dict[float, float] = {}
+        self.onsets: list[float] = []
+        page.expose_function("recordFrames", self._frames)
+        page.expose_function("recordImage1", lambda t: self.onsets.append(t))
+        page.add_init_script(RECORD_FRAMES)
+
+    def _frames(self, origin: float, frame_ms: float, frames: list[float]) -> None:
+        self.frames.setdefault(origin, []).extend(frames)
+        if frame_ms:
+            self.frame_ms[origin] = frame_ms
+
+    def presentation(self, onset: float, durations: list[float], tol: float = 0.01):
+        """``(document origin, frame ticks, [i0, i1, i2, i3])``: the frames (as indices into
+        the document's ticks) at which image 1, the blank, image 2 and the prompt started, such
+        that their differences are ``durations`` (each within ``tol`` ms), the image-1 frame
+        the latest such one at or before ``onset`` (when a MutationObserver saw image 1), or
+        ``None`` when no frames fit (the stored durations are no frame differences)."""
+        import bisect
+
+        for origin, ticks in self.frames.items():
+            ticks = sorted(ticks)
+            if not ticks or not ticks[0] <= onset <= ticks[-1] + 1:
+                continue
+            best = None
+            for i0 in range(bisect.bisect_right(ticks, onset + 0.5) - 1, -1, -1):
+                if ticks[i0] < onset - 2000:
+                    break
+                found = [i0]
+                for d in durations:
+                    t = ticks[found[-1]] + d
+                    j = bisect.bisect_left(ticks, t - tol)
+                    if j < len(ticks) and abs(ticks[j] - t) <= tol:
+                        found.append(j)
+                    else:
+                        break
+                if len(found) == 4:
+                    best = found
+                    break
+            if best is not None:
+                return origin, ticks, best
+        return None
 
 
 def visible_sequence(events: list) -> list[tuple[float, frozenset]]:
@@ -170,6 +267,7 @@ def test_an_mturk_worker_previews_accepts_and_submits_the_hit(
     loaded: dict[str, float] = {}  # image URL → when its bytes arrived
     page.expose_function("recordImage", lambda t, url: loaded.setdefault(urlsplit(url).path, t))
     page.add_init_script(RECORD_VISIBILITY)
+    record = FrameRecord(page)
 
     # Preview: instructions and examples, no way to start, nothing written.
     preview = {"assignmentId": "ASSIGNMENT_ID_NOT_AVAILABLE", "hitId": "HIT1",
@@ -287,7 +385,8 @@ def test_an_mturk_worker_previews_accepts_and_submits_the_hit(
 
     # What was on screen in each main trial: fixation, image 1, blank, image 2, prompt, never two
     # at once, both images loaded before the fixation, and the switches (seen by a
-    # MutationObserver) agree with the stored durations.
+    # MutationObserver) agree with the stored durations, which are differences of the page's
+    # frame timestamps (exactly: the frames the images were up, whatever the machine's load).
     shown = visible_sequence(events)
     phases = [{"fixation"}, {"img1"}, set(), {"img2"}, {"prompt"}, set()]
     assert [set(v) for _, v in shown] == phases * 5
@@ -297,7 +396,8 @@ def test_an_mturk_worker_previews_accepts_and_submits_the_hit(
         times = [t for t, _ in shown[position * len(phases) : (position + 1) * len(phases)]]
         observed = [times[2] - times[1], times[3] - times[2], times[4] - times[3]]
         stored = [j.first_ms, j.blank_ms, j.second_ms]
-        assert all(abs(o - s) <= FRAME_TOLERANCE_MS for o, s in zip(observed, stored, strict=True))
+        assert all(abs(o - s) <= OBSERVER_SLACK_MS for o, s in zip(observed, stored, strict=True))
+        assert any(record.presentation(t, stored) for t in record.onsets), (position, stored)
         urls = state["trials"][position]["images"]
         assert all(loaded[url] < times[0] for url in urls)
 
@@ -319,6 +419,7 @@ def test_a_prolific_session_survives_network_loss_and_a_reload_with_frame_accura
     )
     page = browser.new_page(viewport={"width": 1024, "height": 768})
     watch = Watcher(page)
+    record = FrameRecord(page)
     redirected: list[str] = []
 
     def prolific(route):
@@ -405,21 +506,42 @@ def test_a_prolific_session_survives_network_loss_and_a_reload_with_frame_accura
     assert {j.trial.position: j.idempotency_key for j in judgments} == first_key
     assert all(watch.posted.count((p, first_key[p])) >= 2 for p in unacknowledged)
 
+    # Frames shown against frames intended (module docstring). Image-1 onsets in order: the
+    # practice and main trials, plus the one cut short by the reload (no full presentation).
     main = [j for j in judgments if not j.trial.is_practice]
-    errors = np.array([
-        abs(measured - intended)
-        for j in main
-        for measured, intended in [
-            (j.first_ms, study.first_ms), (j.blank_ms, study.blank_ms),
-            (j.second_ms, study.second_ms),
-        ]
-    ])
-    p99 = float(np.percentile(errors, 99))
-    print(
-        f"\n{len(main)} main trials, {errors.size} phases: |measured - intended| p50 "
-        f"{np.percentile(errors, 50):.2f} ms, p99 {p99:.2f} ms, max {errors.max():.2f} ms; "
-        f"refresh {session.client_info.get('refresh_hz')} Hz"
-    )
     assert len(main) >= 40
-    assert p99 <= FRAME_MS + 0.5, sorted(errors)[-5:]
+    intended = [study.first_ms, study.blank_ms, study.second_ms]
+    onsets = sorted(record.onsets)
+    overrun, shown_vs_intended, late = [], [], []
+    k = 0  # trials are presented in position order: match each to the next onset that fits
+    for j in judgments:
+        stored = [j.first_ms, j.blank_ms, j.second_ms]
+        found = None
+        while found is None and k < len(onsets):
+            found = record.presentation(onsets[k], stored)
+            k += 1
+        assert found is not None, (
+            f"trial {j.trial.position}: stored durations {stored} are no differences of the "
+            "page's frame timestamps")
+        if j.trial.is_practice:
+            continue
+        origin, ticks, (i0, i1, i2, i3) = found
+        frame_ms = record.frame_ms[origin]
+        for (a, b), want, got in zip([(i0, i1), (i1, i2), (i2, i3)], intended, stored,
+                                     strict=True):
+            elapsed = ticks[b] - ticks[a]
+            assert elapsed >= want - frame_ms / 2 - 0.01, (j.trial.position, want, got)
+            if ticks[b - 1] - ticks[a] >= want - frame_ms / 2 + 0.01:  # due a frame earlier
+                late.append((j.trial.position, want, got, ticks[b - 1] - ticks[a]))
+            overrun.append(got - want)
+            shown_vs_intended.append((b - a, round(want / frame_ms)))
+    dropped = sum(1 for shown, want in shown_vs_intended if shown < want)
+    errors = np.abs(overrun)
+    print(
+        f"\n{len(main)} main trials, {len(shown_vs_intended)} phases: frames shown = intended "
+        f"in {len(shown_vs_intended) - dropped}, fewer (frames the browser did not draw) in "
+        f"{dropped}; |measured - intended| p50 {np.percentile(errors, 50):.2f} ms, p99 "
+        f"{np.percentile(errors, 99):.2f} ms (information only: load-dependent)"
+    )
+    assert late == [], f"phases that ended a frame late: {late[:5]}"
     assert not watch.errors("net::ERR_FAILED"), watch.console

@@ -18,10 +18,15 @@ Scenario (K small enough that pairs saturate, so the last slots are fought over)
    Every 3rd judgment is sent twice in parallel with the same idempotency key, every 10th
    re-sent afterwards. 60 sessions × 4 data trials = 240 of 282 slots (94 pairs, K=3).
 3. The vanished sessions' leases are made to expire.
-4. *wave 2*: 10 new participants start (each start releases expired leases) while the 10
+4. *wave 2*: 10 new participants start (each start releases expired leases) while 9 of the
    vanished ones come back and send their remaining judgments: each late judgment either
    beats the release (201) or is refused (409 ``lease_expired``), never both. The study ends
    (nearly) full, so the last slots are contended.
+5. The tenth vanished participant never comes back: after wave 2 the lease sweep
+   (``release_expired``) runs once more, so its session is abandoned whatever the timing of
+   wave 2 was (which of the returners' sessions end abandoned depends on who wins each race).
+6. Bad input on PostgreSQL: a trial position ≥ 2^63 (past ``bigint``) and a lone surrogate
+   (which PostgreSQL's UTF-8 text cannot hold) are 400, with nothing written.
 
 Asserted: no 5xx, no pair with more than K judged main trials, ``n_assigned`` equal to the
 truth for every pair, every acknowledged judgment stored exactly once (by idempotency key)
@@ -91,7 +96,7 @@ def test_concurrent_sessions_on_postgresql(postgres_bin_dir, tmp_path):
     assert http["sessions_started"] == 70
     assert http["sessions_completed"] == http["finishers"] == 60
     returners = {k: v for k, v in http["completions"].items() if k.startswith("returner")}
-    assert sum(returners.values()) == 10
+    assert sum(returners.values()) == N_VANISHERS - 1
     assert set(returners) <= {"returner 200", "returner 409 session_expired"}, returners
     assert http["parallel_duplicates"] >= 100
     assert http["parallel_duplicate_statuses"] == {"200+201": http["parallel_duplicates"]}
@@ -109,7 +114,9 @@ def test_concurrent_sessions_on_postgresql(postgres_bin_dir, tmp_path):
     assert db["stored_elsewhere"] == []
     assert db["judgments"] == http["acknowledged"]
     assert db["judged_released_trials"] == 0
+    assert db["never_back_abandoned"] is True  # made explicitly (step 5), not by timing
     assert db["abandoned_sessions"] >= 1
+    assert report["bad_input"] == {"statuses": [400] * 4, "written": 0}, report["bad_input"]
 
 
 # --------------------------------------------------------------------------- the script part
@@ -142,7 +149,12 @@ def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads
     from django.utils import timezone
 
     from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study, Trial
-    from studyapp.scheduler import StudyUnavailable, assignment_errors, start_session
+    from studyapp.scheduler import (
+        StudyUnavailable,
+        assignment_errors,
+        release_expired,
+        start_session,
+    )
 
     assert connection.vendor == "postgresql", connection.vendor
     t0 = time.monotonic()
@@ -405,9 +417,28 @@ def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads
     ).update(leased_until=timezone.now() - timedelta(minutes=1))
 
     # ------------------------------------------------------------------ 4. wave 2
+    never_back = vanished.pop()  # 5. gone for good: abandoned by the sweep below
     t0 = time.monotonic()
     run_all([(finisher, ())] * N_FINISHERS_2 + [(comes_back, v) for v in vanished])
     timings["wave2_s"] = round(time.monotonic() - t0, 2)
+
+    # ------------------------------------------------------------------ 5. the lease sweep
+    release_expired(study)
+    never_back_session = Session.objects.get(token=never_back[1])
+
+    # ------------------------------------------------------------------ 6. bad input on PG
+    bad_browser, bad_token, bad_trials = never_back
+    n_judgments = Judgment.objects.count()
+    bad_url = f"/api/sessions/{bad_token}/judgments/"
+    bad_statuses = [
+        bad_browser.post_json(bad_url, judgment_body(position))[0]
+        for position in (2**63, 2**64)
+    ]
+    for body in (judgment_body(bad_trials[0]["position"]), {"position": 0}):
+        raw = json.dumps({**body, "response": "\udc00"}).encode()
+        bad_statuses.append(bad_browser.request(
+            "POST", bad_url, body=raw, content_type="application/json")[0])
+    bad_input = {"statuses": bad_statuses, "written": Judgment.objects.count() - n_judgments}
     server.shutdown()
     server.server_close()
 
@@ -441,6 +472,7 @@ def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads
         ).count(),
         "released_trials": Trial.objects.filter(released=True).count(),
         "abandoned_sessions": Session.objects.filter(abandoned_at__isnull=False).count(),
+        "never_back_abandoned": never_back_session.abandoned_at is not None,
         "expired_leases_set": expired,
         "completed_in_db": Session.objects.filter(
             participant__study=study, completed_at__isnull=False
@@ -484,7 +516,8 @@ def _script(report_path: str) -> None:  # noqa: C901 - one linear scenario reads
         "released_trials": db["released_trials"],
         "data_trials_per_session": db["data_trials_per_session"],
     }
-    report = {"summary": summary, "race": race, "http": http_report, "db": db}
+    report = {"summary": summary, "race": race, "http": http_report, "db": db,
+              "bad_input": bad_input}
     Path(report_path).write_text(json.dumps(report, indent=1, default=str))
 
 
