@@ -90,6 +90,9 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
     report = summary["report"]
     perc_cols = ["condition", "threat_model", "bound", "label", "n_pairs", "n_judgments",
                  "perceptibility", "ci_low", "ci_high", "boot_low", "boot_high"]
+    # stored size ÷ bound beside perceptibility (stimulus mode aims at [0.95, 1])
+    perc_cols += [c for c in ("size_ratio_min", "size_ratio_median", "n_not_at_bound")
+                  if c in report.perceptibility.columns]
     perc_cols += [c for c in report.perceptibility.columns if c.startswith("mean_")]
     excluded = list(
         Session.objects.filter(participant__study=study, excluded=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from engine.errors import EngineError, WeightsUnavailableError
+from engine.stimuli import AT_BOUND, size_ratio_summary
 from studyapp import adaptive
-from studyapp.models import Study
+from studyapp.models import Pair, Study
 from studyapp.services import (
     GenerationRequest,
     StimulusImportError,
@@ -131,5 +132,23 @@ class Command(BaseCommand):
             f"study {study.slug}: {summary.created} pairs created, {summary.updated} updated,"
             f" {summary.unchanged} unchanged; {summary.conditions} conditions"
         )
+        self.print_size_ratios(study)
         if summary.untrained:
             self.stdout.write(f"UNTRAINED networks used: {', '.join(summary.untrained)}")
+
+    def print_size_ratios(self, study: Study) -> None:
+        """Each condition's stored size ÷ bound (stimulus mode aims at [0.95, 1])."""
+        rows = Pair.objects.filter(study=study, condition__isnull=False).order_by(
+            "condition__threat_model", "condition__bound", "id"
+        ).values_list("condition__spec", "metadata")
+        summary = size_ratio_summary((spec, (meta or {}).get("size_ratio")) for spec, meta in rows)
+        if not summary:
+            return
+        self.stdout.write(f"stored size ÷ bound per condition (target {AT_BOUND:g}–1):")
+        for row in summary:
+            flag = "  <-- FLAGGED: not at the bound" if row["flagged"] else ""
+            self.stdout.write(
+                f"  {row['condition']}: min {row['min']:.3f}, median {row['median']:.3f},"
+                f" max {row['max']:.3f} over {row['n']} pairs; {row['flagged']} outside"
+                f" [{AT_BOUND:g}, 1]{flag}"
+            )
