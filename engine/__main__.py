@@ -183,6 +183,7 @@ def run_evaluation(args) -> dict:
     from .datasets import load_dataset
     from .distributed import resolve_device
     from .evaluate import (
+        SANITY_NOTE,
         evaluate_model,
         load_calibrated_bounds,
         perceptibility_matched,
@@ -247,7 +248,8 @@ def run_evaluation(args) -> dict:
                            " perceptual-prior-like."])
     if sanity:
         sanity_rows = [{"model": m, **c} for m, checks in sanity.items() for c in checks]
-        write_table(sanity_rows, out, "sanity", title=f"Gradient-masking sanity checks — {label}")
+        write_table(sanity_rows, out, "sanity", title=f"Gradient-masking sanity checks — {label}",
+                    notes=[SANITY_NOTE], percent=False)
     if perceptibility:
         note = json.loads(Path(args.calibrated).read_text()).get("note", "")
         write_perceptibility(perceptibility, out,

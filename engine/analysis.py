@@ -65,10 +65,14 @@ NON_DISTANCE_COLUMNS = {
     "is_catch",
     "success",
     "level",
+    "size_ratio",
     "image",
     "seed",
 }
 SIMILARITY_COLUMNS = {"ssim"}
+#: Stimuli are at their bound when stored size ÷ bound lies in ``[AT_BOUND, 1]``
+#: (:mod:`engine.stimuli`'s stimulus mode; declared here, the module with no torch import).
+AT_BOUND = 0.95
 Z95 = 1.959963984540054
 
 
@@ -439,6 +443,15 @@ def _perceptibility(prep: _Prepared, n_boot: int, seed: int, boot=None) -> pd.Da
         m = np.bincount(gcode[ok], minlength=prep.n_groups)
         with np.errstate(invalid="ignore", divide="ignore"):
             table[f"mean_{c}"] = np.where(m > 0, s / np.maximum(m, 1), np.nan)
+    if "size_ratio" in prep.pairs:  # stored size ÷ bound (engine.stimuli stimulus mode)
+        ratio = pd.to_numeric(prep.pairs["size_ratio"], errors="coerce")
+        grouped = ratio.groupby(gcode)
+        codes = np.arange(prep.n_groups)
+        table["size_ratio_min"] = grouped.min().reindex(codes).to_numpy(float)
+        table["size_ratio_median"] = grouped.median().reindex(codes).to_numpy(float)
+        flagged = ((ratio < AT_BOUND) | (ratio > 1 + 1e-4)).groupby(gcode).sum()
+        table["n_not_at_bound"] = np.where(grouped.count().reindex(codes).fillna(0) > 0,
+                                           flagged.reindex(codes).to_numpy(float), np.nan)
     return table.reset_index(drop=True)
 
 

@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .analysis import AT_BOUND
 from .attacks import parse_attack
 from .attacks.spec import bound_label
 from .data import SourceImage
@@ -67,6 +68,8 @@ class PairRecord:
     attack_success: bool | None
     #: Perturbation size in the bound's units where the attack optimised it (float image, or
     #: its flow / colour lattice / DCT coefficients), and whether that is within the bound.
+    #: Stimulus mode: the attack's output before :func:`fit_to_bound` scaled it by
+    #: ``fit_scale``, except the flow / lattice, which are given as scaled and shown.
     size: float | None
     within_bound: bool | None
     #: The same measured on the stored 8-bit images, where it can be measured from images
@@ -78,6 +81,14 @@ class PairRecord:
     natural_sha256: str
     other_sha256: str
     origin: str
+    #: Stored size ÷ bound (``stored_size`` where the images define it, else ``size``), and
+    #: whether it lies in ``[AT_BOUND, 1]`` — False flags a pair that did not reach its bound.
+    #: None for controls and unbounded threat models.
+    size_ratio: float | None = None
+    at_bound: bool | None = None
+    #: The factor stimulus mode scaled the attack's perturbation by to reach the bound
+    #: (:func:`fit_to_bound`; 1: unchanged; ``attack_measures`` are the attack's, before it).
+    fit_scale: float | None = None
 
 
 @dataclass
@@ -236,6 +247,172 @@ def fit_stored(attack, natural_u8: np.ndarray, natural: torch.Tensor, adversaria
     return fitted
 
 
+#: Stimulus mode's target: stored size ÷ bound in ``[AT_BOUND, 1]`` (1 with the relative float
+#: tolerance of :func:`_le`), :data:`engine.analysis.AT_BOUND`. Pairs below it are kept and
+#: flagged (``at_bound=False``).
+#: The mode :func:`generate_stimuli` runs attacks in unless told otherwise (see MODES).
+STIMULUS_MODE = "stimulus"
+#: Doublings of the scale tried before bisecting, and bisection steps, of :func:`fit_to_bound`.
+GROW_STEPS = 4
+BISECT_STEPS = 10
+#: Probes around the bisected scale (``α·(1 ± k·PROBE_SPACING)``, k = 1…PROBE_STEPS) for the
+#: pairs still short of :data:`AT_BOUND`: where 8-bit rounding makes the size jagged in ``α``
+#: (JPEG-L∞, whose DCT coefficients pick up the rounding of every pixel) a nearby scale can
+#: store a larger size within the bound.
+PROBE_STEPS = 8
+PROBE_SPACING = 0.01
+_TOLERANCE = 1e-4
+
+
+@dataclass
+class Fitted:
+    """:func:`fit_to_bound`'s result for a batch of ``N`` pairs."""
+
+    #: ``[N, H, W, 3]`` uint8, the images to store.
+    pixels: np.ndarray
+    #: ``[N]`` scale applied to the attack's perturbation (1: unchanged).
+    scale: np.ndarray
+    #: ``[N]`` size in bound units where it is defined by parameters (flow, lattice), else None.
+    parameter_size: np.ndarray | None
+
+
+def _scaled(attack, natural_u8: np.ndarray, natural: torch.Tensor, adversarial: torch.Tensor,
+            extras: dict, scale: np.ndarray, labels: torch.Tensor, classifier: ImageClassifier,
+            device: torch.device):
+    """Stored pixels, size (bound units), success and parameter size at ``scale`` per image."""
+    images, parameter_size = attack.scale_perturbation(
+        natural, adversarial, extras, torch.as_tensor(scale, dtype=torch.float64).to(device))
+    pixels = quantize_toward(natural_u8, images)
+    shown = from_uint8(pixels, device)
+    with torch.no_grad():
+        logits = classifier(shown)
+        size = parameter_size if parameter_size is not None else (
+            attack.perturbation_size(natural, shown, classifier))
+    success = attack.is_success(logits, labels).cpu().numpy()
+    return pixels, size.double().cpu().numpy(), success, (
+        None if parameter_size is None else parameter_size.double().cpu().numpy())
+
+
+def fit_to_bound(attack, natural_u8: np.ndarray, natural: torch.Tensor, result,
+                 labels: torch.Tensor, classifier: ImageClassifier, device: torch.device
+                 ) -> Fitted:
+    """Scale each pair's perturbation so that its *stored* 8-bit size is as close to
+    ``attack.bound`` as possible without exceeding it (stimulus mode's last step).
+
+    For a scale ``α`` the candidate is :meth:`Attack.scale_perturbation` (the image
+    perturbation ``α·(x' − x)``; StAdv's flow / ReColorAdv's lattice ``α·θ``), rounded toward
+    the natural image to 8 bits (:func:`quantize_toward`) and measured as stored. ``α`` is
+    *feasible* when that size is within the bound and, if the attack's own image was
+    adversarial, the candidate still is (a successful pair stays successful). Per image:
+
+    - already in ``[AT_BOUND, 1]`` of the bound: unchanged (``α = 1``);
+    - over the bound (8-bit rounding of an LPIPS ball, Fast-LPA's soft bound): the largest
+      feasible ``α`` in ``[0, 1]`` by bisection on size alone (``α = 0`` is the natural image);
+    - under ``AT_BOUND``: ``α`` starts at the linear guess ``bound / size``, doubles while
+      still feasible (``GROW_STEPS``), then bisects between the last feasible and the first
+      infeasible ``α`` (``BISECT_STEPS``; the interval shrinks to ``2^-10`` of the guess);
+      still short, up to ``2·PROBE_STEPS`` probes around the bisected ``α``.
+
+    Of all feasible candidates probed, the one with the largest stored size is kept. Every
+    candidate is measured exactly as stored, so the result is within the bound after
+    quantisation by construction. Sizes need not be exactly monotone in ``α`` (LPIPS; clamping
+    to ``[0, 1]``), so a pair can still end below ``AT_BOUND`` — the caller flags it.
+    Cost: one classifier pass and one size measurement per step, on the rows being fitted.
+    """
+    n = natural_u8.shape[0]
+    bound = float(attack.bound)
+    limit = bound * (1 + _TOLERANCE)
+    extras = dict(result.extras)
+    ones = np.ones(n)
+    pixels, size, success, parameter_size = _scaled(
+        attack, natural_u8, natural, result.adversarial, extras, ones, labels, classifier,
+        device)
+    scale = ones.copy()
+    need_success = success.copy()
+    over = size > limit
+    under = (size < AT_BOUND * bound) & (size > 0)
+    rows = np.flatnonzero(over | under)
+    if rows.size == 0 or bound == 0:
+        return Fitted(pixels, scale, parameter_size)
+
+    index = torch.as_tensor(rows, device=device)
+    sub_extras = {k: v[index] for k, v in extras.items() if v.dim() >= 1 and v.shape[0] == n}
+
+    def probe(alpha: np.ndarray):
+        got = _scaled(attack, natural_u8[rows], natural[index], result.adversarial[index],
+                      sub_extras, alpha, labels[index], classifier, device)
+        feasible = (got[1] <= limit) & (got[2] | ~need_success[rows] | over[rows])
+        return got, feasible
+
+    best_pixels = pixels[rows].copy()
+    best_size = np.where(over[rows], -np.inf, size[rows])  # over the bound: not a candidate
+    best_parameter = None if parameter_size is None else parameter_size[rows].copy()
+
+    def keep(alpha: np.ndarray, got, take: np.ndarray) -> None:
+        take = take & (got[1] >= best_size)  # the largest feasible stored size wins
+        best_pixels[take] = got[0][take]
+        best_size[take] = got[1][take]
+        if best_parameter is not None:
+            best_parameter[take] = got[3][take]
+        scale[rows[take]] = alpha[take]
+
+    is_over = over[rows]
+    low = np.where(is_over, 0.0, 1.0)
+    high = np.where(is_over, 1.0, np.minimum(bound / np.maximum(size[rows], 1e-12), 1e6))
+    if is_over.any():  # α = 0 (the natural image) is feasible: start there, not at α = 1
+        keep(low, (natural_u8[rows], np.zeros(rows.size), None,
+                   None if best_parameter is None else np.zeros(rows.size)), is_over)
+    growing = ~is_over
+    for _ in range(GROW_STEPS + 1):
+        if not growing.any():
+            break
+        got, feasible = probe(high)
+        grow = growing & feasible
+        keep(high, got, grow)
+        low = np.where(grow, high, low)
+        done = grow & (got[1] >= AT_BOUND * bound)  # reached the target: stop here
+        growing = grow & ~done
+        high = np.where(growing, high * 2, high)
+        if done.any():
+            low = np.where(done, high, low)  # nothing left to bisect for these rows
+    for _ in range(BISECT_STEPS):
+        active = high > low * (1 + 1e-6)
+        if not active.any():
+            break
+        middle = np.where(active, (low + high) / 2, low)
+        got, feasible = probe(middle)
+        take = active & feasible & (middle > 0)
+        keep(middle, got, take)
+        low = np.where(take, middle, low)
+        high = np.where(active & ~feasible, middle, high)
+    for k in (k * sign for k in range(1, PROBE_STEPS + 1) for sign in (1, -1)):
+        short = best_size < AT_BOUND * bound
+        if not short.any():
+            break
+        alpha = low * (1 + k * PROBE_SPACING)
+        got, feasible = probe(alpha)
+        keep(alpha, got, short & feasible & (alpha > 0))
+    pixels[rows] = best_pixels
+    if parameter_size is not None:
+        parameter_size[rows] = best_parameter
+    return Fitted(pixels, scale, parameter_size)
+
+
+def size_ratio_summary(rows) -> list[dict]:
+    """Per condition, the stored size ÷ bound of its pairs: ``[{condition, n, min, median,
+    max, flagged}]`` in first-seen order, from ``(condition, size_ratio)`` rows (PairRecords'
+    fields, or a study's stored pairs). ``flagged`` counts ratios outside ``[AT_BOUND, 1]``;
+    rows without a ratio (controls, unbounded threat models) are left out."""
+    by: dict[str, list[float]] = {}
+    for condition, ratio in rows:
+        if condition is not None and ratio is not None:
+            by.setdefault(condition, []).append(float(ratio))
+    return [{"condition": c, "n": len(r), "min": min(r), "median": float(np.median(r)),
+             "max": max(r),
+             "flagged": sum(not AT_BOUND <= x <= 1 + _TOLERANCE for x in r)}
+            for c, r in by.items()]
+
+
 def autocast_context(autocast: str | None, device: torch.device):
     """``torch.autocast`` in bfloat16 when asked, else a no-op context."""
     if autocast is None:
@@ -270,6 +447,7 @@ def generate_stimuli(
     progress: bool = True,
     levels: dict[str, int] | None = None,
     write_manifest: bool = True,
+    mode: str = STIMULUS_MODE,
 ) -> Manifest:
     """Attack every source under every spec and write pairs, sentinels and the manifest.
 
@@ -281,7 +459,23 @@ def generate_stimuli(
     ``autocast="bf16"`` runs the attacks (not the distance measurements) under bfloat16
     autocast, for GPUs. ``levels`` maps specs (as given) to their ladder level, recorded with
     the condition; labels come from the specs (``bound=small``, ``bound=0.31@human``).
+
+    ``mode`` (recorded in the manifest's generator and every condition):
+
+    - ``"stimulus"`` (what study generation runs): each attack runs as
+      :meth:`Attack.for_mode` ``("stimulus")`` makes it (no early exit, margin unclamped; the
+      condition's ``attack_spec`` records what ran), then :func:`fit_to_bound` scales every
+      bounded pair's perturbation so its stored 8-bit size is as close to the bound as it can
+      be without exceeding it, keeping successful pairs successful. Pairs whose stored size ÷
+      bound stays below :data:`AT_BOUND` are kept and flagged (``at_bound=False``).
+    - ``"evaluation"``: the attacks exactly as specified (PPGD/LPA stop at the first
+      misclassified iterate), only shrinking LPIPS pairs that 8 bits push over the bound —
+      the stimuli of manifests written before stimulus mode existed.
     """
+    from .attacks.base import MODES
+
+    if mode not in MODES:
+        raise EngineError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     if autocast not in (None, "bf16"):
         raise EngineError(f"autocast must be None or 'bf16', got {autocast!r}")
     if not sources:
@@ -337,6 +531,8 @@ def generate_stimuli(
         "device": str(device),
         "autocast": autocast,
         "python": platform.python_version(),
+        "mode": mode,
+        "at_bound": [AT_BOUND, 1.0] if mode == STIMULUS_MODE else None,
     }
     manifest = Manifest(
         generator=generator_info,
@@ -350,34 +546,49 @@ def generate_stimuli(
                 "level": (levels or {}).get(text),
                 "given": text,
                 "parameters": a.describe(),
+                "mode": mode,
+                "attack_spec": a.for_mode(mode).spec,
             }
             for a, text in zip(attacks, attack_specs, strict=True)
         ],
     )
 
+    running = {a.spec: a.for_mode(mode) for a in attacks}
     batches = [(a, i) for a in attacks for i in range(0, len(sources), batch_size)]
     for attack, start in tqdm(batches, desc="attacking", unit="batch", disable=not progress):
+        run = running[attack.spec]
         stop = min(start + batch_size, len(sources))
         natural = from_uint8(natural_u8[start:stop], device)
         generator = torch.Generator().manual_seed(
             zlib.crc32(f"{seed}|{attack.spec}|{start}".encode())
         )
         with autocast_context(autocast, device):
-            result = attack(classifier, natural, labels[start:stop], generator=generator)
-        adversarial_u8 = quantize_toward(natural_u8[start:stop], result.adversarial)
-        if attack.name in STORED_WITHIN_BOUND:
-            adversarial_u8 = fit_stored(attack, natural_u8[start:stop], natural, adversarial_u8,
-                                        classifier, device)
+            result = run(classifier, natural, labels[start:stop], generator=generator)
+        size = result.size  # as the attack optimised it (float images / its own parameters)
+        scale = None
+        if mode == STIMULUS_MODE and size is not None:
+            fitted = fit_to_bound(run, natural_u8[start:stop], natural, result,
+                                  labels[start:stop], classifier, device)
+            adversarial_u8, scale = fitted.pixels, fitted.scale
+            if fitted.parameter_size is not None:  # the scaled flow / lattice that is shown
+                size = torch.as_tensor(fitted.parameter_size)
+        else:
+            adversarial_u8 = quantize_toward(natural_u8[start:stop], result.adversarial)
+            if attack.name in STORED_WITHIN_BOUND:
+                adversarial_u8 = fit_stored(attack, natural_u8[start:stop], natural,
+                                            adversarial_u8, classifier, device)
         shown = from_uint8(adversarial_u8, device)  # measure what is stored and shown
         with torch.no_grad():
             predicted = classifier(shown).argmax(1)
             distances = pairwise_distances(natural, shown, lpips_models)
-            stored_size = attack.perturbation_size(natural, shown, classifier)
-        size = result.size  # as the attack optimised it (float images / its own parameters)
+            stored_size = run.perturbation_size(natural, shown, classifier)
         measures = {  # per-image scalars the attack reports (flow_linf, lattice_smoothness ...)
             k: v.float().cpu().tolist() for k, v in result.extras.items() if v.dim() == 1
         }
         slug = condition_slug(attack.spec)
+        shown_size = stored_size if stored_size is not None else size
+        ratio = (None if shown_size is None or attack.bound == 0
+                 else (shown_size.double().cpu() / attack.bound).numpy())
         for j, idx in enumerate(range(start, stop)):
             src = sources[idx]
             rel = f"{slug}/{src.id}.png"
@@ -409,6 +620,10 @@ def generate_stimuli(
                     natural_sha256=natural_hashes[idx],
                     other_sha256=other_hash,
                     origin=src.origin,
+                    size_ratio=None if ratio is None else float(ratio[j]),
+                    at_bound=None if ratio is None
+                    else bool(AT_BOUND <= ratio[j] <= 1 + _TOLERANCE),
+                    fit_scale=None if scale is None else float(scale[j]),
                 )
             )
 

@@ -24,6 +24,7 @@ from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
+from engine.analysis import AT_BOUND
 from engine.attacks.spec import bound_units, condition_title
 from engine.provenance import distance_label
 
@@ -58,6 +59,7 @@ HEADERS = {
     "method": "Method", "arch": "Architecture", "clean": "Clean accuracy",
     "union": "Union accuracy (all threat models)", "unseen_mean": "Unseen mean accuracy",
     "check": "Check", "detail": "Detail", "passed": "Passed",
+    "size_ratio": "Stored size ÷ bound (min – median)",
     "defense_bound": "Defense bound ε", "condition_spec": "Condition spec",
 }
 
@@ -129,6 +131,9 @@ def perceptibility_table(report) -> dict:
     frame["condition_title"] = titles
     frame["units"] = units
     columns = ["condition", "units", "n_pairs", "n_judgments", "perceptibility", "ci", "boot"]
+    if "size_ratio_min" in frame.columns:  # stimulus mode aims every pair at [0.95, 1]
+        frame["size_ratio"] = [_size_ratio_cell(r) for r in frame.to_dict("records")]
+        columns.append("size_ratio")
     columns += [c for c in frame.columns if c.startswith("mean_")]
     frame["ci"] = frame["boot"] = None  # drawn from the low/high columns by the template
     t = table(frame, columns, key="condition", hover={"condition": "condition"},
@@ -137,6 +142,19 @@ def perceptibility_table(report) -> dict:
         row["intervals"] = {name: (_cell(record[f"{name}_low"]), _cell(record[f"{name}_high"]))
                             for name in ("ci", "boot")}
     return t
+
+
+def _size_ratio_cell(record: dict) -> str:
+    """``min – median`` of stored size ÷ bound, and how many pairs are flagged below
+    :data:`engine.analysis.AT_BOUND` (– for controls and unbounded threat models)."""
+    low, mid = record.get("size_ratio_min"), record.get("size_ratio_median")
+    if low is None or mid is None or pd.isna(low) or pd.isna(mid):
+        return "–"
+    text = f"{low:.2f} – {mid:.2f}"
+    flagged = record.get("n_not_at_bound")
+    if flagged is not None and not pd.isna(flagged) and int(flagged) > 0:
+        text += f" ({int(flagged)} below {AT_BOUND:g})"
+    return text
 
 
 def session_stats(study: Study) -> dict:

@@ -3,8 +3,10 @@
 ``pairs``: one row per pair — ``pair`` (id), ``condition`` (spec; None for controls),
 ``threat_model``, ``bound`` (the threat model's own units), ``label``, ``is_sentinel``,
 ``is_catch``, ``success`` (attack success stored with the pair; NaN when unknown), ``level``
-(ladder index, NaN outside adaptive ladders) and one float column per stored distance (``l2``,
-``linf``, ``ssim``, ``lpips_alexnet`` ...; NaN where a pair lacks it).
+(ladder index, NaN outside adaptive ladders), ``size_ratio`` (stored size ÷ bound, NaN when
+unknown: controls, unbounded threat models, pairs made before stimulus mode) and one float
+column per stored distance (``l2``, ``linf``, ``ssim``, ``lpips_alexnet`` ...; NaN where a pair
+lacks it).
 
 ``judgments``: one row per main-trial judgment (practice never) — ``pair``, ``different``
 (bool), ``participant``, ``session`` (ids), ``excluded`` (the session was excluded by quality
@@ -25,7 +27,7 @@ from .models import Judgment, Pair, Study
 
 PAIR_COLUMNS = [
     "pair", "condition", "threat_model", "bound", "label", "is_sentinel", "is_catch",
-    "success", "level",
+    "success", "level", "size_ratio",
 ]
 JUDGMENT_COLUMNS = [
     "pair", "different", "participant", "session", "excluded", "simulated", "response_ms",
@@ -41,7 +43,7 @@ def pairs_frame(study: Study) -> pd.DataFrame:
         .values_list(
             "id", "condition__spec", "condition__threat_model", "condition__bound",
             "condition__label", "is_sentinel", "is_catch", "attack_success", "level",
-            "distances",
+            "distances", "metadata__size_ratio",
         )
     )
     if not rows:
@@ -63,6 +65,9 @@ def pairs_frame(study: Study) -> pd.DataFrame:
                 [np.nan if v is None else float(v) for v in columns[8]], dtype=float
             ),
         }
+    )
+    frame["size_ratio"] = pd.Series(
+        [np.nan if v is None else float(v) for v in columns[10]], dtype=float
     )
     distances = pd.DataFrame.from_records([d or {} for d in columns[9]])
     for name in sorted(distances.columns):

@@ -36,6 +36,16 @@ from ..errors import EngineError
 #: Loss names accepted by every attack's ``loss`` parameter.
 LOSSES = ("ce", "margin")
 
+#: The modes an attack runs in (:meth:`Attack.for_mode`): ``evaluation`` — its parameters as
+#: given (PPGD/LPA stop at an image's first misclassified iterate by default, which is all a
+#: robust accuracy needs); ``stimulus`` — study stimuli, which must use their bound (no early
+#: exit, margin unclamped; :mod:`engine.stimuli` then scales each perturbation to the bound).
+MODES = ("evaluation", "stimulus")
+#: ``kappa`` in stimulus mode: a margin clamp no classifier's logits reach, i.e. unclamped (the
+#: clamp at PAT's ``kappa=1`` stops the iterate as soon as the margin passes 1, far inside the
+#: ball against a trained classifier). A finite number so that the spec stays parseable.
+STIMULUS_KAPPA = 1e6
+
 #: Parameter kinds understood by :func:`param` (they decide parsing, checking, formatting).
 PARAM_KINDS = ("bound", "float", "int", "bool", "choice", "str")
 
@@ -432,6 +442,48 @@ class Attack(ABC):
             "spec": self.spec,
             **{f.name: getattr(self, f.name) for f in self.parameter_fields()},
         }
+
+    # -- modes ---------------------------------------------------------------------------
+
+    def for_mode(self, mode: str) -> Attack:
+        """This attack configured for ``mode`` (:data:`MODES`); :class:`EngineError` for
+        another mode.
+
+        ``evaluation`` returns ``self``. ``stimulus`` returns a copy with
+        ``early_stop=false`` and ``kappa=`` :data:`STIMULUS_KAPPA` where the attack has those
+        parameters (PPGD, LPA; Lagrangian's ``kappa`` too): every iteration runs and the
+        margin keeps rewarding iterates further from the decision boundary, so the kept
+        iterate (the highest margin inside the ball) lies near the ball's surface. Its
+        :attr:`spec` records what ran. Attacks without these parameters are returned as they
+        are (their sign / normalised steps already end on the ball's surface).
+        """
+        if mode not in MODES:
+            raise EngineError(f"unknown attack mode {mode!r}; choose one of: {', '.join(MODES)}")
+        if mode == "evaluation":
+            return self
+        names = {f.name for f in self.parameter_fields()}
+        overrides: dict[str, Any] = {}
+        if "early_stop" in names:
+            overrides["early_stop"] = False
+        if "kappa" in names:
+            overrides["kappa"] = STIMULUS_KAPPA
+        return dataclasses.replace(self, **overrides) if overrides else self
+
+    def scale_perturbation(self, natural: Tensor, adversarial: Tensor,
+                           extras: dict[str, Tensor], scale: Tensor
+                           ) -> tuple[Tensor, Tensor | None]:
+        """Images whose perturbation is ``scale`` (``[N]``, ≥ 0) times this attack's, for
+        fitting stimuli to the bound (:func:`engine.stimuli.fit_to_bound`).
+
+        ``adversarial`` and ``extras`` are this attack's result on ``natural``. Returns
+        ``(images [N, 3, H, W] in [0, 1], size [N] in bound units or None)``; the size is
+        given where the bound is on parameters that cannot be measured from the images
+        (StAdv's flow, ReColorAdv's lattice), else None (measure the images with
+        :meth:`perturbation_size`). Default: ``natural + scale·(adversarial − natural)``,
+        clamped to ``[0, 1]`` — the image-space perturbation scaled.
+        """
+        view = scale.to(natural.dtype).view(-1, *([1] * (natural.dim() - 1)))
+        return (natural + view * (adversarial - natural)).clamp(0, 1), None
 
     #: Key of :meth:`perturb_with_extras`'s extras holding the size in bound units, for
     #: threat models whose bound is on parameters rather than on the images (StAdv's flow).

@@ -202,6 +202,15 @@ class ReColorAdv(ParametricAttack):
         """``2.5·bound / num_iterations`` for sign steps; PAT's lr 0.001 for Adam."""
         return self.ADAM_LR if self.optimizer == "adam" else super().default_step_size()
 
+    def scale_perturbation(self, natural: Tensor, adversarial: Tensor,
+                           extras: dict[str, Tensor], scale: Tensor
+                           ) -> tuple[Tensor, Tensor | None]:
+        """The colour lattice (``extras["lattice"]``) scaled by ``scale`` (``[N]``) and applied to
+        ``natural``; its size ``scale·lattice_linf`` in bound units (the L∞ norm is homogeneous)."""
+        view = scale.to(extras["lattice"].dtype).view(-1, *([1] * (extras["lattice"].dim() - 1)))
+        images = apply_color_lattice(natural, extras["lattice"] * view)
+        return images, scale.to(extras["lattice_linf"].dtype) * extras["lattice_linf"]
+
     def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
                             generator: torch.Generator | None
                             ) -> tuple[Tensor, dict[str, Tensor]]:

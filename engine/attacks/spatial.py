@@ -144,6 +144,15 @@ class StAdv(ParametricAttack):
         """``2.5·bound / num_iterations`` for sign steps; PAT's lr 0.01 for Adam."""
         return self.ADAM_LR if self.optimizer == "adam" else super().default_step_size()
 
+    def scale_perturbation(self, natural: Tensor, adversarial: Tensor,
+                           extras: dict[str, Tensor], scale: Tensor
+                           ) -> tuple[Tensor, Tensor | None]:
+        """The flow (``extras["flow"]``) scaled by ``scale`` (``[N]``) and applied to
+        ``natural``; its size ``scale·flow_linf`` in bound units (the L∞ norm is homogeneous)."""
+        view = scale.to(extras["flow"].dtype).view(-1, *([1] * (extras["flow"].dim() - 1)))
+        images = apply_flow(natural, extras["flow"] * view)
+        return images, scale.to(extras["flow_linf"].dtype) * extras["flow_linf"]
+
     def perturb_with_extras(self, model: Model, images: Tensor, labels: Tensor,
                             generator: torch.Generator | None
                             ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from engine.attacks import parse_attack
 from engine.datasets import load_dataset
 from engine.errors import EngineError
 from engine.evaluate import (
+    SANITY_NOTE,
     autoattack_correct,
     check_calibrated_bounds,
     evaluate_model,
@@ -137,3 +139,59 @@ def test_tables_are_written_as_csv_and_markdown(tmp_path):
 def test_bad_autoattack_spec(model, digits):
     with pytest.raises(EngineError, match="NORM:EPS"):
         evaluate_model(model, digits.test, [], autoattack=["linf"], limit=4, progress=False)
+
+
+class _Saturated(nn.Module):
+    """Logits ×1e4: the softmax saturates in float32, so the cross-entropy gradient of every
+    confidently classified image is exactly zero (APGD-CE stalls) while margin/DLR attacks,
+    which are scale-invariant, are unaffected."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) * 1e4
+
+
+def _square_row(checks):
+    (row,) = [c for c in checks if c["check"] == "square_not_stronger"]
+    found = re.search(r"square ([\d.]+) vs white-box union ([\d.]+) \((.*)\)", row["value"])
+    parts = dict(p.rsplit(" ", 1) for p in found.group(3).split(", "))
+    return row, float(found.group(1)), float(found.group(2)), {k: float(v)
+                                                               for k, v in parts.items()}
+
+
+def test_masking_check_compares_square_with_the_union_of_white_box_attacks(model, digits):
+    """APGD-CE alone under-attacks a model whose CE gradient vanishes; the per-image union
+    with APGD-DLR and the in-ball PGD does not, so the check must not fire on it."""
+    saturated = _Saturated(model)
+    checks = sanity_checks(saturated, digits.test, ["linf:bound=0.1,num_iterations=10"],
+                           limit=40, square=("linf:0.1",), square_queries=200)
+    row, square, union, parts = _square_row(checks)
+    assert "linf 0.05" in row["detail"] and "linf 0.1" in row["detail"]  # in-ball PGD runs
+    assert "linf 0.2" not in row["detail"]  # the 2× bound is outside the ball: not counted
+    assert union <= min(parts.values())
+    assert parts["apgd_ce"] > square + 0.05  # APGD-CE alone would have flagged masking
+    assert union < parts["apgd_ce"]
+    assert row["passed"], row
+
+
+def test_masking_check_fires_when_every_white_box_attack_is_blind(model, digits):
+    masked = _Masked(model)
+    checks = sanity_checks(masked, digits.test, ["linf:bound=0.1,num_iterations=5"],
+                           limit=40, square=("linf:0.1",), square_queries=200)
+    row, square, union, _ = _square_row(checks)
+    assert square < union - 0.1
+    assert not row["passed"]
+
+
+def test_sanity_table_states_fractions_not_percent(tmp_path):
+    rows = [{"model": "m", "check": "unbounded", "detail": "linf", "value": "0.000",
+             "passed": True}]
+    _, md_path = write_table(rows, tmp_path, "sanity", title="sanity", notes=[SANITY_NOTE],
+                             percent=False)
+    text = md_path.read_text()
+    assert "fractions" in text and "percent (CSV" not in text
+    _, md_path = write_table(rows, tmp_path, "plain", title="no floats")
+    assert "Accuracies in percent" not in md_path.read_text()  # no float was shown in percent

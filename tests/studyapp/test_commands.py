@@ -81,6 +81,20 @@ def test_generate_pairs_creates_rows_and_files_and_is_idempotent(media):
         assert (media / pair.natural_path).is_file() and (media / pair.other_path).is_file()
         assert {"l2", "linf", "ssim", "lpips_alexnet_untrained"} <= set(pair.distances)
     assert "untrained" in study.description.lower()
+    # stimulus mode: each condition's stored size ÷ bound is printed (issue 14)
+    assert "stored size ÷ bound per condition" in out
+    for condition in study.conditions.all():
+        ratios = [p.metadata["size_ratio"] for p in study.pairs.filter(condition=condition)]
+        line = next(x for x in out.splitlines() if x.strip().startswith(condition.spec + ":"))
+        assert f"median {np.median(ratios):.3f}" in line and f"over {len(ratios)} pairs" in line
+        assert f"max {max(ratios):.3f}" in line and max(ratios) <= 1 + 1e-4
+    from studyapp.frames import pairs_frame  # the dashboard's per-pair data carries it too
+
+    frame = pairs_frame(study).set_index("pair")
+    for pair in study.pairs.all():
+        expected = pair.metadata.get("size_ratio")
+        got = frame.loc[pair.pk, "size_ratio"]
+        assert np.isnan(got) if expected is None else got == pytest.approx(expected)
     files = media_files(media)
     again = run(
         "generate_pairs",

@@ -467,10 +467,10 @@ def test_generated_pairs_are_prepared_by_the_import(media_root, settings, monkey
     prepared: the first serving then decodes nothing."""
     from studyapp import stimulus_rows
     from studyapp.models import Study
-    from studyapp.services import GenerationRequest, generate_into_study
+    from studyapp.services import GenerateRequest, generate_into_study
 
     study = Study.objects.create(slug="generated", title="generated")
-    request = GenerationRequest(
+    request = GenerateRequest(
         specs=("linf:bound=8/255,num_iterations=2",), classifier="resnet18:untrained",
         lpips=("alexnet:untrained",), size=32, max_images=1, sentinels=1, seed=0,
     )

@@ -11,10 +11,11 @@ from django.core.management.base import CommandError
 from engine.errors import EngineError
 from engine.generate import GenerateRequest
 from engine.provenance import code_version
-from studyapp.models import Study
+from engine.stimuli import AT_BOUND, size_ratio_summary
+from studyapp.models import Pair, Study
 
 __all__ = ["add_generation_arguments", "code_version", "generation_request", "get_study",
-           "print_import_summary", "run_engine"]
+           "print_import_summary", "print_size_ratios", "run_engine"]
 
 
 def get_study(slug: str) -> Study:
@@ -106,6 +107,24 @@ def print_import_summary(stdout, study: Study, summary) -> None:
     stdout.write(
         f"study {study.slug}: {summary.created} pairs created, {summary.updated} updated,"
         f" {summary.unchanged} unchanged; {summary.conditions} conditions")
+    print_size_ratios(stdout, study)
     if summary.untrained:
         stdout.write(f"UNTRAINED networks used (recorded in the study's generation and"
                      f" description): {', '.join(summary.untrained)}")
+
+
+def print_size_ratios(stdout, study: Study) -> None:
+    """Each condition's stored size ÷ bound (stimulus mode aims at [AT_BOUND, 1])."""
+    rows = Pair.objects.filter(study=study, condition__isnull=False).order_by(
+        "condition__threat_model", "condition__bound", "id"
+    ).values_list("condition__spec", "metadata")
+    summary = size_ratio_summary((spec, (meta or {}).get("size_ratio")) for spec, meta in rows)
+    if not summary:
+        return
+    stdout.write(f"stored size ÷ bound per condition (target {AT_BOUND:g}–1):")
+    for row in summary:
+        flag = "  <-- FLAGGED: not at the bound" if row["flagged"] else ""
+        stdout.write(
+            f"  {row['condition']}: min {row['min']:.3f}, median {row['median']:.3f},"
+            f" max {row['max']:.3f} over {row['n']} pairs; {row['flagged']} outside"
+            f" [{AT_BOUND:g}, 1]{flag}")
