@@ -15,7 +15,9 @@ staff API (``/api/staff/studies/SLUG/robustness/``):
   fraction of people answering "different", with its 95 % participant-bootstrap interval;
   simulated observers and excluded sessions left out, as ``manage.py analyze``) beside the
   defense's robust accuracy at the same threat model and bound label. The join is on
-  ``(threat model, label)``, never on float bounds; both bounds are shown.
+  ``(threat model, label)``, never on float bounds; both bounds are shown. Where one run has
+  the same label at two bounds (a named ``small`` and a study's calibrated ``small``), the
+  result at the condition's own bound (the same stored number) is its partner.
 
 Accuracies are fractions in ``[0, 1]`` on the run's first ``n_images`` test images.
 """
@@ -150,6 +152,13 @@ def robustness_tables(study: Study, report=None) -> dict[str, pd.DataFrame]:
         match = human[(human["threat_model"] == a["threat_model"])
                       & (human["label"] == a["label"])]
         for c in match.to_dict("records"):
+            if a["bound"] != c["bound"] and any(
+                    b["run"] == a["run"] and b["threat_model"] == a["threat_model"]
+                    and b["label"] == a["label"] and b["bound"] == c["bound"]
+                    for b in accuracy):
+                # the same label at two bounds (PAT's named ``small`` and a study's own
+                # ``small``): the result at the condition's very bound is its partner
+                continue
             equal.append({
                 "run": a["run"], "threat_model": a["threat_model"], "label": a["label"],
                 "condition": condition_title(c["threat_model"], c["bound"], c["label"]),

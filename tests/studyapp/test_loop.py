@@ -7,7 +7,7 @@
 5. ``generate_pairs --bounds calibrated:SLUG``;
 6. ``train_defense``;
 7. ``evaluate_defense`` at named and calibrated bounds;
-8. the robustness page in Chromium — see the TODO at the end (built on branch h15staff).
+8. the study's robustness page in Chromium: its numbers equal ``results.json``.
 
 Every number checked against the step that produced it: the calibrated conditions carry the
 calibration's presets and labels, the stored defense results equal ``results.json``.
@@ -42,8 +42,11 @@ def run(*args) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.django_db
-def test_the_loop_from_gpu_box_folder_to_defense_results(settings, tmp_path):
+@pytest.mark.browser
+@pytest.mark.django_db(transaction=True)  # the live server thread reads what the commands wrote
+def test_the_loop_from_gpu_box_folder_to_defense_results(
+    settings, tmp_path, live_server, chromium_executable, monkeypatch
+):
     settings.MEDIA_ROOT = tmp_path / "media"
     folder = tmp_path / "gpu-box"
     # 1. the GPU box: two ranks, gloo on CPU
@@ -113,5 +116,35 @@ def test_the_loop_from_gpu_box_folder_to_defense_results(settings, tmp_path):
     accs = [calibrated[k].accuracy for k in ("p10", "p25", "p50")]
     assert all(b <= a + 1 / 20 for a, b in zip(accs, accs[1:], strict=False))
 
-    # 8. TODO(integrator, h15staff): render the study's robustness page in Chromium and
-    # assert its numbers equal `stored` / `result` above (the page is built on h15staff).
+    # 8. the robustness page in Chromium shows exactly those numbers
+    from django.contrib.auth import get_user_model
+    from playwright.sync_api import sync_playwright
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # ORM next to Playwright's loop
+    get_user_model().objects.create_user("loop-staff", password="l00p-pw!", is_staff=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_executable, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{live_server.url}/staff/")
+            page.fill("#id_username", "loop-staff")
+            page.fill("#id_password", "l00p-pw!")
+            page.click("input[type=submit]")
+            page.wait_for_url(f"{live_server.url}/staff/")
+            page.goto(f"{live_server.url}/dashboard/loop/robustness/")
+            shown = 0
+            for column, value in row.items():
+                if column in ("model", "dataset", "images"):
+                    continue
+                text = "–" if value is None else f"{value:.4f}"
+                if column in ("clean", "union", "unseen_mean"):
+                    cell = f'#summary tr[data-row="loop-pgd"] td[data-col="{column}"]'
+                else:
+                    cell = f'#accuracy tr[data-row="loop-pgd|{column}"] td[data-col="accuracy"]'
+                assert page.inner_text(cell) == text, column
+                shown += 1
+            assert shown >= 3
+        finally:
+            browser.close()
