@@ -202,8 +202,9 @@ class Command(BaseCommand):
                         f" ({int(row['n_different'])}/{int(row['n_judgments'])})"
                     )
             self.stdout.write(
-                "\nPearson r across conditions, mean distance vs perceptibility"
-                " (SSIM is a similarity: good means negative r):"
+                "\nPearson r and Spearman rho across conditions, mean distance vs"
+                " perceptibility (transform 1-x: SSIM enters as 1 − SSIM, so for every"
+                " distance a good predictor has a positive r):"
             )
             self.stdout.write(report.correlations.to_string(index=False))
             if not report.table4.empty:
