@@ -66,7 +66,8 @@ POP_GUESS, POP_LAPSE, BIAS_SD, SLOPE_SD, CARELESS = 0.08, 0.05, 0.6, 0.3, 0.05
 #: psi-marginal nuisance grids (flat prior over them).
 PSI_GUESS = (0.01, 0.03, 0.06, 0.1, 0.15)
 PSI_LAPSE = (0.0, 0.02, 0.05, 0.1)
-MIN_SHARE = 0.25 / LEVELS
+FLOOR = 0.25
+MIN_SHARE = FLOOR / LEVELS
 #: PAT table 4 (appendix D): bound and perceptibility of the small, medium, large bounds.
 TABLE4 = {
     "linf": ((2, 4, 8), (0.07, 0.11, 0.39)),
@@ -257,11 +258,16 @@ def main():
     ap.add_argument("--threat-models", default=",".join(TABLE4))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--designs", default=",".join(DESIGNS))
+    ap.add_argument("--floor", type=float, default=FLOOR,
+                    help="share of the judgments kept spread equally over the ladder by the "
+                    "psi and fisher designs (each level ≥ floor / levels)")
     ap.add_argument("--boot", type=int, default=1000, help="bootstrap over repetitions")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
     tms = args.threat_models.split(",")
     designs = args.designs.split(",")
+    global MIN_SHARE
+    MIN_SHARE = args.floor / LEVELS
     pop = population()
     grid = np.array(CHECKPOINTS, float)
     rng = np.random.default_rng(args.seed)
@@ -317,7 +323,7 @@ def main():
                   TARGETS, s["per_target"], s["per_target_ci"], strict=True)))
     print(f"{elapsed:.0f} s")
     command = (f"OMP_NUM_THREADS=1 .venv/bin/python bench/adaptive.py --reps {args.reps} "
-               f"--n-boot {args.n_boot} --seed {args.seed}")
+               f"--n-boot {args.n_boot} --seed {args.seed} --floor {args.floor:g}")
     if args.threat_models != ",".join(TABLE4):
         command += f" --threat-models {args.threat_models}"
     OUT.mkdir(parents=True, exist_ok=True)

@@ -89,6 +89,7 @@ class Command(BaseCommand):
         # (study_counts) and of the staff API's progress (study_progress).
         counts = study_counts(study)[study.pk]
         progress = study_progress(study)
+        calibration = dashboard_figures.latest_calibration(study)
         report = analyze(
             pairs,
             judgments,
@@ -111,7 +112,8 @@ class Command(BaseCommand):
         to_stdout = opts["json"] == "-"
         if opts["json"]:
             text = json.dumps(
-                {"study": study.slug, "counts": counts, "progress": progress, **report.to_json()},
+                {"study": study.slug, "counts": counts, "progress": progress, **report.to_json(),
+                 "fit_flags": calibration.flags() if calibration is not None else None},
                 indent=1,
                 allow_nan=False,
                 default=str,
@@ -125,7 +127,7 @@ class Command(BaseCommand):
         if opts["figures"]:
             context = dashboard_figures.FigureContext(
                 study, pairs, judgments, report,
-                calibration=dashboard_figures.latest_calibration(study),
+                calibration=calibration,
                 include_excluded=opts["include_excluded"],
                 include_simulated=opts["include_simulated"],
             )
@@ -133,6 +135,7 @@ class Command(BaseCommand):
         if not to_stdout:
             self._print_header(study, counts, progress)
             self._print(study, judgments, report, opts)
+            self._print_fits(study, calibration)
             self.stdout.write("\nWrote " + ", ".join(str(p) for p in written))
         else:
             print(f"Wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
@@ -150,6 +153,23 @@ class Command(BaseCommand):
             f" {progress['n_judgments_valid']}/{progress['n_judgments_needed']} judgments"
             f" towards K={progress['judgments_per_pair']} per pair.\n"
         )
+
+    def _print_fits(self, study, calibration) -> None:
+        """The latest stored calibration's psychometric fits, with their warnings."""
+        if calibration is None:
+            self.stdout.write(f"\nNo calibration stored: `manage.py calibrate --study {study.slug}`"
+                              " fits the psychometric functions (and flags saturated or poorly"
+                              " identified fits).")
+            return
+        self.stdout.write("\nPsychometric fits (latest calibrate run):")
+        flags = calibration.flags()
+        for tm, cal in sorted(calibration.threat_models.items()):
+            fit = cal.fit
+            pv = f"{fit.p_value:.3g}" if fit.df > 0 else "n/a"
+            self.stdout.write(f"  {tm}: deviance {fit.deviance:.3g} on {fit.df} df,"
+                              f" goodness-of-fit p {pv}")
+            for flag in flags.get(tm, []):
+                self.stdout.write(f"  WARNING {tm}: {flag}")
 
     def _print(self, study, judgments, report, opts) -> None:
         table = report.perceptibility
