@@ -171,10 +171,39 @@ def participant_weights(n_participants: int, n_boot: int, seed: int) -> np.ndarr
     return np.concatenate(list(participant_weight_chunks(n_participants, n_boot, seed)))
 
 
-def bootstrap_products(n_participants: int, n_boot: int, seed: int, *mats) -> list[np.ndarray]:
-    """``W @ M`` for each per-participant matrix ``M`` (P × C), computed chunk by chunk."""
+class SharedWeights:
+    """:func:`participant_weight_chunks` drawn once and replayed to every statistic that needs
+    them (the same draws as drawing them again, without the cost: at 50,000 participants ×
+    1,000 replicates the multinomial draws take seconds). Stored as the counts they are
+    (uint8, or uint16 if a count exceeds 255): 1,000 × 50,000 takes 50 MB."""
+
+    def __init__(self, n_participants: int, n_boot: int, seed: int):
+        self.key = (n_participants, n_boot, seed)
+        self._chunks = []
+        for w in participant_weight_chunks(n_participants, n_boot, seed):
+            dtype = np.uint8 if w.size == 0 or w.max() < 256 else np.uint16
+            self._chunks.append(w.astype(dtype))
+
+    def chunks(self):
+        for w in self._chunks:
+            yield w.astype(float)
+
+
+def _weight_chunks(n_participants: int, n_boot: int, seed: int, weights=None):
+    if weights is not None:
+        if weights.key != (n_participants, n_boot, seed):
+            raise ValueError(f"shared weights drawn for {weights.key}, not "
+                             f"{(n_participants, n_boot, seed)}")
+        return weights.chunks()
+    return participant_weight_chunks(n_participants, n_boot, seed)
+
+
+def bootstrap_products(n_participants: int, n_boot: int, seed: int, *mats,
+                       weights: SharedWeights | None = None) -> list[np.ndarray]:
+    """``W @ M`` for each per-participant matrix ``M`` (P × C), computed chunk by chunk
+    (``weights``: the same draws, already made)."""
     outs = [[] for _ in mats]
-    for w in participant_weight_chunks(n_participants, n_boot, seed):
+    for w in _weight_chunks(n_participants, n_boot, seed, weights):
         for out, m in zip(outs, mats, strict=True):
             out.append(w @ m)
     return [np.concatenate(o) if o else np.zeros((0, m.shape[1])) for o, m in zip(
@@ -409,11 +438,11 @@ def apply_exclusions(
 
 
 # --------------------------------------------------------------------------- perceptibility
-def _group_rates(prep: _Prepared, n_boot: int, seed: int):
+def _group_rates(prep: _Prepared, n_boot: int, seed: int, weights=None):
     """Point counts per group and bootstrap replicate rates ``(B, G)``."""
     k, n = prep.counts("group")
     k_tot, n_tot = k.sum(0), n.sum(0)
-    kb, nb = bootstrap_products(prep.n_participants, n_boot, seed, k, n)
+    kb, nb = bootstrap_products(prep.n_participants, n_boot, seed, k, n, weights=weights)
     with np.errstate(invalid="ignore", divide="ignore"):
         rb = kb / nb
     return k_tot, n_tot, kb, nb, rb
@@ -560,7 +589,7 @@ def _rowwise_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return _rowwise_pearson(stats.rankdata(x, axis=1), stats.rankdata(y, axis=1))
 
 
-def _correlations(prep: _Prepared, n_boot: int, seed: int) -> pd.DataFrame:
+def _correlations(prep: _Prepared, n_boot: int, seed: int, weights=None) -> pd.DataFrame:
     info = prep.group_info
     gcode = prep.pairs["gcode"].to_numpy()
     k_tot, n_tot = np.zeros(prep.n_groups), np.zeros(prep.n_groups)
@@ -592,7 +621,7 @@ def _correlations(prep: _Prepared, n_boot: int, seed: int) -> pd.DataFrame:
         # participant weights chunk by chunk to bound memory
         m_kt, m_nt, oht = m_k.T.tocsr(), m_n.T.tocsr(), onehot.T.tocsr()
         parts, row = [], 0
-        for wp in participant_weight_chunks(prep.n_participants, n_boot, seed):
+        for wp in _weight_chunks(prep.n_participants, n_boot, seed, weights):
             sl = slice(row, row + len(wp))
             kq = np.asarray(m_kt @ wp.T).T * wq[sl]
             nq = np.asarray(m_nt @ wp.T).T * wq[sl]
@@ -890,7 +919,10 @@ def _table4(prep: _Prepared, strength: pd.DataFrame | None, n_boot: int, seed: i
     onehot[main, cell_of] = 1.0
     kc, nc = k @ onehot, n @ onehot
     k_tot, n_tot = kc.sum(0), nc.sum(0)
-    kcb, ncb = bootstrap_products(prep.n_participants, n_boot, seed, kc, nc)
+    if boot is not None:  # the groups' replicate counts, summed into cells (same draws)
+        kcb, ncb = boot[2] @ onehot, boot[3] @ onehot
+    else:
+        kcb, ncb = bootstrap_products(prep.n_participants, n_boot, seed, kc, nc)
     with np.errstate(invalid="ignore", divide="ignore"):
         rb = kcb / ncb
     blow, bhigh = _percentile_interval(rb)
@@ -1063,16 +1095,18 @@ def analyze(
         judgments, include_excluded=include_excluded, include_simulated=include_simulated
     )
     prep = _prepare(pairs, kept)
-    boot = _group_rates(prep, n_boot, seed)
+    # participant bootstrap weights drawn once, shared by every table
+    weights = SharedWeights(prep.n_participants, n_boot, seed)
+    boot = _group_rates(prep, n_boot, seed, weights)
     return AnalysisReport(
         perceptibility=_perceptibility(prep, n_boot, seed, boot),
         controls=_controls(prep, n_boot, seed, boot),
         signal_detection=_sdt(prep, n_boot, seed, boot),
-        correlations=_correlations(prep, n_boot, seed),
+        correlations=_correlations(prep, n_boot, seed, weights),
         pair_prediction=_pair_prediction(prep),
         agreement=_agreement(prep),
         participants=_participants(prep),
-        table4=_table4(prep, strength, n_boot, seed),
+        table4=_table4(prep, strength, n_boot, seed, boot),
         pair_distances=pair_distances(pairs),
         exclusions=counts,
         meta={"n_boot": n_boot, "seed": seed, "include_excluded": include_excluded,

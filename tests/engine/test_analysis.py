@@ -442,3 +442,26 @@ def test_wilson_bounds_contain_the_proportion_exactly_at_0_and_n():
         lows, highs = _wilson_arrays(np.array([0.0, n]), np.array([n, n], float))
         assert lows[0] == 0.0 and highs[1] == 1.0
         assert np.all(lows <= np.array([0.0, 1.0])) and np.all(highs >= np.array([0.0, 1.0]))
+
+
+def test_analyze_draws_bootstrap_weights_once_with_the_same_draws():
+    """analyze shares one draw of participant weights between its tables: the tables equal
+    the stand-alone functions, each of which draws its own with the same seed."""
+    from engine.analysis import SharedWeights, bootstrap_products
+
+    pairs, j = make_study(seed=7)
+    kept, _ = apply_exclusions(j)
+    report = analyze(pairs, j, n_boot=150, seed=3)
+    pd.testing.assert_frame_equal(report.table4, table4(pairs, kept, n_boot=150, seed=3))
+    pd.testing.assert_frame_equal(report.correlations,
+                                  distance_correlations(pairs, kept, n_boot=150, seed=3))
+    pd.testing.assert_frame_equal(report.perceptibility,
+                                  perceptibility_table(pairs, kept, n_boot=150, seed=3))
+    shared = SharedWeights(12, 300, 5)
+    np.testing.assert_array_equal(np.concatenate(list(shared.chunks())),
+                                  participant_weights(12, 300, 5))
+    m = np.arange(24.0).reshape(12, 2)
+    np.testing.assert_array_equal(bootstrap_products(12, 300, 5, m, weights=shared)[0],
+                                  participant_weights(12, 300, 5) @ m)
+    with pytest.raises(ValueError, match="shared weights drawn for"):
+        bootstrap_products(12, 300, 6, m, weights=shared)
