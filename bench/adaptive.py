@@ -326,6 +326,8 @@ def main():
                f"--n-boot {args.n_boot} --seed {args.seed} --floor {args.floor:g}")
     if args.threat_models != ",".join(TABLE4):
         command += f" --threat-models {args.threat_models}"
+    if args.designs != ",".join(DESIGNS):
+        command += f" --designs {args.designs}"
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "adaptive.json").write_text(json.dumps({
         "command": command, "elapsed_s": elapsed, "summary": summary,
@@ -337,13 +339,13 @@ def main():
     if args.no_write:
         print("--no-write: nothing written to BENCHMARKS.md")
         return
-    write_section(args, tms, pop, summary, stars, eq, ad, shares, elapsed, command)
+    write_section(args, tms, pop, summary, stars, eq, ad, shares, elapsed, command, designs)
 
 
-def write_section(args, tms, pop, summary, stars, eq, ad, shares, elapsed, command):
+def write_section(args, tms, pop, summary, stars, eq, ad, shares, elapsed, command, designs):
     import os
 
-    best = max(DESIGNS, key=lambda d: summary[d]["pooled"])
+    best = max(designs, key=lambda d: summary[d]["pooled"])
     s = summary[best]
     lo, hi = s["pooled_ci"]
     verdict = ("met" if lo >= 1.5 else "met by the point estimate, not by the whole interval"
@@ -351,9 +353,11 @@ def write_section(args, tms, pop, summary, stars, eq, ad, shares, elapsed, comma
                f" (floor of its interval {lo:.2f}×)")
     fmt = lambda v, c: f"{v:.2f}× [{c[0]:.2f}, {c[1]:.2f}]"  # noqa: E731
     rows = []
-    label = {"psi": "psi-marginal, targets objective, floor (product default)",
-             "quest": "QUEST+ as before (γ, λ fixed)", "table4": "table 4's three bounds"}
-    for name in ("psi", "quest", "table4"):
+    label = {"psi": "`psi`: psi-marginal posterior, targets objective, floor",
+             "fisher": "`fisher`: psi-marginal posterior, estimator-variance objective, floor",
+             "quest": "`quest`: QUEST+ as before (γ, λ fixed)",
+             "table4": "`table4`: table 4's three bounds"}
+    for name in designs + ["table4"]:
         x = summary[name]
         rows.append(f"| {label[name]} | " + " | ".join(
             fmt(v, c) for v, c in zip(x["per_target"], x["per_target_ci"], strict=True))
@@ -362,8 +366,8 @@ def write_section(args, tms, pop, summary, stars, eq, ad, shares, elapsed, comma
     for tm in tms:
         truth = [pop.true_threshold(t, tm) for t in TARGETS]
         w = np.median(eq[tm], axis=0)
-        psi = stars[tm]["psi"]
-        sh = np.mean(shares[tm]["psi"], axis=0)
+        psi = stars[tm][best]
+        sh = np.mean(shares[tm][best], axis=0)
         tm_rows.append(
             f"| {tm} | {', '.join(f'{b:.3g}' for b in tm_ladder(tm)[[0, -1]])} | "
             f"{', '.join(f'{v:.3g}' for v in truth)} | {', '.join(f'{v:.2f}' for v in w)} | "
@@ -402,16 +406,19 @@ extrapolation outside them; table 4: N* = {N_REF:,}·(w/w_equal)²). Saving = Σ
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-Designs: `psi` = guess and lapse rates as nuisance parameters of the posterior (grids
-γ ∈ {{{", ".join(map(str, PSI_GUESS))}}}, λ ∈ {{{", ".join(map(str, PSI_LAPSE))}}}, flat prior;
-the psi-marginal method, Prins 2013), the next level minimising the expected posterior variance
-of ln b at the three targets (nuisance integrated out; sentinel answers update γ's
-posterior), and every level kept at ≥
-{MIN_SHARE * LEVELS:.2f}/{LEVELS} of the judgments (the ladder's ends stay sampled); updated
-every {BATCH} judgments. `quest` = the design shipped before issue 16 (γ = 4.1 %, λ = 2 % fixed,
-same objective, no floor).
+Designs. All three adaptive ones update a pooled posterior per threat model every {BATCH}
+judgments (thresholds × 10 slopes; the sentinels' answers update γ). `quest` = the design
+shipped before issue 16: γ = 4.1 %, λ = 2 % fixed, next level by the expected posterior
+variance of ln b at the targets, no floor. `psi` = guess and lapse rates as nuisance
+parameters of the posterior (γ ∈ {{{", ".join(map(str, PSI_GUESS))}}}, λ ∈
+{{{", ".join(map(str, PSI_LAPSE))}}}, flat prior; the psi-marginal method, Prins 2013), same
+objective, nuisance integrated out. `fisher` = the same posterior, next level by the
+posterior-averaged asymptotic variance of the *estimator's* thresholds (Fisher information of
+`calibrate`'s fit of α, β, λ with γ from the sentinels; `QuestPlus.expected_fisher_variance`).
+`psi` and `fisher` keep every level at ≥ {MIN_SHARE * LEVELS:.2f}/{LEVELS} of the judgments
+(`--floor {MIN_SHARE * LEVELS:g}`: the ladder's ends stay sampled).
 
-Per threat model (`psi`): saving per target = {N_REF:,} / N*; mean share of judgments per
+Per threat model (`{best}`): saving per target = {N_REF:,} / N*; mean share of judgments per
 ladder level, low to high.
 
 | threat model | ladder | true 25/50/75 % thresholds | equal-ladder widths | psi saving \

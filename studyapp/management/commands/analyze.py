@@ -1,7 +1,8 @@
 """``manage.py analyze``: a study's statistics (engine.analysis) as tables, CSV, JSON, figures.
 
-The study's counts and progress come from :mod:`studyapp.reports` (``study_counts``,
-``study_progress``), as on ``/staff/`` and in the staff API, so the three agree by construction.
+The study's counts and progress come from :mod:`studyapp.reports` (``study_overview``: the
+numbers of ``study_counts`` and ``study_progress`` from two aggregate queries), as on
+``/staff/`` and in the staff API, so the three agree by construction.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from engine.analysis import analyze
 from studyapp import dashboard_figures
 from studyapp.frames import judgments_frame, pairs_frame
 from studyapp.models import Study
-from studyapp.reports import study_counts, study_progress
+from studyapp.reports import study_overview
 
 
 def get_study(slug: str) -> Study:
@@ -87,8 +88,7 @@ class Command(BaseCommand):
         judgments = judgments_frame(study, completed_only=opts["completed_only"])
         # Counts of everything stored (every session, practice apart): the numbers of /staff/
         # (study_counts) and of the staff API's progress (study_progress).
-        counts = study_counts(study)[study.pk]
-        progress = study_progress(study)
+        counts, progress = study_overview(study)
         calibration = dashboard_figures.latest_calibration(study)
         report = analyze(
             pairs,
