@@ -212,6 +212,33 @@ class PsychometricFit:
     def goodness_of_fit(self) -> dict:
         return {"deviance": self.deviance, "df": self.df, "p_value": self.p_value}
 
+    @property
+    def flags(self) -> list[str]:
+        """Warnings about this fit, each naming its deviance, df and goodness-of-fit p:
+
+        - *saturated*: no more bounds than fitted parameters (df ≤ 0) — the curve passes
+          through every point, the deviance is 0 by construction and there is no test of fit;
+        - *poorly identified*: a parameter sits on its bound (λ = 0.5, β at 1e-4 or 1e3);
+        - *poor fit*: goodness-of-fit p < 0.05 (overdispersion between people raises the
+          deviance too; the participant bootstrap intervals account for it).
+        """
+        pv = f"{self.p_value:.3g}" if np.isfinite(self.p_value) else "n/a"
+        gof = f"deviance {self.deviance:.3g} on {self.df} df, goodness-of-fit p {pv}"
+        n_params = 3 if self.lapse_fitted else 2
+        levels = sum(1 for n in self.n_total if n > 0) if self.n_total else n_params + self.df
+        out = []
+        if self.df <= 0:
+            out.append(f"saturated: {levels} bounds for {n_params} fitted parameters ({gof}); "
+                       "the fit cannot be checked — judge more bounds or fix the lapse rate "
+                       "(--lapse 0.02)")
+        if (self.lapse_fitted and self.lapse_rate >= 0.5 - 1e-6) or not (
+                1e-4 * 1.0001 < self.beta < 1e3 * 0.9999):
+            out.append(f"poorly identified: a parameter is on its bound (β = {self.beta:.3g}, "
+                       f"λ = {self.lapse_rate:.3g}; {gof})")
+        if self.df > 0 and np.isfinite(self.p_value) and self.p_value < 0.05:
+            out.append(f"poor fit: {gof} (people differing from each other also raise it)")
+        return out
+
     def to_dict(self) -> dict:
         return _json_safe({
             "alpha": self.alpha, "beta": self.beta, "guess_rate": self.guess_rate,
@@ -220,7 +247,7 @@ class PsychometricFit:
             "deviance": self.deviance, "df": self.df, "p_value": self.p_value,
             "bounds": list(map(float, self.bounds)),
             "n_different": list(map(int, self.n_different)),
-            "n_total": list(map(int, self.n_total)),
+            "n_total": list(map(int, self.n_total)), "flags": self.flags,
         })
 
     @classmethod
@@ -373,8 +400,9 @@ class CalibrationResult:
     """Per-threat-model calibrations plus the shared sentinel guess rate and settings.
 
     ``to_dict()`` keys: ``targets, sigmoid, lapse, n_boot, seed, guess_rate, n_sentinel,
-    n_sentinel_different, threat_models`` (threat model → ``{threat_model, fit, thresholds,
-    counts, n_participants, n_judgments}``) and ``skipped`` (threat model → reason).
+    n_sentinel_different, guess_method, sentinel_limit, threat_models`` (threat model →
+    ``{threat_model, fit, thresholds, counts, n_participants, n_judgments}``) and ``skipped``
+    (threat model → reason).
     """
 
     threat_models: dict[str, ThreatModelCalibration]
@@ -387,6 +415,26 @@ class CalibrationResult:
     n_sentinel: int
     n_sentinel_different: int
     skipped: dict = field(default_factory=dict)
+    guess_method: str = "sentinels"  # "sentinels" (pooled rate), "joint", "given"
+    sentinel_limit: float | None = None
+
+    def flags(self) -> dict[str, list[str]]:
+        """``{threat_model: [warning, ...]}`` for fits that are saturated, poorly identified
+        or fit badly (:attr:`PsychometricFit.flags`), and thresholds that fewer than 90 % of
+        the bootstrap replicates define (their interval is too narrow). Only threat models with
+        a warning appear."""
+        out = {}
+        for tm, cal in self.threat_models.items():
+            f = list(cal.fit.flags)
+            if self.n_boot:
+                for _, r in cal.thresholds.iterrows():
+                    if r["n_boot_valid"] < 0.9 * self.n_boot:
+                        f.append(f"poorly identified: {r['label']} defined in only "
+                                 f"{int(r['n_boot_valid'])}/{self.n_boot} bootstrap replicates "
+                                 "(its interval is too narrow)")
+            if f:
+                out[tm] = f
+        return out
 
     def presets(self) -> dict[str, dict[str, float]]:
         """``{threat_model: {"p10": bound, "p25": bound, "p50": bound}}`` (finite only)."""
@@ -398,8 +446,10 @@ class CalibrationResult:
 
     def table(self) -> pd.DataFrame:
         """Long table: ``threat_model, target, label, bound, low, high, n_boot_valid, alpha,
-        beta, guess_rate, lapse_rate, deviance, df, p_value, n_judgments, n_participants``."""
+        beta, guess_rate, lapse_rate, deviance, df, p_value, n_judgments, n_participants,
+        fit_flag`` (``fit_flag``: the threat model's :meth:`flags` joined by "; ", or "")."""
         rows = []
+        flags = self.flags()
         for tm, cal in self.threat_models.items():
             for _, r in cal.thresholds.iterrows():
                 rows.append({"threat_model": tm, **r.to_dict(), "alpha": cal.fit.alpha,
@@ -407,7 +457,8 @@ class CalibrationResult:
                              "lapse_rate": cal.fit.lapse_rate, "deviance": cal.fit.deviance,
                              "df": cal.fit.df, "p_value": cal.fit.p_value,
                              "n_judgments": cal.n_judgments,
-                             "n_participants": cal.n_participants})
+                             "n_participants": cal.n_participants,
+                             "fit_flag": "; ".join(flags.get(tm, []))})
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
@@ -415,6 +466,8 @@ class CalibrationResult:
             "targets": list(self.targets), "sigmoid": self.sigmoid, "lapse": self.lapse,
             "n_boot": self.n_boot, "seed": self.seed, "guess_rate": self.guess_rate,
             "n_sentinel": self.n_sentinel, "n_sentinel_different": self.n_sentinel_different,
+            "guess_method": self.guess_method, "sentinel_limit": self.sentinel_limit,
+            "flags": self.flags(),
             "threat_models": {tm: c.to_dict() for tm, c in self.threat_models.items()},
             "skipped": dict(self.skipped),
         })
@@ -434,7 +487,9 @@ class CalibrationResult:
                    guess_rate=_f(data.get("guess_rate"), math.nan),
                    n_sentinel=int(data["n_sentinel"]),
                    n_sentinel_different=int(data["n_sentinel_different"]),
-                   skipped=dict(data.get("skipped", {})))
+                   skipped=dict(data.get("skipped", {})),
+                   guess_method=data.get("guess_method", "sentinels"),
+                   sentinel_limit=data.get("sentinel_limit"))
 
 
 def calibrate(
@@ -447,13 +502,25 @@ def calibrate(
     sigmoid: str = "logistic",
     lapse: str | float = "fit",
     guess_rate: float | None = None,
+    sentinel_limit: float | None = None,
+    guess_prior: tuple[float, float] = (1.0, 1.0),
 ) -> CalibrationResult:
     """Fit every threat model's psychometric function of the bound and invert it at the target
     perceptibilities; participant-bootstrap 95 % intervals for the thresholds.
 
     ``γ`` is the sentinel false-alarm rate (pooled over the study; pass ``guess_rate`` to
     override, e.g. when there are no sentinels). Judgments are used as given (apply
-    :func:`engine.analysis.apply_exclusions` first). Threat models with judgments at fewer
+    :func:`engine.analysis.apply_exclusions` first).
+
+    **Exclusions by sentinel false alarms bias that rate** (sessions are kept *because* their
+    sentinels said "same": with 2 sentinels a session and a limit of 0.25, every kept sentinel
+    is a "same" and γ̂ = 0). Pass the limit the sessions were screened with as
+    ``sentinel_limit`` (a session was excluded when its false-alarm rate exceeded it) and γ is
+    estimated jointly instead (:func:`joint_guess_rate`): each kept session's sentinels enter
+    by their likelihood *given that the session passed* (binomial truncated at
+    ``⌊limit·n⌋``), every threat model's main judgments by their profile likelihood (γ is their
+    lower asymptote), times a ``Beta(guess_prior)`` prior; the maximum is γ̂, and each
+    bootstrap replicate repeats the whole estimate. Threat models with judgments at fewer
     than 2 bounds are listed in ``skipped``; with only 2 bounds λ is fixed at 0 (not
     identifiable).
 
@@ -491,21 +558,10 @@ def calibrate(
     n_pc = np.bincount(flat, minlength=p_count * width).reshape(p_count, width).astype(float)
     k_pc = np.bincount(flat, weights=prep.j_diff[ok], minlength=p_count * width).reshape(
         p_count, width)
-    kb, nb = bootstrap_products(p_count, n_boot, seed, k_pc, n_pc)
     k_tot, n_tot = k_pc.sum(0), n_pc.sum(0)
     n_s, k_s = n_tot[sentinel_col], k_tot[sentinel_col]
-    if guess_rate is None:
-        if n_s == 0:
-            raise ValueError("no sentinel judgments: pass guess_rate to calibrate")
-        gamma = k_s / n_s
-        with np.errstate(invalid="ignore", divide="ignore"):
-            gamma_b = np.where(nb[:, sentinel_col] > 0, kb[:, sentinel_col] / nb[:, sentinel_col],
-                               gamma)
-    else:
-        gamma = float(guess_rate)
-        gamma_b = np.full(n_boot, gamma)
-    gamma_b = np.minimum(gamma_b, 0.99)
-    result = {}
+    # per threat model: its cell columns, bounds, and whether λ is fitted
+    plan = {}
     skipped = {}
     fit_lapse = lapse == "fit"
     for tm in cell_keys["threat_model"].unique():
@@ -517,6 +573,34 @@ def calibrate(
         use_lapse = lapse
         if fit_lapse and (n_tot[cols] > 0).sum() < 3:
             use_lapse = 0.0  # λ is not identifiable from two levels
+        plan[str(tm)] = (cols, bounds, use_lapse)
+    joint = None
+    if guess_rate is None and sentinel_limit is not None:
+        if n_s == 0:
+            raise ValueError("no sentinel judgments: pass guess_rate to calibrate")
+        sent_terms = _session_sentinel_terms(judgments, prep, sentinel_col, pcell,
+                                             float(sentinel_limit), p_count)
+        joint = (sent_terms, plan)
+    mats = [k_pc, n_pc] + ([joint[0][1]] if joint else [])
+    boot = bootstrap_products(p_count, n_boot, seed, *mats)
+    kb, nb = boot[0], boot[1]
+    if joint is not None:
+        grid, terms_p = joint[0][0], joint[0][1]
+        gamma, gamma_b = joint_guess_rate(
+            grid, terms_p.sum(0), boot[2], k_tot, n_tot, kb, nb, plan, sigmoid, guess_prior)
+    elif guess_rate is None:
+        if n_s == 0:
+            raise ValueError("no sentinel judgments: pass guess_rate to calibrate")
+        gamma = k_s / n_s
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gamma_b = np.where(nb[:, sentinel_col] > 0, kb[:, sentinel_col] / nb[:, sentinel_col],
+                               gamma)
+    else:
+        gamma = float(guess_rate)
+        gamma_b = np.full(n_boot, gamma)
+    gamma_b = np.minimum(gamma_b, 0.99)
+    result = {}
+    for tm, (cols, bounds, use_lapse) in plan.items():
         fit = fit_psychometric(bounds, k_tot[cols], n_tot[cols], guess_rate=gamma,
                                lapse=use_lapse, sigmoid=sigmoid)
         keep = n_tot[cols] > 0
@@ -551,4 +635,101 @@ def calibrate(
     return CalibrationResult(
         threat_models=result, targets=targets, sigmoid=sigmoid, lapse=lapse, n_boot=n_boot,
         seed=seed, guess_rate=float(gamma), n_sentinel=int(n_s),
-        n_sentinel_different=int(k_s), skipped=skipped)
+        n_sentinel_different=int(k_s), skipped=skipped,
+        guess_method=("joint" if joint is not None else "sentinels" if guess_rate is None
+                      else "given"), sentinel_limit=sentinel_limit)
+
+
+# ------------------------------------------------------------------- γ without QC selection
+#: γ grid of the joint estimate (refined by a parabola through the best three points).
+GUESS_GRID = np.r_[np.linspace(0.002, 0.1, 15), np.linspace(0.12, 0.44, 9)]
+
+
+def _session_sentinel_terms(judgments, prep, sentinel_col, pcell, limit, p_count):
+    """Per participant, ``Σ_sessions [k ln γ + (n − k) ln(1 − γ) − ln P(K ≤ c | n, γ)]`` on
+    :data:`GUESS_GRID`: each kept session's sentinel answers given that it passed the
+    screen ``k/n ≤ limit`` (``c = ⌊limit·n⌋``; a kept session above the limit was not
+    screened by it and enters untruncated). Returns ``(grid, terms (P, G))``."""
+    if not 0 <= limit <= 1:
+        raise ValueError(f"sentinel_limit must be a false-alarm rate in [0, 1], got {limit}")
+    is_s = pcell[prep.j_pair] == sentinel_col
+    if "session" in judgments:
+        sess = pd.factorize(pd.MultiIndex.from_arrays(
+            [prep.j_part, judgments["session"].to_numpy()]))[0]
+    else:
+        sess = prep.j_part
+    sess_s, part_s, diff_s = sess[is_s], prep.j_part[is_s], prep.j_diff[is_s]
+    m = int(sess_s.max()) + 1 if len(sess_s) else 0
+    n = np.bincount(sess_s, minlength=m).astype(float)
+    k = np.bincount(sess_s, weights=diff_s, minlength=m)
+    owner = np.zeros(m, int)
+    owner[sess_s] = part_s
+    c = np.floor(limit * n + 1e-9)
+    c = np.where(k > c, n, c)
+    g = GUESS_GRID[None]
+    term = (k[:, None] * np.log(g) + (n - k)[:, None] * np.log1p(-g)
+            - stats.binom.logcdf(c[:, None], n[:, None], g))
+    term = np.where(n[:, None] > 0, term, 0.0)
+    out = np.zeros((p_count, len(GUESS_GRID)))
+    np.add.at(out, owner, term)
+    return GUESS_GRID, out
+
+
+def _peak(grid, total):
+    """Argmax on the grid refined by the parabola through it and its neighbours; (R, G)."""
+    i = np.clip(np.nanargmax(total, axis=1), 1, len(grid) - 2)
+    r = np.arange(len(total))
+    y0, y1, y2 = total[r, i - 1], total[r, i], total[r, i + 1]
+    x0, x1, x2 = grid[i - 1], grid[i], grid[i + 1]
+    den = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1))
+    b = (x2 * x2 * (y0 - y1) + x1 * x1 * (y2 - y0) + x0 * x0 * (y1 - y2))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        x = np.where(a / den < 0, -b / (2 * a), x1)  # vertex of a concave parabola
+    x = np.where(np.isfinite(x), np.clip(x, x0, x2), x1)
+    best = np.nanargmax(total, axis=1)
+    edge = (best == 0) | (best == len(grid) - 1)
+    return np.where(edge, grid[best], x)
+
+
+def _profile(x, k, n, grid, theta0, sigmoid, use_lapse):
+    """Max log-likelihood over (α, β[, λ]) at every γ of ``grid`` for every row of ``k, n``
+    (R, L): returns (R, G). Vectorised Fisher scoring from ``theta0`` (R, d)."""
+    r, g = k.shape[0], len(grid)
+    fl = use_lapse == "fit"
+    kk = np.repeat(k, g, axis=0)
+    nn = np.repeat(n, g, axis=0)
+    gam = np.tile(grid, r)
+    t0 = np.repeat(theta0, g, axis=0)
+    _, ll = fisher_scoring(x, kk, nn, gam, t0, sigmoid=sigmoid, fit_lapse=fl,
+                           lapse_rate=None if fl else float(use_lapse), iterations=15)
+    return ll.reshape(r, g)
+
+
+def joint_guess_rate(grid, sent_point, sent_boot, k_tot, n_tot, kb, nb, plan, sigmoid,
+                     prior=(1.0, 1.0)):
+    """γ̂ maximising ``sentinel term(γ) + Σ_threat models profile loglik(γ) + ln Beta(γ;
+    prior)`` on ``grid`` (parabolic refinement), for the data and for every bootstrap
+    replicate (rows of ``kb, nb`` and ``sent_boot``). Returns ``(γ̂, γ̂_b)``."""
+    a, b = prior
+    if not (a > 0 and b > 0):
+        raise ValueError(f"guess_prior must be two positive Beta parameters, got {prior}")
+    log_prior = (a - 1) * np.log(grid) + (b - 1) * np.log1p(-grid)
+    total = sent_point[None] + log_prior[None]
+    total_b = sent_boot + log_prior[None]
+    for cols, bounds, use_lapse in plan.values():
+        keep = n_tot[cols] > 0
+        x = np.log(bounds[keep])
+        kp, np_ = k_tot[cols][keep], n_tot[cols][keep]
+        # a start per γ: the multi-start fit at the pooled sentinel-free midpoint
+        fit = fit_psychometric(bounds[keep], kp, np_, guess_rate=0.02, lapse=use_lapse,
+                               sigmoid=sigmoid)
+        t0 = np.array([[fit.alpha, fit.beta] + ([fit.lapse_rate] if use_lapse == "fit" else [])])
+        total = total + _profile(x, kp[None], np_[None], grid, t0, sigmoid, use_lapse)
+        if len(kb):
+            tb = np.repeat(t0, len(kb), axis=0)
+            total_b = total_b + _profile(x, kb[:, cols][:, keep], nb[:, cols][:, keep], grid,
+                                         tb, sigmoid, use_lapse)
+    gamma = float(_peak(grid, total)[0])
+    gamma_b = _peak(grid, total_b) if len(kb) else np.zeros(0)
+    return gamma, gamma_b

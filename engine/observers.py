@@ -4,12 +4,14 @@ An observer answers "different" with probability::
 
     P = γ + (1 − γ − λ) · F(β · (ln s − ln t) + bias)
 
-where ``s`` is the stimulus value (a stored distance such as ``lpips_alexnet``, or the
-bound, per threat model), ``t`` the threshold (the ``s`` where ``F = 0.5`` for the logistic,
-``F = 1 − 1/e`` for the Weibull), ``β`` the slope on log stimulus, ``γ`` the false-alarm rate
-on identical images (``s = 0`` gives ``P = γ``), ``λ`` the lapse rate and ``bias`` a criterion
-shift in ``F``'s argument (positive = says "different" more readily). A *careless* observer
-answers at random (P = ½) whatever the stimulus. Same ``F`` as :mod:`engine.calibration`.
+(``β`` times the observer's own ``slope_factor``, log-normal around 1 with ``slope_sd``
+in a population) where ``s`` is the stimulus value (a stored distance such as
+``lpips_alexnet``, or the bound, per threat model), ``t`` the threshold (the ``s`` where
+``F = 0.5`` for the logistic, ``F = 1 − 1/e`` for the Weibull), ``β`` the slope on log
+stimulus, ``γ`` the false-alarm rate on identical images (``s = 0`` gives ``P = γ``),
+``λ`` the lapse rate and ``bias`` a criterion shift in ``F``'s argument (positive = says
+"different" more readily). A *careless* observer answers at random (P = ½) whatever the
+stimulus. Same ``F`` as :mod:`engine.calibration`.
 
 Randomness only through a caller-supplied seeded ``numpy.random.Generator``.
 """
@@ -73,8 +75,9 @@ class ObserverPopulation:
 
     ``functions``: ``{threat_model: (threshold, slope)}`` of the typical observer (use the key
     ``"*"`` for a distance-based population that is the same for every threat model). Each
-    sampled observer gets ``bias ~ N(0, bias_sd)`` and is careless with probability
-    ``careless_share``. ``stimulus`` names what the function is of: ``"bound"`` or a
+    sampled observer gets ``bias ~ N(0, bias_sd)``, a slope factor ``exp(N(0, slope_sd))``
+    (:meth:`sample_slopes`) and is careless with probability ``careless_share``.
+    ``stimulus`` names what the function is of: ``"bound"`` or a
     distance column of ``pairs``.
     """
 
@@ -85,13 +88,14 @@ class ObserverPopulation:
     careless_share: float = 0.0
     sigmoid: str = "logistic"
     stimulus: str = "bound"
+    slope_sd: float = 0.0
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.functions:
             raise ValueError("functions must map threat model → (threshold, slope)")
-        if not (0 <= self.careless_share <= 1) or self.bias_sd < 0:
-            raise ValueError("need 0 ≤ careless_share ≤ 1 and bias_sd ≥ 0")
+        if not (0 <= self.careless_share <= 1) or self.bias_sd < 0 or self.slope_sd < 0:
+            raise ValueError("need 0 ≤ careless_share ≤ 1, bias_sd ≥ 0 and slope_sd ≥ 0")
 
     def function(self, threat_model) -> tuple[float, float]:
         if threat_model in self.functions:
@@ -113,25 +117,36 @@ class ObserverPopulation:
         careless = rng.random(n) < self.careless_share
         return bias, careless
 
-    def p_different(self, stimulus_values, threat_model, bias=0.0, careless=False):
+    def sample_slopes(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """Slope factors ``exp(N(0, slope_sd))`` for ``n`` participants (ones if no spread;
+        draws nothing then, so older seeded runs are unchanged)."""
+        return np.exp(rng.normal(0, self.slope_sd, n)) if self.slope_sd else np.ones(n)
+
+    def p_different(self, stimulus_values, threat_model, bias=0.0, careless=False,
+                    slope_factor=1.0):
         """P(different) of observers with the given traits (broadcast over arrays)."""
         s = _check_values(stimulus_values)
         t, b = self.function(threat_model)
         with np.errstate(divide="ignore"):
-            z = b * (np.log(s) - math.log(t)) + bias
+            z = b * slope_factor * (np.log(s) - math.log(t)) + bias
         p = self.guess_rate + (1 - self.guess_rate - self.lapse_rate) * sigmoid_cdf(
             z, self.sigmoid)
         return np.where(careless, 0.5, p)
 
     def mean_p_different(self, stimulus_values, threat_model) -> np.ndarray:
-        """Population-average P(different): bias integrated by Gauss–Hermite quadrature,
-        careless share mixed in. This is the truth calibration should recover."""
+        """Population-average P(different): bias and slope spread integrated by
+        Gauss–Hermite quadrature, careless share mixed in. This is the truth calibration
+        should recover."""
         s = np.atleast_1d(_check_values(stimulus_values))
-        if self.bias_sd:
-            nodes, weights = np.polynomial.hermite_e.hermegauss(41)
-            weights = weights / weights.sum()
-            p = (self.p_different(s[:, None], threat_model, bias=self.bias_sd * nodes[None])
-                 * weights[None]).sum(1)
+        nodes, weights = np.polynomial.hermite_e.hermegauss(41)
+        weights = weights / weights.sum()
+        if self.bias_sd or self.slope_sd:
+            bias = (self.bias_sd * nodes)[:, None] if self.bias_sd else np.zeros((1, 1))
+            wb = weights[:, None] if self.bias_sd else np.ones((1, 1))
+            slope = np.exp(self.slope_sd * nodes)[None] if self.slope_sd else np.ones((1, 1))
+            ws = weights[None] if self.slope_sd else np.ones((1, 1))
+            p = (self.p_different(s[:, None, None], threat_model, bias=bias[None],
+                                  slope_factor=slope[None]) * (wb * ws)[None]).sum((1, 2))
         else:
             p = self.p_different(s, threat_model)
         return (1 - self.careless_share) * p + self.careless_share * 0.5

@@ -40,10 +40,18 @@ from .models import Calibration, Judgment, Pair, Study
 
 DEFAULTS = {
     "lapse_rate": 0.02,
-    "guess_rate": None,  # None: the study's sentinel false-alarm rate (0.05 before any)
+    # None: γ and λ are nuisance parameters over the grids below, γ learnt from the
+    # sentinels (psi-marginal, issue 16); a number: plain QUEST+ with γ (and lapse_rate) fixed
+    "guess_rate": None,
+    "guess_rates": [0.01, 0.03, 0.06, 0.1, 0.15],
+    "lapse_rates": [0.0, 0.02, 0.05, 0.1],
     "sigmoid": "logistic",
     "n_thresholds": 41,
     "slopes": [0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+    # the design that won bench/adaptive.py (BENCHMARKS.md "Adaptive bound placement"): the
+    # estimator's threshold variance, every level kept at ≥ floor/levels of the judgments
+    "objective": "fisher",
+    "floor": 0.5,
 }
 
 
@@ -153,17 +161,29 @@ def posteriors(study: Study) -> dict[str, tuple[QuestPlus, list[int]]]:
     for tm, level, response, n in counts:
         per_tm[tm].append((level, response == "different", n))
     out = {}
+    nuisance = cfg["guess_rate"] is None
+    if nuisance:
+        sentinels = Judgment.objects.filter(
+            trial__session__participant__study=study, trial__is_practice=False,
+            trial__pair__is_sentinel=True, trial__session__excluded=False,
+        ).aggregate(n=Count("id"), k=Count("id", filter=Q(response="different")))
     for tm, bounds in level_bounds(study).items():
         levels = sorted(bounds)
         values = np.array([bounds[lv] for lv in levels])
         grid = np.geomspace(values.min() / 2, values.max() * 2, int(cfg["n_thresholds"]))
         lapse = float(cfg["lapse_rate"])
-        # QUEST+'s reported thresholds: the usual targets that lie above γ and below 1 − λ
-        targets = tuple(t for t in (0.25, 0.5) if gamma < t < 1 - lapse) or (
-            (gamma + 1 - lapse) / 2,)
-        q = QuestPlus(values, thresholds_grid=grid, slopes_grid=cfg["slopes"],
-                      guess_rate=gamma, lapse_rate=lapse, sigmoid=cfg["sigmoid"],
-                      targets=targets)
+        if nuisance:
+            q = QuestPlus(values, thresholds_grid=grid, slopes_grid=cfg["slopes"],
+                          guess_rates=cfg["guess_rates"], lapse_rates=cfg["lapse_rates"],
+                          sigmoid=cfg["sigmoid"], targets=(0.25, 0.5, 0.75))
+            q.update_sentinels(sentinels["k"], sentinels["n"])
+        else:
+            # QUEST+'s reported thresholds: the usual targets above γ and below 1 − λ
+            targets = tuple(t for t in (0.25, 0.5) if gamma < t < 1 - lapse) or (
+                (gamma + 1 - lapse) / 2,)
+            q = QuestPlus(values, thresholds_grid=grid, slopes_grid=cfg["slopes"],
+                          guess_rate=gamma, lapse_rate=lapse, sigmoid=cfg["sigmoid"],
+                          targets=targets)
         index = {lv: i for i, lv in enumerate(levels)}
         rows = [(index[lv], d, n) for lv, d, n in per_tm.get(tm, []) if lv in index]
         if rows:
@@ -176,7 +196,10 @@ def posteriors(study: Study) -> dict[str, tuple[QuestPlus, list[int]]]:
 
 def next_levels(study: Study) -> dict[str, int]:
     """``{threat model: level}`` the next session's trials should come from."""
-    return {tm: levels[q.next_level()] for tm, (q, levels) in posteriors(study).items()}
+    cfg = _config(study)
+    return {tm: levels[q.next_level(cfg["objective"],
+                                    min_share=float(cfg["floor"]) / len(levels))]
+            for tm, (q, levels) in posteriors(study).items()}
 
 
 def order_candidates(study: Study, candidates: list[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from django.db.models import Count, Q
 
-from .models import Condition, Judgment, Pair, Session, Study
+from .models import Condition, Judgment, Pair, Session, Study, Trial
 
 
 def _by(queryset, key: str, **aggregates) -> dict[Any, dict[str, int]]:
@@ -69,52 +69,102 @@ def study_counts(study: Study | None = None) -> dict[int, dict[str, int]]:
     return out
 
 
-def study_progress(study: Study) -> dict[str, Any]:
-    """Per condition: pairs, judgments, pairs that reached K; session counts."""
-    k = study.judgments_per_pair
-    main = Q(trials__is_practice=False, trials__judgment__isnull=False)
-    pairs = (
-        study.pairs.select_related("condition")
+def _pair_judgment_counts(study: Study) -> dict[int, tuple[int, int, int]]:
+    """One aggregate query: per pair id, ``(main judgments, of them in excluded sessions,
+    practice judgments)``, grouped on the judgment side (inner joins, no per-pair subquery).
+
+    On SQLite the join order is forced (``CROSS JOIN``: scan the judgments, look up trial and
+    session by primary key), 6× faster at a million judgments than the planner's choice of
+    walking trials through the pair index; elsewhere the ORM query.
+    """
+    from django.db import connection
+
+    if connection.vendor == "sqlite":
+        j, t, s, p = (m._meta.db_table for m in (Judgment, Trial, Session, Pair))
+        sql = (
+            f"SELECT t.pair_id,"
+            f" SUM(CASE WHEN NOT t.is_practice THEN 1 ELSE 0 END),"
+            f" SUM(CASE WHEN NOT t.is_practice AND s.excluded THEN 1 ELSE 0 END),"
+            f" SUM(CASE WHEN t.is_practice THEN 1 ELSE 0 END)"
+            f" FROM {j} j CROSS JOIN {t} t ON t.id = j.trial_id"
+            f" CROSS JOIN {s} s ON s.id = t.session_id"
+            f" WHERE t.pair_id IN (SELECT id FROM {p} WHERE study_id = %s)"
+            f" GROUP BY t.pair_id"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [study.pk])
+            return {pk: (int(n), int(e), int(pr)) for pk, n, e, pr in cursor.fetchall()}
+    return _pair_judgment_counts_orm(study)
+
+
+def _pair_judgment_counts_orm(study: Study) -> dict[int, tuple[int, int, int]]:
+    """:func:`_pair_judgment_counts` through the ORM (any database)."""
+    main = Q(trial__is_practice=False)
+    rows = (
+        Judgment.objects.filter(trial__pair__study_id=study.pk)
+        .values("trial__pair_id")
         .annotate(
-            n_j=Count("trials", filter=main),
-            n_excl=Count("trials", filter=main & Q(trials__session__excluded=True)),
+            n=Count("id", filter=main),
+            n_excl=Count("id", filter=main & Q(trial__session__excluded=True)),
+            n_practice=Count("id", filter=Q(trial__is_practice=True)),
         )
-        .order_by("id")
+        .values_list("trial__pair_id", "n", "n_excl", "n_practice")
     )
-    groups: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        c = pair.condition
-        name = "sentinel" if pair.is_sentinel else "catch" if pair.is_catch else c.spec
-        row = groups.setdefault(
-            name,
-            {
-                "condition": name,
-                "threat_model": c.threat_model if c else name,
-                "bound": c.bound if c else None,
-                "label": c.label if c else "",
-                "n_pairs": 0,
-                "n_judgments": 0,
-                "n_judgments_excluded": 0,
-                "n_pairs_at_k": None if c is None else 0,
-                "_valid": 0,
-            },
-        )
-        row["n_pairs"] += 1
-        row["n_judgments"] += pair.n_j
-        row["n_judgments_excluded"] += pair.n_excl
-        if c is not None:
-            valid = pair.n_j - pair.n_excl
-            row["n_pairs_at_k"] += valid >= k
-            row["_valid"] += min(valid, k)
-    controls = [groups.pop(n) for n in ("sentinel", "catch") if n in groups]
-    conditions = sorted(groups.values(), key=lambda r: (r["threat_model"], r["bound"]))
-    sessions = Session.objects.filter(participant__study=study).aggregate(
+    return {pk: (n, e, p) for pk, n, e, p in rows}
+
+
+def _session_counts(study: Study) -> dict[str, int]:
+    """One aggregate query over the study's sessions."""
+    return Session.objects.filter(participant__study=study).aggregate(
         started=Count("id"),
         completed=Count("id", filter=Q(completed_at__isnull=False)),
         abandoned=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=False)),
         in_progress=Count("id", filter=Q(completed_at__isnull=True, abandoned_at__isnull=True)),
         excluded=Count("id", filter=Q(excluded=True)),
     )
+
+
+def study_progress(study: Study, *, _judgments=None, _sessions=None) -> dict[str, Any]:
+    """Per condition: pairs, judgments, pairs that reached K; session counts.
+
+    Two aggregate queries over the big tables (judgments per pair, sessions) plus the study's
+    pairs and conditions.
+    """
+    k = study.judgments_per_pair
+    counts = _pair_judgment_counts(study) if _judgments is None else _judgments
+    pairs = study.pairs.values_list(
+        "id", "is_sentinel", "is_catch", "condition__spec", "condition__threat_model",
+        "condition__bound", "condition__label",
+    ).order_by("id")
+    groups: dict[str, dict[str, Any]] = {}
+    for pk, is_sentinel, is_catch, spec, tm, bound, label in pairs:
+        has_condition = spec is not None
+        name = "sentinel" if is_sentinel else "catch" if is_catch else spec
+        row = groups.setdefault(
+            name,
+            {
+                "condition": name,
+                "threat_model": tm if has_condition else name,
+                "bound": bound if has_condition else None,
+                "label": label if has_condition else "",
+                "n_pairs": 0,
+                "n_judgments": 0,
+                "n_judgments_excluded": 0,
+                "n_pairs_at_k": 0 if has_condition else None,
+                "_valid": 0,
+            },
+        )
+        n_j, n_excl, _ = counts.get(pk, (0, 0, 0))
+        row["n_pairs"] += 1
+        row["n_judgments"] += n_j
+        row["n_judgments_excluded"] += n_excl
+        if has_condition:
+            valid = n_j - n_excl
+            row["n_pairs_at_k"] += valid >= k
+            row["_valid"] += min(valid, k)
+    controls = [groups.pop(n) for n in ("sentinel", "catch") if n in groups]
+    conditions = sorted(groups.values(), key=lambda r: (r["threat_model"], r["bound"]))
+    sessions = _session_counts(study) if _sessions is None else _sessions
     rows = conditions + controls
     needed = k * sum(r["n_pairs"] for r in conditions)
     valid = sum(r.pop("_valid") for r in rows)
@@ -127,6 +177,31 @@ def study_progress(study: Study) -> dict[str, Any]:
         "n_judgments_valid": valid,
     }
 
+
+def study_overview(study: Study) -> tuple[dict[str, int], dict[str, Any]]:
+    """``(study_counts(study)[study.pk], study_progress(study))`` from two aggregate queries
+    over the big tables (judgments per pair, sessions) instead of five: the same numbers
+    (tests/studyapp/test_reports.py), for ``analyze`` at a million judgments."""
+    judgments = _pair_judgment_counts(study)
+    sessions = _session_counts(study)
+    progress = study_progress(study, _judgments=judgments, _sessions=sessions)
+    pair_kinds = study.pairs.aggregate(
+        n_sentinel=Count("id", filter=Q(is_sentinel=True)),
+        n_catch=Count("id", filter=Q(is_catch=True)),
+        n_all=Count("id"),
+    )
+    counts = {
+        "n_conditions": Condition.objects.filter(study=study).count(),
+        "n_pairs": pair_kinds["n_all"] - pair_kinds["n_sentinel"] - pair_kinds["n_catch"],
+        "n_sentinel_pairs": pair_kinds["n_sentinel"],
+        "n_catch_pairs": pair_kinds["n_catch"],
+        "n_sessions": sessions["started"],
+        "n_completed": sessions["completed"],
+        "n_excluded": sessions["excluded"],
+        "n_judgments": sum(v[0] for v in judgments.values()),
+        "n_practice_judgments": sum(v[2] for v in judgments.values()),
+    }
+    return counts, progress
 
 
 # ----------------------------------------------------------------------------- export

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.observers import SimulatedObserver
+from engine.observers import ObserverPopulation, SimulatedObserver
 
 from .models import Pair, Participant, Study, Trial
 from .scheduler import StudyUnavailable, complete_session, record_judgment, start_session
@@ -54,6 +54,26 @@ def reference_thresholds(study: Study, distance: str | None) -> dict[str, float]
     return {tm: float(np.median(v)) for tm, v in values.items()}
 
 
+def half_point(slope: float, guess_rate: float, lapse_rate: float, bias_sd: float,
+               threshold_sd: float, careless_share: float) -> float:
+    """Where the simulated *population* answers "different" half the time, relative to the
+    observers' typical threshold (``F = ½``): their average ``P(different)`` over criterion
+    and threshold spread (a spread of ln threshold ``σ`` acts as a criterion spread
+    ``slope·σ``) and careless share equals 0.5 at ``half_point · typical threshold``.
+    ``simulate`` divides the typical threshold by it so that ``thresholds`` are that 50 %
+    point — the bound ``calibrate`` reports as ``p50``."""
+    pop = ObserverPopulation({"*": (1.0, slope)}, guess_rate=guess_rate, lapse_rate=lapse_rate,
+                             bias_sd=float(np.hypot(bias_sd, slope * threshold_sd)),
+                             careless_share=careless_share)
+    r = pop.true_threshold(0.5, "*")
+    if not np.isfinite(r):
+        raise SimulationError(
+            f"these observers never answer 'different' half the time (guess rate {guess_rate},"
+            f" lapse rate {lapse_rate}, careless share {careless_share}), so a threshold at"
+            " P(different) = 0.5 cannot be set")
+    return r
+
+
 def simulate(
     study: Study,
     n: int,
@@ -71,8 +91,11 @@ def simulate(
 ) -> SimulationSummary:
     """Run ``n`` simulated participants through ``study`` (one full session each).
 
-    ``thresholds``: per threat model, in the units of ``distance`` (or of the bound); missing
-    ones default to the median over the threat model's pairs. Stops early, saying why, when
+    ``thresholds``: per threat model, in the units of ``distance`` (or of the bound), the value
+    where the simulated population answers "different" half the time (P(different) = 0.5,
+    guesses, lapses, spreads and careless observers included: the ``p50`` that ``calibrate``
+    reports; :func:`half_point`); missing ones default to the median over the threat model's
+    pairs. Stops early, saying why, when
     the scheduler refuses a session (the study is full).
     """
     if n < 1:
@@ -95,10 +118,14 @@ def simulate(
     reference.update(thresholds or {})
     rng = np.random.default_rng(seed)
     # Values are divided by the threat model's reference threshold, so each observer's own
-    # threshold lives on that normalised scale: exp(N(0, threshold_sd)) around 1.
+    # threshold lives on that normalised scale: exp(N(0, threshold_sd)) around the typical
+    # one, 1 / half_point, which puts the population's P(different) = 0.5 at 1.
+    typical = 1.0 / half_point(slope, guess_rate, lapse_rate, bias_sd, threshold_sd,
+                               careless_share)
     observers = [
         SimulatedObserver(
-            threshold=float(np.exp(rng.normal(0.0, threshold_sd))) if threshold_sd else 1.0,
+            threshold=typical * (float(np.exp(rng.normal(0.0, threshold_sd)))
+                                 if threshold_sd else 1.0),
             slope=slope, guess_rate=guess_rate, lapse_rate=lapse_rate,
             bias=float(rng.normal(0.0, bias_sd)) if bias_sd else 0.0,
             careless=bool(rng.random() < careless_share),

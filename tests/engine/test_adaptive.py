@@ -140,3 +140,67 @@ def test_default_grids_and_choose_level():
     q.update_many(idx, diff)
     assert choose_level(LEVELS, idx, diff) == q.next_level()
     assert choose_level(LEVELS) == QuestPlus(LEVELS).next_level()
+
+
+GAMMAS = np.array([0.02, 0.05, 0.1])
+LAPSES = np.array([0.0, 0.03])
+
+
+def test_nuisance_grids_equal_questplus_with_guess_and_lapse_in_the_posterior():
+    """γ and λ as posterior parameters: questplus with lower_asymptote and lapse_rate grids
+    runs the same model (joint entropy), so next stimulus and joint posterior agree."""
+    ref = questplus.QuestPlus(
+        stim_domain={"intensity": np.log10(LEVELS)},
+        param_domain={"threshold": np.log10(THRESHOLDS), "slope": SLOPES,
+                      "lower_asymptote": GAMMAS, "lapse_rate": LAPSES},
+        outcome_domain={"response": ["different", "same"]},
+        func="weibull", stim_scale="log10", stim_selection_method="min_entropy")
+    q = QuestPlus(LEVELS, thresholds_grid=THRESHOLDS, slopes_grid=SLOPES, sigmoid="weibull",
+                  guess_rates=GAMMAS, lapse_rates=LAPSES)
+    rng = np.random.default_rng(4)
+    for _ in range(15):
+        j = q.next_level()
+        x = ref.next_stim["intensity"]
+        assert np.log10(LEVELS[j]) == pytest.approx(x)
+        ans = bool(rng.random() < 0.08 + 0.9 * (1 - np.exp(-(LEVELS[j] / 4.0) ** 2)))
+        q.update(j, ans)
+        ref.update(stim={"intensity": x}, outcome={"response": "different" if ans else "same"})
+        np.testing.assert_allclose(q.joint_posterior, ref.posterior.values, atol=1e-12)
+    np.testing.assert_allclose(q.posterior, ref.posterior.values.sum(axis=(2, 3)), atol=1e-12)
+    est = q.estimate()
+    assert est["guess_rate"] == pytest.approx(ref.param_estimate["lower_asymptote"], abs=1e-9)
+    assert est["lapse_rate"] == pytest.approx(ref.param_estimate["lapse_rate"], abs=1e-9)
+
+
+def test_sentinels_marginal_entropy_fisher_objective_and_floor():
+    q = QuestPlus(LEVELS, thresholds_grid=THRESHOLDS, slopes_grid=SLOPES, sigmoid="logistic",
+                  guess_rates=GAMMAS, lapse_rates=LAPSES, targets=(0.25, 0.5, 0.75))
+    q.update_sentinels(10, 100)  # 10 % of identical pairs answered "different"
+    post_g = q.joint_posterior.sum(axis=(0, 1, 3))
+    like = GAMMAS ** 10 * (1 - GAMMAS) ** 90
+    np.testing.assert_allclose(post_g, like / like.sum(), rtol=1e-9)
+    # psi-marginal entropy = expected entropy of the (t, β) marginal, computed directly
+    q.update_many([2, 4, 6, 8], [False, True, True, True])
+    jp = q.joint_posterior
+    direct = []
+    for j in range(len(LEVELS)):
+        total = 0.0
+        for like in (q.likelihood[j], 1 - q.likelihood[j]):
+            m = (jp * like).sum(axis=(2, 3))
+            pr = m.sum()
+            c = m / pr
+            total += pr * -(c[c > 0] * np.log(c[c > 0])).sum()
+        direct.append(total)
+    np.testing.assert_allclose(q.expected_marginal_entropy(), direct, rtol=1e-10)
+    # Fisher objective: more answers at a level never raise the variance; one sample point
+    v1, v20 = q.expected_fisher_variance(1), q.expected_fisher_variance(20)
+    assert np.all(v20 <= v1 + 1e-12) and np.all(np.isfinite(v1))
+    assert q.next_level("fisher") == int(np.argmin(v1))
+    # floor: the least-sampled level comes first while below min_share of the answers
+    q2 = QuestPlus(LEVELS, thresholds_grid=THRESHOLDS, slopes_grid=SLOPES)
+    q2.update_many([4] * 40, [True] * 40)
+    assert q2.next_level("targets", min_share=0.1) == 0
+    with pytest.raises(ValueError, match="min_share"):
+        q2.next_level(min_share=0.5)
+    with pytest.raises(ValueError, match="guess_rate"):
+        QuestPlus(LEVELS, guess_rates=[0.5, 0.6], lapse_rates=[0.5])

@@ -21,6 +21,7 @@ from engine.analysis import (
     apply_exclusions,
     control_rates,
     distance_correlations,
+    jnd_map,
     pair_prediction,
     pair_weights,
     participant_sensitivity,
@@ -28,6 +29,7 @@ from engine.analysis import (
     perceptibility_table,
     signal_detection,
     table4,
+    weighted_average_precision,
     wilson_interval,
 )
 
@@ -255,6 +257,45 @@ def test_pair_prediction_matches_sklearn_and_lpips():
     assert pred.loc["lpips_alexnet", "roc_auc"] > 0.6
 
 
+def test_ap_and_jnd_map_with_tied_distances_do_not_depend_on_row_order():
+    """Tied distances (L∞ takes few values): AP and JND mAP are the same for every row order;
+    AP equals sklearn's tie-aware average_precision_score on the expanded judgments, JND mAP
+    equals lpips.voc_ap on one precision/recall point per distinct distance, and without ties
+    it is the authors' score_jnd_dataset number."""
+    from lpips import voc_ap
+
+    rng = np.random.default_rng(3)
+    n = 300
+    d = rng.integers(1, 9, n) / 255.0  # 8 distinct values: heavy ties
+    n_j = rng.integers(3, 8, n).astype(float)
+    k = rng.binomial(n_j.astype(int), np.clip(d * 255 / 10, 0.05, 0.95)).astype(float)
+    same = (n_j - k) / n_j
+    maps, aps, authors = set(), set(), set()
+    for _ in range(20):
+        o = rng.permutation(n)
+        maps.add(round(jnd_map(d[o], same[o]), 12))
+        aps.add(round(weighted_average_precision(d[o], k[o], n_j[o] - k[o]), 12))
+        authors.add(round(float(lpips_score_jnd(d[o], same[o])), 12))
+    assert len(maps) == 1 and len(aps) == 1
+    assert len(authors) > 1  # the authors' value does move with the order: the test can fail
+    y = np.r_[np.ones(int(k.sum())), np.zeros(int((n_j - k).sum()))]
+    score = np.r_[np.repeat(d, k.astype(int)), np.repeat(d, (n_j - k).astype(int))]
+    assert aps.pop() == pytest.approx(average_precision_score(y, score), abs=1e-12)
+    uniq = np.unique(d)
+    tp = np.array([same[d <= u].sum() for u in uniq])
+    fp = np.array([(1 - same[d <= u]).sum() for u in uniq])
+    expected = voc_ap(tp / same.sum(), tp / (tp + fp))
+    assert maps.pop() == pytest.approx(expected, abs=1e-12)
+    # the non-interpolated area of the same points is sklearn's AP of "same" by −distance
+    w = np.r_[same, 1 - same]
+    ap_same = average_precision_score(np.r_[np.ones(n), np.zeros(n)], np.r_[-d, -d],
+                                      sample_weight=w)
+    assert jnd_map(d, same) >= ap_same - 1e-12
+    # no ties: exactly the authors' number
+    d2 = d + rng.random(n) * 1e-6
+    assert jnd_map(d2, same) == pytest.approx(lpips_score_jnd(d2, same), abs=1e-12)
+
+
 def nominal_alpha(matrix):
     """Krippendorff's α for nominal data from a raters × units matrix (NaN = missing),
     via the coincidence matrix (Krippendorff 2011, section 3)."""
@@ -401,3 +442,26 @@ def test_wilson_bounds_contain_the_proportion_exactly_at_0_and_n():
         lows, highs = _wilson_arrays(np.array([0.0, n]), np.array([n, n], float))
         assert lows[0] == 0.0 and highs[1] == 1.0
         assert np.all(lows <= np.array([0.0, 1.0])) and np.all(highs >= np.array([0.0, 1.0]))
+
+
+def test_analyze_draws_bootstrap_weights_once_with_the_same_draws():
+    """analyze shares one draw of participant weights between its tables: the tables equal
+    the stand-alone functions, each of which draws its own with the same seed."""
+    from engine.analysis import SharedWeights, bootstrap_products
+
+    pairs, j = make_study(seed=7)
+    kept, _ = apply_exclusions(j)
+    report = analyze(pairs, j, n_boot=150, seed=3)
+    pd.testing.assert_frame_equal(report.table4, table4(pairs, kept, n_boot=150, seed=3))
+    pd.testing.assert_frame_equal(report.correlations,
+                                  distance_correlations(pairs, kept, n_boot=150, seed=3))
+    pd.testing.assert_frame_equal(report.perceptibility,
+                                  perceptibility_table(pairs, kept, n_boot=150, seed=3))
+    shared = SharedWeights(12, 300, 5)
+    np.testing.assert_array_equal(np.concatenate(list(shared.chunks())),
+                                  participant_weights(12, 300, 5))
+    m = np.arange(24.0).reshape(12, 2)
+    np.testing.assert_array_equal(bootstrap_products(12, 300, 5, m, weights=shared)[0],
+                                  participant_weights(12, 300, 5) @ m)
+    with pytest.raises(ValueError, match="shared weights drawn for"):
+        bootstrap_products(12, 300, 6, m, weights=shared)

@@ -185,3 +185,73 @@ def test_interval_covers_true_threshold_in_90_percent_of_100_repetitions():
         for t in hits:
             hits[t] += th.loc[t, "low"] <= truth[t] <= th.loc[t, "high"]
     assert hits[0.25] >= 90 and hits[0.5] >= 90, hits
+
+
+def screened_study(seed, n_part=150, trials=30, n_sentinel=2, limit=0.25, gamma=0.05):
+    """Sessions of 28 main trials on a 7-level ladder and 2 sentinels; a session is excluded
+    by quality control when its sentinel false-alarm rate exceeds ``limit`` (so with 2
+    sentinels any false alarm excludes it)."""
+    rng = np.random.default_rng(seed)
+    pop = ObserverPopulation({"linf": (4.0, 3.0)}, guess_rate=gamma, lapse_rate=0.02)
+    levels = np.geomspace(1, 16, 7)
+    pairs = study_pairs({"linf": list(levels)})
+    frames = []
+    for p in range(n_part):
+        pair = np.r_[rng.integers(0, 7, trials - n_sentinel), np.full(n_sentinel, 7)]
+        values = np.r_[levels, 0.0][pair]
+        diff = pop.respond(values, rng, threat_model="linf", bias=np.zeros(len(pair)),
+                           careless=np.zeros(len(pair), bool))
+        frames.append(pd.DataFrame({"pair": pair, "different": diff, "participant": p,
+                                    "session": p, "excluded": diff[pair == 7].mean() > limit}))
+    return pairs, pd.concat(frames, ignore_index=True), pop
+
+
+def test_guess_rate_is_not_biased_by_sentinel_exclusions():
+    naive, joint = [], []
+    for seed in range(12):
+        pairs, j, _ = screened_study(seed)
+        kept = j[~j.excluded]
+        assert kept.merge(pairs, on="pair").query("is_sentinel").different.sum() == 0
+        naive.append(calibrate(pairs, kept, n_boot=0).guess_rate)
+        res = calibrate(pairs, kept, n_boot=0, sentinel_limit=0.25)
+        assert res.guess_method == "joint" and res.sentinel_limit == 0.25
+        joint.append(res.guess_rate)
+    assert max(naive) == 0.0  # the bias the issue demonstrates: every kept sentinel is "same"
+    se = np.std(joint, ddof=1) / math.sqrt(len(joint))
+    assert abs(np.mean(joint) - 0.05) < max(3 * se, 0.005), (np.mean(joint), se)
+    assert min(joint) > 0.01
+    # the thresholds follow: the 50 % point is recovered within its bootstrap interval
+    pairs, j, pop = screened_study(99)
+    kept = j[~j.excluded]
+    th = calibrate(pairs, kept, n_boot=60, seed=1, sentinel_limit=0.25).threat_models[
+        "linf"].thresholds.set_index("target")
+    truth = pop.true_threshold(0.5, "linf")
+    assert th.loc[0.5, "low"] <= truth <= th.loc[0.5, "high"]
+    with pytest.raises(ValueError, match="sentinel_limit"):
+        calibrate(pairs, kept, n_boot=0, sentinel_limit=1.5)
+
+
+def test_saturated_and_poor_fits_are_flagged_with_deviance_df_and_p():
+    k = data(seed=4)
+    sat = fit_psychometric(BOUNDS[:3], k[:3], N[:3], guess_rate=0.05)  # 3 levels, 3 params
+    assert sat.df == 0 and not np.isfinite(sat.p_value)
+    assert any(f.startswith("saturated") and "deviance" in f and "0 df" in f
+               and "goodness-of-fit p n/a" in f for f in sat.flags)
+    assert sat.to_dict()["flags"] == sat.flags
+    ok = fit_psychometric(BOUNDS, k, N, guess_rate=0.05)
+    assert ok.df == 2 and ok.flags == []
+    # a non-monotone pattern no psychometric function fits
+    bad = fit_psychometric(BOUNDS, [20, 180, 20, 180, 190], N, guess_rate=0.05)
+    assert any(f.startswith("poor fit") and f"p {bad.p_value:.3g}" in f for f in bad.flags)
+    pairs = study_pairs({"linf": [2, 4, 8], "l2": [300, 600, 1200, 2400, 4800]})
+    pop = ObserverPopulation({"linf": (5.0, 2.5), "l2": (1000.0, 2.0)}, guess_rate=0.04,
+                             lapse_rate=0.02)
+    j = pop.simulate(pairs, n_participants=60, trials_per_participant=30,
+                     rng=np.random.default_rng(5))
+    cal = calibrate(pairs, j, n_boot=20)
+    assert "linf" in cal.flags() and cal.flags()["linf"][0].startswith("saturated")
+    table = cal.table()
+    assert (table.loc[table.threat_model == "linf", "fit_flag"].str.startswith("saturated")).all()
+    assert cal.to_dict()["flags"] == cal.flags()
+    back = CalibrationResult.from_dict(json.loads(json.dumps(cal.to_dict(), allow_nan=False)))
+    assert back.flags()["linf"] == cal.flags()["linf"]

@@ -35,7 +35,7 @@ def ladder_study(make_study):
     study = make_study(
         conditions=[("linf", b, f"L{i}") for i, b in enumerate(LADDER)],
         judgments_per_pair=4, trials_per_session=6, sentinel_fraction=0.2, adaptive=True,
-        adaptive_config={"guess_rate": 0.05},
+        adaptive_config={"guess_rate": 0.05, "objective": "entropy", "floor": 0},
     )
     for condition in Condition.objects.filter(study=study):
         Pair.objects.filter(condition=condition).update(level=LADDER.index(condition.bound))
@@ -65,6 +65,33 @@ def test_the_posterior_pools_exactly_the_stored_main_judgments(ladder_study):
     expected.update_many([lv for lv, _ in rows], [r == "different" for _, r in rows])
     assert np.allclose(q.posterior, expected.posterior)
     assert adaptive.next_levels(study) == {"linf": expected.next_level()}
+
+
+def test_the_default_design_is_the_benchmark_winner(ladder_study):
+    """Default adaptive_config: γ and λ nuisance parameters (γ learnt from the kept sessions'
+    sentinels), next level by the estimator's threshold variance, every level kept at ≥
+    floor/levels of the judgments — the engine's computation on the same answers."""
+    study = ladder_study
+    study.adaptive_config = {}
+    study.save()
+    run("simulate_observers", "--study", study.slug, "--n", "4", "--threshold",
+        f"linf={4 / 255}", "--no-progress")
+    (q, levels), = adaptive.posteriors(study).values()
+    base = Judgment.objects.filter(trial__is_practice=False, trial__session__excluded=False)
+    rows = base.filter(trial__pair__level__isnull=False).values_list("trial__pair__level",
+                                                                     "response")
+    sent = list(base.filter(trial__pair__is_sentinel=True).values_list("response", flat=True))
+    assert sent
+    cfg = adaptive.DEFAULTS
+    expected = QuestPlus(LADDER, thresholds_grid=np.geomspace(LADDER[0] / 2, LADDER[-1] * 2, 41),
+                         slopes_grid=cfg["slopes"], guess_rates=cfg["guess_rates"],
+                         lapse_rates=cfg["lapse_rates"], targets=(0.25, 0.5, 0.75))
+    expected.update_many([lv for lv, _ in rows], [r == "different" for _, r in rows])
+    expected.update_sentinels(sent.count("different"), len(sent))
+    assert np.allclose(q.joint_posterior, expected.joint_posterior)
+    assert cfg["objective"] == "fisher" and cfg["floor"] == 0.5
+    assert adaptive.next_levels(study) == {
+        "linf": expected.next_level("fisher", min_share=0.5 / len(LADDER))}
 
 
 def test_sessions_of_an_adaptive_study_come_from_the_chosen_level(ladder_study):

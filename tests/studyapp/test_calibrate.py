@@ -31,9 +31,13 @@ def run(*args) -> str:
 
 
 def true_bound(target: float) -> float:
-    """Bound where γ + (1−γ−λ)·logistic(s·(log b − log t)) = target (the simulated truth)."""
+    """Bound where γ + (1−γ−λ)·logistic(s·(log b − log t)) = target (the simulated truth;
+    ``--threshold TRUTH`` is its 50 % point, so t = TRUTH / half_point)."""
+    from studyapp.simulation import half_point
+
     q = (target - GUESS) / (1 - GUESS - LAPSE)
-    return TRUTH * math.exp(logit(q) / SLOPE)
+    typical = TRUTH / half_point(SLOPE, GUESS, LAPSE, 0.0, 0.0, 0.0)
+    return typical * math.exp(logit(q) / SLOPE)
 
 
 @pytest.fixture
@@ -138,3 +142,35 @@ def test_ladder_levels_travel_to_pairs_and_the_study(settings, tmp_path):
     assert {k: v["spec"] for k, v in ladder.items()} == {
         str(i): c.spec for i, c in enumerate(conditions)}
     assert study.adaptive_config["generation"]["classifier"] == "resnet18:untrained"
+
+
+def test_saturated_fit_is_flagged_by_calibrate_analyze_and_the_dashboard(make_study, client,
+                                                                         settings, tmp_path):
+    """Three bounds with the lapse rate fitted: 3 parameters for 3 points, no goodness of
+    fit. calibrate warns, analyze repeats it with deviance and df, the dashboard lists it."""
+    from django.contrib.auth import get_user_model
+
+    settings.VAR_DIR = tmp_path
+    study = make_study(conditions=[("linf", b, f"b{i}") for i, b in enumerate(BOUNDS[1:4])],
+                       judgments_per_pair=40, trials_per_session=10, sentinel_fraction=0.2,
+                       max_sentinel_false_alarm=0.5)
+    run("simulate_observers", "--study", study.slug, "--n", "20", "--threshold",
+        f"linf={TRUTH}", "--seed", "1", "--no-progress")
+    text = run("calibrate", "--study", study.slug, "--include-simulated", "--n-boot", "20")
+    assert "WARNING linf: saturated: 3 bounds for 3 fitted parameters (deviance" in text
+    assert "on 0 df, goodness-of-fit p n/a" in text
+    assert "estimated jointly" in text  # the study screens sessions by sentinel false alarms
+    row = Calibration.objects.get()
+    assert row.fit["flags"]["linf"][0].startswith("saturated")
+    assert row.settings["guess_method"] == "joint" and row.settings["sentinel_limit"] == 0.5
+    out = run("analyze", "--study", study.slug, "--include-simulated", "--n-boot", "10")
+    assert "linf: deviance 0 on 0 df, goodness-of-fit p n/a" in out
+    assert "WARNING linf: saturated" in out
+    user = get_user_model().objects.create_user("staff", password="pw", is_staff=True)
+    client.force_login(user)
+    html = client.get(f"/dashboard/{study.slug}/").content.decode()
+    assert 'id="fit-flags"' in html and "linf: saturated: 3 bounds" in html
+    # with a fixed lapse rate the same data leave 1 df: no saturation warning
+    text = run("calibrate", "--study", study.slug, "--include-simulated", "--n-boot", "0",
+               "--lapse", "0.02", "--dry-run")
+    assert "saturated" not in text and "on 1 df" in text

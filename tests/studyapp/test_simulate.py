@@ -117,3 +117,34 @@ def test_power_of_a_threshold_interval_runs_engine_power():
         run("power", "--width", "0.1", "--threshold-width", "0.5")
     with pytest.raises(CommandError, match="at least 2 --bounds"):
         run("power", "--threshold-width", "0.5", "--threshold", "0.01")
+
+
+def test_threshold_is_the_p50_that_calibrate_recovers(make_study):
+    """--threshold T means P(different) = 0.5 for the simulated population (guesses, lapses,
+    criterion spread and careless ones included), the point calibrate reports as p50. With
+    γ = 0.2 the observers' own F = ½ point lies 0.25 ln-units higher: a test that can fail."""
+    import math
+
+    import numpy as np
+
+    from studyapp.simulation import half_point
+
+    bounds = [0.01, 0.02, 0.04, 0.08, 0.16]
+    study = make_study(conditions=[("linf", b, f"L{i}") for i, b in enumerate(bounds)],
+                       judgments_per_pair=10**6, trials_per_session=20,
+                       sentinel_fraction=0.2)
+    run("simulate_observers", "--study", study.slug, "--n", "150", "--threshold", "linf=0.04",
+        "--slope", "2", "--guess-rate", "0.2", "--lapse-rate", "0.02", "--bias-sd", "0.5",
+        "--careless", "0.05", "--seed", "2", "--no-progress")
+    text = run("calibrate", "--study", study.slug, "--include-simulated", "--dry-run",
+               "--targets", "0.5", "--n-boot", "100")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("p50:"))
+    bound = float(line.split("bound ")[1].split()[0])
+    low, high = (float(v) for v in line.split("95% ")[1].split(";")[0].split(" .. "))
+    assert abs(math.log(bound / 0.04)) < 0.12, text
+    assert low <= 0.04 <= high, text
+    old = 1 / half_point(2.0, 0.2, 0.02, 0.5, 0.0, 0.05)  # F = ½ point relative to T
+    assert np.isfinite(old) and abs(math.log(old)) > 0.2  # the former meaning: far outside
+    with pytest.raises(CommandError, match="half the time"):
+        run("simulate_observers", "--study", study.slug, "--n", "1", "--guess-rate", "0.6",
+            "--no-progress")

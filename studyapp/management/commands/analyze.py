@@ -1,7 +1,8 @@
 """``manage.py analyze``: a study's statistics (engine.analysis) as tables, CSV, JSON, figures.
 
-The study's counts and progress come from :mod:`studyapp.reports` (``study_counts``,
-``study_progress``), as on ``/staff/`` and in the staff API, so the three agree by construction.
+The study's counts and progress come from :mod:`studyapp.reports` (``study_overview``: the
+numbers of ``study_counts`` and ``study_progress`` from two aggregate queries), as on
+``/staff/`` and in the staff API, so the three agree by construction.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from django.core.management.base import BaseCommand, CommandError
 from engine.analysis import analyze
 from studyapp import dashboard_figures
 from studyapp.frames import judgments_frame, pairs_frame
-from studyapp.reports import study_counts, study_progress
+from studyapp.reports import study_overview
 
 from ._shared import get_study
 
@@ -79,8 +80,8 @@ class Command(BaseCommand):
         judgments = judgments_frame(study, completed_only=opts["completed_only"])
         # Counts of everything stored (every session, practice apart): the numbers of /staff/
         # (study_counts) and of the staff API's progress (study_progress).
-        counts = study_counts(study)[study.pk]
-        progress = study_progress(study)
+        counts, progress = study_overview(study)
+        calibration = dashboard_figures.latest_calibration(study)
         report = analyze(
             pairs,
             judgments,
@@ -103,7 +104,8 @@ class Command(BaseCommand):
         to_stdout = opts["json"] == "-"
         if opts["json"]:
             text = json.dumps(
-                {"study": study.slug, "counts": counts, "progress": progress, **report.to_json()},
+                {"study": study.slug, "counts": counts, "progress": progress, **report.to_json(),
+                 "fit_flags": calibration.flags() if calibration is not None else None},
                 indent=1,
                 allow_nan=False,
                 default=str,
@@ -117,7 +119,7 @@ class Command(BaseCommand):
         if opts["figures"]:
             context = dashboard_figures.FigureContext(
                 study, pairs, judgments, report,
-                calibration=dashboard_figures.latest_calibration(study),
+                calibration=calibration,
                 include_excluded=opts["include_excluded"],
                 include_simulated=opts["include_simulated"],
             )
@@ -125,6 +127,7 @@ class Command(BaseCommand):
         if not to_stdout:
             self._print_header(study, counts, progress)
             self._print(study, judgments, report, opts)
+            self._print_fits(study, calibration)
             self.stdout.write("\nWrote " + ", ".join(str(p) for p in written))
         else:
             print(f"Wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
@@ -142,6 +145,23 @@ class Command(BaseCommand):
             f" {progress['n_judgments_valid']}/{progress['n_judgments_needed']} judgments"
             f" towards K={progress['judgments_per_pair']} per pair.\n"
         )
+
+    def _print_fits(self, study, calibration) -> None:
+        """The latest stored calibration's psychometric fits, with their warnings."""
+        if calibration is None:
+            self.stdout.write(f"\nNo calibration stored: `manage.py calibrate --study {study.slug}`"
+                              " fits the psychometric functions (and flags saturated or poorly"
+                              " identified fits).")
+            return
+        self.stdout.write("\nPsychometric fits (latest calibrate run):")
+        flags = calibration.flags()
+        for tm, cal in sorted(calibration.threat_models.items()):
+            fit = cal.fit
+            pv = f"{fit.p_value:.3g}" if fit.df > 0 else "n/a"
+            self.stdout.write(f"  {tm}: deviance {fit.deviance:.3g} on {fit.df} df,"
+                              f" goodness-of-fit p {pv}")
+            for flag in flags.get(tm, []):
+                self.stdout.write(f"  WARNING {tm}: {flag}")
 
     def _print(self, study, judgments, report, opts) -> None:
         table = report.perceptibility
@@ -194,8 +214,9 @@ class Command(BaseCommand):
                         f" ({int(row['n_different'])}/{int(row['n_judgments'])})"
                     )
             self.stdout.write(
-                "\nPearson r across conditions, mean distance vs perceptibility"
-                " (SSIM is a similarity: good means negative r):"
+                "\nPearson r and Spearman rho across conditions, mean distance vs"
+                " perceptibility (transform 1-x: SSIM enters as 1 − SSIM, so for every"
+                " distance a good predictor has a positive r):"
             )
             self.stdout.write(report.correlations.to_string(index=False))
             if not report.table4.empty:

@@ -71,18 +71,29 @@ class Command(BaseCommand):
                 f"threat model(s) {few} have judgments at fewer than 2 bounds; a psychometric"
                 " function needs at least 2 (better 3 or more)"
             )
+        # Sessions dropped for too many sentinel false alarms leave the kept sentinels biased
+        # towards "same": then γ is estimated jointly, given that kept sessions passed.
+        limit = None if opts["include_excluded"] else study.max_sentinel_false_alarm
         try:
             result = calibrate(
                 pairs, judgments, targets=targets, n_boot=opts["n_boot"], seed=opts["seed"],
-                sigmoid=opts["sigmoid"], lapse=lapse,
+                sigmoid=opts["sigmoid"], lapse=lapse, sentinel_limit=limit,
             )
         except ValueError as exc:  # e.g. no sentinel judgments to estimate γ from
             raise CommandError(str(exc)) from None
         presets = result.presets()
-        self.stdout.write(
-            f"γ (sentinel false-alarm rate) = {result.guess_rate:.4f}"
-            f" ({result.n_sentinel_different}/{result.n_sentinel})"
-        )
+        if result.guess_method == "joint":
+            self.stdout.write(
+                f"γ = {result.guess_rate:.4f}, estimated jointly (sentinels of kept sessions"
+                f" given that they passed the false-alarm limit {limit:g}, and the main"
+                f" judgments' lower asymptote); raw kept-sentinel rate"
+                f" {result.n_sentinel_different}/{result.n_sentinel}"
+            )
+        else:
+            self.stdout.write(
+                f"γ (sentinel false-alarm rate) = {result.guess_rate:.4f}"
+                f" ({result.n_sentinel_different}/{result.n_sentinel})"
+            )
         for tm, cal in sorted(result.threat_models.items()):
             fit = cal.fit
             self.stdout.write(
@@ -95,6 +106,9 @@ class Command(BaseCommand):
                     f"  {t['label']}: bound {t['bound']:.6g} (95% {t['low']:.6g} .."
                     f" {t['high']:.6g}; {int(t['n_boot_valid'])}/{result.n_boot} replicates)"
                 )
+        for tm, flags in sorted(result.flags().items()):
+            for flag in flags:
+                self.stdout.write(f"WARNING {tm}: {flag}")
         for tm, why in sorted(result.skipped.items()):
             self.stdout.write(f"{tm}: skipped ({why})")
         if opts["dry_run"]:
@@ -113,6 +127,7 @@ class Command(BaseCommand):
                           for k, v in d.items()} for tm, d in clean.items()},
             counts=counts,
             settings={"sigmoid": opts["sigmoid"], "lapse": lapse, "n_boot": opts["n_boot"],
+                      "guess_method": result.guess_method, "sentinel_limit": limit,
                       "seed": opts["seed"], "include_simulated": opts["include_simulated"],
                       "include_excluded": opts["include_excluded"]},
             code_version=code_version(),

@@ -48,8 +48,10 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--threshold",
-            help="THREAT_MODEL=VALUE,...: the 50%% point of the observers' function, in the"
-            " units of --distance or the bound (default: the median over the pairs)",
+            help="THREAT_MODEL=VALUE,...: where the simulated observers answer 'different'"
+            " half the time (P(different) = 0.5 with guesses, lapses, spreads and careless"
+            " ones included: the p50 that calibrate reports), in the units of --distance or"
+            " the bound (default: the median over the pairs)",
         )
         parser.add_argument("--slope", type=float, default=3.0, help="per log unit")
         parser.add_argument("--guess-rate", type=float, default=0.05)
