@@ -90,7 +90,17 @@ def test_engine_folder_plus_import_equals_generate_pairs(folder, media, tmp_path
     out2 = run("generate_pairs", "--study", "in-process", *ARGS)
     b = Study.objects.get(slug="in-process")
     assert "UNTRAINED" in out2
-    assert rows(a) == rows(b) and len(rows(a)) == 3 * 4 + 3 + 1
+    ra, rb = rows(a), rows(b)
+    assert len(ra) == len(rb) == 3 * 4 + 3 + 1
+    # Equal rows. The one float-side number, ``size`` (the attack's own measure of its float
+    # image before 8-bit storage), may differ in its last float32 bits between two runs of
+    # the attack in one process (CPU kernels pick paths by memory alignment); what is stored
+    # and shown (bytes, stored sizes, distances) is exact.
+    float_side = [r[-1].pop("size") for r in ra], [r[-1].pop("size") for r in rb]
+    assert ra == rb
+    assert [x is None for x in float_side[0]] == [x is None for x in float_side[1]]
+    assert [x for x in float_side[0] if x is not None] == pytest.approx(
+        [x for x in float_side[1] if x is not None], rel=1e-6)
     # Byte-identical PNGs by either route, and identical to the engine's folder.
     fa, fb = files(media / "studies" / "via-folder"), files(media / "studies" / "in-process")
     assert fa == fb
