@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import contextmanager
 
 from django.core.management.base import CommandError
 
@@ -15,7 +16,8 @@ from engine.stimuli import AT_BOUND, size_ratio_summary
 from studyapp.models import Pair, Study
 
 __all__ = ["add_generation_arguments", "code_version", "generation_request", "get_study",
-           "print_import_summary", "print_size_ratios", "run_engine"]
+           "print_import_summary", "print_size_ratios", "run_engine",
+           "study_for_import"]
 
 
 def get_study(slug: str) -> Study:
@@ -128,3 +130,26 @@ def print_size_ratios(stdout, study: Study) -> None:
             f"  {row['condition']}: min {row['min']:.3f}, median {row['median']:.3f},"
             f" max {row['max']:.3f} over {row['n']} pairs; {row['flagged']} outside"
             f" [{AT_BOUND:g}, 1]{flag}")
+
+
+@contextmanager
+def study_for_import(slug: str, title: str | None, errors: tuple[type[Exception], ...],
+                     prefix: str = "", suffix: str = ""):
+    """The study ``slug`` (created, validated, when missing) for an import; an error of
+    ``errors`` inside the block becomes a CommandError (``prefix`` + its text + ``suffix``),
+    and a study created here is deleted again, so a failed import leaves nothing behind."""
+    study = Study.objects.filter(slug=slug).first()
+    created = study is None
+    if created:
+        study = Study(slug=slug, title=title or slug)
+        try:
+            study.full_clean()
+        except Exception as exc:
+            raise CommandError(f"invalid study: {exc}") from exc
+        study.save()
+    try:
+        yield study
+    except errors as exc:
+        if created:
+            study.delete()
+        raise CommandError(f"{prefix}{exc}{suffix}") from exc

@@ -3,13 +3,17 @@ process (:func:`studyapp.services.generate_into_study`)."""
 
 from __future__ import annotations
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from engine.errors import EngineError, WeightsUnavailableError
-from studyapp.models import Study
 from studyapp.services import StimulusImportError, generate_into_study
 
-from ._shared import add_generation_arguments, generation_request, print_import_summary
+from ._shared import (
+    add_generation_arguments,
+    generation_request,
+    print_import_summary,
+    study_for_import,
+)
 
 
 class Command(BaseCommand):
@@ -27,19 +31,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         request = generation_request(opts)
-        study = Study.objects.filter(slug=opts["study"]).first()
-        created = study is None
-        if created:
-            study = Study(slug=opts["study"], title=opts["title"] or opts["study"])
-            try:
-                study.full_clean()
-            except Exception as exc:
-                raise CommandError(f"invalid study: {exc}") from exc
-            study.save()
-        try:
+        with study_for_import(opts["study"], opts["title"],
+                              (EngineError, WeightsUnavailableError, StimulusImportError)) as study:
             summary = generate_into_study(study, request, progress=request.progress)
-        except (EngineError, WeightsUnavailableError, StimulusImportError) as exc:
-            if created:
-                study.delete()
-            raise CommandError(str(exc)) from exc
         print_import_summary(self.stdout, study, summary)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from studyapp.models import Study
 from studyapp.services import StimulusImportError, import_folder
 
-from ._shared import print_import_summary
+from ._shared import print_import_summary, study_for_import
 
 
 class Command(BaseCommand):
@@ -30,19 +29,7 @@ class Command(BaseCommand):
         folder = Path(opts["folder"])
         if not folder.is_dir():
             raise CommandError(f"{folder} is not a folder")
-        study = Study.objects.filter(slug=opts["study"]).first()
-        created = study is None
-        if created:
-            study = Study(slug=opts["study"], title=opts["title"] or opts["study"])
-            try:
-                study.full_clean()
-            except Exception as exc:
-                raise CommandError(f"invalid study: {exc}") from exc
-            study.save()
-        try:
+        with study_for_import(opts["study"], opts["title"], (StimulusImportError,),
+                              prefix=f"{folder}: ", suffix="; nothing was imported") as study:
             summary = import_folder(study, folder)
-        except StimulusImportError as exc:
-            if created:
-                study.delete()
-            raise CommandError(f"{folder}: {exc}; nothing was imported") from exc
         print_import_summary(self.stdout, study, summary)
