@@ -222,13 +222,15 @@ def test_import_dataset_sends_an_engine_folder_to_import_pairs(folder, media):
 
 @pytest.mark.django_db
 def test_migration_renames_old_untrained_lpips_columns():
-    """0006_h15pipe: an older study's untrained-AlexNet distances stored as ``lpips_alexnet``
-    become ``lpips_alexnet_untrained``; a pretrained study's column is left alone."""
+    """Migration 0006_untrained_columns_defense_labels: an older study's untrained-AlexNet
+    distances stored as ``lpips_alexnet`` become ``lpips_alexnet_untrained``; a pretrained
+    study's column is left alone."""
     import importlib
 
     from django.apps import apps
 
-    migration = importlib.import_module("studyapp.migrations.0006_h15pipe")
+    migration = importlib.import_module(
+        "studyapp.migrations.0006_untrained_columns_defense_labels")
     old = Study.objects.create(slug="old", title="old", generation={
         "lpips_models": {"alexnet": {"lpips_model": "alexnet", "lpips_weights": "untrained"}}})
     kept = Study.objects.create(slug="kept", title="kept", generation={

@@ -1,4 +1,4 @@
-"""Issue 15 (h15pipe): DefenseResult.label; LPIPS distance columns name untrained weights.
+"""Issue 15: DefenseResult.label; LPIPS distance columns name untrained weights.
 
 Pairs generated before this with an untrained LPIPS network stored its distances as
 ``lpips_<arch>`` (e.g. ``lpips_alexnet``), the pretrained network's name. This renames them

@@ -6,9 +6,9 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('studyapp', '0006_h15pipe'),
-        ('studyapp', '0006_h15staff'),
-        ('studyapp', '0006_h17display'),
+        ('studyapp', '0006_untrained_columns_defense_labels'),
+        ('studyapp', '0006_defense_checks'),
+        ('studyapp', '0006_display_scale'),
     ]
 
     operations = [
