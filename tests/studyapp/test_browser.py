@@ -416,6 +416,9 @@ def test_a_prolific_session_survives_network_loss_and_a_reload_with_frame_accura
         conditions=[("linf", k / 255, f"b{k}") for k in range(4, 32, 2)],
         trials_per_session=n_main, sentinel_fraction=0.05, practice_trials=n_practice,
         break_every=25, prolific_completion_code="C0DE-42",
+        # shorter images than the default 1000 ms keep 42 presentations within CI's time;
+        # frames are checked against the study's own durations, whatever they are
+        first_ms=500, second_ms=500,
     )
     page = browser.new_page(viewport={"width": 1024, "height": 768})
     watch = Watcher(page)
