@@ -29,6 +29,7 @@ intervals. Items are not resampled: the intervals describe the sampling of peopl
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -327,7 +328,8 @@ def _twoafc_scores(data: _TwoAFC, distances, n_boot: int, seed: int, boot=None
         c, s = _score_parts(da, db)
         score = float(np.mean(c[ok] + s[ok] * p[ok])) if ok.any() else math.nan
         with np.errstate(invalid="ignore"), _quiet():
-            sb = np.nanmean(np.where(ok, c + s * pb, np.nan), axis=1) if len(pb) else pb
+            sb = (np.nanmean(np.where(ok, c + s * pb, np.nan), axis=1) if len(pb)
+                  else np.zeros(0))
         low, high = _percentile_interval(sb)
         rows.append({"distance": name, "transform": _transform(name),
                      "n_triplets": int(ok.sum()), "n_judgments": int(nt[ok].sum()),
@@ -365,7 +367,7 @@ def _twoafc_ceiling(data: _TwoAFC, n_boot: int, seed: int, boot=None) -> dict:
     kt = k.sum(0)
     judged = nt > 0
     with np.errstate(invalid="ignore"), _quiet():
-        cb = np.nanmean(pb * pb + (1 - pb) ** 2, axis=1) if len(pb) else pb
+        cb = np.nanmean(pb * pb + (1 - pb) ** 2, axis=1) if len(pb) else np.zeros(0)
     ceiling = (float(np.mean(p[judged] ** 2 + (1 - p[judged]) ** 2)) if judged.any()
                else math.nan)
     low, high = _basic_interval(ceiling, cb, 0.5, 1.0)
@@ -1093,7 +1095,10 @@ def aggregate_labels(rows: pd.DataFrame, method: str = "dawid_skene", *, n_iter:
     if data.empty:
         raise ValueError("label rows are empty: nothing to aggregate")
     model = DawidSkene(n_iter=n_iter, tol=tol) if method == "dawid_skene" else MajorityVote()
-    labels = model.fit_predict(data)
+    with warnings.catch_warnings():
+        # crowd-kit 1.4 uses pandas keywords that pandas 3 deprecates (inplace=, copy=)
+        warnings.filterwarnings("ignore", module=r"crowdkit\.")
+        labels = model.fit_predict(data)
     probas = model.probas_
     items = labels.index.astype(str)
     post = [float(probas.loc[t, lab]) for t, lab in zip(labels.index, labels, strict=True)]
