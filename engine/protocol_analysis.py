@@ -1164,6 +1164,11 @@ def analyze_protocol(protocol: str, rows: pd.DataFrame, *, distances=None, n_boo
         raise ValueError(f"{protocol} rows must be a pandas DataFrame")
     kept, counts = apply_exclusions(rows, include_excluded=include_excluded,
                                     include_simulated=include_simulated)
+    if kept.empty:
+        raise ValueError(f"no {protocol} judgments to analyse: {counts['judgments_total']} "
+                         f"rows, {counts['judgments_dropped_excluded']} dropped as excluded, "
+                         f"{counts['judgments_dropped_simulated']} as simulated "
+                         "(include_simulated=True for simulated observers)")
     meta = {"n_boot": n_boot, "seed": seed, "include_excluded": include_excluded,
             "include_simulated": include_simulated, "n_rows": int(len(kept)),
             "n_participants": int(kept["participant"].nunique()) if "participant" in kept

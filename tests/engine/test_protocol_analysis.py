@@ -559,9 +559,8 @@ def test_analyze_protocol_every_protocol_is_json_safe():
 
 def test_analyze_protocol_exclusions_and_errors():
     rows = simulated_twoafc(30, seed=12)
-    with pytest.raises(ValueError, match="no .*judg|empty|need|triplets"):
-        # simulated observers are dropped by default: nothing is left to score a slope with
-        pa.analyze_protocol("2afc", rows, n_boot=0, slope_distance="lpips")
+    with pytest.raises(ValueError, match="no 2afc judgments.*1200 as simulated"):
+        pa.analyze_protocol("2afc", rows, n_boot=0)  # simulated observers dropped by default
     rows["simulated"] = False
     rows["excluded"] = rows["participant"] == rows["participant"].iloc[0]
     rep = pa.analyze_protocol("2afc", rows, n_boot=0)
@@ -571,3 +570,41 @@ def test_analyze_protocol_exclusions_and_errors():
         pa.analyze_protocol("jnd", rows)
     with pytest.raises(ValueError, match="unknown protocol"):
         pa.analyze_protocol("ranking", rows)
+
+
+def test_label_and_rating_figures_draw_the_report_numbers():
+    from engine.figures import figure_bytes, label_accuracy_figure, rating_mos_figure
+
+    rep = pa.analyze_protocol("label", label_rows(seed=6)[1], n_boot=50, label_set=LABELS,
+                              include_simulated=True)
+    fig, data = label_accuracy_figure(rep)
+    assert figure_bytes(fig, "svg")[:200].find(b"<svg") >= 0
+    acc = rep["accuracy"]
+    drawn = data[data["kind"] == "data"]
+    main = acc[acc["kind"] == "main"]
+    assert drawn["accuracy"].tolist() == main["accuracy"].tolist()
+    flips = data[data["kind"] == "flip"].set_index("threat_model")
+    table = rep["flip_bound"].set_index("threat_model")
+    assert flips["flip_bound"].to_dict() == table["flip_bound"].to_dict()
+    # the fitted column is the fitted accuracy curve at each bound
+    for tm, g in drawn.groupby("threat_model"):
+        assert g["fitted"].to_numpy() == pytest.approx(
+            pa.label_accuracy_curve(table.loc[tm], g["bound"].to_numpy(float)))
+    with pytest.raises(ValueError, match="not 'rating'"):
+        rating_mos_figure(rep, distance="lpips")
+    rrep = pa.analyze_protocol("rating", rating_rows(np.random.default_rng(4)), n_boot=20)
+    fig, data = rating_mos_figure(rrep, distance="ssim")
+    assert figure_bytes(fig)[:4] == b"\x89PNG"
+    assert data["distance"].to_numpy() == pytest.approx(1 - rrep["mos"]["d_ssim"].to_numpy())
+    assert data["mos"].tolist() == rrep["mos"]["mos"].tolist()
+    with pytest.raises(ValueError, match="no distance 'dists'"):
+        rating_mos_figure(rrep, distance="dists")
+
+
+def test_flip_bound_with_a_fitted_floor():
+    _, rows = label_rows(seed=7, n_participants=60)
+    res = pa.label_flip_bound(rows, label_set=LABELS, floor="fit", n_boot=50)
+    assert ((res["floor_accuracy"] >= 0) & (res["floor_accuracy"] <= 0.5)).all()
+    assert np.isfinite(res["flip_bound"]).all()
+    with pytest.raises(ValueError, match="floor"):
+        pa.label_flip_bound(rows, label_set=LABELS, floor=1.5, n_boot=0)
