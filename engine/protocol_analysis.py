@@ -219,6 +219,10 @@ class _TwoAFC:
         return da, db
 
 
+def _ctrl(include_controls: bool) -> str:
+    return "include" if include_controls else "exclude"
+
+
 def _twoafc(rows: pd.DataFrame, *, controls: str = "exclude") -> _TwoAFC:
     """``controls``: ``"exclude"`` (main triplets only), ``"include"`` or ``"only"``."""
     _require(rows, TWOAFC_COLUMNS, "2AFC")
@@ -341,7 +345,7 @@ def _twoafc_scores(data: _TwoAFC, distances, n_boot: int, seed: int, boot=None
 
 
 def twoafc_scores(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000,
-                  seed: int = 0) -> pd.DataFrame:
+                  seed: int = 0, include_controls: bool = False) -> pd.DataFrame:
     """Each distance's BAPPS 2AFC score: how often it agrees with people, in [0, 1].
 
     Per main triplet ``i`` (controls excluded), ``p_i`` is the share of its judgments choosing
@@ -354,11 +358,14 @@ def twoafc_scores(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000,
     ``score_low/high``: participant-bootstrap 95 % percentile interval (each replicate
     recomputes ``p_i`` from the reweighted counts; triplets no resampled person judged drop
     out of that replicate). ``distances``: names (default every ``a_NAME``/``b_NAME``).
+    ``include_controls``: score the control triplets too (off by default, as in every 2AFC
+    statistic here).
 
     Columns: ``distance, transform, n_triplets, n_judgments, score, score_low, score_high,
     n_ties``.
     """
-    return _twoafc_scores(_twoafc(rows), distances, n_boot, seed)
+    return _twoafc_scores(_twoafc(rows, controls=_ctrl(include_controls)), distances, n_boot,
+                          seed)
 
 
 def _twoafc_ceiling(data: _TwoAFC, n_boot: int, seed: int, boot=None) -> dict:
@@ -382,7 +389,8 @@ def _twoafc_ceiling(data: _TwoAFC, n_boot: int, seed: int, boot=None) -> dict:
     }
 
 
-def twoafc_human_ceiling(rows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dict:
+def twoafc_human_ceiling(rows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                         include_controls: bool = False) -> dict:
     """The human–human ceiling of the 2AFC score (main triplets).
 
     ``ceiling = mean_i [p_i² + (1 − p_i)²]``: the expected agreement of one random judgment of
@@ -400,12 +408,12 @@ def twoafc_human_ceiling(rows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 
     BAPPS point estimate),
     ``ceiling_unbiased, n_triplets, n_triplets_unbiased, n_judgments``.
     """
-    return _twoafc_ceiling(_twoafc(rows), n_boot, seed)
+    return _twoafc_ceiling(_twoafc(rows, controls=_ctrl(include_controls)), n_boot, seed)
 
 
 def twoafc_table(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000, seed: int = 0,
-                 scores: pd.DataFrame | None = None, ceiling: dict | None = None
-                 ) -> pd.DataFrame:
+                 scores: pd.DataFrame | None = None, ceiling: dict | None = None,
+                 include_controls: bool = False) -> pd.DataFrame:
     """BAPPS/DreamSim-style table: one row per distance, best 2AFC score first, then a row
     ``kind = "human"`` with the human–human ceiling; every row carries the ceiling and
     ``score / ceiling`` (``relative``).
@@ -413,7 +421,8 @@ def twoafc_table(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000, seed
     Columns: ``kind ("metric"|"human"), metric, transform, n_triplets, score, score_low,
     score_high, human_ceiling, relative``.
     """
-    data = _twoafc(rows) if scores is None or ceiling is None else None
+    data = (_twoafc(rows, controls=_ctrl(include_controls)) if scores is None or ceiling is None
+            else None)
     if data is not None:
         boot = _twoafc_boot(data, n_boot, seed)
         scores = _twoafc_scores(data, distances, n_boot, seed, boot)
@@ -504,7 +513,8 @@ def fit_probit(x, k, n, *, lapse: float | str = 0.0, theta0=None, iterations: in
 
 
 def twoafc_choice_slope(rows: pd.DataFrame, distance: str, *, lapse: float | str = 0.0,
-                        n_boot: int = 1000, seed: int = 0) -> dict:
+                        n_boot: int = 1000, seed: int = 0, include_controls: bool = False
+                        ) -> dict:
     """Distance–choice slope of people's 2AFC choices (a Thurstonian probit).
 
     ``P(chose B) = λ/2 + (1 − λ) Φ(α + β (d_a − d_b))`` fitted by maximum likelihood on the
@@ -516,7 +526,7 @@ def twoafc_choice_slope(rows: pd.DataFrame, distance: str, *, lapse: float | str
     Keys: ``distance, alpha, beta, sigma, lapse_rate, beta_low, beta_high, alpha_low,
     alpha_high, n_items, n_judgments, log_likelihood``.
     """
-    data = _twoafc(rows)
+    data = _twoafc(rows, controls=_ctrl(include_controls))
     da, db = data.distances(distance)
     x = da - db
     k, n = data.counts()

@@ -172,10 +172,14 @@ def test_choice_rates_wilson_against_scipy_and_controls_apart():
     sel = rows[rows["is_control"]]
     assert ctrl["n_judgments"] == len(sel)
     assert ctrl["p_chose_b"] == pytest.approx(sel["chose_b"].mean())
-    # controls never enter the scores
+    # controls never enter the scores unless asked
     main_only = rows[~rows["is_control"]]
     assert pa.twoafc_scores(rows, n_boot=0)["score"].tolist() == pytest.approx(
         pa.twoafc_scores(main_only, n_boot=0)["score"].tolist(), abs=0)
+    with_c = pa.twoafc_scores(rows, n_boot=0, include_controls=True).set_index("distance")
+    assert with_c.loc["lpips", "n_triplets"] == rows["item"].nunique()
+    assert pa.twoafc_human_ceiling(rows, n_boot=0, include_controls=True)["n_triplets"] == \
+        rows["item"].nunique()
 
 
 def test_choice_slope_is_the_statsmodels_probit_glm():
