@@ -1,4 +1,4 @@
-"""Data model of a just-noticeable-difference (JND) study.
+"""Data model of a perceptual study (JND, 2AFC, rating or label protocol).
 
 Study ─┬─ Condition (threat model × bound)
        ├─ Pair (natural image + its perturbed copy, or a sentinel: the same image twice)
@@ -28,7 +28,24 @@ def _completion_code() -> str:
 
 
 class Study(models.Model):
-    """A JND study: its pairs, its protocol settings, and who took it."""
+    """A study: its items ("pairs"), its protocol and settings, and who took it.
+
+    ``protocol`` says what a trial shows and asks (:mod:`studyapp.protocols`): ``jnd`` (image,
+    blank, image: same or different?), ``2afc`` (a reference and two copies: which is more
+    like the reference?), ``rating`` (rate a pair's difference or an image's quality on
+    1..``rating_points``) or ``label`` (what is in this image? one of ``label_set``).
+    """
+
+    PROTOCOLS = [
+        ("jnd", "JND: image, blank, image; same or different"),
+        ("2afc", "2AFC: a reference and two copies; which is more like the reference"),
+        ("rating", "rating: rate a pair's difference (DMOS) or an image's quality (MOS)"),
+        ("label", "label: what is in the image (one of the study's label set)"),
+    ]
+    RATING_SHOWS = [
+        ("pair", "pair: natural then perturbed image (JND timing); 1 = no difference"),
+        ("single", "single: the image alone; 1 = bad quality … N = excellent"),
+    ]
 
     slug = models.SlugField(unique=True, help_text="Appears in the participant link.")
     title = models.CharField(max_length=200)
@@ -40,6 +57,36 @@ class Study(models.Model):
     )
     is_active = models.BooleanField(default=True, help_text="Inactive studies refuse new sessions.")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    # --- protocols (issue 18; studyapp.protocols)
+    protocol = models.CharField(
+        max_length=10,
+        choices=PROTOCOLS,
+        default="jnd",
+        help_text="What a trial shows and asks (see studyapp.protocols).",
+    )
+    rating_points = models.PositiveSmallIntegerField(
+        default=5,
+        validators=[MinValueValidator(2), MaxValueValidator(11)],
+        help_text="Rating protocol: the scale is 1 … rating_points.",
+    )
+    rating_shows = models.CharField(
+        max_length=6,
+        choices=RATING_SHOWS,
+        default="pair",
+        help_text="Rating protocol: rate a pair's difference (DMOS) or one image's quality (MOS).",
+    )
+    retest_fraction = models.FloatField(
+        default=0.0,
+        validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
+        help_text="Share of a session's main items shown a second time later in the session "
+        "(test–retest reliability; rating protocol).",
+    )
+    label_set = models.JSONField(
+        default=list,
+        blank=True,
+        help_text="Label protocol: the class names offered as answers (e.g. ImageNet-100's).",
+    )
 
     # Protocol (PAT paper section 6; Zhang et al. 2018): image, blank, image, then same/different.
     first_ms = models.PositiveIntegerField(
@@ -228,7 +275,11 @@ class PairQuerySet(models.QuerySet):
 
 
 class Pair(models.Model):
-    """A natural image and a second image: its perturbed copy, or itself (a sentinel pair)."""
+    """One item of a study: for JND a natural image and its perturbed copy (or itself: a
+    sentinel pair). Per protocol (studyapp.protocols): 2AFC ``natural_path`` is the reference,
+    ``other_path`` copy A, ``third_path`` copy B; rating and label show ``other_path`` (and,
+    for rating pairs, ``natural_path`` first). Controls (``is_sentinel``): JND and rating
+    identical pairs, a 2AFC triplet whose A equals the reference, a label gold item."""
 
     study = models.ForeignKey(Study, on_delete=models.CASCADE, related_name="pairs")
     condition = models.ForeignKey(
@@ -277,6 +328,30 @@ class Pair(models.Model):
         help_text="Ladder index of the pair's bound within its threat model (0 = smallest); "
         "empty for fixed-bound studies and control pairs.",
     )
+    # --- protocols (issue 18)
+    third_path = models.CharField(
+        max_length=500,
+        blank=True,
+        help_text="2AFC: copy B (relative to MEDIA_ROOT); empty for other protocols.",
+    )
+    condition_b = models.ForeignKey(
+        Condition,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="pairs_b",
+        help_text="2AFC: copy B's condition (``condition`` is copy A's).",
+    )
+    distances_b = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="2AFC: distances between the reference and copy B (``distances``: copy A).",
+    )
+    class_name = models.CharField(
+        max_length=200,
+        blank=True,
+        help_text="Label protocol: the source image's true class (one of Study.label_set).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     objects = PairQuerySet.as_manager()
@@ -295,7 +370,9 @@ class Pair(models.Model):
 
     def clean(self) -> None:
         if self.is_sentinel and self.natural_path != self.other_path:
-            raise ValidationError("a sentinel pair shows the same image twice")
+            raise ValidationError(
+                "a control item shows its natural image unchanged (other_path == natural_path)"
+            )
 
     def __str__(self) -> str:
         return self.key
@@ -380,13 +457,19 @@ class Session(models.Model):
 
 
 class Trial(models.Model):
-    """A pair as shown in one session, at one position, with the order of its two images."""
+    """An item as shown in one session, at one position, with the order of its images."""
 
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="trials")
     position = models.PositiveIntegerField(help_text="0-based order within the session.")
     pair = models.ForeignKey(Pair, on_delete=models.PROTECT, related_name="trials")
     natural_first = models.BooleanField(
-        help_text="True when the natural image was shown first (randomised per trial)."
+        help_text="True when the natural image was shown first (randomised per trial); "
+        "2AFC: copy A drawn on the left; label and single-image rating: always True."
+    )
+    is_repeat = models.BooleanField(
+        default=False,
+        help_text="A retest: the item was already shown earlier in this session "
+        "(Study.retest_fraction).",
     )
     is_practice = models.BooleanField(
         default=False, help_text="Practice trial with feedback: stored, never analysed or counted."
@@ -404,7 +487,9 @@ class Trial(models.Model):
         ordering = ["session", "position"]
         constraints = [
             models.UniqueConstraint(fields=["session", "position"], name="unique_trial_position"),
-            models.UniqueConstraint(fields=["session", "pair"], name="unique_trial_pair"),
+            models.UniqueConstraint(
+                fields=["session", "pair", "is_repeat"], name="unique_trial_pair"
+            ),
         ]
 
     def __str__(self) -> str:
@@ -430,18 +515,29 @@ class JudgmentQuerySet(models.QuerySet):
 
 
 class Judgment(models.Model):
-    """A participant's answer to one trial, with the on-screen durations the browser measured."""
+    """A participant's answer to one trial, with the on-screen durations the browser measured.
 
-    RESPONSES = [("same", "same"), ("different", "different")]
+    ``response`` is validated per protocol (studyapp.protocols): JND ``same``/``different``,
+    2AFC ``left``/``right`` (as pressed), rating ``1``..``N``, label one of the label set.
+    """
+
+    RESPONSES = [("same", "same"), ("different", "different")]  # the JND protocol's
 
     trial = models.OneToOneField(Trial, on_delete=models.CASCADE, related_name="judgment")
-    response = models.CharField(max_length=10, choices=RESPONSES)
+    response = models.CharField(max_length=200)
     response_time_ms = models.FloatField(
         help_text="From the response prompt appearing to the key press or click, in ms."
     )
     first_ms = models.FloatField(help_text="Measured on-screen time of the first image, ms.")
-    blank_ms = models.FloatField(help_text="Measured blank between the images, ms.")
-    second_ms = models.FloatField(help_text="Measured on-screen time of the second image, ms.")
+    blank_ms = models.FloatField(
+        null=True, blank=True,
+        help_text="Measured blank between the images, ms; empty for one-image protocols.",
+    )
+    second_ms = models.FloatField(
+        null=True, blank=True,
+        help_text="Measured on-screen time of the second image, ms; empty for one-image "
+        "protocols.",
+    )
     # --- display (issue 17): how the browser drew this trial's images (empty: not reported)
     display_scale = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="Device pixels per image pixel (n) the runner drew."
