@@ -55,6 +55,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from engine.protocol_analysis import bapps_item_scores
+
 from .errors import EngineError
 
 __all__ = [
@@ -497,7 +499,7 @@ def bapps_2afc_score(d_a: Sequence[float] | np.ndarray, d_b: Sequence[float] | n
     if not (a.shape == b.shape == j.shape) or a.size == 0:
         raise ReleaseFormatError(f"d_a, d_b and judge must be equal, non-empty lengths; got "
                                  f"{a.size}, {b.size}, {j.size}")
-    scores = (a < b) * (1.0 - j) + (b < a) * j + (a == b) * 0.5
+    scores = bapps_item_scores(a, b, j)  # the one definition, in engine.protocol_analysis
     return float(np.mean(scores)), scores
 
 
