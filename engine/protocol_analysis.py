@@ -136,8 +136,15 @@ def _boot_sums(part, col, n_part: int, n_cols: int, n_boot: int, seed: int, *val
                                       shape=(n_cols, n_part)))
     if n_boot == 0:
         return
+    from tqdm.auto import tqdm
+
+    # a progress bar only for big studies (about a second or more of work)
+    bar = tqdm(total=n_boot, desc="bootstrap", unit="replicate",
+               disable=n_boot * max(len(part), n_cols) < 20_000_000)
     for w in participant_weight_chunks(n_part, n_boot, seed):
         yield [np.asarray(m @ w.T).T for m in mats]
+        bar.update(len(w))
+    bar.close()
 
 
 def _stack(chunks: list, width: int) -> np.ndarray:
