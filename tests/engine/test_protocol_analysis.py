@@ -505,12 +505,12 @@ def test_agreement_against_krippendorff_and_statsmodels():
         assert r["alpha"] == pytest.approx(alpha, abs=1e-10, nan_ok=True)
         # Fleiss on the items with the most common number of judgments
         counts = sel.groupby("item")["response"].value_counts().unstack(fill_value=0)
-        m = counts.sum(1)
+        m = counts.sum(axis=1)
         m = m[m >= 2]
         mode = m.value_counts()
         m_star = mode[mode == mode.max()].index.max()
-        use = counts[counts.sum(1) == m_star]
-        use = use.loc[:, use.sum(0) > 0]
+        use = counts[counts.sum(axis=1) == m_star]
+        use = use.loc[:, use.sum(axis=0) > 0]
         with np.errstate(invalid="ignore", divide="ignore"):
             kappa = fleiss_kappa(use.to_numpy())
         assert r["fleiss_kappa"] == pytest.approx(kappa, abs=1e-12, nan_ok=True)
