@@ -155,6 +155,23 @@ def test_ceiling_interval_brackets_the_population_ceiling():
     assert c["ceiling_unbiased"] < c["ceiling"]
 
 
+def test_ceiling_of_coin_flips_with_five_judgments():
+    """Random choices, 5 judgments a triplet: BAPPS's p² + (1 − p)² gives 0.6 (it counts a
+    person agreeing with themself), the population ceiling is 0.5; the unbiased estimate
+    and the (basic) interval find 0.5."""
+    rng = np.random.default_rng(11)
+    n_items, per = 2000, 5
+    item = np.repeat(np.arange(n_items), per)
+    rows = pd.DataFrame({"participant": rng.integers(0, 300, len(item)).astype(str),
+                         "item": item.astype(str), "chose_b": rng.random(len(item)) < 0.5,
+                         "condition_a": "a", "condition_b": "b", "is_control": False,
+                         "a_l2": 1.0, "b_l2": 2.0})
+    c = pa.twoafc_human_ceiling(rows, n_boot=200, seed=0)
+    assert c["ceiling"] == pytest.approx(0.6, abs=0.01)
+    assert c["ceiling_unbiased"] == pytest.approx(0.5, abs=0.01)
+    assert c["ceiling_low"] <= 0.5 + 1e-3 and c["ceiling_high"] < 0.52
+
+
 def test_choice_rates_wilson_against_scipy_and_controls_apart():
     rows = random_twoafc(np.random.default_rng(6), controls=6)
     rates = pa.twoafc_choice_rates(rows, n_boot=100)
@@ -323,6 +340,8 @@ def test_test_retest_and_anchors_by_hand():
     assert tr.loc["p", "spearman"] == pytest.approx(stats.spearmanr(first, again)[0])
     assert tr.loc["p", "mean_abs_diff"] == pytest.approx(2 / 5)
     assert tr.loc["p", "exact_agreement"] == pytest.approx(3 / 5)
+    assert tr.loc["p", "icc_consistency"] == pytest.approx(
+        pa.icc(np.stack([first, again], axis=1))["consistency"])
     assert tr.loc["q", "n_pairs"] == 1 and math.isnan(tr.loc["q", "pearson"])
     assert tr.loc[pa.POOLED, "pearson"] == pytest.approx(
         stats.pearsonr(first + [2], again + [2])[0])
@@ -332,6 +351,20 @@ def test_test_retest_and_anchors_by_hand():
     assert anchors["share_lowest"] == pytest.approx(0.5)
     lo, hi = stats.t.interval(0.95, 3, loc=7 / 4, scale=stats.sem([1, 1, 2, 3]))
     assert (anchors["mean_low"], anchors["mean_high"]) == pytest.approx((lo, hi))
+
+
+def test_icc_is_shrout_and_fleiss_published_example():
+    # Shrout & Fleiss (1979), table 2: 6 targets × 4 judges; ICC(2,1) = .29, ICC(3,1) = .71
+    x = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
+    out = pa.icc(x)
+    assert out["agreement"] == pytest.approx(0.29, abs=0.005)
+    assert out["consistency"] == pytest.approx(0.71, abs=0.005)
+    # a constant shift between occasions: perfect consistency, lower agreement
+    y = np.array([[1, 3], [2, 4], [3, 5], [4, 6]])
+    shifted = pa.icc(y)
+    assert shifted["consistency"] == pytest.approx(1.0)
+    assert shifted["agreement"] < 0.8
+    assert math.isnan(pa.icc([[1, 2]])["agreement"])
 
 
 def test_rating_errors():
@@ -472,12 +505,12 @@ def test_agreement_against_krippendorff_and_statsmodels():
         assert r["alpha"] == pytest.approx(alpha, abs=1e-10, nan_ok=True)
         # Fleiss on the items with the most common number of judgments
         counts = sel.groupby("item")["response"].value_counts().unstack(fill_value=0)
-        m = counts.sum(1)
+        m = counts.sum(axis=1)
         m = m[m >= 2]
         mode = m.value_counts()
         m_star = mode[mode == mode.max()].index.max()
-        use = counts[counts.sum(1) == m_star]
-        use = use.loc[:, use.sum(0) > 0]
+        use = counts[counts.sum(axis=1) == m_star]
+        use = use.loc[:, use.sum(axis=0) > 0]
         with np.errstate(invalid="ignore", divide="ignore"):
             kappa = fleiss_kappa(use.to_numpy())
         assert r["fleiss_kappa"] == pytest.approx(kappa, abs=1e-12, nan_ok=True)
