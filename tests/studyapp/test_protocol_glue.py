@@ -1,0 +1,364 @@
+"""Issue 18 glue: QC, simulated observers, analyze/calibrate and the dashboard per protocol.
+
+Studies are built here directly (tiny PNGs in a temporary MEDIA_ROOT, distances stored with
+the items) so that the observers' true parameters are known exactly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from io import StringIO
+
+import numpy as np
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+from PIL import Image
+from scipy.stats import spearmanr
+
+from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study, Trial
+from studyapp.protocol_rows import label_rows, rating_rows, twoafc_rows
+from studyapp.protocols import correct_answer, image_paths, validate_response
+from studyapp.quality import RETEST_MIN_RHO, compute_quality
+from studyapp.scheduler import assignment_errors, complete_session, record_judgment
+from studyapp.simulation import LabelModel, RatingModel, simulate_protocol
+
+pytestmark = pytest.mark.django_db
+
+LABELS = ["astronaut", "chelsea", "coffee", "camera"]
+FLIP_BOUND = 6 / 255  # the label observers' true label-flip bound (linf)
+LADDER = [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255]
+SIGMA = 0.5  # the 2AFC observers' Thurstonian noise (l2 units): probit slope 1/SIGMA = 2
+HUMAN = {"key_events": 40, "pointer_events": 2, "webdriver": False}
+
+
+def run(*args) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def png(root, relative: str, seed: int) -> str:
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return relative
+
+
+def _study(slug: str, n_items: int, n_controls: int, **fields) -> Study:
+    n = n_items + n_controls
+    return Study.objects.create(
+        slug=slug, title=slug, trials_per_session=n, sentinel_fraction=n_controls / n,
+        practice_trials=0, judgments_per_pair=1000, max_sentinel_false_alarm=0.25, **fields)
+
+
+@pytest.fixture
+def make_2afc(media_root):
+    """12 triplets with reference↔A/B ``l2`` distances spread over [0.2, 2.2] (and ``ssim``
+    = 1 − l2/4: a similarity) + 12 control triplets (A is the reference)."""
+
+    def make(slug="twoafc", n_items=12, n_controls=12) -> Study:
+        study = _study(slug, n_items, n_controls, protocol="2afc")
+        small = Condition.objects.create(study=study, threat_model="linf", bound=4 / 255,
+                                         spec="linf:bound=4/255", label="small")
+        large = Condition.objects.create(study=study, threat_model="l2", bound=1.0,
+                                         spec="l2:bound=1", label="large")
+        rng = np.random.default_rng(5)
+        for i in range(n_items + n_controls):
+            ref = png(media_root, f"{slug}/ref{i}.png", i)
+            a = png(media_root, f"{slug}/a{i}.png", 100 + i)
+            b = png(media_root, f"{slug}/b{i}.png", 200 + i)
+            d_a, d_b = rng.uniform(0.2, 2.2, 2)
+            if i < n_items:
+                ca, cb = (small, large) if i % 2 else (large, small)
+                Pair.objects.create(
+                    study=study, condition=ca, condition_b=cb, key=f"t{i}", source_image=f"s{i}",
+                    natural_path=ref, other_path=a, third_path=b, width=8, height=8,
+                    distances={"l2": d_a, "ssim": 1 - d_a / 4},
+                    distances_b={"l2": d_b, "ssim": 1 - d_b / 4})
+            else:
+                Pair.objects.create(
+                    study=study, is_sentinel=True, condition_b=small, key=f"c{i}",
+                    source_image=f"s{i}", natural_path=ref, other_path=ref, third_path=b,
+                    width=8, height=8, distances_b={"l2": d_b, "ssim": 1 - d_b / 4})
+        return study
+
+    return make
+
+
+@pytest.fixture
+def make_rating(media_root):
+    """12 pairs with ``l2`` spread over [0.1, 3] + 8 identical-pair anchors (5-point scale)."""
+
+    def make(slug="rating", n_items=12, n_controls=8, **fields) -> Study:
+        study = _study(slug, n_items, n_controls, protocol="rating", rating_points=5, **fields)
+        cond = Condition.objects.create(study=study, threat_model="linf", bound=8 / 255,
+                                        spec="linf:bound=8/255", label="medium")
+        for i, d in enumerate(np.linspace(0.1, 3.0, n_items)):
+            nat = png(media_root, f"{slug}/n{i}.png", i)
+            other = png(media_root, f"{slug}/o{i}.png", 50 + i)
+            Pair.objects.create(study=study, condition=cond, key=f"r{i}", source_image=f"s{i}",
+                                natural_path=nat, other_path=other, width=8, height=8,
+                                distances={"l2": float(d)})
+        for i in range(n_controls):
+            nat = png(media_root, f"{slug}/anchor{i}.png", 300 + i)
+            Pair.objects.create(study=study, is_sentinel=True, key=f"anchor{i}",
+                                source_image=f"a{i}", natural_path=nat, other_path=nat,
+                                width=8, height=8)
+        return study
+
+    return make
+
+
+@pytest.fixture
+def make_label(media_root):
+    """A linf ladder of 6 bounds × 4 sources (one per label) + 8 gold items."""
+
+    def make(slug="label", n_gold=8) -> Study:
+        study = _study(slug, len(LADDER) * len(LABELS), n_gold, protocol="label",
+                       label_set=LABELS)
+        for level, bound in enumerate(LADDER):
+            cond = Condition.objects.create(study=study, threat_model="linf", bound=bound,
+                                            spec=f"linf:bound={bound:.6f}")
+            for j, name in enumerate(LABELS):
+                nat = png(media_root, f"{slug}/{name}.png", j)
+                adv = png(media_root, f"{slug}/{name}-{level}.png", 10 * level + j + 1000)
+                Pair.objects.create(study=study, condition=cond, key=f"{name}|{level}",
+                                    source_image=name, natural_path=nat, other_path=adv,
+                                    class_name=name, level=level, width=8, height=8)
+        for g in range(n_gold):
+            name = LABELS[g % len(LABELS)]
+            nat = png(media_root, f"{slug}/gold{g}.png", 500 + g)
+            Pair.objects.create(study=study, is_sentinel=True, key=f"gold{g}",
+                                source_image=f"gold{g}", natural_path=nat, other_path=nat,
+                                class_name=name, width=8, height=8)
+        return study
+
+    return make
+
+
+@pytest.fixture
+def make_protocol(make_2afc, make_rating, make_label):
+    return {"2afc": make_2afc, "rating": make_rating, "label": make_label}
+
+
+def sessions_of(study) -> list[Session]:
+    return list(Session.objects.filter(participant__study=study).order_by("pk"))
+
+
+def humanize(sessions) -> None:
+    """The runner's signals of a person (trusted key presses), which simulated sessions lack."""
+    for s in sessions:
+        s.client_info = dict(HUMAN)
+        s.save(update_fields=["client_info"])
+
+
+# ----------------------------------------------------------------- simulated observers
+
+
+def _trial_answers(study):
+    return list(Judgment.objects.filter(trial__session__participant__study=study)
+                .select_related("trial__pair").order_by("pk"))
+
+
+def test_2afc_observers_press_the_side_of_the_closer_copy(make_2afc):
+    study = make_2afc()
+    text = run("simulate_observers", "--study", study.slug, "--n", "3", "--sigma", "1e-9",
+               "--lapse-rate", "0", "--no-progress")
+    assert "(2afc): 3 simulated session(s) completed, 72 judgments" in text
+    assert assignment_errors(study) == []
+    judgments = _trial_answers(study)
+    assert len(judgments) == 72 and {j.trial.natural_first for j in judgments} == {True, False}
+    for j in judgments:
+        pair, trial = j.trial.pair, j.trial
+        validate_response(study, j.response)
+        assert j.blank_ms is None and j.second_ms is None  # one phase: no blank, no second
+        # Noise-free Thurstonian observer: the copy nearer the reference, on the screen side
+        # image_paths puts it (slot 2 = left, slot 3 = right).
+        d_a = pair.distances.get("l2", 0.0)
+        d_b = pair.distances_b["l2"]
+        closer = pair.other_path if d_a < d_b else pair.third_path
+        slots = image_paths("2afc", 3, trial.natural_first, pair.natural_path,
+                            pair.other_path, pair.third_path)
+        assert slots[{"left": 1, "right": 2}[j.response]] == closer
+        if pair.is_sentinel:  # the identical side is the known answer
+            assert j.response == correct_answer(
+                study, is_sentinel=True, natural_first=trial.natural_first,
+                natural_path=pair.natural_path, other_path=pair.other_path,
+                third_path=pair.third_path)
+    rows = twoafc_rows(study, include_simulated=True)
+    assert len(rows) == 72
+    # chose_b from the pressed side and natural_first, independently of the rows code:
+    for j, (_, row) in zip(judgments, rows.iterrows(), strict=True):
+        assert row["chose_b"] == (j.response == ("right" if j.trial.natural_first else "left"))
+    controls = rows[rows["is_control"]]
+    assert (controls["a_l2"] == 0).all() and (controls["a_ssim"] == 1).all()
+    assert not controls["chose_b"].any()
+    assert set(controls["condition_a"]) == {"reference"}
+    assert twoafc_rows(study).empty  # simulated observers are left out by default
+
+
+def test_rating_observers_follow_the_monotone_model(make_rating):
+    study = make_rating()
+    run("simulate_observers", "--study", study.slug, "--n", "2", "--rating-noise", "0",
+        "--rating-scale", "1.5", "--no-progress")
+    model = RatingModel(scale=1.5, noise_sd=0.0, points=5)
+    for j in _trial_answers(study):
+        validate_response(study, j.response)
+        d = j.trial.pair.distances.get("l2", 0.0)
+        expected = int(np.clip(round(1 + 4 * (1 - np.exp(-d / 1.5))), 1, 5))
+        assert int(j.response) == expected == model.rate(d, np.random.default_rng(0))
+        assert j.second_ms is not None  # pair mode: the JND phases
+    rows = rating_rows(study, include_simulated=True)
+    assert set(rows["condition"]) == {"linf:bound=8/255", "anchor"}
+    assert (rows.loc[rows["is_control"], "rating"] == 1).all()
+    assert (rows.loc[rows["is_control"], "d_l2"] == 0).all()
+
+
+def test_label_observers_answer_from_the_label_set(make_label):
+    study = make_label()
+    run("simulate_observers", "--study", study.slug, "--n", "2", "--lapse-rate", "0",
+        "--threshold", "linf=1e6", "--no-progress")
+    for j in _trial_answers(study):
+        validate_response(study, j.response)
+        assert j.response == j.trial.pair.class_name  # far below the flip bound: correct
+    rows = label_rows(study, include_simulated=True)
+    assert set(rows.loc[rows["is_gold"], "threat_model"]) == {"gold"}
+    assert (rows.loc[rows["is_gold"], "bound"] == 0).all()
+    assert sorted(rows.loc[~rows["is_gold"], "level"].unique()) == list(range(6))
+    # the model's accuracy: clean 1 − ε at bound 0, midway to chance at the flip bound
+    model = LabelModel({"linf": FLIP_BOUND}, slope=3.0, clean_error=0.1, n_labels=4)
+    assert model.p_correct(None, 0.0) == pytest.approx(0.9)
+    assert model.p_correct("linf", FLIP_BOUND) == pytest.approx((0.9 + 0.25) / 2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n", "0"], "--n must be at least 1"),
+    (["--distance", "lpips_vgg"], "lacks the distance 'lpips_vgg'"),
+    (["--sigma", "-1"], "--sigma must be > 0"),
+    (["--careless", "2"], "careless share must be in"),
+])
+def test_simulate_protocol_refuses_bad_input(make_2afc, args, message):
+    study = make_2afc()
+    with pytest.raises(CommandError, match=message.replace("(", r"\(")):
+        run("simulate_observers", "--study", study.slug, "--no-progress", *args)
+    assert not Participant.objects.exists()
+
+
+def test_label_simulation_refuses_unknown_threat_model(make_label):
+    study = make_label()
+    with pytest.raises(CommandError, match=r"threat model\(s\) \['l2'\]"):
+        run("simulate_observers", "--study", study.slug, "--threshold", "l2=1",
+            "--no-progress")
+
+
+# ----------------------------------------------------------------- quality control
+
+
+def _bot(study, seed: int) -> Session:
+    """An automated session: the honest model's answers, machine-regular response times and
+    navigator.webdriver set."""
+    simulate_protocol(study, 1, seed=seed, lapse_rate=0.0)
+    session = sessions_of(study)[-1]
+    for i, j in enumerate(Judgment.objects.filter(trial__session=session).order_by("pk")):
+        j.response_time_ms = 300.0 + i % 3
+        j.save(update_fields=["response_time_ms"])
+    session.client_info = {"webdriver": True, "key_events": 0, "pointer_events": 0}
+    session.save(update_fields=["client_info"])
+    return session
+
+
+@pytest.mark.parametrize("protocol", ["2afc", "rating", "label"])
+def test_qc_flags_careless_and_bot_workers_not_honest_ones(make_protocol, protocol):
+    study = make_protocol[protocol]()
+    simulate_protocol(study, 4, seed=1, lapse_rate=0.0)
+    honest = sessions_of(study)
+    humanize(honest)
+    simulate_protocol(study, 1, seed=2, careless_share=1.0)
+    careless = sessions_of(study)[-1]
+    humanize([careless])
+    bot = _bot(study, seed=3)
+    rows = {q.session_id: q for q in compute_quality(study)}
+    for s in honest:
+        q = rows[s.pk]
+        assert q.protocol == protocol and q.n_control > 0
+        # (a Thurstonian observer errs now and then on a control whose B is close)
+        assert q.control_error_rate <= study.max_sentinel_false_alarm, q
+        assert not q.flags and not q.excluded, q
+        assert q.sentinel_false_alarm_rate is None and q.catch_hit_rate is None
+    # the careless worker: errors on controls counted against the known answers
+    q = rows[careless.pk]
+    wrong = 0
+    for t in Trial.objects.filter(session=careless, is_practice=False, pair__is_sentinel=True
+                                  ).select_related("pair", "judgment"):
+        known = correct_answer(study, is_sentinel=True, natural_first=t.natural_first,
+                               natural_path=t.pair.natural_path, other_path=t.pair.other_path,
+                               third_path=t.pair.third_path, class_name=t.pair.class_name)
+        wrong += t.judgment.response != known
+    assert (q.n_control_wrong, q.n_control) == (wrong, study.pairs.filter(
+        is_sentinel=True).count())
+    assert q.control_error_rate > study.max_sentinel_false_alarm
+    assert q.excluded and q.exclusion_reason.startswith(
+        f"control error rate {q.control_error_rate:.2f} > 0.25 ({wrong}/{q.n_control}")
+    # the bot: answers fine, but regular and automated — flagged, excluded only by the switch
+    q = rows[bot.pk]
+    assert q.control_error_rate <= study.max_sentinel_false_alarm and not q.excluded
+    assert any(f.startswith("response times too regular") for f in q.flags)
+    assert any("navigator.webdriver" in f for f in q.flags)
+    assert not any(f.startswith("superhuman") for f in q.flags)  # a JND-only rule
+    study.exclude_automation = True
+    study.save()
+    assert {q.session_id for q in compute_quality(study) if q.excluded} == {careless.pk, bot.pk}
+
+
+def _rating_session(study, rate, seed: int) -> Session:
+    """A session of every item once, then every data item again (``is_repeat``), answered
+    through record_judgment with ``rate(distance, rng)``."""
+    participant = Participant.objects.create(study=study, external_id=uuid.uuid4().hex)
+    session = Session.objects.create(participant=participant, client_info=dict(HUMAN))
+    pairs = list(study.pairs.order_by("pk"))
+    repeats = [p for p in pairs if not p.is_sentinel]
+    trials = [Trial(session=session, position=i, pair=p, natural_first=True)
+              for i, p in enumerate(pairs)]
+    trials += [Trial(session=session, position=len(pairs) + i, pair=p, natural_first=True,
+                     is_repeat=True) for i, p in enumerate(repeats)]
+    Trial.objects.bulk_create(trials)
+    rng = np.random.default_rng(seed)
+    for t in Trial.objects.filter(session=session).select_related("pair"):
+        record_judgment(session, {
+            "position": t.position, "response": str(rate(t.pair.distances.get("l2", 0.0), rng)),
+            "response_time_ms": float(rng.lognormal(np.log(900), 0.3)),
+            "durations": {"first_ms": 1000.0, "blank_ms": 250.0, "second_ms": 1000.0},
+            "idempotency_key": uuid.uuid4().hex})
+    return complete_session(session)
+
+
+def test_rating_test_retest_flags_an_inconsistent_rater(make_rating):
+    study = make_rating()
+    model = RatingModel(scale=1.5, noise_sd=0.5, points=5)
+    consistent = _rating_session(study, model.rate, seed=1)
+    random_rater = _rating_session(study, lambda d, rng: int(rng.integers(1, 6)) if d else 1,
+                                   seed=2)
+    rows = {q.session_id: q for q in compute_quality(study)}
+    for session in (consistent, random_rater):
+        j = {(t.pair_id, t.is_repeat): int(t.judgment.response)
+             for t in Trial.objects.filter(session=session).select_related("judgment")}
+        first = [j[(p, False)] for (p, rep) in j if rep]
+        again = [j[(p, True)] for (p, rep) in j if rep]
+        q = rows[session.pk]
+        assert q.n_retest == 12
+        assert q.retest_rho == pytest.approx(spearmanr(first, again).statistic, abs=1e-4)
+    assert rows[consistent.pk].retest_rho > 0.6 and not rows[consistent.pk].flags
+    assert rows[random_rater.pk].retest_rho < RETEST_MIN_RHO
+    assert any(f.startswith("test–retest: Spearman ρ") for f in rows[random_rater.pk].flags)
+    assert not rows[random_rater.pk].excluded  # a flag for staff, not an exclusion
+    text = run("quality", "--study", study.slug)
+    assert "control_error" in text and "retest_rho" in text and "test–retest" in text
+
+
+def test_jnd_quality_keeps_its_sentinel_columns(study, new_session):
+    session = new_session(study)
+    q = compute_quality(study, include_incomplete=True)[0]
+    assert q.session_id == session.pk and q.protocol == "jnd"
+    assert q.control_error_rate is None and q.n_control == 0
