@@ -245,3 +245,164 @@ def psychometric_curves(calibration_or_frames, *, n_points: int = 200, **calibra
         axes[j // ncols, j % ncols].set_visible(False)
     fig.tight_layout()
     return fig, pd.DataFrame(rows)
+
+
+# ================================================================ issue 18: other protocols
+def _protocol_table(report_or_table, name: str, protocol: str) -> pd.DataFrame:
+    from engine.protocol_analysis import ProtocolReport
+
+    if isinstance(report_or_table, ProtocolReport):
+        if report_or_table.protocol != protocol or name not in report_or_table.tables:
+            raise ValueError(f"the report is for protocol {report_or_table.protocol!r}, "
+                             f"not {protocol!r} (no table {name!r})")
+        return report_or_table.tables[name]
+    if isinstance(report_or_table, pd.DataFrame):
+        return report_or_table
+    raise ValueError(f"pass a ProtocolReport ({protocol}) or its {name!r} DataFrame")
+
+
+def twoafc_scores_figure(report_or_table):
+    """BAPPS/DreamSim-style bar chart: each distance's 2AFC score (agreement with people)
+    with its participant-bootstrap 95 % interval, and the human–human ceiling as a line
+    (its interval shaded).
+
+    Accepts a 2AFC :class:`engine.protocol_analysis.ProtocolReport` or the
+    :func:`engine.protocol_analysis.twoafc_table` frame. Frame returned: the metric rows
+    drawn, ``metric, transform, n_triplets, score, score_low, score_high, human_ceiling``.
+    """
+    table = _protocol_table(report_or_table, "table", "2afc")
+    need = {"kind", "metric", "score", "score_low", "score_high", "human_ceiling"}
+    if not need <= set(table.columns):
+        raise ValueError(f"a twoafc_table frame needs columns {sorted(need)}")
+    data = table[table["kind"] == "metric"][["metric", "transform", "n_triplets", "score",
+                                             "score_low", "score_high", "human_ceiling"]]
+    data = data.reset_index(drop=True)
+    human = table[table["kind"] == "human"]
+    fig, axes = _figure(width=max(5.0, 0.7 * len(data) + 2.5))
+    ax = axes[0, 0]
+    x = np.arange(len(data))
+    score = data["score"].astype(float).fillna(0).to_numpy()
+    err = np.vstack([(data["score"] - data["score_low"]).astype(float).fillna(0).clip(lower=0),
+                     (data["score_high"] - data["score"]).astype(float).fillna(0).clip(
+                         lower=0)])
+    ax.bar(x, score, yerr=err, color="C0", capsize=4, label="2AFC score (bootstrap 95%)")
+    if len(human):
+        h = human.iloc[0]
+        ax.axhline(h["score"], color="k", ls="--", lw=1,
+                   label=f"human ceiling {h['score']:.3f}")
+        if np.isfinite(h["score_low"]) and np.isfinite(h["score_high"]):
+            ax.axhspan(h["score_low"], h["score_high"], color="k", alpha=0.1, lw=0)
+    ax.axhline(0.5, color="gray", lw=0.6, ls=":")
+    ax.set_xticks(x, [distance_label(m) for m in data["metric"]], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set(ylabel="2AFC score (agreement with people)", ylim=(0.4, 1.0),
+           title="Distances against people's 2AFC choices (BAPPS-style)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig, data
+
+
+def label_accuracy_figure(report_or_tables, *, n_points: int = 200):
+    """Human accuracy against bound per threat model (Wilson 95 %), the fitted accuracy
+    curve of :func:`engine.protocol_analysis.label_flip_bound`, the label-flip bound with its
+    bootstrap interval, the gold accuracy and the chance floor.
+
+    Accepts a label :class:`engine.protocol_analysis.ProtocolReport` or a tuple
+    ``(accuracy, flip_bound)`` of its frames. Frame returned: ``kind`` (``"data"`` or
+    ``"flip"``), ``threat_model``, then for data ``bound, n_judgments, accuracy, ci_low,
+    ci_high, fitted`` and for flips ``target_accuracy, flip_bound, low, high``.
+    """
+    from engine.protocol_analysis import ProtocolReport, label_accuracy_curve
+
+    if isinstance(report_or_tables, ProtocolReport):
+        acc = _protocol_table(report_or_tables, "accuracy", "label")
+        flips = _protocol_table(report_or_tables, "flip_bound", "label")
+    elif isinstance(report_or_tables, tuple) and len(report_or_tables) == 2:
+        acc, flips = report_or_tables
+    else:
+        raise ValueError("pass a label ProtocolReport or (accuracy, flip_bound) frames")
+    main = acc[(acc["kind"] == "main") & (acc["bound"] > 0)]
+    gold = acc[acc["kind"] == "gold"]
+    tms = sorted(main["threat_model"].unique())
+    ncols = min(3, max(1, len(tms)))
+    nrows = max(1, -(-len(tms) // ncols))
+    fig, axes = _figure(width=4.2 * ncols, height=3.4 * nrows, ncols=ncols, nrows=nrows)
+    rows = []
+    fits = flips.set_index("threat_model") if len(flips) else flips
+    for i, tm in enumerate(tms):
+        ax = axes[i // ncols, i % ncols]
+        g = main[main["threat_model"] == tm].sort_values("bound")
+        fit = fits.loc[tm] if tm in getattr(fits, "index", []) else None
+        has_fit = fit is not None and np.isfinite(fit["alpha"])
+        fitted = (label_accuracy_curve(fit, g["bound"].to_numpy(float)) if has_fit
+                  else np.full(len(g), np.nan))
+        for j, (_, r) in enumerate(g.iterrows()):
+            rows.append({"kind": "data", "threat_model": tm, "bound": r["bound"],
+                         "n_judgments": int(r["n_judgments"]), "accuracy": r["accuracy"],
+                         "ci_low": r["ci_low"], "ci_high": r["ci_high"], "fitted": fitted[j]})
+        ax.errorbar(g["bound"], g["accuracy"], yerr=[g["accuracy"] - g["ci_low"],
+                    g["ci_high"] - g["accuracy"]], fmt="o", color="k", capsize=3,
+                    label="people (Wilson 95%)")
+        if has_fit:
+            lo, hi = g["bound"].min() / 1.5, g["bound"].max() * 1.5
+            grid = np.geomspace(lo, hi, n_points)
+            ax.plot(grid, label_accuracy_curve(fit, grid), color="C0", label="fit")
+            ax.axhline(fit["floor_accuracy"], color="gray", lw=0.6, ls=":",
+                       label=f"floor {fit['floor_accuracy']:.2f}")
+            rows.append({"kind": "flip", "threat_model": tm,
+                         "target_accuracy": fit["target_accuracy"],
+                         "flip_bound": fit["flip_bound"], "low": fit["low"],
+                         "high": fit["high"]})
+            if np.isfinite(fit["flip_bound"]):
+                xerr = [[max(fit["flip_bound"] - fit["low"], 0) if np.isfinite(fit["low"])
+                         else 0], [max(fit["high"] - fit["flip_bound"], 0)
+                                   if np.isfinite(fit["high"]) else 0]]
+                ax.errorbar([fit["flip_bound"]], [fit["target_accuracy"]], xerr=xerr,
+                            fmt="s", color="C3", capsize=3,
+                            label=f"label-flip bound {fit['flip_bound']:.3g}")
+        if len(gold):
+            ax.axhline(gold.iloc[0]["accuracy"], color="C2", lw=0.8, ls="--",
+                       label=f"gold {gold.iloc[0]['accuracy']:.2f}")
+        ax.set(xscale="log", ylim=(0, 1.02), xlabel="bound", ylabel="accuracy (true label)",
+               title=str(tm))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.legend(fontsize=6)
+    for j in range(len(tms), nrows * ncols):
+        axes[j // ncols, j % ncols].set_visible(False)
+    fig.tight_layout()
+    return fig, pd.DataFrame(rows)
+
+
+def rating_mos_figure(report_or_table, *, distance: str):
+    """Item MOS (t 95 % interval) against one distance (``d_<distance>``; 1 − SSIM for
+    SSIM), the scatter behind :func:`engine.protocol_analysis.rating_correlations`.
+
+    Accepts a rating :class:`engine.protocol_analysis.ProtocolReport` or the
+    :func:`engine.protocol_analysis.rating_mos` frame. Frame returned: ``item, condition,
+    distance, mos, mos_low, mos_high, z_mos``.
+    """
+    from engine.protocol_analysis import _as_distance
+
+    table = _protocol_table(report_or_table, "mos", "rating")
+    col = f"d_{distance}"
+    if col not in table:
+        raise ValueError(f"no distance {distance!r} in the MOS table (have "
+                         f"{[c[2:] for c in table.columns if c.startswith('d_')]})")
+    data = pd.DataFrame({"item": table["item"], "condition": table["condition"],
+                         "distance": _as_distance(distance, table[col]), "mos": table["mos"],
+                         "mos_low": table["mos_low"], "mos_high": table["mos_high"],
+                         "z_mos": table["z_mos"]})
+    fig, axes = _figure()
+    ax = axes[0, 0]
+    colors = _colors(data["condition"].astype(str).unique())
+    for cond, g in data.groupby(data["condition"].astype(str)):
+        yerr = np.vstack([(g["mos"] - g["mos_low"]).fillna(0), (g["mos_high"] - g["mos"])
+                          .fillna(0)])
+        ax.errorbar(g["distance"], g["mos"], yerr=yerr, fmt="o", ms=3, capsize=2,
+                    color=colors[cond], label=cond)
+    ax.set(xlabel=f"{distance_label(distance)} distance", ylabel="MOS (mean rating)",
+           title="Item scores against distance")
+    if data["condition"].nunique() <= 12:
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig, data
