@@ -20,16 +20,19 @@ answers uniformly at random among the protocol's answers, fast.
 
 from __future__ import annotations
 
-import math
 import random
 import uuid
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import expit
-from scipy.stats import norm
 
-from engine.observers import ObserverPopulation, SimulatedObserver
+from engine.observers import (
+    LabelObserver,
+    ObserverPopulation,
+    RatingObserver,
+    SimulatedObserver,
+    TwoAFCObserver,
+)
 
 from .models import Pair, Participant, Study, Trial
 from .protocols import trial_spec
@@ -199,71 +202,24 @@ def simulate(
 
 # ------------------------------------------------------------------ protocols beyond JND
 #
-# The observer models (issue 18). Hand-written here, in a few lines each, because they are
-# the definitions the analyses must recover (tests/studyapp/test_protocol_glue.py):
+# The observer models are the engine's (engine.observers, issue 18), one observer per
+# simulated participant:
 #
-# - 2AFC (Thurstonian, case V): each copy's perceived difference from the reference is its
-#   distance plus independent Gaussian noise; the observer picks the copy that looks more
-#   like the reference: P(choose B) = λ/2 + (1 − λ)·Φ((d_A − d_B)/σ), with σ in distance
-#   units (the probit slope engine.protocol_analysis.twoafc_choice_slope fits is 1/σ) and
-#   λ the lapse rate (a lapse picks a side at random).
-# - Rating (noisy monotone): the perceived difference of a pair is m(d) = 1 − exp(−d/s)
-#   (0 for identical images, towards 1 for large distances, s the distance of a
-#   "clearly different" pair); the rating is round(1 + (N − 1)·m(d) + e), e ~ N(0, σ_r)
-#   (σ_r in scale points), clipped to 1..N. Single-image mode rates quality: N + 1 − that.
-#   A repeat is the same observer's fresh draw (test–retest noise is σ_r).
-# - Label (confusion growing with the bound): P(true label | bound b) =
-#   1/L + (1 − ε − 1/L)·(1 − F(β·(ln b − ln t))), F logistic, L labels, ε the error on
-#   clean images (gold items, b = 0 → 1 − ε), t the label-flip bound (accuracy midway
-#   between clean and chance: what engine.protocol_analysis.label_flip_bound estimates),
-#   β the slope per log unit of bound; a wrong answer is uniform over the other L − 1 labels.
-
-
-@dataclass
-class TwoAFCModel:
-    """Thurstonian 2AFC observer (see above): ``sigma`` in distance units, ``lapse_rate``."""
-
-    sigma: float
-    lapse_rate: float = 0.0
-
-    def p_choose_b(self, d_a: float, d_b: float) -> float:
-        return self.lapse_rate / 2 + (1 - self.lapse_rate) * float(
-            norm.cdf((d_a - d_b) / self.sigma))
-
-
-@dataclass
-class RatingModel:
-    """Noisy monotone rating observer (see above): ``scale`` in distance units, ``noise_sd``
-    in scale points, ``points`` = N."""
-
-    scale: float
-    noise_sd: float
-    points: int
-    single: bool = False
-
-    def rate(self, distance: float, rng: np.random.Generator) -> int:
-        m = 1.0 - math.exp(-max(distance, 0.0) / self.scale)
-        r = int(np.clip(round(1 + (self.points - 1) * m + rng.normal(0.0, self.noise_sd)),
-                        1, self.points))
-        return self.points + 1 - r if self.single else r
-
-
-@dataclass
-class LabelModel:
-    """Label observer whose confusion grows with the bound (see above): per threat model the
-    label-flip bound ``t`` (its units) and ``slope`` per log unit, ``clean_error`` ε."""
-
-    flip_bounds: dict[str, float]
-    slope: float
-    clean_error: float
-    n_labels: int
-
-    def p_correct(self, threat_model: str | None, bound: float) -> float:
-        floor = 1.0 / self.n_labels
-        if not bound or bound <= 0 or threat_model not in self.flip_bounds:
-            return 1.0 - self.clean_error
-        f = float(expit(self.slope * (math.log(bound) - math.log(self.flip_bounds[threat_model]))))
-        return floor + (1 - self.clean_error - floor) * (1 - f)
+# - 2AFC, :class:`~engine.observers.TwoAFCObserver` (Thurstonian, case V): each copy's
+#   perceived difference from the reference is its distance plus Gaussian noise; P(choose B)
+#   = λ/2 + (1 − λ)·Φ((d_A − d_B)/σ), σ in distance units (the probit slope that
+#   engine.protocol_analysis.twoafc_choice_slope fits is 1/σ), λ the lapse rate;
+# - rating, :class:`~engine.observers.RatingObserver` (noisy monotone of distance): rating =
+#   clip(round(1 + (N − 1)·d/s + e), 1, N), e ~ N(0, σ_r) (σ_r in scale points, s the
+#   distance rated N); single-image mode rates quality: N − (N − 1)·d/s + e. A repeat is a
+#   fresh draw of the same observer (test–retest noise is σ_r);
+# - label, :class:`~engine.observers.LabelObserver` (confusion growing with the bound):
+#   P(true label | b) = 1/L + (1 − 1/L − ε)·(1 − logistic(β·(ln b − ln t))), L labels, ε the
+#   error on clean images (gold items: b = 0), t the label-flip bound per threat model
+#   (accuracy midway between clean and chance: what label_flip_bound estimates), β per log
+#   unit of bound; a wrong answer is uniform over the other L − 1 labels.
+#
+# A careless observer answers at random (the engine observers' ``careless``).
 
 
 def _identical(name: str) -> float:
@@ -328,8 +284,8 @@ def simulate_protocol(
 
     - 2AFC: ``distance`` (default :func:`default_distance`), ``sigma`` (distance units;
       default half the median |d_A − d_B| of the main triplets), ``lapse_rate``;
-    - rating: ``distance``, ``rating_scale`` (distance units; default the median item
-      distance), ``rating_noise`` (scale points);
+    - rating: ``distance``, ``rating_scale`` (the distance rated N; default the largest
+      item distance), ``rating_noise`` (scale points, > 0);
     - label: ``thresholds`` = label-flip bound per threat model (default the median bound of
       its items), ``slope`` per log unit, ``lapse_rate`` = the clean error ε.
     """
@@ -341,13 +297,14 @@ def simulate_protocol(
     for name, v in (("lapse rate", lapse_rate), ("careless share", careless_share)):
         if not 0 <= v <= 1:
             raise SimulationError(f"{name} must be in [0, 1], got {v}")
-    if not slope > 0 or not rating_noise >= 0:
-        raise SimulationError("slope must be > 0 and the rating noise >= 0")
+    if not slope > 0 or not rating_noise > 0:
+        raise SimulationError("slope and the rating noise must be > 0")
     spec = trial_spec(study)
     if not spec.answers:
         raise SimulationError(f"study {study.slug!r} offers no answers (empty label set)")
     items = Pair.objects.filter(study=study, is_sentinel=False, is_catch=False)
-    model: TwoAFCModel | RatingModel | LabelModel
+    rng = np.random.default_rng(seed)
+    careless = [bool(rng.random() < careless_share) for _ in range(n)]
     if protocol == "2afc":
         distance = distance or default_distance(study)
         diffs = []
@@ -360,7 +317,8 @@ def simulate_protocol(
         sigma = sigma if sigma is not None else (_median_positive(diffs) or 1.0) / 2
         if not sigma > 0:
             raise SimulationError(f"--sigma must be > 0, got {sigma}")
-        model = TwoAFCModel(sigma=sigma, lapse_rate=lapse_rate)
+        observers = [TwoAFCObserver(sigma=sigma, lapse_rate=lapse_rate, careless=c)
+                     for c in careless]
     elif protocol == "rating":
         distance = distance or default_distance(study)
         values = []
@@ -369,11 +327,15 @@ def simulate_protocol(
                 raise SimulationError(f"item {key!r} lacks the distance {distance!r}")
             values.append(_as_distance(distance, d[distance]))
         rating_scale = rating_scale if rating_scale is not None else (
-            _median_positive(values) or 1.0)
+            max([v for v in values if v > 0], default=1.0))
         if not rating_scale > 0:
             raise SimulationError(f"--rating-scale must be > 0, got {rating_scale}")
-        model = RatingModel(scale=rating_scale, noise_sd=rating_noise,
-                            points=study.rating_points, single=study.rating_shows == "single")
+        points = study.rating_points
+        single = study.rating_shows == "single"
+        observers = [RatingObserver(intercept=points if single else 1.0,
+                                    slope=(-1 if single else 1) * (points - 1) / rating_scale,
+                                    noise_sd=rating_noise, points=points, careless=c)
+                     for c in careless]
     elif protocol == "label":
         bounds: dict[str, list[float]] = {}
         for tm, bound in items.values_list("condition__threat_model", "condition__bound"):
@@ -390,13 +352,14 @@ def simulate_protocol(
             raise SimulationError("a label study needs at least 2 labels in its label set")
         if lapse_rate >= 1 - 1 / len(spec.answers):
             raise SimulationError("the clean error (--lapse-rate) must be below 1 − 1/labels")
-        model = LabelModel(flip_bounds=flip, slope=slope, clean_error=lapse_rate,
-                           n_labels=len(spec.answers))
+        # one LabelObserver per threat model and participant (its own flip bound); gold
+        # items (bound 0) are answered at 1 − ε by any of them (key None)
+        observers = [{tm: LabelObserver(threshold=t, slope=slope, n_labels=len(spec.answers),
+                                        clean_error=lapse_rate, careless=c)
+                      for tm, t in {None: 1.0, **flip}.items()} for c in careless]
     else:
         raise SimulationError(f"unknown protocol {protocol!r}")
 
-    rng = np.random.default_rng(seed)
-    careless = [bool(rng.random() < careless_share) for _ in range(n)]
     summary = SimulationSummary(0, 0, 0, sum(careless))
     durations = {"first_ms": 1000.0, "blank_ms": None, "second_ms": None}
     if spec.phases == ("first_ms", "blank_ms", "second_ms"):
@@ -423,27 +386,25 @@ def simulate_protocol(
             "pair__condition__threat_model", "pair__condition__bound")
         for (position, natural_first, natural, other, third, dist, dist_b, class_name, tm,
              bound) in trials:
-            if careless[i]:
-                response = spec.answers[int(rng.integers(len(spec.answers)))]
-            elif protocol == "2afc":
+            observer = observers[i]
+            if protocol == "2afc":
                 d_a = _stored_distance(dist, distance, other == natural)
                 d_b = _stored_distance(dist_b, distance, third == natural)
-                chose_b = rng.random() < model.p_choose_b(d_a, d_b)
+                chose_b = bool(observer.respond(np.array([d_a]), np.array([d_b]), rng)[0])
                 # copy A is on the left when natural_first: B is the other side
                 response = ("right" if natural_first else "left") if chose_b else (
                     "left" if natural_first else "right")
             elif protocol == "rating":
                 d = _stored_distance(dist, distance, other == natural)
-                response = str(model.rate(d, rng))
+                response = str(int(observer.respond(np.array([d]), rng)[0]))
             else:
                 if class_name not in spec.answers:
                     raise SimulationError(
                         f"an item's true class {class_name!r} is not in the label set")
-                if rng.random() < model.p_correct(tm, bound or 0.0):
-                    response = class_name
-                else:
-                    others = [a for a in spec.answers if a != class_name]
-                    response = others[int(rng.integers(len(others)))]
+                who = observer[tm if bound else None]
+                answer = who.respond(np.array([spec.answers.index(class_name)]),
+                                     np.array([float(bound or 0.0)]), rng)[0]
+                response = spec.answers[int(answer)]
             rt = float(rng.lognormal(np.log(250 if careless[i] else 900), 0.3))
             record_judgment(session, {
                 "position": position, "response": response,

@@ -16,12 +16,13 @@ from django.core.management.base import CommandError
 from PIL import Image
 from scipy.stats import spearmanr
 
+from engine.observers import LabelObserver, RatingObserver
 from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study, Trial
 from studyapp.protocol_rows import label_rows, rating_rows, twoafc_rows
 from studyapp.protocols import correct_answer, image_paths, validate_response
 from studyapp.quality import RETEST_MIN_RHO, compute_quality
 from studyapp.scheduler import assignment_errors, complete_session, record_judgment
-from studyapp.simulation import LabelModel, RatingModel, simulate_protocol
+from studyapp.simulation import simulate_protocol
 
 pytestmark = pytest.mark.django_db
 
@@ -201,14 +202,13 @@ def test_2afc_observers_press_the_side_of_the_closer_copy(make_2afc):
 
 def test_rating_observers_follow_the_monotone_model(make_rating):
     study = make_rating()
-    run("simulate_observers", "--study", study.slug, "--n", "2", "--rating-noise", "0",
-        "--rating-scale", "1.5", "--no-progress")
-    model = RatingModel(scale=1.5, noise_sd=0.0, points=5)
+    run("simulate_observers", "--study", study.slug, "--n", "2", "--rating-noise", "1e-9",
+        "--rating-scale", "2", "--no-progress")
     for j in _trial_answers(study):
         validate_response(study, j.response)
         d = j.trial.pair.distances.get("l2", 0.0)
-        expected = int(np.clip(round(1 + 4 * (1 - np.exp(-d / 1.5))), 1, 5))
-        assert int(j.response) == expected == model.rate(d, np.random.default_rng(0))
+        # noise-free: 1 + (N − 1)·d/s, rounded and clipped to 1..N
+        assert int(j.response) == int(np.clip(round(1 + 4 * d / 2), 1, 5))
         assert j.second_ms is not None  # pair mode: the JND phases
     rows = rating_rows(study, include_simulated=True)
     assert set(rows["condition"]) == {"linf:bound=8/255", "anchor"}
@@ -228,9 +228,8 @@ def test_label_observers_answer_from_the_label_set(make_label):
     assert (rows.loc[rows["is_gold"], "bound"] == 0).all()
     assert sorted(rows.loc[~rows["is_gold"], "level"].unique()) == list(range(6))
     # the model's accuracy: clean 1 − ε at bound 0, midway to chance at the flip bound
-    model = LabelModel({"linf": FLIP_BOUND}, slope=3.0, clean_error=0.1, n_labels=4)
-    assert model.p_correct(None, 0.0) == pytest.approx(0.9)
-    assert model.p_correct("linf", FLIP_BOUND) == pytest.approx((0.9 + 0.25) / 2)
+    model = LabelObserver(FLIP_BOUND, slope=3.0, clean_error=0.1, n_labels=4)
+    assert model.p_correct([0.0, FLIP_BOUND]) == pytest.approx([0.9, (0.9 + 0.25) / 2])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -336,8 +335,8 @@ def _rating_session(study, rate, seed: int) -> Session:
 
 def test_rating_test_retest_flags_an_inconsistent_rater(make_rating):
     study = make_rating()
-    model = RatingModel(scale=1.5, noise_sd=0.5, points=5)
-    consistent = _rating_session(study, model.rate, seed=1)
+    model = RatingObserver(intercept=1.0, slope=4 / 3, noise_sd=0.5, points=5)
+    consistent = _rating_session(study, lambda d, rng: int(model.respond([d], rng)[0]), seed=1)
     random_rater = _rating_session(study, lambda d, rng: int(rng.integers(1, 6)) if d else 1,
                                    seed=2)
     rows = {q.session_id: q for q in compute_quality(study)}
