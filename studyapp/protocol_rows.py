@@ -185,3 +185,89 @@ def protocol_rows(study: Study, **kwargs) -> pd.DataFrame:
             f"study {study.slug!r} runs the {study.protocol} protocol: its judgments are read "
             "by studyapp.frames (same/different), not as protocol rows")
     return ROWS[study.protocol](study, **kwargs)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+#: The table ``manage.py analyze`` writes to its main CSV, per protocol (the others go beside
+#: it as ``<name>_<table>.csv``).
+MAIN_TABLE = {"2afc": "table", "rating": "mos", "label": "accuracy"}
+#: Columns whose *values* name a distance.
+DISTANCE_VALUE_COLUMNS = ("distance", "metric")
+
+
+def distance_names(rows: pd.DataFrame) -> list[str]:
+    """The distances stored with the rows' items (``a_NAME``/``b_NAME`` or ``d_NAME``)."""
+    names = [c[2:] for c in rows.columns if c.startswith(("a_", "d_"))]
+    return sorted(dict.fromkeys(names))
+
+
+def default_distance(names) -> str | None:
+    """The distance a protocol's figure and 2AFC slope use: ``lpips_alexnet`` if stored, else
+    another LPIPS, else the first (alphabetically); None without any."""
+    names = sorted(names)
+    for pick in (lambda n: n == "lpips_alexnet", lambda n: n.startswith("lpips")):
+        found = [n for n in names if pick(n)]
+        if found:
+            return found[0]
+    return names[0] if names else None
+
+
+def protocol_report(study: Study, *, n_boot: int = 1000, seed: int = 0,
+                    include_excluded: bool = False, include_simulated: bool = False,
+                    completed_only: bool = False):
+    """``engine.protocol_analysis.analyze_protocol`` of ``study``'s judgments (2afc, rating or
+    label): every row is read, with its ``excluded``/``simulated`` flags, and the engine
+    drops and counts them (``report.exclusions``), as ``analyze`` does for JND. A 2AFC report
+    also gets ``slope`` (:func:`engine.protocol_analysis.twoafc_choice_slope` on
+    :func:`default_distance`) where the triplets' distance differences allow a fit.
+    ``ValueError`` with the engine's reason when there is nothing to analyse."""
+    from engine.protocol_analysis import analyze_protocol, twoafc_choice_slope
+
+    rows = protocol_rows(study, include_excluded=True, include_simulated=True,
+                         completed_only=completed_only)
+    if rows.empty:
+        raise ValueError(f"study {study.slug!r} has no main-trial judgments yet")
+    kept = rows
+    if not include_excluded:
+        kept = kept[~kept["excluded"]]
+    if not include_simulated:
+        kept = kept[~kept["simulated"]]
+    if kept.empty:
+        raise ValueError(
+            f"none of its {len(rows)} judgments is left once sessions excluded by quality"
+            f" control ({int(rows['excluded'].sum())}) and simulated observers"
+            f" ({int(rows['simulated'].sum())}) are left out")
+    report = analyze_protocol(
+        study.protocol, rows, n_boot=n_boot, seed=seed, include_excluded=include_excluded,
+        include_simulated=include_simulated,
+        label_set=list(study.label_set) if study.protocol == "label" and study.label_set
+        else None)
+    report.meta["distance"] = default_distance(distance_names(rows))
+    if study.protocol == "2afc" and report.meta["distance"]:
+        try:
+            report.tables["slope"] = pd.DataFrame([twoafc_choice_slope(
+                kept, report.meta["distance"], n_boot=n_boot, seed=seed)])
+        except ValueError as exc:  # e.g. fewer than two distinct distance differences
+            report.meta["slope_skipped"] = str(exc)
+    return report
+
+
+def labelled(frame: pd.DataFrame, distances) -> pd.DataFrame:
+    """``frame`` for people: distance-named columns (``d_lpips_alexnet`` → ``LPIPS (AlexNet,
+    pretrained)``, ``a_l2`` → ``A: L2``) and distance names in ``distance``/``metric`` cells
+    through :func:`engine.provenance.distance_label`; ``distances`` the names to look for."""
+    from engine.provenance import distance_label
+
+    out = frame.copy()
+    for c in DISTANCE_VALUE_COLUMNS:
+        if c in out:
+            out[c] = [distance_label(v) if v in distances else v for v in out[c]]
+    names = {}
+    for c in out.columns:
+        for prefix, what in (("a_", "A: "), ("b_", "B: "), ("d_", ""), ("mean_d_", "mean "),
+                             ("mean_", "mean ")):
+            if c.startswith(prefix) and c.removeprefix(prefix) in distances:
+                names[c] = what + distance_label(c.removeprefix(prefix))
+                break
+    return out.rename(columns=names)

@@ -34,6 +34,7 @@ from engine.observers import (
     TwoAFCObserver,
 )
 
+from . import protocol_rows
 from .models import Pair, Participant, Study, Trial
 from .protocols import trial_spec
 from .scheduler import StudyUnavailable, complete_session, record_judgment, start_session
@@ -251,11 +252,7 @@ def default_distance(study: Study) -> str:
     if not names:
         raise SimulationError(
             f"study {study.slug!r} has no items with stored distances to respond to")
-    for pick in (lambda n: n == "lpips_alexnet", lambda n: n.startswith("lpips")):
-        found = sorted(n for n in names if pick(n))
-        if found:
-            return found[0]
-    return sorted(names)[0]
+    return protocol_rows.default_distance(names)
 
 
 def _median_positive(values) -> float | None:

@@ -6,10 +6,12 @@ the items) so that the observers' true parameters are known exactly.
 
 from __future__ import annotations
 
+import json
 import uuid
 from io import StringIO
 
 import numpy as np
+import pandas as pd
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -17,7 +19,16 @@ from PIL import Image
 from scipy.stats import spearmanr
 
 from engine.observers import LabelObserver, RatingObserver
-from studyapp.models import Condition, Judgment, Pair, Participant, Session, Study, Trial
+from studyapp.models import (
+    Calibration,
+    Condition,
+    Judgment,
+    Pair,
+    Participant,
+    Session,
+    Study,
+    Trial,
+)
 from studyapp.protocol_rows import label_rows, rating_rows, twoafc_rows
 from studyapp.protocols import correct_answer, image_paths, validate_response
 from studyapp.quality import RETEST_MIN_RHO, compute_quality
@@ -361,3 +372,158 @@ def test_jnd_quality_keeps_its_sentinel_columns(study, new_session):
     q = compute_quality(study, include_incomplete=True)[0]
     assert q.session_id == session.pk and q.protocol == "jnd"
     assert q.control_error_rate is None and q.n_control == 0
+
+
+# ----------------------------------------------------------------- analyze / calibrate
+
+
+def analyze_json(study, *extra) -> dict:
+    out = StringIO()
+    call_command("analyze", "--study", study.slug, "--json", "--include-simulated",
+                 "--n-boot", "200", *extra, stdout=out, stderr=StringIO())
+    return json.loads(out.getvalue())
+
+
+@pytest.fixture
+def var_dir(settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    return tmp_path
+
+
+def test_2afc_simulate_then_analyze_recovers_the_choice_slope(make_2afc, var_dir):
+    study = make_2afc()
+    run("simulate_observers", "--study", study.slug, "--n", "30", "--sigma", str(SIGMA),
+        "--lapse-rate", "0", "--no-progress")
+    report = analyze_json(study)
+    assert report["protocol"] == "2afc" and report["exclusions"]["judgments_kept"] == 720
+    slope = report["tables"]["slope"][0]
+    # the truth: probit slope 1/σ on d_A − d_B (TwoAFCObserver, no lapses, no bias spread)
+    assert slope["distance"] == "l2" and slope["beta"] > 0
+    assert slope["beta_low"] <= 1 / SIGMA <= slope["beta_high"]
+    assert slope["beta_high"] - slope["beta_low"] < 1 / SIGMA
+    # the 2AFC score of l2 (the observers' own distance) is far above chance; SSIM here is a
+    # monotone transform of l2, so it ranks every triplet alike
+    table = {r["metric"]: r for r in report["tables"]["table"]}
+    assert table["l2"]["score"] > 0.75 and table["l2"]["score"] == table["ssim"]["score"]
+    assert table["human (ceiling)"]["kind"] == "human"
+    # choice rates: independently, from the stored judgments
+    rows = twoafc_rows(study, include_simulated=True)
+    main = rows[~rows["is_control"]]
+    rates = {(r["condition_a"], r["condition_b"]): r for r in report["tables"]["choice_rates"]}
+    for (ca, cb), g in main.groupby(["condition_a", "condition_b"]):
+        assert rates[(ca, cb)]["n_judgments"] == len(g)
+        assert rates[(ca, cb)]["p_chose_b"] == pytest.approx(g["chose_b"].mean())
+
+
+def test_rating_simulate_then_analyze_recovers_high_correlations(make_rating, var_dir):
+    study = make_rating()
+    run("simulate_observers", "--study", study.slug, "--n", "20", "--rating-noise", "0.7",
+        "--no-progress")
+    report = analyze_json(study)
+    corr = {(r["distance"], r["score"]): r for r in report["tables"]["correlations"]}
+    c = corr[("l2", "mos")]
+    assert c["srocc"] > 0.9 and c["plcc"] > 0.9 and c["krocc"] > 0.8
+    # the MOS table against the stored ratings (anchors and repeats apart)
+    rows = rating_rows(study, include_simulated=True)
+    mos = {r["item"]: r["mos"] for r in report["tables"]["mos"]}
+    expected = rows[~rows["is_control"]].groupby("item")["rating"].mean()
+    assert mos == pytest.approx(expected.to_dict())
+    assert spearmanr(expected.sort_index(), rows[~rows["is_control"]].groupby("item")[
+        "d_l2"].first().sort_index()).statistic == pytest.approx(c["srocc"])
+    assert report["tables"]["anchors"][0]["n_ratings"] == 20 * 8
+
+
+def test_label_simulate_analyze_calibrate_recover_the_flip_bound(make_label, var_dir):
+    study = make_label()
+    run("simulate_observers", "--study", study.slug, "--n", "30", "--threshold",
+        f"linf={FLIP_BOUND}", "--slope", "3", "--lapse-rate", "0.02", "--no-progress")
+    report = analyze_json(study)
+    flip = report["tables"]["flip_bound"][0]
+    assert flip["threat_model"] == "linf"
+    assert flip["low"] <= FLIP_BOUND <= flip["high"]
+    acc = {r["bound"]: r for r in report["tables"]["accuracy"] if r["kind"] == "main"}
+    rows = label_rows(study, include_simulated=True)
+    for bound, g in rows[~rows["is_gold"]].groupby("bound"):
+        assert acc[bound]["accuracy"] == pytest.approx((g["response"] == g["true_label"]).mean())
+    assert [r["kind"] for r in report["tables"]["agreement"]][-1] == "all"
+    assert len(report["tables"]["aggregation"]) == study.pairs.count()
+    # calibrate stores the flip bound as a preset, like a perceptibility calibration
+    text = run("calibrate", "--study", study.slug, "--include-simulated", "--n-boot", "200",
+               "--targets", "0.5")
+    assert "linf acc50: label-flip bound" in text and "Stored calibration" in text
+    cal = Calibration.objects.latest_for(study)
+    assert cal.settings["kind"] == "label_flip_bound" and cal.uses_simulated
+    truth = LabelObserver(FLIP_BOUND, slope=3.0, n_labels=4, clean_error=0.02)
+    grid = np.geomspace(1 / 255, 32 / 255, 20001)
+    true_bound = grid[np.argmin(abs(truth.p_correct(grid) - 0.5))]  # accuracy 0.5, brute force
+    table = cal.fit["tables"]["acc50"][0]
+    assert table["low"] <= true_bound <= table["high"]
+    assert cal.presets["linf"]["acc50"] == pytest.approx(table["flip_bound"])
+
+
+@pytest.mark.parametrize("protocol", ["2afc", "rating"])
+def test_calibrate_says_it_is_for_jnd_and_label(make_protocol, protocol):
+    study = make_protocol[protocol]()
+    with pytest.raises(CommandError, match=f"runs the {protocol} protocol: calibration is for"
+                       " jnd studies"):
+        run("calibrate", "--study", study.slug)
+
+
+def test_analyze_protocol_writes_csv_tables(make_rating, var_dir):
+    study = make_rating()
+    with pytest.raises(CommandError, match="no main-trial judgments yet"):
+        run("analyze", "--study", study.slug)
+    simulate_protocol(study, 3, seed=0)
+    with pytest.raises(CommandError, match="--include-simulated"):
+        run("analyze", "--study", study.slug)  # nothing left once the simulated are out
+    text = run("analyze", "--study", study.slug, "--include-simulated", "--n-boot", "50",
+               "--figures", str(var_dir / "fig"))
+    assert "SROCC / PLCC / KROCC" in text and "L2" in text
+    main = pd.read_csv(var_dir / "analysis" / "rating.csv")
+    assert len(main) == 12 and "mos" in main
+    assert (var_dir / "analysis" / "rating_correlations.csv").exists()
+    assert (var_dir / "fig" / "mos.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------- dashboard
+
+
+@pytest.fixture
+def staff_client(client):
+    from django.contrib.auth import get_user_model
+    from django.core.cache import cache
+
+    cache.clear()
+    user = get_user_model().objects.create_user("staff", password="pw", is_staff=True)
+    client.force_login(user)
+    return client
+
+
+@pytest.mark.parametrize("protocol, section, figure", [
+    ("2afc", "table", "scores"), ("rating", "correlations", "mos"),
+    ("label", "flip_bound", "accuracy")])
+def test_dashboard_renders_each_protocol(make_protocol, staff_client, var_dir, protocol,
+                                         section, figure):
+    study = make_protocol[protocol]()
+    page = staff_client.get(f"/dashboard/{study.slug}/")
+    assert page.status_code == 200 and b'id="no-report"' in page.content  # nothing yet
+    simulate_protocol(study, 4, seed=0)
+    Participant.objects.filter(study=study).update(is_simulated=False)  # count as people
+    html = staff_client.get(f"/dashboard/{study.slug}/").content.decode()
+    assert f'data-protocol="{protocol}"' in html and f'id="{section}"' in html
+    report = analyze_json(study)
+    first = report["tables"][section][0]
+    if protocol == "2afc":
+        # distance names as people read them, with the raw name in data-row
+        assert 'data-row="l2"' in html and ">L2<" in html
+        assert f'{first["score"]:.4f}' in html
+    elif protocol == "rating":
+        assert f'{first["srocc"]:.4f}' in html and 'data-row="l2"' in html
+    else:
+        assert f'{first["flip_bound"]:.4f}' in html
+    img = staff_client.get(f"/dashboard/{study.slug}/figures/{figure}.png")
+    assert img.status_code == 200 and img.content[:4] == b"\x89PNG"
+    csv = staff_client.get(f"/dashboard/{study.slug}/figures/{figure}.csv")
+    assert csv.status_code == 200 and len(csv.content.splitlines()) > 1
+    assert staff_client.get(f"/dashboard/{study.slug}/figures/fig4a.png").status_code == 404
+
