@@ -527,3 +527,52 @@ def test_dashboard_renders_each_protocol(make_protocol, staff_client, var_dir, p
     assert csv.status_code == 200 and len(csv.content.splitlines()) > 1
     assert staff_client.get(f"/dashboard/{study.slug}/figures/fig4a.png").status_code == 404
 
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_label_dashboard_in_chromium(live_server, chromium_executable, make_label, monkeypatch,
+                                     var_dir):
+    """The page of a label study in Debian's headless Chromium: reached from the study list,
+    its flip-bound table equals analyze's, its figure loads, no script errors."""
+    from django.contrib.auth import get_user_model
+    from django.core.cache import cache
+    from playwright.sync_api import sync_playwright
+
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")  # ORM next to Playwright's loop
+    cache.clear()
+    study = make_label()
+    study.title = "What is in these pictures?"
+    study.save(update_fields=["title"])
+    simulate_protocol(study, 6, seed=0, thresholds={"linf": FLIP_BOUND})
+    Participant.objects.filter(study=study).update(is_simulated=False)  # count as people
+    get_user_model().objects.create_user("boss", password="s3cret-pw", is_staff=True)
+    out = StringIO()
+    call_command("analyze", "--study", study.slug, "--json", stdout=out, stderr=StringIO())
+    flip = json.loads(out.getvalue())["tables"]["flip_bound"][0]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=chromium_executable, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(f"{live_server.url}/dashboard/")
+        page.fill("#id_username", "boss")
+        page.fill("#id_password", "s3cret-pw")
+        page.click("input[type=submit]")
+        page.wait_for_url(f"{live_server.url}/dashboard/")
+        page.click(f"text={study.title}")
+        page.wait_for_url(f"{live_server.url}/dashboard/{study.slug}/", timeout=60_000)
+        assert page.locator("#protocol").get_attribute("data-protocol") == "label"
+        cell = page.locator('#flip_bound tr[data-row="linf"] td[data-col="flip_bound"]')
+        assert cell.inner_text() == f"{flip['flip_bound']:.4f}"
+        assert page.locator('#flip_bound th[data-col="flip_bound"]').inner_text() == (
+            "Label-flip bound")
+        img = page.locator("#figure-accuracy img")
+        img.scroll_into_view_if_needed()
+        page.wait_for_function("el => el.complete && el.naturalWidth > 0",
+                               arg=img.element_handle(), timeout=60_000)
+        assert errors == []
+        browser.close()
