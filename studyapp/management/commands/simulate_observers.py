@@ -36,12 +36,13 @@ class Command(BaseCommand):
         " stored distance of the pair (--distance) or of the bound, with guess rate, lapses,"
         " bias and a share of careless responders. They are flagged simulated everywhere;"
         " analyses leave them out unless --include-simulated."
-        " Other protocols (studyapp.simulation's models): 2AFC a Thurstonian choice,"
+        " Other protocols (engine.observers' models): 2AFC a Thurstonian choice,"
         " P(choose B) = lapse/2 + (1 - lapse) * Phi((d_A - d_B) / sigma) on the"
         " reference-to-copy distances (--distance, --sigma, --lapse-rate); rating a noisy"
-        " monotone of distance, round(1 + (N - 1)(1 - exp(-d / scale)) + N(0, noise)) clipped"
-        " to 1..N (--rating-scale, --rating-noise; single-image mode rates quality, N + 1 -"
-        " that); label a confusion growing with the bound, P(true label) = 1/L + (1 - eps -"
+        " monotone of distance, round(1 + (N - 1) d / scale + N(0, noise)) clipped to 1..N"
+        " (--rating-scale = the distance rated N, --rating-noise; single-image mode rates"
+        " quality, N - (N - 1) d / scale + noise); label a confusion growing with the bound,"
+        " P(true label) = 1/L + (1 - eps -"
         " 1/L)(1 - logistic(slope * ln(bound / flip bound))) (--threshold = the flip bound per"
         " threat model, --slope, --lapse-rate = eps), wrong answers uniform over the other"
         " labels. --careless answers uniformly at random among the protocol's answers."
@@ -73,8 +74,8 @@ class Command(BaseCommand):
                             help="2AFC: Thurstonian noise in distance units (default half the"
                             " median |d_A - d_B| of the main triplets)")
         parser.add_argument("--rating-scale", type=float,
-                            help="rating: distance of a 'clearly different' item (default the"
-                            " median item distance)")
+                            help="rating: the distance rated N (default the largest item"
+                            " distance)")
         parser.add_argument("--rating-noise", type=float, default=0.5,
                             help="rating: noise SD in scale points")
         parser.add_argument("--seed", type=int, default=0)
