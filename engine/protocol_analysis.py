@@ -29,11 +29,12 @@ intervals. Items are not resampled: the intervals describe the sampling of peopl
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import sparse, stats
 
 from engine.analysis import (
     SIMILARITY_COLUMNS,
@@ -46,6 +47,7 @@ from engine.analysis import (
     bootstrap_products,
     frame_records,
     nominal_alpha_from_counts,
+    participant_weight_chunks,
 )
 
 PROTOCOLS = ("2afc", "rating", "label")
@@ -117,6 +119,29 @@ def _item_values(rows: pd.DataFrame, item_codes: np.ndarray, n_items: int, colum
                          f"({int(bad.sum())} items); a distance belongs to the item")
     out[seen] = lo[seen]
     return out
+
+
+def _boot_sums(part, col, n_part: int, n_cols: int, n_boot: int, seed: int, *values):
+    """Participant-bootstrap replicate sums per column, a chunk of replicates at a time.
+
+    For each entry of ``values`` (per-row weights; None = counts) yields the
+    ``(chunk, n_cols)`` array ``W_chunk @ M`` with ``M`` the sparse participant × column sum
+    of that value — the draws of :func:`engine.analysis.participant_weights` (same seed, same
+    order), without a dense participants × items matrix (a 150k-triplet study stays small).
+    """
+    mats = []
+    for v in values:
+        data = np.ones(len(part)) if v is None else np.asarray(v, float)
+        mats.append(sparse.csr_matrix((data, (np.asarray(col), np.asarray(part))),
+                                      shape=(n_cols, n_part)))
+    if n_boot == 0:
+        return
+    for w in participant_weight_chunks(n_part, n_boot, seed):
+        yield [np.asarray(m @ w.T).T for m in mats]
+
+
+def _stack(chunks: list, width: int) -> np.ndarray:
+    return np.concatenate(chunks) if chunks else np.zeros((0, width))
 
 
 def _t_interval(mean, sd, n):
@@ -202,12 +227,6 @@ class _TwoAFC:
     def n_participants(self) -> int:
         return len(self.participants)
 
-    def counts(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(k, n)`` of shape (P, I): chose-B counts and judgments per participant × item."""
-        p, i = self.n_participants, len(self.items)
-        return (_matrix(self.part, self.item, p, i, self.chose_b),
-                _matrix(self.part, self.item, p, i))
-
     def distances(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Per-item reference↔A and reference↔B distances (``1 − x`` for similarities)."""
         n = len(self.items)
@@ -216,6 +235,10 @@ class _TwoAFC:
         if name in SIMILARITY_COLUMNS:
             da, db = 1.0 - da, 1.0 - db
         return da, db
+
+
+def _ctrl(include_controls: bool) -> str:
+    return "include" if include_controls else "exclude"
 
 
 def _twoafc(rows: pd.DataFrame, *, controls: str = "exclude") -> _TwoAFC:
@@ -262,10 +285,9 @@ def twoafc_choice_rates(rows: pd.DataFrame, *, include_controls: bool = False,
                           "condition_a": key_a, "condition_b": key_b})
     cells.loc[cells["kind"] == "control", "condition_b"] = CONTROL
     cell_code, cell_keys = pd.factorize(pd.MultiIndex.from_frame(cells), sort=True)
-    k, n = data.counts()
-    onehot = np.zeros((len(items), len(cell_keys)))
-    onehot[np.arange(len(items)), cell_code] = 1.0
-    kc, nc = k @ onehot, n @ onehot
+    jcell = np.asarray(cell_code)[data.item]
+    kc = _matrix(data.part, jcell, data.n_participants, len(cell_keys), data.chose_b)
+    nc = _matrix(data.part, jcell, data.n_participants, len(cell_keys))
     kt, nt = kc.sum(0), nc.sum(0)
     kb, nb = bootstrap_products(data.n_participants, n_boot, seed, kc, nc)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -301,34 +323,67 @@ def _score_parts(d_a, d_b):
     return c, s
 
 
-def _twoafc_boot(data: _TwoAFC, n_boot: int, seed: int):
-    k, n = data.counts()
-    kt, nt = k.sum(0), n.sum(0)
-    kb, nb = bootstrap_products(data.n_participants, n_boot, seed, k, n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p = kt / nt
-        pb = kb / nb
-    return p, nt, pb
+@dataclass
+class _TwoAFCBoot:
+    """Point shares per triplet and the bootstrap replicates of every 2AFC statistic."""
+
+    p: np.ndarray  # share choosing B per item
+    kt: np.ndarray
+    nt: np.ndarray
+    parts: dict  # distance → (ok, c, s, d_a, d_b)
+    scores: dict  # distance → (B,) replicate scores
+    ceiling: np.ndarray  # (B,) replicate BAPPS ceilings
 
 
-def _twoafc_scores(data: _TwoAFC, distances, n_boot: int, seed: int, boot=None
-                   ) -> pd.DataFrame:
+def _twoafc_names(data: _TwoAFC, distances) -> list[str]:
     names = twoafc_distance_names(data.rows) if distances is None else list(distances)
     for name in names:
         if f"a_{name}" not in data.rows or f"b_{name}" not in data.rows:
             raise ValueError(f"2AFC rows have no a_{name}/b_{name} columns (have "
                              f"{twoafc_distance_names(data.rows)})")
-    p, nt, pb = boot if boot is not None else _twoafc_boot(data, n_boot, seed)
+    return names
+
+
+def _twoafc_boot(data: _TwoAFC, n_boot: int, seed: int, names=()) -> _TwoAFCBoot:
+    """One pass over the bootstrap chunks computing every replicate statistic (each
+    replicate's triplet shares are reduced at once; only ``(chunk × items)`` is held)."""
+    i = len(data.items)
+    kt = np.bincount(data.item, weights=data.chose_b, minlength=i)
+    nt = np.bincount(data.item, minlength=i).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p = kt / nt
+    parts = {}
+    for name in names:
+        da, db = data.distances(name)
+        c, s = _score_parts(da, db)
+        parts[name] = (~np.isnan(da) & ~np.isnan(db), c, s, da, db)
+    score_b = {name: [] for name in names}
+    ceil_b = []
+    for kb, nb in _boot_sums(data.part, data.item, data.n_participants, i, n_boot, seed,
+                             data.chose_b, None):
+        with np.errstate(invalid="ignore", divide="ignore"), _quiet():
+            pb = kb / nb
+            for name, (ok, c, s, _, _) in parts.items():
+                score_b[name].append(np.nanmean(np.where(ok, c + s * pb, np.nan), axis=1))
+            ceil_b.append(np.nanmean(pb * pb + (1 - pb) ** 2, axis=1))
+    cat = (lambda x: np.concatenate(x) if x else np.zeros(0))  # noqa: E731
+    return _TwoAFCBoot(p=p, kt=kt, nt=nt, parts=parts,
+                       scores={k: cat(v) for k, v in score_b.items()}, ceiling=cat(ceil_b))
+
+
+def _twoafc_scores(data: _TwoAFC, distances, n_boot: int, seed: int,
+                   boot: _TwoAFCBoot | None = None) -> pd.DataFrame:
+    names = _twoafc_names(data, distances)
+    if boot is None or not set(names) <= set(boot.parts):
+        boot = _twoafc_boot(data, n_boot, seed, names)
+    p, nt = boot.p, boot.nt
     judged = nt > 0
     rows = []
     for name in names:
-        da, db = data.distances(name)
-        ok = judged & ~np.isnan(da) & ~np.isnan(db)
-        c, s = _score_parts(da, db)
+        ok, c, s, da, db = boot.parts[name]
+        ok = ok & judged
         score = float(np.mean(c[ok] + s[ok] * p[ok])) if ok.any() else math.nan
-        with np.errstate(invalid="ignore"), _quiet():
-            sb = np.nanmean(np.where(ok, c + s * pb, np.nan), axis=1) if len(pb) else pb
-        low, high = _percentile_interval(sb)
+        low, high = _percentile_interval(boot.scores[name])
         rows.append({"distance": name, "transform": _transform(name),
                      "n_triplets": int(ok.sum()), "n_judgments": int(nt[ok].sum()),
                      "score": score, "score_low": float(low), "score_high": float(high),
@@ -339,7 +394,7 @@ def _twoafc_scores(data: _TwoAFC, distances, n_boot: int, seed: int, boot=None
 
 
 def twoafc_scores(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000,
-                  seed: int = 0) -> pd.DataFrame:
+                  seed: int = 0, include_controls: bool = False) -> pd.DataFrame:
     """Each distance's BAPPS 2AFC score: how often it agrees with people, in [0, 1].
 
     Per main triplet ``i`` (controls excluded), ``p_i`` is the share of its judgments choosing
@@ -352,20 +407,21 @@ def twoafc_scores(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000,
     ``score_low/high``: participant-bootstrap 95 % percentile interval (each replicate
     recomputes ``p_i`` from the reweighted counts; triplets no resampled person judged drop
     out of that replicate). ``distances``: names (default every ``a_NAME``/``b_NAME``).
+    ``include_controls``: score the control triplets too (off by default, as in every 2AFC
+    statistic here).
 
     Columns: ``distance, transform, n_triplets, n_judgments, score, score_low, score_high,
     n_ties``.
     """
-    return _twoafc_scores(_twoafc(rows), distances, n_boot, seed)
+    return _twoafc_scores(_twoafc(rows, controls=_ctrl(include_controls)), distances, n_boot,
+                          seed)
 
 
-def _twoafc_ceiling(data: _TwoAFC, n_boot: int, seed: int, boot=None) -> dict:
-    p, nt, pb = boot if boot is not None else _twoafc_boot(data, n_boot, seed)
-    k, _ = data.counts()
-    kt = k.sum(0)
+def _twoafc_ceiling(data: _TwoAFC, n_boot: int, seed: int,
+                    boot: _TwoAFCBoot | None = None) -> dict:
+    boot = boot if boot is not None else _twoafc_boot(data, n_boot, seed)
+    p, nt, kt, cb = boot.p, boot.nt, boot.kt, boot.ceiling
     judged = nt > 0
-    with np.errstate(invalid="ignore"), _quiet():
-        cb = np.nanmean(pb * pb + (1 - pb) ** 2, axis=1) if len(pb) else pb
     ceiling = (float(np.mean(p[judged] ** 2 + (1 - p[judged]) ** 2)) if judged.any()
                else math.nan)
     low, high = _basic_interval(ceiling, cb, 0.5, 1.0)
@@ -380,7 +436,8 @@ def _twoafc_ceiling(data: _TwoAFC, n_boot: int, seed: int, boot=None) -> dict:
     }
 
 
-def twoafc_human_ceiling(rows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -> dict:
+def twoafc_human_ceiling(rows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                         include_controls: bool = False) -> dict:
     """The human–human ceiling of the 2AFC score (main triplets).
 
     ``ceiling = mean_i [p_i² + (1 − p_i)²]``: the expected agreement of one random judgment of
@@ -398,22 +455,26 @@ def twoafc_human_ceiling(rows: pd.DataFrame, *, n_boot: int = 1000, seed: int = 
     BAPPS point estimate),
     ``ceiling_unbiased, n_triplets, n_triplets_unbiased, n_judgments``.
     """
-    return _twoafc_ceiling(_twoafc(rows), n_boot, seed)
+    return _twoafc_ceiling(_twoafc(rows, controls=_ctrl(include_controls)), n_boot, seed)
 
 
 def twoafc_table(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000, seed: int = 0,
-                 scores: pd.DataFrame | None = None, ceiling: dict | None = None
-                 ) -> pd.DataFrame:
+                 scores: pd.DataFrame | None = None, ceiling: dict | None = None,
+                 include_controls: bool = False) -> pd.DataFrame:
     """BAPPS/DreamSim-style table: one row per distance, best 2AFC score first, then a row
     ``kind = "human"`` with the human–human ceiling; every row carries the ceiling and
     ``score / ceiling`` (``relative``).
 
     Columns: ``kind ("metric"|"human"), metric, transform, n_triplets, score, score_low,
-    score_high, human_ceiling, relative``.
+    score_high, human_ceiling, human_ceiling_unbiased, relative`` (the human row's
+    interval is :func:`twoafc_human_ceiling`'s, which targets the population ceiling: with
+    few judgments per triplet the BAPPS number sits above it, e.g. 0.60 for coin-flip
+    choices at 5 judgments a triplet, whose interval and unbiased value are 0.50).
     """
-    data = _twoafc(rows) if scores is None or ceiling is None else None
+    data = (_twoafc(rows, controls=_ctrl(include_controls)) if scores is None or ceiling is None
+            else None)
     if data is not None:
-        boot = _twoafc_boot(data, n_boot, seed)
+        boot = _twoafc_boot(data, n_boot, seed, _twoafc_names(data, distances))
         scores = _twoafc_scores(data, distances, n_boot, seed, boot)
         ceiling = _twoafc_ceiling(data, n_boot, seed, boot)
     table = scores.sort_values("score", ascending=False, na_position="last").rename(
@@ -426,6 +487,7 @@ def twoafc_table(rows: pd.DataFrame, distances=None, *, n_boot: int = 1000, seed
                            "score_high": ceiling["ceiling_high"]}])
     table = pd.concat([table, human], ignore_index=True) if len(table) else human
     table["human_ceiling"] = ceiling["ceiling"]
+    table["human_ceiling_unbiased"] = ceiling["ceiling_unbiased"]
     with np.errstate(invalid="ignore", divide="ignore"):
         table["relative"] = table["score"].astype(float) / ceiling["ceiling"]
     return table.reset_index(drop=True)
@@ -502,7 +564,8 @@ def fit_probit(x, k, n, *, lapse: float | str = 0.0, theta0=None, iterations: in
 
 
 def twoafc_choice_slope(rows: pd.DataFrame, distance: str, *, lapse: float | str = 0.0,
-                        n_boot: int = 1000, seed: int = 0) -> dict:
+                        n_boot: int = 1000, seed: int = 0, include_controls: bool = False
+                        ) -> dict:
     """Distance–choice slope of people's 2AFC choices (a Thurstonian probit).
 
     ``P(chose B) = λ/2 + (1 − λ) Φ(α + β (d_a − d_b))`` fitted by maximum likelihood on the
@@ -514,19 +577,24 @@ def twoafc_choice_slope(rows: pd.DataFrame, distance: str, *, lapse: float | str
     Keys: ``distance, alpha, beta, sigma, lapse_rate, beta_low, beta_high, alpha_low,
     alpha_high, n_items, n_judgments, log_likelihood``.
     """
-    data = _twoafc(rows)
+    data = _twoafc(rows, controls=_ctrl(include_controls))
     da, db = data.distances(distance)
     x = da - db
-    k, n = data.counts()
-    ok = ~np.isnan(x) & (n.sum(0) > 0)
+    i = len(data.items)
+    kt = np.bincount(data.item, weights=data.chose_b, minlength=i)
+    nt = np.bincount(data.item, minlength=i).astype(float)
+    ok = ~np.isnan(x) & (nt > 0)
     if ok.sum() < 2 or np.ptp(x[ok]) == 0:
         raise ValueError("a choice slope needs judged triplets with at least two distinct "
                          f"{distance} differences")
-    x, k, n = x[ok], k[:, ok], n[:, ok]
-    theta, ll = fit_probit(x, k.sum(0), n.sum(0), lapse=lapse)
-    kb, nb = bootstrap_products(data.n_participants, n_boot, seed, k, n)
+    theta, ll = fit_probit(x[ok], kt[ok], nt[ok], lapse=lapse)
+    reps = []
+    for kb, nb in _boot_sums(data.part, data.item, data.n_participants, i, n_boot, seed,
+                             data.chose_b, None):
+        reps.append(fit_probit(x[ok], kb[:, ok], nb[:, ok], lapse=lapse,
+                               theta0=np.repeat(theta, len(kb), axis=0))[0])
     if n_boot:
-        tb, _ = fit_probit(x, kb, nb, lapse=lapse, theta0=np.repeat(theta, n_boot, axis=0))
+        tb = np.concatenate(reps)
         (blow, bhigh), (alow, ahigh) = (_percentile_interval(tb[:, 1]),
                                         _percentile_interval(tb[:, 0]))
     else:
@@ -537,7 +605,7 @@ def twoafc_choice_slope(rows: pd.DataFrame, distance: str, *, lapse: float | str
             "lapse_rate": float(theta[0, 2]) if lapse == "fit" else float(lapse),
             "beta_low": float(blow), "beta_high": float(bhigh), "alpha_low": float(alow),
             "alpha_high": float(ahigh), "n_items": int(ok.sum()),
-            "n_judgments": int(n.sum()), "log_likelihood": float(ll[0])}
+            "n_judgments": int(nt[ok].sum()), "log_likelihood": float(ll[0])}
 
 
 # ================================================================================ rating
@@ -608,13 +676,17 @@ def _rating_mos(data: _Rating, n_boot: int, seed: int) -> tuple[pd.DataFrame, np
         zsd = np.sqrt(np.bincount(item[zok], weights=(z[zok] - zm[item[zok]]) ** 2,
                                   minlength=i) / (nz - 1))
     zsd = np.where(nz >= 2, zsd, np.nan)
-    s_m = _matrix(part, item, pcount, i, v)
-    n_m = _matrix(part, item, pcount, i)
-    zs_m = _matrix(part[zok], item[zok], pcount, i, z[zok])
-    zn_m = _matrix(part[zok], item[zok], pcount, i)
-    sb, nb, zsb, znb = bootstrap_products(pcount, n_boot, seed, s_m, n_m, zs_m, zn_m)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mos_b, z_b = sb / nb, zsb / znb
+    # the same draws for the ratings and their z-scores (same seed, same participants)
+    ratio = []
+    for sb, nb in _boot_sums(part, item, pcount, i, n_boot, seed, v, None):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio.append(sb / nb)
+    mos_b = _stack(ratio, i)
+    ratio = []
+    for zsb, znb in _boot_sums(part[zok], item[zok], pcount, i, n_boot, seed, z[zok], None):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio.append(zsb / znb)
+    z_b = _stack(ratio, i)
     out = pd.DataFrame({"item": items})
     first = sub.groupby(item, sort=True).first()
     out["condition"] = first["condition"].to_numpy() if len(sub) else []
@@ -704,6 +776,33 @@ def rating_correlations(rows: pd.DataFrame, distances=None, *, n_boot: int = 100
     return _rating_correlations(_rating(rows), distances, n_boot, seed)
 
 
+def icc(ratings) -> dict:
+    """Single-measure intraclass correlations of an ``n × k`` matrix (targets × occasions
+    or judges, no missing cells) from the two-way ANOVA mean squares ``MSR`` (targets),
+    ``MSC`` (occasions) and ``MSE`` (residual) (Shrout & Fleiss 1979; McGraw & Wong 1996):
+
+    - ``consistency`` ICC(3,1) = ``(MSR − MSE) / (MSR + (k − 1) MSE)``;
+    - ``agreement`` ICC(2,1) = ``(MSR − MSE) / (MSR + (k − 1) MSE + k (MSC − MSE) / n)``
+      (absolute agreement: a shift between occasions lowers it).
+
+    Hand-written (a dozen lines; neither scipy nor statsmodels has it); the tests check
+    Shrout & Fleiss's published example. NaN with fewer than 2 targets or no variance."""
+    x = np.asarray(ratings, float)
+    if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 2 or np.isnan(x).any():
+        return {"consistency": math.nan, "agreement": math.nan}
+    n, k = x.shape
+    grand = x.mean()
+    msr = k * ((x.mean(1) - grand) ** 2).sum() / (n - 1)
+    msc = n * ((x.mean(0) - grand) ** 2).sum() / (k - 1)
+    sse = ((x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + grand) ** 2).sum()
+    mse = sse / ((n - 1) * (k - 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        c = (msr - mse) / (msr + (k - 1) * mse)
+        a = (msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n)
+    return {"consistency": float(c) if np.isfinite(c) else math.nan,
+            "agreement": float(a) if np.isfinite(a) else math.nan}
+
+
 def _retest(data: _Rating) -> pd.DataFrame:
     rows = data.rows.assign(_part=data.part)
     base = rows[~_flag(rows, "is_control")]
@@ -715,8 +814,10 @@ def _retest(data: _Rating) -> pd.DataFrame:
 
     def summary(label, g):
         x, y = g["first"].to_numpy(float), g["repeat"].to_numpy(float)
+        iccs = icc(np.stack([x, y], axis=1))
         return {"participant": label, "n_pairs": len(g),
                 "pearson": _corr(x, y, "pearson")[0], "spearman": _corr(x, y, "spearman")[0],
+                "icc_consistency": iccs["consistency"], "icc_agreement": iccs["agreement"],
                 "mean_abs_diff": float(np.mean(np.abs(x - y))) if len(g) else math.nan,
                 "exact_agreement": float(np.mean(x == y)) if len(g) else math.nan}
 
@@ -724,7 +825,8 @@ def _retest(data: _Rating) -> pd.DataFrame:
         out.append(summary(str(data.participants[code]), g))
     out.append(summary(POOLED, both))
     return pd.DataFrame(out, columns=["participant", "n_pairs", "pearson", "spearman",
-                                      "mean_abs_diff", "exact_agreement"])
+                                      "icc_consistency", "icc_agreement", "mean_abs_diff",
+                                      "exact_agreement"])
 
 
 def test_retest(rows: pd.DataFrame) -> pd.DataFrame:
@@ -733,9 +835,12 @@ def test_retest(rows: pd.DataFrame) -> pd.DataFrame:
 
     One row per participant with at least one repeat, then a ``"(pooled)"`` row over every
     (first, repeat) pair: Pearson and Spearman correlation (NaN with < 3 pairs or constant
-    ratings), mean absolute difference (scale points) and the share of identical ratings.
+    ratings), the intraclass correlations ICC(3,1) (consistency) and ICC(2,1) (absolute
+    agreement) of the (first, repeat) matrix (:func:`icc`), mean absolute difference (scale
+    points) and the share of identical ratings.
 
-    Columns: ``participant, n_pairs, pearson, spearman, mean_abs_diff, exact_agreement``.
+    Columns: ``participant, n_pairs, pearson, spearman, icc_consistency, icc_agreement,
+    mean_abs_diff, exact_agreement``.
     """
     return _retest(_rating(rows))
 
@@ -1093,7 +1198,10 @@ def aggregate_labels(rows: pd.DataFrame, method: str = "dawid_skene", *, n_iter:
     if data.empty:
         raise ValueError("label rows are empty: nothing to aggregate")
     model = DawidSkene(n_iter=n_iter, tol=tol) if method == "dawid_skene" else MajorityVote()
-    labels = model.fit_predict(data)
+    with warnings.catch_warnings():
+        # crowd-kit 1.4 uses pandas keywords that pandas 3 deprecates (inplace=, copy=)
+        warnings.filterwarnings("ignore", module=r"crowdkit\.")
+        labels = model.fit_predict(data)
     probas = model.probas_
     items = labels.index.astype(str)
     post = [float(probas.loc[t, lab]) for t, lab in zip(labels.index, labels, strict=True)]
@@ -1159,6 +1267,11 @@ def analyze_protocol(protocol: str, rows: pd.DataFrame, *, distances=None, n_boo
         raise ValueError(f"{protocol} rows must be a pandas DataFrame")
     kept, counts = apply_exclusions(rows, include_excluded=include_excluded,
                                     include_simulated=include_simulated)
+    if kept.empty:
+        raise ValueError(f"no {protocol} judgments to analyse: {counts['judgments_total']} "
+                         f"rows, {counts['judgments_dropped_excluded']} dropped as excluded, "
+                         f"{counts['judgments_dropped_simulated']} as simulated "
+                         "(include_simulated=True for simulated observers)")
     meta = {"n_boot": n_boot, "seed": seed, "include_excluded": include_excluded,
             "include_simulated": include_simulated, "n_rows": int(len(kept)),
             "n_participants": int(kept["participant"].nunique()) if "participant" in kept
@@ -1166,7 +1279,7 @@ def analyze_protocol(protocol: str, rows: pd.DataFrame, *, distances=None, n_boo
     tables: dict[str, pd.DataFrame] = {}
     if protocol == "2afc":
         data = _twoafc(kept)
-        boot = _twoafc_boot(data, n_boot, seed)
+        boot = _twoafc_boot(data, n_boot, seed, _twoafc_names(data, distances))
         scores = _twoafc_scores(data, distances, n_boot, seed, boot)
         ceiling = _twoafc_ceiling(data, n_boot, seed, boot)
         tables["scores"] = scores
