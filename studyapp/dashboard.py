@@ -86,6 +86,10 @@ PROTOCOL_HEADERS = {
     "clean_error": "Clean error ε", "floor_accuracy": "Floor (chance)",
     "fit_flag": "Fit warnings", "n_categories": "Labels", "fleiss_kappa": "Fleiss' κ",
     "posterior": "Posterior", "true_label": "True label", "correct": "Correct",
+    "session": "Session", "control_error": "Control error rate",
+    "controls": "Controls wrong / answered", "retest_rho": "Test–retest ρ",
+    "n_retest": "Repeated items", "flags": "Flags", "excluded": "Excluded (rules)",
+    "reason": "Reason",
 }
 
 
@@ -287,6 +291,10 @@ def protocol_detail(request: HttpRequest, study: Study, with_simulated: bool) ->
             trial__session__participant__is_simulated=True).count(),
         "exclusions": table(pd.DataFrame([{"what": k, "value": v}
                                           for k, v in exclusions.items()]), key="what"),
+        "quality": table(summary["quality"].head(PARTICIPANT_ROWS), key="session",
+                         headers=PROTOCOL_HEADERS),
+        "n_quality": len(summary["quality"]),
+        "participant_rows": PARTICIPANT_ROWS,
         "excluded_sessions": list(
             Session.objects.filter(participant__study=study, excluded=True)
             .order_by("pk").values("pk", "participant_id", "exclusion_reason")),

@@ -364,7 +364,7 @@ def cached_protocol_summary(study: Study, include_simulated: bool = False
     summary = cache.get(key)
     if summary is None:
         summary, files = {"report": None, "error": "", "progress":
-                          cached_progress(study, state)}, {}
+                          cached_progress(study, state), "quality": quality_frame(study)}, {}
         try:
             summary["report"] = protocol_report(study, n_boot=N_BOOT, seed=0,
                                                 include_simulated=include_simulated)
@@ -376,6 +376,25 @@ def cached_protocol_summary(study: Study, include_simulated: bool = False
         cache.set_many({key: summary, **{f"dashboard:{study.pk}:{state}:{k}": v
                                          for k, v in files.items()}}, CACHE_SECONDS)
     return summary, state
+
+
+def quality_frame(study: Study) -> pd.DataFrame:
+    """Per completed session: the control error rate, the rating test–retest ρ, flags and
+    the rules' verdict (:func:`studyapp.quality.compute_quality`, nothing stored), worst
+    control error first."""
+    from .quality import compute_quality
+
+    rows = [{"session": q.session_id, "participant": q.participant,
+             "control_error": q.control_error_rate,
+             "controls": f"{q.n_control_wrong}/{q.n_control}",
+             "retest_rho": q.retest_rho, "n_retest": q.n_retest,
+             "flags": "; ".join(q.flags), "excluded": q.excluded,
+             "reason": q.exclusion_reason} for q in compute_quality(study)]
+    frame = pd.DataFrame(rows, columns=["session", "participant", "control_error", "controls",
+                                        "retest_rho", "n_retest", "flags", "excluded",
+                                        "reason"])
+    return frame.sort_values("control_error", ascending=False, na_position="last",
+                             kind="stable").reset_index(drop=True)
 
 
 def cached_protocol_render(study: Study, name: str, fmt: str,

@@ -7,6 +7,7 @@ the items) so that the observers' true parameters are known exactly.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from io import StringIO
 
@@ -521,6 +522,11 @@ def test_dashboard_renders_each_protocol(make_protocol, staff_client, var_dir, p
         assert f'{first["srocc"]:.4f}' in html and 'data-row="l2"' in html
     else:
         assert f'{first["flip_bound"]:.4f}' in html
+    # per-session QC: control error rates as compute_quality has them
+    shown = re.findall(r'<tr data-row="(\d+)">.*?<td data-col="control_error">([^<]*)<',
+                       html.split('id="quality"', 1)[1].split("</table>", 1)[0], re.S)
+    assert {int(k): float(v) for k, v in shown} == pytest.approx(
+        {q.session_id: round(q.control_error_rate, 4) for q in compute_quality(study)})
     img = staff_client.get(f"/dashboard/{study.slug}/figures/{figure}.png")
     assert img.status_code == 200 and img.content[:4] == b"\x89PNG"
     csv = staff_client.get(f"/dashboard/{study.slug}/figures/{figure}.csv")
