@@ -29,7 +29,7 @@ from engine.attacks.spec import bound_units, condition_title
 from engine.provenance import distance_label
 
 from . import adaptive, dashboard_figures, robustness
-from .models import Calibration, Session, Study
+from .models import Calibration, Judgment, Session, Study
 from .reports import staff_study_list, study_counts
 
 PARTICIPANT_ROWS = 100
@@ -64,8 +64,46 @@ HEADERS = {
 }
 
 
-def header(column: str) -> str:
-    """A human header: :data:`HEADERS`, ``mean_<distance>`` → ``Mean LPIPS (AlexNet)``."""
+#: Headers of the other protocols' tables (engine.protocol_analysis; issue 18).
+PROTOCOL_HEADERS = {
+    "kind": "Kind", "condition_a": "Condition of A", "condition_b": "Condition of B",
+    "n_items": "Items", "n_chose_b": "Chose B", "p_chose_b": "Share choosing B",
+    "metric": "Distance", "score": "2AFC score", "score_low": "Bootstrap 95 % low",
+    "score_high": "Bootstrap 95 % high", "human_ceiling": "Human ceiling",
+    "relative": "Score ÷ ceiling", "n_triplets": "Triplets", "n_ties": "Ties",
+    "ceiling": "Human–human ceiling", "ceiling_low": "Ceiling 95 % low",
+    "ceiling_high": "Ceiling 95 % high", "ceiling_unbiased": "Ceiling (unbiased)",
+    "alpha": "α", "beta": "Slope β (per distance unit)", "sigma": "σ = 1/β",
+    "beta_low": "β 95 % low", "beta_high": "β 95 % high",
+    "item": "Item", "n_ratings": "Ratings", "mos": "MOS", "mos_sd": "SD",
+    "mos_low": "t 95 % low", "mos_high": "t 95 % high", "z_mos": "z-scored MOS",
+    "srocc": "SROCC", "plcc": "PLCC", "krocc": "KROCC", "n_pairs": "Repeated items",
+    "pearson": "Pearson r", "spearman": "Spearman ρ", "mean_abs_diff": "Mean |difference|",
+    "exact_agreement": "Identical ratings", "mean_rating": "Mean rating",
+    "share_lowest": "Rated lowest", "error_rate": "Control error rate",
+    "n_correct": "Correct", "accuracy": "Accuracy (true label)", "level": "Ladder level",
+    "target_accuracy": "Target accuracy", "flip_bound": "Label-flip bound",
+    "clean_error": "Clean error ε", "floor_accuracy": "Floor (chance)",
+    "fit_flag": "Fit warnings", "n_categories": "Labels", "fleiss_kappa": "Fleiss' κ",
+    "posterior": "Posterior", "true_label": "True label", "correct": "Correct",
+    "session": "Session", "control_error": "Control error rate",
+    "controls": "Controls wrong / answered", "retest_rho": "Test–retest ρ",
+    "n_retest": "Repeated items", "flags": "Flags", "excluded": "Excluded (rules)",
+    "reason": "Reason",
+}
+
+
+def header(column: str, headers: dict[str, str] | None = None) -> str:
+    """A human header: :data:`HEADERS`, ``mean_<distance>`` → ``Mean LPIPS (AlexNet)``;
+    ``headers`` first (another protocol's, :data:`PROTOCOL_HEADERS`), and there
+    ``d_<distance>``/``a_``/``b_`` name the distance too."""
+    if headers is not None:
+        if column in headers:
+            return headers[column]
+        for prefix, what in (("d_", ""), ("a_", "A: "), ("b_", "B: ")):
+            name = column.removeprefix(prefix)
+            if column.startswith(prefix) and distance_label(name) != name:
+                return what + distance_label(name)
     if column in HEADERS:
         return HEADERS[column]
     if column.startswith("mean_"):
@@ -85,7 +123,8 @@ def _cell(value) -> str:
 
 
 def table(frame: pd.DataFrame, columns: list[str] | None = None, key: str | None = None,
-          *, hover: dict[str, str] | None = None, show: dict[str, str] | None = None):
+          *, hover: dict[str, str] | None = None, show: dict[str, str] | None = None,
+          headers: dict[str, str] | None = None):
     """``{"columns", "rows"}`` for templates/dashboard/_table.html; cells formatted to 4 places.
 
     Each row carries ``key`` (the value of column ``key``) so tests and scripts can find a
@@ -104,7 +143,7 @@ def table(frame: pd.DataFrame, columns: list[str] | None = None, key: str | None
             "cells": [(c, _cell(record[show.get(c, c)]),
                        _cell(record[hover[c]]) if c in hover else "") for c in columns],
         })
-    return {"columns": [(c, header(c)) for c in columns], "rows": rows}
+    return {"columns": [(c, header(c, headers)) for c in columns], "rows": rows}
 
 
 CONTROL_TITLES = {"sentinel": "Sentinel (the same image twice)",
@@ -181,11 +220,103 @@ def study_list(request: HttpRequest) -> HttpResponse:
     return render(request, "dashboard/study_list.html", {"rows": rows})
 
 
+#: The tables the page shows per protocol: (table, title, key column).
+PROTOCOL_SECTIONS = {
+    "2afc": [
+        ("table", "2AFC score of each distance (agreement with people's choices, BAPPS)"
+         " and the human–human ceiling", "metric"),
+        ("choice_rates", "Human choice rates of copy B per condition pair", "condition_a"),
+        ("slope", "Distance–choice slope (probit of P(chose B) on d_A − d_B)", "distance"),
+        ("controls", "Control triplets (choosing the side not identical to the reference)",
+         "kind"),
+    ],
+    "rating": [
+        ("correlations", "SROCC, PLCC and KROCC of each distance with the MOS", "distance"),
+        ("mos", "MOS per item (pair mode: DMOS, 1 = no difference) and z-scored MOS", "item"),
+        ("test_retest", "Test–retest reliability", "participant"),
+        ("anchors", "Identical-pair anchors", "n_items"),
+    ],
+    "label": [
+        ("flip_bound", "Label-flip bound per threat model", "threat_model"),
+        ("accuracy", "Human accuracy against bound per threat model", "bound"),
+        ("agreement", "Inter-rater agreement (Krippendorff's α, Fleiss' κ)", "bound"),
+        ("aggregation", "Aggregated labels (Dawid–Skene)", "item"),
+    ],
+}
+
+
+def protocol_table(frame: pd.DataFrame, key: str) -> dict:
+    """A table of another protocol's report: :data:`PROTOCOL_HEADERS`, distance names in
+    ``distance``/``metric`` cells through :func:`distance_label` (raw name in ``data-row``)."""
+    if frame is None or frame.empty:
+        return table(frame)
+    frame = frame.copy()
+    show = {}
+    for column in ("distance", "metric"):
+        if column in frame and not pd.api.types.is_numeric_dtype(frame[column]):
+            frame[f"{column}_title"] = [distance_label(v) if isinstance(v, str) else v
+                                        for v in frame[column]]
+            show[column] = f"{column}_title"
+    columns = [c for c in frame.columns if not c.endswith("_title")]
+    return table(frame, columns, key=key if key in frame else None, show=show,
+                 headers=PROTOCOL_HEADERS)
+
+
+def protocol_detail(request: HttpRequest, study: Study, with_simulated: bool) -> HttpResponse:
+    """The page of a 2AFC, rating or label study: progress, QC, the protocol's tables
+    (:func:`studyapp.protocol_rows.protocol_report`, ``analyze``'s defaults) and figure."""
+    summary, state = dashboard_figures.cached_protocol_summary(
+        study, include_simulated=with_simulated)
+    report = summary["report"]
+    sessions = summary["progress"]["sessions"]
+    sections = []
+    if report is not None:
+        for name, title, key in PROTOCOL_SECTIONS[study.protocol]:
+            if name in report.tables:
+                sections.append({"name": name, "title": title,
+                                 "table": protocol_table(report.tables[name], key)})
+    exclusions = report.exclusions if report is not None else {}
+    calibration = (Calibration.objects.latest_for(study, include_simulated=with_simulated)
+                   if study.protocol == "label" else None)
+    context = {
+        "study": study, "state": state, "with_simulated": with_simulated,
+        "report": report, "error": summary["error"], "sections": sections,
+        "progress": summary["progress"], "sessions": sessions,
+        "completion_rate": (sessions["completed"] / sessions["started"]
+                            if sessions["started"] else None),
+        "n_judgments": study_counts(study)[study.pk]["n_judgments"],
+        "n_used": exclusions.get("judgments_kept", 0),
+        "n_simulated": Judgment.objects.filter(
+            trial__session__participant__study=study, trial__is_practice=False,
+            trial__session__participant__is_simulated=True).count(),
+        "exclusions": table(pd.DataFrame([{"what": k, "value": v}
+                                          for k, v in exclusions.items()]), key="what"),
+        "quality": table(summary["quality"].head(PARTICIPANT_ROWS), key="session",
+                         headers=PROTOCOL_HEADERS),
+        "n_quality": len(summary["quality"]),
+        "participant_rows": PARTICIPANT_ROWS,
+        "excluded_sessions": list(
+            Session.objects.filter(participant__study=study, excluded=True)
+            .order_by("pk").values("pk", "participant_id", "exclusion_reason")),
+        "calibration": calibration,
+        "presets": table(pd.DataFrame([{"threat_model": tm, "label": label, "bound": bound}
+                                       for tm, d in (calibration.presets if calibration
+                                                     else {}).items()
+                                       for label, bound in d.items()]),
+                         key="threat_model", headers=PROTOCOL_HEADERS),
+        "figures": [(name, title) for name, (title, _)
+                    in dashboard_figures.PROTOCOL_FIGURES[study.protocol].items()],
+    }
+    return render(request, "dashboard/protocol.html", context)
+
+
 @staff_member_required
 @require_GET
 def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
     study = get_object_or_404(Study, slug=slug)
     with_simulated = request.GET.get("simulated") == "1"
+    if study.protocol != "jnd":
+        return protocol_detail(request, study, with_simulated)
     summary, state = dashboard_figures.cached_summary(study, include_simulated=with_simulated)
     progress = summary["progress"]
     sessions = progress["sessions"]
@@ -253,11 +384,11 @@ def study_detail(request: HttpRequest, slug: str) -> HttpResponse:
 @require_GET
 def figure(request: HttpRequest, slug: str, name: str, fmt: str) -> HttpResponse:
     study = get_object_or_404(Study, slug=slug)
-    if name not in dashboard_figures.FIGURES or fmt not in dashboard_figures.FORMATS:
+    if name not in dashboard_figures.figures_of(study) or fmt not in dashboard_figures.FORMATS:
         raise Http404(f"no figure {name}.{fmt}")
-    data = dashboard_figures.cached_render(
-        study, name, fmt, include_simulated=request.GET.get("simulated") == "1"
-    )
+    render_file = (dashboard_figures.cached_render if study.protocol == "jnd"
+                   else dashboard_figures.cached_protocol_render)
+    data = render_file(study, name, fmt, include_simulated=request.GET.get("simulated") == "1")
     response = HttpResponse(data, content_type=dashboard_figures.FORMATS[fmt])
     if request.GET.get("download"):
         response["Content-Disposition"] = f'attachment; filename="{study.slug}-{name}.{fmt}"'

@@ -281,3 +281,132 @@ def write_all(ctx: FigureContext, folder: Path) -> list[Path]:
             path.write_bytes(data)
             written.append(path)
     return written
+
+
+# ----------------------------------------------------------------- 2afc, rating, label
+#
+# One figure per protocol (engine.figures), from the studyapp.protocol_rows report, cached
+# by study state like the JND figures.
+
+
+def _twoafc_figure(report):
+    return engine_figures.twoafc_scores_figure(report)
+
+
+def _rating_figure(report):
+    distance = report.meta.get("distance")
+    if distance is None:
+        return _placeholder("Item MOS against distance", "no distances stored for the items",
+                            ["item", "condition", "distance", "mos", "mos_low", "mos_high",
+                             "z_mos"])
+    return engine_figures.rating_mos_figure(report, distance=distance)
+
+
+def _label_figure(report):
+    return engine_figures.label_accuracy_figure(report)
+
+
+PROTOCOL_FIGURES: dict[str, dict[str, tuple[str, Callable]]] = {
+    "2afc": {"scores": ("2AFC score of each distance and the human ceiling (BAPPS-style)",
+                        _twoafc_figure)},
+    "rating": {"mos": ("Item MOS against distance", _rating_figure)},
+    "label": {"accuracy": ("Human accuracy against bound and the label-flip bound",
+                           _label_figure)},
+}
+
+
+def figures_of(study: Study) -> dict[str, tuple[str, Callable]]:
+    """The figures of ``study``'s protocol: :data:`FIGURES` for JND, else
+    :data:`PROTOCOL_FIGURES`."""
+    return FIGURES if study.protocol == "jnd" else PROTOCOL_FIGURES[study.protocol]
+
+
+def _files(fig, data: pd.DataFrame) -> dict[str, bytes]:
+    fig.tight_layout()
+    out = {"csv": data.to_csv(index=False).encode()}
+    for fmt in ("png", "svg"):
+        buf = io.BytesIO()
+        meta = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}
+        fig.savefig(buf, format=fmt, metadata=meta)
+        out[fmt] = buf.getvalue()
+    return out
+
+
+def render_protocol_files(report, name: str) -> dict[str, bytes]:
+    """The protocol figure ``name`` of ``report`` as PNG, SVG and the CSV behind it."""
+    figures = PROTOCOL_FIGURES[report.protocol]
+    if name not in figures:
+        raise KeyError(f"unknown figure {name!r}; known: {', '.join(figures)}")
+    return _files(*figures[name][1](report))
+
+
+def write_protocol_figures(report, folder: Path) -> list[Path]:
+    """Every figure of ``report``'s protocol as ``folder/<name>.png``, ``.svg``, ``.csv``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in PROTOCOL_FIGURES[report.protocol]:
+        for fmt, data in render_protocol_files(report, name).items():
+            path = folder / f"{name}.{fmt}"
+            path.write_bytes(data)
+            written.append(path)
+    return written
+
+
+def cached_protocol_summary(study: Study, include_simulated: bool = False
+                            ) -> tuple[dict, str]:
+    """``{"report", "error", "progress"}`` of a non-JND study (``report`` None and ``error``
+    the reason when there is nothing to analyse yet), computed once per study state, with
+    ``manage.py analyze``'s defaults; its figure files are cached with it."""
+    from .protocol_rows import protocol_report
+
+    state = _state(study, include_simulated)
+    key = f"dashboard:{study.pk}:{state}:protocol-summary"
+    summary = cache.get(key)
+    if summary is None:
+        summary, files = {"report": None, "error": "", "progress":
+                          cached_progress(study, state), "quality": quality_frame(study)}, {}
+        try:
+            summary["report"] = protocol_report(study, n_boot=N_BOOT, seed=0,
+                                                include_simulated=include_simulated)
+        except ValueError as exc:
+            summary["error"] = str(exc)
+        else:
+            files = {f"{name}.{fmt}": data for name in PROTOCOL_FIGURES[study.protocol]
+                     for fmt, data in render_protocol_files(summary["report"], name).items()}
+        cache.set_many({key: summary, **{f"dashboard:{study.pk}:{state}:{k}": v
+                                         for k, v in files.items()}}, CACHE_SECONDS)
+    return summary, state
+
+
+def quality_frame(study: Study) -> pd.DataFrame:
+    """Per completed session: the control error rate, the rating test–retest ρ, flags and
+    the rules' verdict (:func:`studyapp.quality.compute_quality`, nothing stored), worst
+    control error first."""
+    from .quality import compute_quality
+
+    rows = [{"session": q.session_id, "participant": q.participant,
+             "control_error": q.control_error_rate,
+             "controls": f"{q.n_control_wrong}/{q.n_control}",
+             "retest_rho": q.retest_rho, "n_retest": q.n_retest,
+             "flags": "; ".join(q.flags), "excluded": q.excluded,
+             "reason": q.exclusion_reason} for q in compute_quality(study)]
+    frame = pd.DataFrame(rows, columns=["session", "participant", "control_error", "controls",
+                                        "retest_rho", "n_retest", "flags", "excluded",
+                                        "reason"])
+    return frame.sort_values("control_error", ascending=False, na_position="last",
+                             kind="stable").reset_index(drop=True)
+
+
+def cached_protocol_render(study: Study, name: str, fmt: str,
+                           include_simulated: bool = False) -> bytes:
+    """One protocol figure file (a placeholder saying why when nothing can be drawn yet)."""
+    if name not in PROTOCOL_FIGURES[study.protocol] or fmt not in FORMATS:
+        raise KeyError(f"unknown figure {name}.{fmt}")
+    summary, state = cached_protocol_summary(study, include_simulated)
+    data = cache.get(f"dashboard:{study.pk}:{state}:{name}.{fmt}")
+    if data is None:
+        if summary["report"] is None:
+            title = PROTOCOL_FIGURES[study.protocol][name][0]
+            return _files(*_placeholder(title, summary["error"], []))[fmt]
+        data = render_protocol_files(summary["report"], name)[fmt]
+    return data

@@ -1,4 +1,4 @@
-"""Quality control of JND sessions: metrics, cross-session flags, exclusion rules.
+"""Quality control of sessions of every protocol: metrics, cross-session flags, exclusion rules.
 
 Per session, over its **main** trials (practice trials never count):
 
@@ -9,6 +9,19 @@ Per session, over its **main** trials (practice trials never count):
 - *fast-response share*: answered trials with ``response_time_ms < study.fast_response_ms``,
   divided by answered trials;
 - the number of main trials and of answered main trials.
+
+Every protocol (issue 18) has control items with a known answer
+(:func:`studyapp.protocols.correct_answer`): JND sentinels ("same"), 2AFC control triplets (the
+side showing the copy identical to the reference), rating identical-pair anchors (the lowest
+point; pair mode only: single-image anchors have no right answer) and label gold items (their
+true class). The *control error rate* is the share of answered main-trial controls not given
+that answer; for JND it is the sentinel false-alarm rate itself. ``Study.max_sentinel_false_alarm``
+is the one exclusion switch for it in every protocol. Rating sessions with repeated items
+(``Trial.is_repeat``) get a test–retest Spearman ρ of first against repeat rating, flagged
+(never excluded) below RETEST_MIN_RHO from RETEST_MIN_ITEMS repeated items. Catch trials,
+the superhuman test and the bot score are JND's (they read "different" answers against the
+study's psychometric function); response-time regularity and automation signals flag every
+protocol.
 
 A rate is ``None`` when its denominator is 0 (e.g. a study without catch pairs); a rule never
 excludes on a ``None`` rate.
@@ -49,6 +62,7 @@ from .fingerprints import (  # noqa: F401  (re-exported: the quality tools' voca
     hash_ip,
 )
 from .models import Session, Study, Trial
+from .protocols import correct_answer
 
 STAFF_EXCLUDE = "exclude"
 STAFF_INCLUDE = "include"
@@ -89,6 +103,12 @@ class SessionQuality:
     ip_shared_with: list[int] = field(default_factory=list)
     browser_shared_with: list[int] = field(default_factory=list)
     display_flags: list[str] = field(default_factory=list)  # studyapp.display (issue 17)
+    protocol: str = "jnd"
+    n_control: int = 0  # answered main-trial controls with a known answer (issue 18)
+    n_control_wrong: int = 0
+    control_error_rate: float | None = None
+    n_retest: int = 0  # rating: items rated twice in this session
+    retest_rho: float | None = None  # Spearman ρ, first vs repeat rating
     flags: list[str] = field(default_factory=list)
     violations: list[str] = field(default_factory=list)
     staff_decision: str | None = None
@@ -123,10 +143,16 @@ def rule_violations(q: SessionQuality, study: Study) -> list[str]:
     out = []
     limit = study.max_sentinel_false_alarm
     rate = q.sentinel_false_alarm_rate
-    if limit is not None and rate is not None and rate > limit:
+    if q.protocol == "jnd" and limit is not None and rate is not None and rate > limit:
         out.append(
             f"sentinel false-alarm rate {rate:.2f} > {limit:.2f}"
             f" ({q.n_sentinel_different}/{q.n_sentinel} identical pairs answered 'different')"
+        )
+    rate = q.control_error_rate
+    if q.protocol != "jnd" and limit is not None and rate is not None and rate > limit:
+        out.append(
+            f"control error rate {rate:.2f} > {limit:.2f} ({q.n_control_wrong}/{q.n_control}"
+            f" {CONTROL_ERRORS.get(q.protocol, 'controls answered wrongly')})"
         )
     limit, rate = study.min_catch_hit_rate, q.catch_hit_rate
     if limit is not None and rate is not None and rate < limit:
@@ -150,6 +176,61 @@ def rule_violations(q: SessionQuality, study: Study) -> list[str]:
             out += [flag for flag in bot if flag.startswith(prefix)]
     if study.exclude_inexact_display:
         out += q.display_flags
+    return out
+
+
+#: What a control error is, per protocol (the violation sentence's words).
+CONTROL_ERRORS = {
+    "2afc": "control triplets answered with the side not identical to the reference",
+    "rating": "identical-pair anchors rated above the lowest point",
+    "label": "gold items given a wrong label",
+}
+#: Rating test–retest: a session with at least RETEST_MIN_ITEMS repeated items whose first and
+#: repeat ratings correlate (Spearman ρ) below RETEST_MIN_RHO is flagged (not excluded).
+#: People rating the same item twice within minutes agree far better (KADID/TID-style
+#: test–retest ρ ≈ 0.7-0.9); a careless or random rater's ρ is ≈ 0.
+RETEST_MIN_ITEMS = 5
+RETEST_MIN_RHO = 0.3
+
+
+def _control_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Per session id: answered controls with a known answer, wrong ones, and the rating
+    test–retest ρ (non-JND protocols; :func:`studyapp.protocols.correct_answer`)."""
+    from scipy.stats import spearmanr
+
+    rows = Trial.objects.filter(
+        session_id__in=session_ids, is_practice=False, judgment__isnull=False
+    ).values_list(
+        "session_id", "pair_id", "is_repeat", "natural_first", "judgment__response",
+        "pair__is_sentinel", "pair__natural_path", "pair__other_path", "pair__third_path",
+        "pair__class_name",
+    )
+    control: dict[int, list[int]] = defaultdict(lambda: [0, 0])  # session → [wrong, n]
+    ratings: dict[int, dict[int, dict[bool, int]]] = defaultdict(lambda: defaultdict(dict))
+    for (session_id, pair_id, is_repeat, natural_first, response, is_sentinel, natural, other,
+         third, class_name) in rows:
+        if is_sentinel:
+            known = correct_answer(study, is_sentinel=True, natural_first=natural_first,
+                                   natural_path=natural, other_path=other, third_path=third,
+                                   class_name=class_name)
+            if known is not None:
+                control[session_id][0] += response != known
+                control[session_id][1] += 1
+        if study.protocol == "rating":
+            ratings[session_id][pair_id][bool(is_repeat)] = int(response)
+    out: dict[int, dict[str, Any]] = {}
+    for session_id in session_ids:
+        wrong, n = control.get(session_id, (0, 0))
+        metrics: dict[str, Any] = {"n_control": n, "n_control_wrong": wrong,
+                                   "control_error_rate": _rate(wrong, n)}
+        twice = [(r[False], r[True]) for r in ratings.get(session_id, {}).values()
+                 if False in r and True in r]
+        metrics["n_retest"] = len(twice)
+        if len(twice) >= 2:
+            first, repeat = zip(*twice, strict=True)
+            rho = spearmanr(first, repeat).statistic
+            metrics["retest_rho"] = None if math.isnan(rho) else round(float(rho), 4)
+        out[session_id] = metrics
     return out
 
 
@@ -193,6 +274,8 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
         )
     }
     bots = _bot_metrics(study, [s.pk for s in sessions])
+    controls = (_control_metrics(study, [s.pk for s in sessions])
+                if study.protocol != "jnd" else {})
     display = display_flags(study, [s.pk for s in sessions])
     shared_ip = _shared(all_sessions, "ip_hash")
     shared_browser = _shared(all_sessions, "browser_hash")
@@ -223,7 +306,17 @@ def compute_quality(study: Study, *, include_incomplete: bool = False) -> list[S
             **bots.get(session.pk, {}),
         )
         q.display_flags = display.get(session.pk, [])
-        q.flags += bot_flags(q) + q.display_flags
+        q.protocol = study.protocol
+        if study.protocol == "jnd":
+            q.n_control, q.n_control_wrong = q.n_sentinel, q.n_sentinel_different
+            q.control_error_rate = q.sentinel_false_alarm_rate
+        else:
+            for name, value in controls.get(session.pk, {}).items():
+                setattr(q, name, value)
+            # "different" counts mean nothing here: the control error rate replaces them
+            q.n_sentinel = q.n_sentinel_different = q.n_catch = q.n_catch_different = 0
+            q.sentinel_false_alarm_rate = q.catch_hit_rate = None
+        q.flags += bot_flags(q) + retest_flags(q) + q.display_flags
         if q.ip_shared_with:
             q.flags.append(f"same IP as {len(q.ip_shared_with)} other participant(s)")
         if q.browser_shared_with:
@@ -307,8 +400,26 @@ def binomial_tail(x: int, n: int, p: float) -> float:
     return min(1.0, sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(x, n + 1)))
 
 
+def _rt_metrics(rts: list[float]) -> dict[str, Any]:
+    """Robust response-time spread (a few slow answers, e.g. while a bot decodes images, must
+    not hide a machine's pace): 1.4826 × median absolute deviation, relative to the median."""
+    if len(rts) < 2:
+        return {}
+    median = statistics.median(rts)
+    sd = 1.4826 * statistics.median(abs(rt - median) for rt in rts)
+    return {"rt_sd_ms": round(sd, 3), "rt_cv": round(sd / median, 4) if median > 0 else None}
+
+
 def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, Any]]:
-    """Response-time spread and the superhuman-sensitivity test, per session id."""
+    """Response-time spread and the superhuman-sensitivity test, per session id (other
+    protocols than JND: the response-time spread only)."""
+    if study.protocol != "jnd":
+        per: dict[int, list[float]] = defaultdict(list)
+        for session_id, rt in Trial.objects.filter(
+            session_id__in=session_ids, is_practice=False, judgment__isnull=False
+        ).values_list("session_id", "judgment__response_time_ms"):
+            per[session_id].append(rt)
+        return {sid: _rt_metrics(per.get(sid, [])) for sid in session_ids}
     rows = list(
         Trial.objects.filter(
             session__participant__study=study, is_practice=False, judgment__isnull=False
@@ -336,14 +447,7 @@ def _bot_metrics(study: Study, session_ids: list[int]) -> dict[int, dict[str, An
     for session_id in session_ids:
         answers = per_session.get(session_id, [])
         metrics: dict[str, Any] = {}
-        rts = [rt for *_, rt in answers]
-        if len(rts) >= 2:
-            # Robust (a few slow answers, e.g. while a bot decodes images, must not hide a
-            # machine's pace): 1.4826 × median absolute deviation, relative to the median.
-            median = statistics.median(rts)
-            sd = 1.4826 * statistics.median(abs(rt - median) for rt in rts)
-            metrics["rt_sd_ms"] = round(sd, 3)
-            metrics["rt_cv"] = round(sd / median, 4) if median > 0 else None
+        metrics.update(_rt_metrics([rt for *_, rt in answers]))
         low_rates, x = [], 0
         for pair_id, condition_id, different, _ in answers:
             if condition_id is None:
@@ -426,6 +530,16 @@ def bot_flags(q: SessionQuality) -> list[str]:
                f"{q.n_probes}" if q.n_probes else "")
         )
     return out
+
+
+def retest_flags(q: SessionQuality) -> list[str]:
+    """The rating test–retest flag of ``q`` (see RETEST_MIN_RHO), as a sentence."""
+    if q.n_retest >= RETEST_MIN_ITEMS and q.retest_rho is not None and (
+        q.retest_rho < RETEST_MIN_RHO
+    ):
+        return [f"test–retest: Spearman ρ {q.retest_rho:.2f} < {RETEST_MIN_RHO} between first"
+                f" and repeat ratings of {q.n_retest} items"]
+    return []
 
 
 def _decide(q: SessionQuality, session: Session) -> None:
@@ -530,6 +644,8 @@ def summary(rows: list[SessionQuality], study: Study) -> dict[str, Any]:
                 any(v.startswith("sentinel") for v in q.violations) for q in rows
             ),
             "catch_hit_rate": sum(any(v.startswith("catch") for v in q.violations) for q in rows),
+            "control_error": sum(any(v.startswith(("sentinel", "control")) for v in q.violations)
+                                 for q in rows),
             "fast_share": sum(any(v.startswith("fast") for v in q.violations) for q in rows),
             "automation": sum(any(v.startswith("automation") for v in q.violations) for q in rows),
             "regular_rt": sum(
@@ -538,6 +654,7 @@ def summary(rows: list[SessionQuality], study: Study) -> dict[str, Any]:
             "superhuman": sum(any(v.startswith("superhuman") for v in q.violations) for q in rows),
         },
         "n_flagged_automated": sum(bool(bot_flags(q)) for q in rows),
+        "n_flagged_retest": sum(bool(retest_flags(q)) for q in rows),
         "n_flagged_ip": sum(bool(q.ip_shared_with) for q in rows),
         "n_flagged_browser": sum(bool(q.browser_shared_with) for q in rows),
     }

@@ -17,6 +17,7 @@ from django.core.management.base import BaseCommand, CommandError
 from engine.analysis import analyze
 from studyapp import dashboard_figures
 from studyapp.frames import judgments_frame, pairs_frame
+from studyapp.protocol_rows import MAIN_TABLE, labelled, protocol_report
 from studyapp.reports import study_overview
 
 from ._shared import get_study
@@ -29,6 +30,13 @@ class Command(BaseCommand):
         " distance correlations, per-participant rates, the table-4 view. Prints tables and"
         " writes CSV; --json and --figures add a JSON report and the paper's figures."
         " Simulated observers and excluded sessions are left out unless asked."
+        " Other protocols (engine.protocol_analysis): 2AFC choice rates per condition pair,"
+        " each distance's BAPPS 2AFC score with its participant-bootstrap interval, the"
+        " human-human ceiling and the distance-choice slope; rating MOS/z-MOS (DMOS in pair"
+        " mode) per item, SROCC/PLCC/KROCC of each distance, test-retest and the anchors;"
+        " label accuracy against bound per threat model, the label-flip bound, inter-rater"
+        " agreement and Dawid-Skene labels. The main CSV holds the 2AFC table, the MOS or the"
+        " accuracy table; the others go beside it."
     )
 
     def add_arguments(self, parser):
@@ -74,6 +82,8 @@ class Command(BaseCommand):
         if opts["n_boot"] < 0:
             raise CommandError(f"--n-boot must be >= 0, got {opts['n_boot']}")
         study = get_study(opts["study"])
+        if study.protocol != "jnd":
+            return self._handle_protocol(study, opts, settings)
         pairs = pairs_frame(study)
         if pairs.empty:
             raise CommandError(f"study {study.slug!r} has no pairs; run generate_pairs first")
@@ -222,3 +232,101 @@ class Command(BaseCommand):
             if not report.table4.empty:
                 self.stdout.write("\nTable 4 (per threat model × bound):")
                 self.stdout.write(report.table4.to_string(index=False))
+
+    # ------------------------------------------------------------- 2afc, rating, label
+
+    def _handle_protocol(self, study, opts, settings) -> None:
+        if not study.pairs.exists():
+            raise CommandError(f"study {study.slug!r} has no items; import them first")
+        try:
+            report = protocol_report(
+                study, n_boot=opts["n_boot"], seed=opts["seed"],
+                include_excluded=opts["include_excluded"],
+                include_simulated=opts["include_simulated"],
+                completed_only=opts["completed_only"])
+        except ValueError as exc:
+            hint = ("" if opts["include_simulated"]
+                    else " (simulated observers' judgments need --include-simulated)")
+            raise CommandError(f"cannot analyse study {study.slug!r}: {exc}{hint}") from None
+        counts, progress = study_overview(study)
+        out = Path(opts["csv"] or Path(settings.VAR_DIR) / "analysis" / f"{study.slug}.csv")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        main = MAIN_TABLE[study.protocol]
+        written = []
+        for name, frame in report.tables.items():
+            path = out if name == main else out.with_name(f"{out.stem}_{name}.csv")
+            frame.to_csv(path, index=False)
+            written.append(path)
+        to_stdout = opts["json"] == "-"
+        if opts["json"]:
+            text = json.dumps({"study": study.slug, "counts": counts, "progress": progress,
+                               **report.to_dict()}, indent=1, allow_nan=False, default=str)
+            if to_stdout:
+                self.stdout.write(text)
+            else:
+                Path(opts["json"]).parent.mkdir(parents=True, exist_ok=True)
+                Path(opts["json"]).write_text(text + "\n")
+                written.append(Path(opts["json"]))
+        if opts["figures"]:
+            written += dashboard_figures.write_protocol_figures(report, Path(opts["figures"]))
+        if to_stdout:
+            print(f"Wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
+            return
+        self._print_header(study, counts, progress)
+        self._print_protocol(study, report)
+        self.stdout.write("\nWrote " + ", ".join(str(p) for p in written))
+
+    def _print_protocol(self, study, report) -> None:
+        e = report.exclusions
+        self.stdout.write(
+            f"Protocol {study.protocol}: analysed {e.get('judgments_kept', 0)} judgments of"
+            f" {e.get('participants_kept', 0)} participant(s); left out"
+            f" {e.get('judgments_dropped_excluded', 0)} judgments of sessions excluded by"
+            f" quality control and {e.get('judgments_dropped_simulated', 0)} of simulated"
+            " observers (--include-excluded, --include-simulated keep them).")
+        distances = [c[2:] for t in report.tables.values() for c in t.columns
+                     if c.startswith(("a_", "d_"))]
+        distances += [v for t in report.tables.values() for c in ("distance", "metric")
+                      if c in t for v in t[c] if isinstance(v, str)]
+        distances = set(distances)
+        with pd.option_context("display.width", 250, "display.max_columns", 40,
+                               "display.float_format", "{:.4f}".format):
+            for name, title in PROTOCOL_TABLES[study.protocol]:
+                frame = report.tables.get(name)
+                if frame is None:
+                    continue
+                self.stdout.write(f"\n{title}:")
+                self.stdout.write(labelled(frame, distances).to_string(index=False)
+                                  if len(frame) else "(none)")
+            if report.meta.get("slope_skipped"):
+                self.stdout.write(f"\nNo distance-choice slope: {report.meta['slope_skipped']}")
+
+
+#: What ``analyze`` prints per protocol: (table, title).
+PROTOCOL_TABLES = {
+    "2afc": [
+        ("choice_rates", "Human choice rates of copy B per condition pair (Wilson and"
+         " participant-bootstrap 95% intervals)"),
+        ("table", "2AFC score of each distance (BAPPS: agreement with people's choices,"
+         " participant-bootstrap 95%) and the human-human ceiling"),
+        ("slope", "Distance-choice slope (probit of P(chose B) on d_A - d_B; sigma = 1/beta)"),
+        ("controls", "Control triplets (rate of choosing the side not identical to the"
+         " reference: the control error rate)"),
+    ],
+    "rating": [
+        ("mos", "MOS per item (DMOS in pair mode: 1 = no difference; t and participant-"
+         "bootstrap 95%) and z-scored MOS"),
+        ("correlations", "SROCC / PLCC / KROCC of each distance with the MOS (participant"
+         " bootstrap 95%)"),
+        ("test_retest", "Test-retest (first against repeat rating of the same item)"),
+        ("anchors", "Identical-pair anchors (error = rated above the lowest point)"),
+    ],
+    "label": [
+        ("accuracy", "Human accuracy (true label) against bound per threat model (Wilson and"
+         " participant-bootstrap 95%)"),
+        ("flip_bound", "Label-flip bound per threat model (accuracy midway between clean and"
+         " chance; participant-bootstrap 95%)"),
+        ("agreement", "Inter-rater agreement (Krippendorff's alpha, Fleiss' kappa)"),
+        ("aggregation", "Aggregated labels (Dawid-Skene)"),
+    ],
+}

@@ -29,11 +29,20 @@ class Command(BaseCommand):
         " sentinel false-alarm rate, λ fitted or fixed, F logistic or Weibull), find the bounds"
         " at the target perceptibilities with participant-bootstrap intervals, and store them"
         " as calibrated presets (generate_pairs --bounds calibrated:SLUG)."
+        " Label studies: fit accuracy(bound) = 1/L + (1 - eps - 1/L)(1 - F(alpha + beta log"
+        " bound)) per threat model (eps from the gold items, floor 1/L = chance) and store"
+        " the label-flip bound where accuracy falls to each --targets accuracy (default: midway"
+        " between clean accuracy and chance) as presets, with participant-bootstrap intervals"
+        " (engine.protocol_analysis.label_flip_bound). 2AFC and rating studies have no"
+        " calibration (analyze reports them)."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("--study", required=True)
-        parser.add_argument("--targets", default="0.1,0.25,0.5")
+        parser.add_argument("--targets", default=None,
+                            help="JND: target perceptibilities (default 0.1,0.25,0.5); label:"
+                            " target accuracies (default: the midpoint between clean and"
+                            " chance)")
         parser.add_argument("--sigmoid", choices=["logistic", "weibull"], default="logistic")
         parser.add_argument("--lapse", default="fit", help="'fit' or a fixed rate, e.g. 0.02")
         parser.add_argument("--n-boot", type=int, default=200)
@@ -44,7 +53,16 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         study = get_study(opts["study"])
-        targets = parse_targets(opts["targets"])
+        if study.protocol in ("2afc", "rating"):
+            raise CommandError(
+                f"study {study.slug!r} runs the {study.protocol} protocol: calibration is for"
+                " jnd studies (perceptibility) and label studies (the label-flip bound); its"
+                f" statistics come from `manage.py analyze --study {study.slug}`")
+        if opts["n_boot"] < 0:
+            raise CommandError("--n-boot must be >= 0")
+        if study.protocol == "label":
+            return self._label(study, opts)
+        targets = parse_targets(opts["targets"] or "0.1,0.25,0.5")
         lapse = opts["lapse"]
         if lapse != "fit":
             try:
@@ -136,3 +154,61 @@ class Command(BaseCommand):
             f"Stored calibration {row.pk} of study {study.slug}; use it with"
             f" generate_pairs --bounds calibrated:{study.slug}"
         )
+
+    def _label(self, study, opts) -> None:
+        """The label-flip bound per threat model at each target accuracy, stored as presets
+        ``{threat_model: {"midpoint" | "acc<NN>": bound}}``."""
+        from engine.protocol_analysis import label_flip_bound
+        from studyapp.protocol_rows import label_rows
+
+        targets = (None,) if opts["targets"] is None else tuple(
+            float(t) for t in parse_targets(opts["targets"]))
+        rows = label_rows(study, include_excluded=opts["include_excluded"],
+                          include_simulated=opts["include_simulated"])
+        if rows.empty:
+            hint = "" if opts["include_simulated"] else " (simulated ones need --include-simulated)"
+            raise CommandError(f"study {study.slug!r} has no label judgments{hint}")
+        tables, presets = {}, {}
+        for target in targets:
+            name = "midpoint" if target is None else f"acc{round(100 * target):g}"
+            try:
+                table = label_flip_bound(rows, target=target, label_set=study.label_set or None,
+                                         n_boot=opts["n_boot"], seed=opts["seed"])
+            except ValueError as exc:
+                raise CommandError(f"cannot fit the label-flip bound: {exc}") from None
+            tables[name] = table
+            for r in table.to_dict("records"):
+                bound = r["flip_bound"]
+                presets.setdefault(r["threat_model"], {})[name] = (
+                    float(bound) if bound is not None and math.isfinite(bound) else None)
+                self.stdout.write(
+                    f"{r['threat_model']} {name}: label-flip bound {bound:.6g} (95%"
+                    f" {r['low']:.6g} .. {r['high']:.6g}; {int(r['n_boot_valid'])}/"
+                    f"{opts['n_boot']} replicates) at accuracy {r['target_accuracy']:.3f};"
+                    f" clean error {r['clean_error']:.3f}, floor {r['floor_accuracy']:.3f},"
+                    f" {r['n_judgments']} judgments at {r['n_bounds']} bounds")
+                if r["fit_flag"]:
+                    self.stdout.write(f"WARNING {r['threat_model']}: {r['fit_flag']}")
+        if opts["dry_run"]:
+            self.stdout.write("Dry run: nothing stored.")
+            return
+        fit = json.loads(json.dumps(
+            {"protocol": "label", "tables": {k: t.to_dict("records") for k, t in tables.items()}},
+            default=float).replace("NaN", "null"))
+        kept = rows
+        if not opts["include_excluded"]:
+            kept = kept[~kept["excluded"]]
+        row = Calibration.objects.create(
+            study=study, targets=["midpoint" if t is None else t for t in targets], fit=fit,
+            presets=presets,
+            counts={"n_judgments": int(len(kept)), "n_participants":
+                    int(kept["participant"].nunique()),
+                    "n_sessions": int(kept["session"].nunique())},
+            settings={"kind": "label_flip_bound", "n_boot": opts["n_boot"],
+                      "seed": opts["seed"], "include_simulated": opts["include_simulated"],
+                      "include_excluded": opts["include_excluded"]},
+            code_version=code_version(),
+        )
+        self.stdout.write(
+            f"Stored calibration {row.pk} of study {study.slug} (label-flip bounds); use it"
+            f" with generate_pairs --bounds calibrated:{study.slug}")

@@ -21,7 +21,10 @@ class Command(BaseCommand):
         " too-fast responses, and flags for an IP or browser shared by several participants."
         " With --apply, stores the metrics and excludes the sessions that break the study's"
         " rules (max_sentinel_false_alarm, min_catch_hit_rate, max_fast_share); excluded"
-        " sessions stay stored, flagged with the reason. Re-running is safe."
+        " sessions stay stored, flagged with the reason. Re-running is safe. Every protocol:"
+        " the control error rate (2AFC control triplets, rating anchors, label gold items;"
+        " JND: the sentinel false-alarm rate) against max_sentinel_false_alarm, bot flags;"
+        " rating: test-retest Spearman rho of repeated items (flag only)."
     )
 
     def add_arguments(self, parser):
@@ -48,7 +51,7 @@ class Command(BaseCommand):
             return
         rules = totals["rules"]
         self.stdout.write(
-            f"Study {study.slug!r}: rules max_sentinel_false_alarm="
+            f"Study {study.slug!r} ({study.protocol}): rules max_sentinel_false_alarm="
             f"{rules['max_sentinel_false_alarm']}, min_catch_hit_rate="
             f"{rules['min_catch_hit_rate']}, max_fast_share={rules['max_fast_share']}"
             f" (fast = RT < {rules['fast_response_ms']} ms; None = rule off)"
@@ -60,8 +63,12 @@ class Command(BaseCommand):
                         "session": q.session_id,
                         "participant": q.participant,
                         "answered": f"{q.n_answered}/{q.n_main_trials}",
-                        "sentinel_FA": _rate(q.sentinel_false_alarm_rate),
-                        "catch_hit": _rate(q.catch_hit_rate),
+                        **({"sentinel_FA": _rate(q.sentinel_false_alarm_rate),
+                            "catch_hit": _rate(q.catch_hit_rate)} if study.protocol == "jnd"
+                           else {"control_error": _rate(q.control_error_rate)
+                                 + f" ({q.n_control_wrong}/{q.n_control})"}),
+                        **({"retest_rho": _rate(q.retest_rho) + f" (n={q.n_retest})"}
+                           if study.protocol == "rating" else {}),
                         "fast": _rate(q.fast_share),
                         "flags": "; ".join(q.flags) or "-",
                         "excluded": "yes" if q.excluded else "no",
