@@ -286,6 +286,20 @@ class SessionQualitySerializer(serializers.Serializer):
         child=serializers.IntegerField(), help_text="Other participant ids with the same IP hash."
     )
     browser_shared_with = serializers.ListField(child=serializers.IntegerField())
+    protocol = serializers.CharField(help_text="jnd, 2afc, rating or label (issue 18).")
+    n_control = serializers.IntegerField(
+        help_text="Answered main-trial control items with a known answer (sentinels, 2AFC "
+        "control triplets, rating anchors, label gold items)."
+    )
+    n_control_wrong = serializers.IntegerField()
+    control_error_rate = serializers.FloatField(
+        allow_null=True, help_text="Share of control items answered wrongly "
+        "(Study.max_sentinel_false_alarm bounds it)."
+    )
+    n_retest = serializers.IntegerField(help_text="Rating: items rated twice in the session.")
+    retest_rho = serializers.FloatField(
+        allow_null=True, help_text="Rating: Spearman ρ of first against repeat rating."
+    )
     flags = serializers.ListField(child=serializers.CharField())
     violations = serializers.ListField(child=serializers.CharField())
     staff_decision = serializers.ChoiceField(choices=["exclude", "include"], allow_null=True)
@@ -310,6 +324,9 @@ class QualityTableSerializer(serializers.Serializer):
     n_violating = serializers.DictField(child=serializers.IntegerField())
     n_flagged_ip = serializers.IntegerField()
     n_flagged_browser = serializers.IntegerField()
+    n_flagged_retest = serializers.IntegerField(
+        required=False, help_text="Rating: sessions flagged for a low test–retest correlation."
+    )
     sessions = SessionQualitySerializer(many=True)
 
 

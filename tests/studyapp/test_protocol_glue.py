@@ -527,6 +527,12 @@ def test_dashboard_renders_each_protocol(make_protocol, staff_client, var_dir, p
                        html.split('id="quality"', 1)[1].split("</table>", 1)[0], re.S)
     assert {int(k): float(v) for k, v in shown} == pytest.approx(
         {q.session_id: round(q.control_error_rate, 4) for q in compute_quality(study)})
+    # the staff API's quality table carries the same per-protocol QC columns
+    api = staff_client.get(f"/api/staff/studies/{study.slug}/quality/").json()
+    assert {r["session_id"]: (r["protocol"], r["n_control"], r["control_error_rate"])
+            for r in api["sessions"]} == {
+        q.session_id: (protocol, q.n_control, q.control_error_rate)
+        for q in compute_quality(study)}
     img = staff_client.get(f"/dashboard/{study.slug}/figures/{figure}.png")
     assert img.status_code == 200 and img.content[:4] == b"\x89PNG"
     csv = staff_client.get(f"/dashboard/{study.slug}/figures/{figure}.csv")
