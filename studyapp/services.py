@@ -478,6 +478,9 @@ def _store(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / rel, dest)
     stimulus_rows.prepare_study(study)  # decoded now, so no first serving is slower (issue 17)
+    # 2AFC copy B too (a side decoded at its first serving would be the slower one).
+    stimulus_rows.prepare(study.pairs.exclude(third_path="").values_list("third_path",
+                                                                          flat=True))
     return ImportSummary(created, updated, unchanged, len(conditions), untrained)
 
 

@@ -102,6 +102,11 @@ def test_2afc_rows_follow_the_contract(folders, media):
             assert pair.condition.spec == parse_attack(LINF).spec
             assert pair.condition_b.spec == parse_attack(L2).spec
     assert Condition.objects.filter(study=study).count() == 2
+    # Every image a triplet shows, copy B included, is decoded at import (issue 17).
+    from studyapp import stimulus_rows
+
+    for pair in pairs:
+        assert stimulus_rows.read_rows(stimulus_rows.fingerprint(pair.third_path)) is not None
     # Re-import: nothing changes.
     before = rows(study)
     assert "0 pairs created, 0 updated, 4 unchanged" in run("import_pairs", str(folder),
