@@ -16,6 +16,11 @@ Output folder layout (all names are file-safe)::
     OUT/<condition-slug>/<source>.png
     OUT/manifest.json   # everything, see Manifest
     OUT/manifest.csv    # one row per pair, distances as columns
+
+The other protocols' items (2AFC triplets, rating and label items; issue 18) are made of
+these same pairs by :func:`engine.generate.protocol_items` and written in the same layout as a
+version 3 manifest (:data:`PROTOCOL_FIELDS`: a triplet's copy B is another condition's PNG of
+the same source, ``third_path``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +242,21 @@ def test_label_sets_from_lists_files_and_names(tmp_path):
         resolve_label_set(None, str(tmp_path / "flat"))
 
 
+def test_imagenet_wordnet_folders_are_named_in_class_index_order(tmp_path):
+    """1000 WordNet-ID class folders (ImageNet-1k's layout) get torchvision's class names by
+    sorted ID; so ImageNet-100's classes (every 10th) are named as ``imagenet100`` names them."""
+    from engine.datasets import imagenet100_classes, imagenet_category_names
+
+    wnids = [f"n{7 * i + 1000:08d}" for i in range(1000)]
+    for wnid in wnids:
+        (tmp_path / wnid).mkdir()
+        (tmp_path / wnid / "x.png").write_bytes(b"")  # only the names are read
+    names = folder_class_names(tmp_path)
+    assert names == imagenet_category_names() and names[0] == "tench"
+    index = {w: i for i, w in enumerate(sorted(wnids))}
+    assert [names[index[w]] for w in imagenet100_classes(wnids)] == imagenet100_class_names()
+
+
 def test_default_2afc_pairs_differ_in_one_thing():
     specs = ("linf:bound=small", "linf:bound=large", "l2:bound=small", "l2:bound=large")
     request = GenerateRequest(specs=specs, protocol="2afc")
@@ -279,3 +297,19 @@ def test_versus_sides_take_each_bound_in_turn():
                      ("linf:bound=0.5@mine", "l2:bound=0.5@mine")) and levels is None
     pairs, _ = expand_versus([["linf:bound=2/255", "linf"]], "small", None)
     assert pairs == (("linf:bound=2/255", "linf:bound=small"),)
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_2afc_manifest_as_one(folders, tmp_path):
+    """Under torchrun the triplets are made on rank 0 from every rank's pairs: the same
+    manifest and PNGs as one process."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc-per-node", "2", "-m", "engine", "generate", "--out", str(out),
+                    "--protocol", "2afc", "--versus", LINF, L2, *COMMON], check=True, env=env,
+                   cwd=root, timeout=600)
+    assert read(out) == read(folders["2afc"])
+    for rel in read(out)["files"]:
+        assert (out / rel).read_bytes() == (folders["2afc"] / rel).read_bytes()

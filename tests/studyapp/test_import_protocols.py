@@ -252,3 +252,36 @@ def test_shown_triplets_are_never_changed(folders, media, tmp_path):
     with pytest.raises(CommandError, match="already shown to participants"):
         run("import_pairs", str(other), "--study", "shown")
     assert rows(study) == before_rows and files(media) == before_files
+
+
+@pytest.mark.django_db
+def test_a_label_study_without_answers_takes_the_folder_label_set(folders):
+    Study.objects.create(slug="empty-labels", title="t", protocol="label")
+    run("import_pairs", str(folders["label"]), "--study", "empty-labels")
+    manifest = json.loads((folders["label"] / "manifest.json").read_text())
+    assert Study.objects.get(slug="empty-labels").label_set == manifest["label_set"]
+
+
+@pytest.mark.django_db
+def test_versus_at_calibrated_bounds_pairs_the_shared_labels():
+    """``--versus linf l2 --bounds calibrated:SLUG``: A and B at each label both threat
+    models were calibrated at (p50 only here: l2 has no p10), as labelled bounds."""
+    from studyapp.management.commands._shared import add_generation_arguments, generation_request
+    from studyapp.models import Calibration
+
+    pilot = Study.objects.create(slug="pilot", title="pilot")
+    Calibration.objects.create(study=pilot, targets=[0.1, 0.5], fit={}, presets={
+        "linf": {"p10": 0.01, "p50": 0.02}, "l2": {"p50": 0.75}})
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_generation_arguments(parser)
+    opts = vars(parser.parse_args(["--protocol", "2afc", "--versus", "linf:num_iterations=2",
+                                   "l2:num_iterations=2", "--bounds", "calibrated:pilot"]))
+    request = generation_request(opts)
+    assert request.versus == (("linf:bound=0.02@p50,num_iterations=2",
+                               "l2:bound=0.75@p50,num_iterations=2"),)
+    assert request.specs == request.versus[0]
+    opts["versus"] = [["linf:num_iterations=2", "stadv"]]
+    with pytest.raises(CommandError, match="no presets for threat model 'stadv'"):
+        generation_request(opts)
