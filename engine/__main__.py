@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="attack source images and write PNG pairs + manifest")
     g.add_argument("--out", required=True, help="output folder (PNGs, manifest.json/csv)")
-    g.add_argument("--spec", dest="specs", action="append", required=True,
+    g.add_argument("--spec", dest="specs", action="append",
                    help="attack spec, repeatable, e.g. linf:bound=4/255")
     g.add_argument("--bounds", help="comma-separated bounds applied to every --spec: named"
                    " (small,medium,large,cifar10), numeric or VALUE@LABEL (0.31@human_medium);"
@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto")
     g.add_argument("--autocast", choices=["bf16"], help="bf16 autocast for the attacks (GPU)")
     g.add_argument("--no-progress", action="store_true")
+    add_protocol_arguments(g)
 
     t = sub.add_parser("train", help="train a defense (see engine.objectives for methods)")
     t.add_argument("--out", required=True, help="run folder (resumed if it has a checkpoint)")
@@ -126,19 +127,92 @@ def expand_conditions(specs: list[str], bounds: str | list[str] | None, ladder: 
     return expand_specs(specs, bounds), None
 
 
+def add_protocol_arguments(parser) -> None:
+    """The protocol options of ``generate`` (shared with ``manage.py generate_pairs``)."""
+    parser.add_argument(
+        "--protocol", choices=["jnd", "2afc", "rating", "label"], default="jnd",
+        help="what the items are for: jnd pairs (default), 2afc triplets (reference, A, B),"
+        " rating items, label items (see README 'Generating pairs')")
+    parser.add_argument(
+        "--versus", nargs=2, action="append", metavar=("SPEC_A", "SPEC_B"),
+        help="2afc: one triplet per source with copy A under SPEC_A and copy B under SPEC_B,"
+        " repeatable, e.g. --versus linf:bound=small l2:bound=small; sides without bound="
+        " take each --bounds in turn (A and B at the same bound label). Default: every two"
+        " --spec conditions that differ in one thing (threat model or bound)")
+    parser.add_argument(
+        "--rating-shows", choices=["pair", "single"], default="pair",
+        help="rating: rate a pair's difference (natural then perturbed; DMOS) or one image's"
+        " quality (the perturbed image alone; MOS)")
+    parser.add_argument(
+        "--label-set", metavar="NAMES",
+        help="label: the class names offered as answers: a,b,c; a text file (one a line);"
+        " imagenet100; digits (0..9); or dataset (default: the --images classes: a folder's"
+        " class sub-folders, a torchvision dataset's classes, the scikit-image photographs'"
+        " documented names). A source whose true class is not in it is refused")
+
+
+def expand_versus(versus: list[list[str]] | None, bounds: str | list[str] | None,
+                  ladder: int | None) -> tuple[tuple[tuple[str, str], ...] | None,
+                                               dict[str, int] | None]:
+    """``(pairs, levels)`` of ``--versus`` with ``--bounds``/``--ladder``: a side that sets
+    ``bound=`` itself is kept; the others take each bound (or ladder level) in turn, so A
+    and B of a triplet share the bound label (``--versus linf l2 --bounds small,large``:
+    linf small vs l2 small, linf large vs l2 large)."""
+    from .attacks.spec import has_param
+
+    if not versus:
+        return None, None
+    out: list[tuple[str, str]] = []
+    levels: dict[str, int] = {}
+    for a, b in versus:
+        sides = []
+        for side in (a, b):
+            if (bounds is None and ladder is None) or has_param(side, "bound"):
+                sides.append(None)
+                continue
+            specs, side_levels = expand_conditions([side], bounds, ladder)
+            sides.append(list(specs))
+            levels.update(side_levels or {})
+        n = max((len(x) for x in sides if x is not None), default=1)
+        a_list, b_list = (x if x is not None else [side] * n
+                          for x, side in zip(sides, (a, b), strict=True))
+        out += list(zip(a_list, b_list, strict=True))
+    return tuple(out), levels or None
+
+
+def protocol_conditions(specs: tuple[str, ...], levels: dict[str, int] | None,
+                        versus: tuple[tuple[str, str], ...] | None,
+                        versus_levels: dict[str, int] | None
+                        ) -> tuple[tuple[str, ...], dict[str, int] | None]:
+    """The request's specs: ``specs`` and then every ``versus`` side not among them (as
+    given, once), with their ladder levels merged."""
+    out = list(specs)
+    for pair in versus or ():
+        out += [s for s in pair if s not in out]
+    merged = {**(levels or {}), **(versus_levels or {})}
+    return tuple(out), merged or None
+
+
 def cmd_generate(args) -> int:
+    from .datasets import resolve_label_set
     from .generate import GenerateRequest, generate
 
-    specs, levels = expand_conditions(args.specs, args.bounds, args.ladder)
+    specs, levels = expand_conditions(args.specs or [], args.bounds, args.ladder)
+    versus, versus_levels = expand_versus(args.versus, args.bounds, args.ladder)
+    specs, levels = protocol_conditions(specs, levels, versus, versus_levels)
+    label_set = (resolve_label_set(args.label_set, args.images)
+                 if args.label_set is not None else None)
     manifest = generate(GenerateRequest(
         specs=specs, levels=levels, out=args.out, images=args.images,
         classifier=args.classifier, lpips=tuple(args.lpips or ["alexnet"]), size=args.size,
         crops_per_image=args.crops_per_image, max_images=args.max_images,
         sentinels=args.sentinels, catch=args.catch, seed=args.seed,
         batch_size=args.batch_size, device=args.device, autocast=args.autocast,
-        progress=not args.no_progress))
+        progress=not args.no_progress, protocol=args.protocol, versus=versus,
+        rating_shows=args.rating_shows, label_set=label_set))
     if manifest is not None:
-        print(f"wrote {len(manifest.pairs)} pairs to {args.out}/manifest.json"
+        items = "pairs" if manifest.protocol == "jnd" else f"{manifest.protocol} items"
+        print(f"wrote {len(manifest.pairs)} {items} to {args.out}/manifest.json"
               f" ({manifest.generator['code_version']})")
         if manifest.generator["untrained"]:
             print("UNTRAINED networks used (recorded in the manifest): "

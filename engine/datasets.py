@@ -244,3 +244,154 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, *, padding: 
     out = out.permute(0, 3, 1, 2)
     flips = flips.to(images.device)
     return torch.where(flips[:, None, None, None], out.flip(3), out).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Class names of stimulus sources (the label protocol, issue 18)
+# --------------------------------------------------------------------------------------------
+
+#: The documented class of each scikit-image photograph behind ``--images skimage``
+#: (:data:`engine.data.BUNDLED_PHOTOGRAPHS`; what a person names when asked "what is in the
+#: image?"): scikit-image's own descriptions — an astronaut (Eileen Collins), Chelsea the cat,
+#: a cup of coffee, a rocket (Falcon 9) on its pad, galaxies (the Hubble deep field) and a
+#: motorcycle.
+SKIMAGE_CLASS_NAMES = {
+    "astronaut": "astronaut",
+    "chelsea": "cat",
+    "coffee": "coffee",
+    "rocket": "rocket",
+    "hubble_deep_field": "galaxy",
+    "stereo_motorcycle": "motorcycle",
+}
+#: Names ``--label-set`` understands besides a list or a file.
+NAMED_LABEL_SETS = ("dataset", "imagenet100", "digits")
+
+
+def imagenet_category_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in class-index order (= sorted WordNet ID), as
+    torchvision ships them with its weights' metadata (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+
+
+def imagenet100_class_names() -> list[str]:
+    """ImageNet-100's 100 class names: every 10th ImageNet class by sorted WordNet ID (the
+    classes of :func:`imagenet100_classes`), named as torchvision names them."""
+    return imagenet_category_names()[::10]
+
+
+def folder_class_names(root: str | Path) -> list[str]:
+    """The class names of an image folder: its class sub-folders (relative POSIX paths of
+    the folders holding images, sorted), i.e. the names behind :class:`engine.data.SourceImage`
+    ``dataset_label`` indices of a folder source. A folder of 1000 ImageNet WordNet-ID class
+    folders is named with the ImageNet class names (``n01440764`` → ``tench``)."""
+    import re
+
+    from .data import IMAGE_EXTENSIONS
+
+    root = Path(root).expanduser()
+    classes = sorted({p.parent.relative_to(root).as_posix() for p in root.rglob("*")
+                      if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS} - {"."})
+    if len(classes) == 1000 and all(re.fullmatch(r"n\d{8}", c) for c in classes):
+        return imagenet_category_names()
+    return classes
+
+
+def _torchvision_classes(images: str) -> list[str]:
+    """``classes`` of the torchvision dataset ``torchvision:NAME[:ROOT]`` (never downloaded;
+    the test split, as :func:`engine.data.load_sources` reads it)."""
+    import torchvision
+
+    _, name, *rest = images.split(":", 2)
+    cls = getattr(torchvision.datasets, name, None)
+    if cls is None:
+        raise EngineError(f"torchvision has no dataset called {name!r}")
+    root = rest[0] if rest else os.path.join("var", "datasets")
+    try:
+        try:
+            dataset = cls(root=root, train=False, download=False)
+        except TypeError:
+            dataset = cls(root=root, download=False)
+    except RuntimeError as exc:
+        raise EngineError(f"torchvision dataset {name} not found under {os.path.abspath(root)}"
+                          f" ({exc}); its classes are the label set") from exc
+    classes = list(getattr(dataset, "classes", []))
+    if not classes:
+        raise EngineError(f"torchvision dataset {name} names no classes; give --label-set")
+    return classes
+
+
+def source_class_names(images: str, sources) -> dict[str, str | None]:
+    """``{source id: true class name or None}`` for the sources of ``--images images``
+    (:func:`engine.data.load_sources`): a folder's class sub-folders, a torchvision
+    dataset's ``classes``, the scikit-image photographs' :data:`SKIMAGE_CLASS_NAMES`.
+    ``None``: the source has no class (an image directly in the folder's root)."""
+    out: dict[str, str | None] = {}
+    if images == "skimage":
+        for s in sources:
+            loader = s.origin.removeprefix("skimage.data.").split(" ", 1)[0]
+            out[s.id] = SKIMAGE_CLASS_NAMES.get(loader)
+        return out
+    if images.startswith("torchvision:"):
+        classes = _torchvision_classes(images)
+    else:
+        classes = folder_class_names(images)
+    for s in sources:
+        label = s.dataset_label
+        out[s.id] = classes[label] if label is not None and 0 <= label < len(classes) else None
+    return out
+
+
+def resolve_label_set(text: str | None, images: str = "skimage") -> tuple[str, ...]:
+    """The label protocol's answers from ``--label-set``: ``a,b,c`` (a comma-separated
+    list), a path to a text file (one class name a line; blank lines and ``#`` comments
+    skipped), ``imagenet100`` (:func:`imagenet100_class_names`), ``digits`` (``0`` … ``9``)
+    or ``dataset`` / ``None`` (the classes of ``images``: a folder's class sub-folders, a
+    torchvision dataset's classes, the scikit-image photographs' documented names).
+    :class:`EngineError` for an empty set, an empty name or a name given twice."""
+    text = None if text is None else text.strip()
+    if text in (None, "", "dataset"):
+        if images == "skimage":
+            names = list(SKIMAGE_CLASS_NAMES.values())
+        elif images.startswith("torchvision:"):
+            names = _torchvision_classes(images)
+        else:
+            if not Path(images).expanduser().is_dir():
+                raise EngineError(f"image folder {images} does not exist (its class"
+                                  " sub-folders would be the label set)")
+            names = folder_class_names(images)
+            if not names:
+                raise EngineError(f"image folder {images} has no class sub-folders, so it"
+                                  " has no label set: put each image in a folder named by its"
+                                  " class, or give --label-set")
+    elif text == "imagenet100":
+        names = imagenet100_class_names()
+    elif text == "digits":
+        names = [str(i) for i in range(10)]
+    elif Path(text).expanduser().is_file():
+        lines = Path(text).expanduser().read_text().splitlines()
+        names = [line.strip() for line in lines if line.strip() and not
+                 line.strip().startswith("#")]
+    else:
+        names = [n.strip() for n in text.split(",")]
+    return check_label_set(names)
+
+
+def check_label_set(names) -> tuple[str, ...]:
+    """``names`` as a tuple if it is a usable label set (non-empty, each name a non-empty
+    string of at most 200 characters — ``Pair.class_name`` — given once), else
+    :class:`EngineError` naming the problem."""
+    names = list(names)
+    if not names:
+        raise EngineError("the label set is empty: give class names (--label-set a,b,c)")
+    for n in names:
+        if not isinstance(n, str) or not n.strip() or n != n.strip():
+            raise EngineError(f"label set entry {n!r} is not a class name (a non-empty"
+                              " string without surrounding spaces)")
+        if len(n) > 200:
+            raise EngineError(f"class name {n[:40]!r}… is longer than 200 characters")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise EngineError(f"class name(s) given twice in the label set: {', '.join(twice)}")
+    return tuple(names)

@@ -11,12 +11,27 @@ The output folder is what ``manage.py import_pairs DIR --study SLUG`` imports; t
 also lists every file's SHA-256, the networks with their weights state (``pretrained``,
 ``untrained`` or a weights file's hash), the request, the seed and the code version.
 ``manage.py generate_pairs`` is this function followed by that import, in one process.
+
+Protocols (issue 18, ``GenerateRequest.protocol``; the same attacks, stimulus mode and
+distances, then :func:`protocol_items` arranges the perturbed images into the protocol's
+items and controls, written as a version 3 manifest; ``jnd`` is version 2, unchanged):
+
+- ``jnd``: pairs (natural, perturbed), sentinel pairs (the natural image twice), catch pairs.
+- ``2afc``: triplets (reference, A, B) of one source: A and B perturbed under two conditions
+  (``versus``: the pairs of specs, e.g. ``linf:bound=small`` vs ``l2:bound=small``, or one
+  threat model at two bounds; by default every two conditions that differ in exactly one of
+  threat model and bound). Control triplets: A = the reference itself, B a perturbed copy.
+- ``rating``: the JND pairs (``rating_shows``: ``pair`` shows both, ``single`` the perturbed
+  image alone); anchors: identical pairs.
+- ``label``: the perturbed images (typically a ``--ladder`` of bounds per threat model) with
+  the source's true class name, which must be in ``label_set``; gold items: the unperturbed
+  images with their class.
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,7 +41,15 @@ import torch
 from . import distributed
 from .errors import EngineError
 from .provenance import code_version, untrained_networks
-from .stimuli import Manifest, PairRecord, generate_stimuli
+from .stimuli import (
+    B_MEASURES,
+    PROTOCOL_MANIFEST_VERSION,
+    PROTOCOLS,
+    RATING_SHOWS,
+    Manifest,
+    PairRecord,
+    generate_stimuli,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +64,12 @@ class GenerateRequest:
     (``resnet50``, ``alexnet:untrained``) or a run folder from ``python -m engine train``;
     ``lpips``: LPIPS network specs to measure every pair with; ``size``: crop side in pixels;
     ``device``: ``auto``, ``cpu`` or ``cuda[:N]``; ``out``: the folder to write.
+
+    ``protocol`` (issue 18): ``jnd`` (default), ``2afc``, ``rating`` or ``label`` (see the
+    module docstring). ``versus``: 2AFC's ``(spec A, spec B)`` pairs, each spec one of
+    ``specs`` (default :meth:`triplet_pairs`). ``rating_shows``: ``pair`` or ``single``.
+    ``label_set``: the label protocol's class names (default: the classes of ``images``,
+    :func:`engine.datasets.resolve_label_set`).
     """
 
     specs: tuple[str, ...]
@@ -59,16 +88,27 @@ class GenerateRequest:
     autocast: str | None = None
     levels: dict[str, int] | None = None
     progress: bool = True
+    protocol: str = "jnd"
+    versus: tuple[tuple[str, str], ...] | None = None
+    rating_shows: str = "pair"
+    label_set: tuple[str, ...] | None = None
 
     #: Fields that do not change what is generated (left out of :meth:`record`).
     NOT_RECORDED: ClassVar[tuple[str, ...]] = ("out", "progress", "device")
+    #: Fields of the protocols other than JND: a JND request's record leaves them out, so
+    #: JND manifests are what they were before protocols existed, byte for byte.
+    PROTOCOL_FIELDS: ClassVar[tuple[str, ...]] = ("protocol", "versus", "rating_shows",
+                                                  "label_set")
 
     def record(self) -> dict[str, Any]:
         """The request as the manifest stores it: enough to generate the same pairs again
         (the device actually used is in the manifest's ``generator.device``)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in self.NOT_RECORDED}
+        skip = self.NOT_RECORDED + (self.PROTOCOL_FIELDS if self.protocol == "jnd" else ())
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         out["specs"], out["lpips"] = list(self.specs), list(self.lpips)
+        if self.protocol != "jnd":
+            out["versus"] = None if self.versus is None else [list(v) for v in self.versus]
+            out["label_set"] = None if self.label_set is None else list(self.label_set)
         return out
 
     @classmethod
@@ -79,7 +119,34 @@ class GenerateRequest:
         values.update(changes)
         values["specs"] = tuple(values["specs"])
         values["lpips"] = tuple(values.get("lpips", ("alexnet",)))
+        if values.get("versus") is not None:
+            values["versus"] = tuple(tuple(v) for v in values["versus"])
+        if values.get("label_set") is not None:
+            values["label_set"] = tuple(values["label_set"])
         return cls(**values)
+
+    def triplet_pairs(self) -> tuple[tuple[str, str], ...]:
+        """2AFC: the ``(spec A, spec B)`` of each triplet (specs as given). ``versus`` when
+        given, else every two specs (in the given order) that differ in exactly one thing:
+        one threat model at two bounds, or two threat models at the same bound label
+        (``linf:bound=small`` vs ``l2:bound=small``; unlabelled numeric bounds of different
+        threat models count as the same label)."""
+        from .attacks import parse_attack
+        from .attacks.spec import bound_label
+
+        if self.versus is not None:
+            return tuple((a, b) for a, b in self.versus)
+        info = []
+        for spec in self.specs:
+            attack = parse_attack(spec)
+            info.append((spec, attack.name, float(attack.bound), bound_label(spec)))
+        out = []
+        for i, (a, tm_a, bound_a, label_a) in enumerate(info):
+            for b, tm_b, bound_b, label_b in info[i + 1:]:
+                if (tm_a == tm_b and bound_a != bound_b) or (tm_a != tm_b
+                                                             and label_a == label_b):
+                    out.append((a, b))
+        return tuple(out)
 
     def check(self) -> None:
         """Every cheap check, so that bad input fails before networks load or files are
@@ -91,6 +158,7 @@ class GenerateRequest:
             raise EngineError("at least one attack spec (condition) is needed")
         for spec in self.specs:
             parse_attack(spec)
+        self._check_protocol()
         for spec in (self.levels or {}):
             if spec not in self.specs:
                 raise EngineError(f"ladder level given for {spec!r}, which is not a spec")
@@ -106,6 +174,53 @@ class GenerateRequest:
             parse_network(self.classifier)
         for spec in self.lpips:
             parse_network(spec)
+
+
+    def _check_protocol(self) -> None:
+        from .attacks import parse_attack
+        from .datasets import check_label_set
+
+        protocol = self.protocol
+        if protocol not in PROTOCOLS:
+            raise EngineError(f"unknown protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        if self.versus is not None and protocol != "2afc":
+            raise EngineError("versus pairs (--versus) are for --protocol 2afc")
+        if self.label_set is not None and protocol != "label":
+            raise EngineError("a label set (--label-set) is for --protocol label")
+        if self.rating_shows not in RATING_SHOWS:
+            raise EngineError(f"rating_shows must be one of {', '.join(RATING_SHOWS)}, got"
+                              f" {self.rating_shows!r}")
+        if self.rating_shows != "pair" and protocol != "rating":
+            raise EngineError("--rating-shows is for --protocol rating")
+        if self.catch and protocol != "jnd":
+            raise EngineError(f"catch pairs are JND attention checks; the {protocol} protocol"
+                              " has its own control items (--sentinels)")
+        if self.label_set is not None:
+            check_label_set(self.label_set)
+        if protocol != "2afc":
+            return
+        pairs = self.triplet_pairs()
+        if not pairs:
+            raise EngineError("2AFC needs triplets: give --versus SPEC_A SPEC_B, or specs that"
+                              " differ in one thing (one threat model at two bounds, or two"
+                              " threat models at one bound)")
+        canonical = {s: parse_attack(s).spec for s in self.specs}
+        seen, used = set(), set()
+        for a, b in pairs:
+            for spec in (a, b):
+                if spec not in canonical:
+                    raise EngineError(f"2AFC pair spec {spec!r} is not one of the specs")
+            if canonical[a] == canonical[b]:
+                raise EngineError(f"2AFC pair {a!r} vs {b!r}: the two sides are the same"
+                                  " condition")
+            if (canonical[a], canonical[b]) in seen:
+                raise EngineError(f"2AFC pair {a!r} vs {b!r} given twice")
+            seen.add((canonical[a], canonical[b]))
+            used.update((a, b))
+        unused = [s for s in self.specs if s not in used]
+        if unused:
+            raise EngineError(f"spec(s) in no 2AFC pair: {', '.join(unused)} (pair them with"
+                              " --versus, or leave them out)")
 
 
 def _classifier(spec: str):
@@ -163,6 +278,7 @@ def generate(request: GenerateRequest) -> Manifest | None:
                                max_images=request.max_images, seed=request.seed)
         if not sources:
             raise EngineError(f"no source images in {request.images!r}")
+        label_set, class_names = _label_set(request, sources)
         n_sentinels = len(sources) if request.sentinels is None else request.sentinels
         if not 0 <= n_sentinels <= len(sources):
             raise EngineError(f"sentinels must be between 0 and {len(sources)}, got"
@@ -220,8 +336,113 @@ def generate(request: GenerateRequest) -> Manifest | None:
         generator["request"] = request.record()
         merged = Manifest(generator=generator, conditions=parts[0][2],
                           pairs=attacked + controls)
+        if request.protocol != "jnd":
+            merged = protocol_items(merged, request, class_names, label_set)
         merged.write(out)
         distributed.barrier(info)
         return merged
     finally:
         distributed.cleanup(info)
+
+
+def _label_set(request: GenerateRequest, sources) -> tuple[tuple[str, ...] | None,
+                                                            dict[str, str | None]]:
+    """The label protocol's ``(label set, {source id: class name})``; :class:`EngineError`
+    when a source's true class is unknown or not in the label set (before any work).
+    Other protocols: ``(None, {})``."""
+    if request.protocol != "label":
+        return None, {}
+    from .datasets import resolve_label_set, source_class_names
+
+    label_set = (tuple(request.label_set) if request.label_set is not None
+                 else resolve_label_set(None, request.images))
+    names = source_class_names(request.images, sources)
+    allowed = set(label_set)
+    refused = [(s.id, names.get(s.id)) for s in sources if names.get(s.id) not in allowed]
+    if refused:
+        listed = "; ".join(f"{sid} (class {name!r})" if name else f"{sid} (no class)"
+                           for sid, name in refused[:5])
+        more = f" and {len(refused) - 5} more" if len(refused) > 5 else ""
+        raise EngineError(
+            f"{len(refused)} source image(s) have a true class outside the label set"
+            f" [{', '.join(label_set[:12])}{', …' if len(label_set) > 12 else ''}]: {listed}"
+            f"{more}. Add their classes to --label-set, or leave those images out")
+    return label_set, names
+
+
+def triplet_key(source: str, spec_a: str | None, spec_b: str) -> str:
+    """A 2AFC triplet's stable key (``Pair.key``, at most 300 characters, so not the two full
+    specs): ``SOURCE|linf=small|vs|l2=small|<12 hex of SHA-256 of both specs>``; a control
+    triplet (``spec_a`` None): ``SOURCE|control|l2=small|<hex>``."""
+    import hashlib
+
+    from .attacks import parse_attack
+    from .attacks.spec import bound_label
+
+    def short(spec: str) -> str:
+        attack = parse_attack(spec)
+        return f"{attack.name}={bound_label(spec) or format(float(attack.bound), '.6g')}"
+
+    digest = hashlib.sha256(f"{spec_a}|{spec_b}".encode()).hexdigest()[:12]
+    side_a = "control" if spec_a is None else f"{short(spec_a)}|vs"
+    return f"{source}|{side_a}|{short(spec_b)}|{digest}"
+
+
+def _b_side(record: PairRecord) -> dict[str, Any]:
+    """The copy-B fields of a 2AFC triplet, from copy B's JND pair ``record``."""
+    return {
+        "third_path": record.other_path, "third_sha256": record.other_sha256,
+        "condition_b": record.condition, "threat_model_b": record.threat_model,
+        "bound_b": record.bound, "distances_b": dict(record.distances),
+        "measures_b": {k: getattr(record, k) for k in B_MEASURES},
+    }
+
+
+def protocol_items(manifest: Manifest, request: GenerateRequest,
+                   class_names: dict[str, str | None], label_set: tuple[str, ...] | None
+                   ) -> Manifest:
+    """The items of ``request.protocol`` made from the JND ``manifest`` of the same request
+    (every source under every condition, sentinels chosen): a version 3 manifest.
+
+    - ``rating`` / ``label``: the pairs with their ladder ``level`` (and, for labels, the
+      source's ``class_name``); sentinels are the anchors / gold items.
+    - ``2afc``: per source and :meth:`GenerateRequest.triplet_pairs` pair ``(a, b)`` the
+      triplet (natural = reference, ``other_path`` = A's image, ``third_path`` = B's), key
+      :func:`triplet_key`; ``distances`` / ``distances_b`` are A's and B's JND distances
+      to the reference. Per sentinel source a control triplet: A is the reference itself,
+      B the source under a condition drawn with ``seed`` (reproducible).
+    """
+    levels = {c["spec"]: c.get("level") for c in manifest.conditions}
+    protocol = request.protocol
+    if protocol in ("rating", "label"):
+        items = [replace(p, level=levels.get(p.condition) if p.condition else None,
+                         class_name=class_names.get(p.source_image)
+                         if protocol == "label" else None)
+                 for p in manifest.pairs if not p.is_catch]
+    else:
+        from .attacks import parse_attack
+
+        data = {(p.source_image, p.condition): p for p in manifest.pairs
+                if not (p.is_sentinel or p.is_catch)}
+        sources = list(dict.fromkeys(p.source_image for p in manifest.pairs
+                                     if not (p.is_sentinel or p.is_catch)))
+        given = {c["spec"]: c.get("given", c["spec"]) for c in manifest.conditions}
+        pairs = [(parse_attack(a).spec, parse_attack(b).spec)
+                 for a, b in request.triplet_pairs()]
+        items = []
+        for a, b in pairs:
+            for src in sources:
+                first = data[(src, a)]
+                items.append(replace(first, key=triplet_key(src, given[a], given[b]),
+                                     level=levels.get(a), **_b_side(data[(src, b)])))
+        specs = [c["spec"] for c in manifest.conditions]
+        rng = np.random.default_rng([request.seed, 2])  # (2AFC's draw, not the sentinels')
+        for p in manifest.pairs:
+            if p.is_sentinel:
+                b = specs[int(rng.integers(len(specs)))]
+                items.append(replace(p, key=triplet_key(p.source_image, None, given[b]),
+                                     **_b_side(data[(p.source_image, b)])))
+    return Manifest(generator=manifest.generator, conditions=manifest.conditions,
+                    pairs=items, version=PROTOCOL_MANIFEST_VERSION, protocol=protocol,
+                    label_set=None if label_set is None else list(label_set),
+                    rating_shows=request.rating_shows if protocol == "rating" else None)

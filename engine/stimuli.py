@@ -16,6 +16,11 @@ Output folder layout (all names are file-safe)::
     OUT/<condition-slug>/<source>.png
     OUT/manifest.json   # everything, see Manifest
     OUT/manifest.csv    # one row per pair, distances as columns
+
+The other protocols' items (2AFC triplets, rating and label items; issue 18) are made of
+these same pairs by :func:`engine.generate.protocol_items` and written in the same layout as a
+version 3 manifest (:data:`PROTOCOL_FIELDS`: a triplet's copy B is another condition's PNG of
+the same source, ``third_path``).
 """
 
 from __future__ import annotations
@@ -43,9 +48,20 @@ from .distances import LPIPS, pairwise_distances
 from .errors import EngineError
 from .models import ImageClassifier
 
+#: The protocols a manifest's items can be for (issue 18; studyapp.protocols shows them).
+PROTOCOLS = ("jnd", "2afc", "rating", "label")
+#: What a rating item shows: the pair (natural, then perturbed) or the perturbed image alone.
+RATING_SHOWS = ("pair", "single")
+
 #: 2: adds ``files`` (path → SHA-256), each condition's ``level`` and ``given`` spec, and the
 #: generator's ``networks`` / ``untrained`` / ``request`` / ``code_version`` (engine.generate).
+#: JND manifests are still written (and read) as version 2, byte for byte as before.
 MANIFEST_VERSION = 2
+#: 3: the items of the other protocols (issue 18: ``2afc``, ``rating``, ``label``): the
+#: manifest's ``protocol``, ``label_set`` and ``rating_shows``, and each row's
+#: :data:`PROTOCOL_FIELDS` (copy B of a 2AFC triplet, the source's class, the ladder level).
+PROTOCOL_MANIFEST_VERSION = 3
+MANIFEST_VERSIONS = (MANIFEST_VERSION, PROTOCOL_MANIFEST_VERSION)
 
 
 @dataclass
@@ -89,16 +105,59 @@ class PairRecord:
     #: The factor stimulus mode scaled the attack's perturbation by to reach the bound
     #: (:func:`fit_to_bound`; 1: unchanged; ``attack_measures`` are the attack's, before it).
     fit_scale: float | None = None
+    # --- manifest version 3 only (PROTOCOL_FIELDS; a version 2 / JND manifest has none) ---
+    #: Ladder level of ``condition`` within its threat model (``None``: not a ladder / control).
+    level: int | None = None
+    #: Label protocol: the source image's true class name (one of the manifest's label set).
+    class_name: str | None = None
+    #: 2AFC: copy B of the triplet (``natural_path`` is the reference, ``other_path`` copy A),
+    #: its SHA-256, condition (spec), threat model and bound.
+    third_path: str | None = None
+    third_sha256: str | None = None
+    condition_b: str | None = None
+    threat_model_b: str | None = None
+    bound_b: float | None = None
+    #: 2AFC: the distances between the reference and copy B (``distances``: copy A; the
+    #: same names, measured the same way on the stored 8-bit images).
+    distances_b: dict[str, float] | None = None
+    #: 2AFC: copy B's own numbers, named as copy A's fields above (``adversarial_label``,
+    #: ``attack_success``, ``size``, ``within_bound``, ``stored_size``, ``within_bound_stored``,
+    #: ``size_ratio``, ``at_bound``, ``fit_scale``, ``attack_measures``).
+    measures_b: dict | None = None
+
+
+#: The fields a version 3 manifest's rows add to version 2's.
+PROTOCOL_FIELDS = ("level", "class_name", "third_path", "third_sha256", "condition_b",
+                   "threat_model_b", "bound_b", "distances_b", "measures_b")
+#: What ``measures_b`` holds: copy B's values of these PairRecord fields.
+B_MEASURES = ("adversarial_label", "attack_success", "size", "within_bound", "stored_size",
+              "within_bound_stored", "size_ratio", "at_bound", "fit_scale", "attack_measures")
+
+
+def _row_fields(version: int) -> tuple[str, ...]:
+    names = tuple(PairRecord.__dataclass_fields__)
+    if version == MANIFEST_VERSION:
+        return tuple(n for n in names if n not in PROTOCOL_FIELDS)
+    return names
 
 
 @dataclass
 class Manifest:
-    """What was generated and how: enough to regenerate it bit for bit."""
+    """What was generated and how: enough to regenerate it bit for bit.
+
+    ``protocol`` (issue 18): ``jnd`` (written as version 2, exactly as before protocols
+    existed), ``2afc``, ``rating`` or ``label`` (version 3: adds ``protocol``, ``label_set``
+    — the label protocol's answers — and ``rating_shows`` — ``pair`` or ``single`` — at the
+    top, and :data:`PROTOCOL_FIELDS` to every row).
+    """
 
     generator: dict
     conditions: list[dict]
     pairs: list[PairRecord] = field(default_factory=list)
     version: int = MANIFEST_VERSION
+    protocol: str = "jnd"
+    label_set: list[str] | None = None
+    rating_shows: str | None = None
 
     @property
     def files(self) -> dict[str, str]:
@@ -107,16 +166,29 @@ class Manifest:
         for p in self.pairs:
             out[p.natural_path] = p.natural_sha256
             out[p.other_path] = p.other_sha256
+            if p.third_path is not None:
+                out[p.third_path] = p.third_sha256
         return dict(sorted(out.items()))
 
+    def _row(self, p: PairRecord) -> dict:
+        row = asdict(p)
+        if self.version == MANIFEST_VERSION:
+            for name in PROTOCOL_FIELDS:
+                del row[name]
+        return row
+
     def to_json(self) -> dict:
-        return {
-            "version": self.version,
+        out = {"version": self.version}
+        if self.version != MANIFEST_VERSION:
+            out.update(protocol=self.protocol, label_set=self.label_set,
+                       rating_shows=self.rating_shows)
+        out.update({
             "generator": self.generator,
             "conditions": self.conditions,
             "files": self.files,
-            "pairs": [asdict(p) for p in self.pairs],
-        }
+            "pairs": [self._row(p) for p in self.pairs],
+        })
+        return out
 
     @classmethod
     def read(cls, folder: str | Path) -> Manifest:
@@ -132,15 +204,28 @@ class Manifest:
             raise EngineError(f"{path} is not a readable JSON manifest: {exc}") from None
         if not isinstance(data, dict):
             raise EngineError(f"{path}: a manifest is a JSON object")
-        if data.get("version") != MANIFEST_VERSION:
-            raise EngineError(f"{path}: manifest version {data.get('version')!r}, this code"
-                              f" reads version {MANIFEST_VERSION}: generate the folder again"
-                              " with this code's `python -m engine generate`")
+        version = data.get("version")
+        if version not in MANIFEST_VERSIONS:
+            raise EngineError(f"{path}: manifest version {version!r}, this code reads"
+                              f" versions {', '.join(map(str, MANIFEST_VERSIONS))}: generate"
+                              " the folder again with this code's `python -m engine generate`")
         for key, kind in (("generator", dict), ("conditions", list), ("pairs", list),
                           ("files", dict)):
             if not isinstance(data.get(key), kind):
                 raise EngineError(f"{path}: {key!r} must be a JSON {kind.__name__}")
-        names = set(PairRecord.__dataclass_fields__)
+        protocol, label_set, rating_shows = "jnd", None, None
+        if version != MANIFEST_VERSION:
+            protocol, label_set, rating_shows = (data.get("protocol"), data.get("label_set"),
+                                                 data.get("rating_shows"))
+            if protocol not in PROTOCOLS:
+                raise EngineError(f"{path}: unknown protocol {protocol!r} (one of"
+                                  f" {', '.join(PROTOCOLS)})")
+            if label_set is not None and (not isinstance(label_set, list) or not all(
+                    isinstance(c, str) and c for c in label_set)):
+                raise EngineError(f"{path}: 'label_set' must be a list of class names")
+            if rating_shows not in (None, *RATING_SHOWS):
+                raise EngineError(f"{path}: unknown rating_shows {rating_shows!r}")
+        names = set(_row_fields(version))
         pairs = []
         for i, row in enumerate(data["pairs"]):
             if not isinstance(row, dict) or set(row) != names:
@@ -150,24 +235,28 @@ class Manifest:
                     f" {sorted(names - got)}, unknown: {sorted(got - names)})")
             pairs.append(PairRecord(**row))
         manifest = cls(generator=data["generator"], conditions=data["conditions"],
-                       pairs=pairs, version=data["version"])
+                       pairs=pairs, version=version, protocol=protocol, label_set=label_set,
+                       rating_shows=rating_shows)
         if manifest.files != data["files"]:
             raise EngineError(f"{path}: its 'files' list does not match its pairs' hashes")
         return manifest
 
     def write(self, out_dir: Path) -> None:
+        """``manifest.json`` and ``manifest.csv`` (one row per item, distances as columns;
+        version 3: copy B's distances as ``b_<name>`` columns)."""
         (out_dir / "manifest.json").write_text(json.dumps(self.to_json(), indent=1))
         distance_keys = sorted({k for p in self.pairs for k in p.distances})
-        columns = [
-            k for k in PairRecord.__dataclass_fields__ if k not in ("distances", "attack_measures")
-        ]
+        b_keys = sorted({k for p in self.pairs for k in (p.distances_b or {})})
+        columns = [k for k in _row_fields(self.version)
+                   if k not in ("distances", "attack_measures", "distances_b", "measures_b")]
         with open(out_dir / "manifest.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(columns + distance_keys)
+            writer.writerow(columns + distance_keys + [f"b_{k}" for k in b_keys])
             for p in self.pairs:
                 row = asdict(p)
                 writer.writerow(
                     [row[c] for c in columns] + [p.distances.get(k) for k in distance_keys]
+                    + [(p.distances_b or {}).get(k) for k in b_keys]
                 )
 
 

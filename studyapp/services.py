@@ -16,7 +16,13 @@ The rules of an import:
 - files are copied into a staging folder first and moved into place only after the rows
   were written, inside one transaction: any error writes nothing;
 - rows are upserted by the pair's stable ``key``: re-importing a manifest changes nothing;
-- a pair already shown to participants is never changed (:class:`StimulusImportError`).
+- a pair already shown to participants is never changed (:class:`StimulusImportError`);
+- protocols (issue 18; version 3 manifests): the manifest's protocol must be the study's
+  (``Study.protocol``); 2AFC copy B is checked as copy A is (hash, condition, Lp size
+  re-measured from the PNGs); a label item's class must be in the study's ``label_set`` (a
+  label study without one takes the manifest's). Rows per the contract: ``natural_path`` =
+  reference, ``other_path`` = A, ``third_path`` = B, ``condition_b``, ``distances_b``,
+  ``class_name``.
 """
 
 from __future__ import annotations
@@ -40,19 +46,21 @@ from engine.errors import EngineError, WeightsUnavailableError
 from engine.generate import GenerateRequest, generate
 from engine.models import KNOWN_ARCHITECTURES, parse_network
 from engine.provenance import untrained_networks
-from engine.stimuli import Manifest
+from engine.stimuli import MANIFEST_VERSION, Manifest
 
 from . import stimulus_rows
 from .models import Condition, Pair, Study
 
 __all__ = [
     "GenerateRequest", "ImportSummary", "StimulusImportError", "WeightsUnavailableError",
-    "generate_into_study", "import_folder", "pretrained_or_untrained", "study_dir",
-    "validate_manifest",
+    "generate_into_study", "import_folder", "manifest_settings", "pretrained_or_untrained",
+    "study_dir", "validate_manifest",
 ]
 
 #: Relative tolerance of a bound check (the engine's, :func:`engine.stimuli._le`).
 BOUND_RTOL = 1e-4
+#: ``Pair.key``'s length limit.
+KEY_LENGTH = Pair._meta.get_field("key").max_length
 #: Threat models whose stored size :func:`validate_manifest` re-measures from the PNGs.
 LP_NORMS = {"linf": lambda d: float(np.abs(d).max()), "l2": lambda d: float(np.linalg.norm(d))}
 
@@ -110,14 +118,111 @@ def _pixels(path: Path) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.float64) / 255
 
 
+def manifest_settings(manifest: Manifest) -> dict:
+    """The Study fields a study created for ``manifest`` takes: its ``protocol`` and, where
+    the manifest has them, ``rating_shows`` and ``label_set``."""
+    out: dict = {"protocol": manifest.protocol}
+    if manifest.rating_shows is not None:
+        out["rating_shows"] = manifest.rating_shows
+    if manifest.label_set is not None:
+        out["label_set"] = list(manifest.label_set)
+    return out
+
+
+def _check_protocol(manifest: Manifest, study: Study | None) -> None:
+    """The manifest's protocol and label set against ``study``'s."""
+    if study is not None and study.protocol != manifest.protocol:
+        raise StimulusImportError(
+            f"study {study.slug!r} is a {study.protocol} study and this folder holds"
+            f" {manifest.protocol} items (generated with --protocol {manifest.protocol}); use a"
+            " new study slug, or generate the folder for the study's protocol")
+    if manifest.protocol != "label":
+        return
+    if not manifest.label_set:
+        raise StimulusImportError("a label manifest without a label set")
+    allowed = set(manifest.label_set)
+    where = "the manifest's label set"
+    if study is not None and study.label_set:
+        allowed, where = set(study.label_set), f"study {study.slug!r}'s label set"
+    for p in manifest.pairs:
+        if not p.class_name or p.class_name not in allowed:
+            raise StimulusImportError(
+                f"label item {p.key!r}: its class {p.class_name!r} is not in {where}"
+                f" ({', '.join(sorted(allowed)[:12])}{', …' if len(allowed) > 12 else ''})")
+
+
+def _measure_lp(folder: Path, key: str, threat_model: str | None, bound: float | None,
+                natural: str, other: str, stored_size: float | None, copy: str = "") -> None:
+    """Re-measure an Lp pair's size from its PNGs: within the bound, equal to the record."""
+    measure = LP_NORMS.get(threat_model)
+    if measure is None:
+        return
+    size = measure(_pixels(folder / other) - _pixels(folder / natural))
+    if size > bound * (1 + BOUND_RTOL) + 1e-9:
+        raise StimulusImportError(
+            f"pair {key!r}: its stored images{copy} differ by {threat_model} {size:.6g},"
+            f" over the bound {bound:.6g}")
+    if stored_size is None or not math.isclose(size, stored_size, rel_tol=1e-4, abs_tol=1e-6):
+        raise StimulusImportError(
+            f"pair {key!r}: recorded stored size{copy} {stored_size!r} is not the"
+            f" {threat_model} size of its images ({size:.6g})")
+
+
+def _check_item(manifest: Manifest, p, conditions: dict, folder: Path) -> None:
+    """The protocol-specific shape of one item of a version 3 manifest (2AFC copy B is
+    checked as copy A is; controls show the natural image unchanged)."""
+    protocol = manifest.protocol
+    if p.is_sentinel and p.other_path != p.natural_path:
+        raise StimulusImportError(f"control item {p.key!r} does not show its natural image"
+                                  " unchanged (other_path differs from natural_path)")
+    if not p.is_sentinel and not p.is_catch and p.other_path == p.natural_path:
+        raise StimulusImportError(f"item {p.key!r} shows its natural image unchanged but is"
+                                  " not a control")
+    if p.is_catch and protocol != "jnd":
+        raise StimulusImportError(f"item {p.key!r}: catch pairs are JND attention checks, not"
+                                  f" {protocol} items")
+    b_fields = (p.third_path, p.condition_b, p.distances_b)
+    if protocol != "2afc":
+        if any(x is not None for x in b_fields):
+            raise StimulusImportError(f"item {p.key!r}: a third image or copy B is for 2AFC"
+                                      f" triplets, not {protocol} items")
+        return
+    if p.third_path is None or p.condition_b is None or not isinstance(p.distances_b, dict):
+        raise StimulusImportError(f"2AFC triplet {p.key!r} lacks copy B (third_path,"
+                                  " condition_b, distances_b)")
+    if p.third_path in (p.natural_path, p.other_path):
+        raise StimulusImportError(f"2AFC triplet {p.key!r}: copy B must be a perturbed copy,"
+                                  " other than the reference and copy A")
+    c = conditions.get(p.condition_b)
+    if c is None:
+        raise StimulusImportError(f"2AFC triplet {p.key!r}: unknown condition_b"
+                                  f" {p.condition_b!r}")
+    if p.condition_b == p.condition:
+        raise StimulusImportError(f"2AFC triplet {p.key!r}: A and B have one condition")
+    if p.threat_model_b != c["threat_model"] or p.bound_b != c["bound"]:
+        raise StimulusImportError(f"2AFC triplet {p.key!r}: copy B's threat model/bound"
+                                  f" differ from its condition {p.condition_b!r}")
+    if set(p.distances_b) != set(p.distances):
+        raise StimulusImportError(f"2AFC triplet {p.key!r}: distances_b"
+                                  f" {sorted(p.distances_b)} do not name the distances"
+                                  f" {sorted(p.distances)}")
+    measures = p.measures_b if isinstance(p.measures_b, dict) else {}
+    _measure_lp(folder, p.key, p.threat_model_b, p.bound_b, p.natural_path, p.third_path,
+                measures.get("stored_size"), " (reference and copy B)")
+
+
 def validate_manifest(manifest: Manifest, folder: Path, study: Study | None = None) -> None:
     """Every check of an import, before anything is written; :class:`StimulusImportError`
-    naming the first problem. ``study``: also check the networks match its earlier pairs."""
+    naming the first problem. ``study``: also check the networks match its earlier pairs,
+    and the protocol and label set are the study's."""
+    _check_protocol(manifest, study)
     # Files: each present, each with the recorded SHA-256.
     for rel, digest in manifest.files.items():
         path = _safe(folder, rel)
         if not path.is_file():
             raise StimulusImportError(f"{rel}: listed in the manifest but missing in {folder}")
+        if not isinstance(digest, str):
+            raise StimulusImportError(f"{rel}: the manifest gives no SHA-256 for it")
         actual = _sha256(path)
         if actual != digest:
             raise StimulusImportError(
@@ -184,6 +289,11 @@ def validate_manifest(manifest: Manifest, folder: Path, study: Study | None = No
             raise StimulusImportError(
                 f"pair {p.key!r}: LPIPS columns {sorted(lpips)} do not match the manifest's"
                 f" networks {sorted(columns)}")
+        if len(p.key) > KEY_LENGTH:
+            raise StimulusImportError(f"pair key {p.key[:60]!r}… is longer than {KEY_LENGTH}"
+                                      " characters")
+        if manifest.version != MANIFEST_VERSION:
+            _check_item(manifest, p, conditions, folder)
         if p.is_sentinel or p.is_catch:
             if p.condition is not None or (p.is_sentinel and p.is_catch):
                 raise StimulusImportError(f"control pair {p.key!r} has a condition")
@@ -194,18 +304,8 @@ def validate_manifest(manifest: Manifest, folder: Path, study: Study | None = No
         if p.threat_model != c["threat_model"] or p.bound != c["bound"]:
             raise StimulusImportError(f"pair {p.key!r}: threat model/bound differ from its"
                                       f" condition {p.condition!r}")
-        measure = LP_NORMS.get(p.threat_model)
-        if measure is not None:
-            size = measure(_pixels(folder / p.other_path) - _pixels(folder / p.natural_path))
-            if size > p.bound * (1 + BOUND_RTOL) + 1e-9:
-                raise StimulusImportError(
-                    f"pair {p.key!r}: its stored images differ by {p.threat_model} {size:.6g},"
-                    f" over the bound {p.bound:.6g}")
-            if p.stored_size is None or not math.isclose(size, p.stored_size, rel_tol=1e-4,
-                                                         abs_tol=1e-6):
-                raise StimulusImportError(
-                    f"pair {p.key!r}: recorded stored size {p.stored_size!r} is not the"
-                    f" {p.threat_model} size of its images ({size:.6g})")
+        _measure_lp(folder, p.key, p.threat_model, p.bound, p.natural_path, p.other_path,
+                    p.stored_size)
 
 
 def _network_set(networks: list[dict]) -> set[tuple]:
@@ -246,7 +346,7 @@ def import_folder(study: Study, folder: str | Path, *, staged: bool = False) -> 
 
 
 def _pair_fields(r, conditions: dict, levels: dict, prefix: str) -> dict:
-    return {
+    fields = {
         "condition": conditions.get(r.condition) if r.condition else None,
         "is_sentinel": r.is_sentinel,
         "is_catch": r.is_catch,
@@ -275,7 +375,16 @@ def _pair_fields(r, conditions: dict, levels: dict, prefix: str) -> dict:
             "threat_model": r.threat_model,
             "bound": r.bound,
         },
+        # Protocol fields (issue 18): the model's defaults for JND pairs.
+        "third_path": prefix + r.third_path if r.third_path else "",
+        "condition_b": conditions.get(r.condition_b) if r.condition_b else None,
+        "distances_b": r.distances_b or {},
+        "class_name": r.class_name or "",
     }
+    if r.third_path:  # 2AFC copy B's own numbers, as copy A's above
+        fields["metadata"]["third_sha256"] = r.third_sha256
+        fields["metadata"]["b"] = r.measures_b
+    return fields
 
 
 @transaction.atomic
@@ -289,7 +398,8 @@ def _store(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
     shown_pairs = study.pairs.filter(trials__isnull=False).select_related("condition").distinct()
     shown = {p.key: p for p in shown_pairs}
     # Files a shown pair uses must keep their bytes, even where the new manifest's pairs differ.
-    shown_files = {path for p in shown.values() for path in (p.natural_path, p.other_path)}
+    shown_files = {path for p in shown.values()
+                   for path in (p.natural_path, p.other_path, p.third_path) if path}
     for rel, digest in manifest.files.items():
         dest = target / rel
         if prefix + rel in shown_files and dest.is_file() and _sha256(dest) != digest:
@@ -302,6 +412,8 @@ def _store(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
     levels: dict[str, int | None] = {}
     old_conditions = {c.spec: c for c in Condition.objects.filter(study=study)}
     shown_conditions = {p.condition.spec for p in shown.values() if p.condition_id}
+    shown_conditions |= set(study.pairs.filter(trials__isnull=False, condition_b__isnull=False)
+                            .values_list("condition_b__spec", flat=True))
     for c in manifest.conditions:
         label = c.get("label", "")
         old = old_conditions.get(c["spec"])
@@ -353,7 +465,11 @@ def _store(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
         if "request" in generator:  # what refill needs to make more pairs the same way
             config["generation"] = {**generator["request"], "specs": None, "levels": None}
         study.adaptive_config = config
-    study.save(update_fields=["generation", "description", "adaptive_config"])
+    update = ["generation", "description", "adaptive_config"]
+    if manifest.protocol == "label" and not study.label_set:
+        study.label_set = list(manifest.label_set)  # a label study without answers yet
+        update.append("label_set")
+    study.save(update_fields=update)
 
     for rel, digest in manifest.files.items():
         dest = target / rel
@@ -362,6 +478,9 @@ def _store(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / rel, dest)
     stimulus_rows.prepare_study(study)  # decoded now, so no first serving is slower (issue 17)
+    # 2AFC copy B too (a side decoded at its first serving would be the slower one).
+    stimulus_rows.prepare(study.pairs.exclude(third_path="").values_list("third_path",
+                                                                          flat=True))
     return ImportSummary(created, updated, unchanged, len(conditions), untrained)
 
 

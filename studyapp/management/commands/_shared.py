@@ -16,7 +16,7 @@ from engine.stimuli import AT_BOUND, size_ratio_summary
 from studyapp.models import Pair, Study
 
 __all__ = ["add_generation_arguments", "code_version", "generation_request", "get_study",
-           "print_import_summary", "print_size_ratios", "run_engine",
+           "print_import_summary", "print_size_ratios", "request_settings", "run_engine",
            "study_for_import"]
 
 
@@ -42,9 +42,10 @@ def run_engine(argv: list[str], nproc: int = 1) -> int:
 def add_generation_arguments(parser) -> None:
     """The arguments of ``python -m engine generate`` (same names, same meaning)."""
     parser.add_argument(
-        "--spec", dest="specs", action="append", required=True, metavar="SPEC",
+        "--spec", dest="specs", action="append", metavar="SPEC",
         help="attack spec, repeatable, e.g. 'linf:bound=4/255,num_iterations=10' or"
-        " 'stadv:bound=medium'; without bound= when --bounds is given")
+        " 'stadv:bound=medium'; without bound= when --bounds is given (needed unless"
+        " --versus names the specs)")
     parser.add_argument(
         "--bounds",
         help="comma-separated bounds applied to every --spec, named (small,medium,large,"
@@ -75,29 +76,69 @@ def add_generation_arguments(parser) -> None:
     parser.add_argument("--autocast", choices=["bf16"],
                         help="run the attacks under bfloat16 autocast (GPU)")
     parser.add_argument("--no-progress", action="store_true")
+    from engine.__main__ import add_protocol_arguments
+
+    add_protocol_arguments(parser)
+
+
+def _calibrated_versus(versus: list[list[str]], slug: str
+                       ) -> tuple[tuple[str, str], ...]:
+    """``--versus A B --bounds calibrated:SLUG``: A and B at each calibrated label both have
+    (sides that set ``bound=`` themselves are kept)."""
+    from engine.attacks.spec import bound_label, has_param
+    from studyapp import adaptive
+
+    out: list[tuple[str, str]] = []
+    for a, b in versus:
+        sides = [None if has_param(x, "bound") else
+                 {bound_label(s): s for s in adaptive.calibrated_specs([x], slug)}
+                 for x in (a, b)]
+        labels = [list(x) for x in sides if x is not None]
+        if not labels:
+            out.append((a, b))
+            continue
+        common = [label for label in labels[0] if all(label in x for x in labels)]
+        if not common:
+            raise EngineError(f"--versus {a} {b}: the calibration of {slug!r} has no bound"
+                              " label both threat models share")
+        out += [(a if sides[0] is None else sides[0][label],
+                 b if sides[1] is None else sides[1][label]) for label in common]
+    return tuple(out)
 
 
 def generation_request(opts: dict) -> GenerateRequest:
     """The :class:`GenerateRequest` of :func:`add_generation_arguments`' options, with the
     bounds expanded: named, numeric, ``VALUE@LABEL``, ``calibrated:SLUG`` (labelled presets
     from the database) or a ladder. CommandError naming the problem."""
-    from engine.__main__ import expand_conditions
+    from engine.__main__ import expand_conditions, expand_versus, protocol_conditions
+    from engine.datasets import resolve_label_set
     from studyapp import adaptive
 
     bounds = opts.get("bounds")
+    given = opts.get("specs") or []
     try:
         if bounds and bounds.strip().startswith("calibrated:") and opts.get("ladder") is None:
-            specs = adaptive.calibrated_specs(opts["specs"], bounds.strip().partition(":")[2])
+            slug = bounds.strip().partition(":")[2]
+            specs = adaptive.calibrated_specs(given, slug)
             levels = None
+            versus = _calibrated_versus(opts.get("versus"), slug) if opts.get(
+                "versus") else None
+            versus_levels = None
         else:
-            specs, levels = expand_conditions(opts["specs"], bounds, opts.get("ladder"))
+            specs, levels = expand_conditions(given, bounds, opts.get("ladder"))
+            versus, versus_levels = expand_versus(opts.get("versus"), bounds, opts.get("ladder"))
+        specs, levels = protocol_conditions(specs, levels, versus, versus_levels)
+        label_set = (resolve_label_set(opts["label_set"], opts["images"])
+                     if opts.get("label_set") is not None else None)
         request = GenerateRequest(
             specs=specs, levels=levels, images=opts["images"], classifier=opts["classifier"],
             lpips=tuple(opts["lpips"] or ["alexnet"]), size=opts["size"],
             crops_per_image=opts["crops_per_image"], max_images=opts["max_images"],
             sentinels=opts["sentinels"], catch=opts["catch"], seed=opts["seed"],
             batch_size=opts["batch_size"], device=opts["device"], autocast=opts["autocast"],
-            progress=not opts["no_progress"])
+            progress=not opts["no_progress"], protocol=opts.get("protocol") or "jnd",
+            versus=versus, rating_shows=opts.get("rating_shows") or "pair",
+            label_set=label_set)
         request.check()
     except (EngineError, adaptive.AdaptiveError) as exc:
         raise CommandError(str(exc)) from exc
@@ -106,9 +147,12 @@ def generation_request(opts: dict) -> GenerateRequest:
 
 def print_import_summary(stdout, study: Study, summary) -> None:
     """The one-line result of an import, and a loud line about untrained networks."""
+    protocol = "" if study.protocol == "jnd" else f" ({study.protocol} items)"
     stdout.write(
         f"study {study.slug}: {summary.created} pairs created, {summary.updated} updated,"
-        f" {summary.unchanged} unchanged; {summary.conditions} conditions")
+        f" {summary.unchanged} unchanged; {summary.conditions} conditions{protocol}")
+    if study.protocol == "label":
+        stdout.write(f"label set ({len(study.label_set)}): {', '.join(study.label_set)}")
     print_size_ratios(stdout, study)
     if summary.untrained:
         stdout.write(f"UNTRAINED networks used (recorded in the study's generation and"
@@ -132,16 +176,30 @@ def print_size_ratios(stdout, study: Study) -> None:
             f" [{AT_BOUND:g}, 1]{flag}")
 
 
+def request_settings(request: GenerateRequest) -> dict:
+    """The Study fields a study created for ``request``'s items takes (its protocol, and
+    the rating / label settings it names)."""
+    out: dict = {"protocol": request.protocol}
+    if request.protocol == "rating":
+        out["rating_shows"] = request.rating_shows
+    if request.protocol == "label" and request.label_set is not None:
+        out["label_set"] = list(request.label_set)
+    return out
+
+
 @contextmanager
 def study_for_import(slug: str, title: str | None, errors: tuple[type[Exception], ...],
-                     prefix: str = "", suffix: str = ""):
+                     prefix: str = "", suffix: str = "", settings: dict | None = None):
     """The study ``slug`` (created, validated, when missing) for an import; an error of
     ``errors`` inside the block becomes a CommandError (``prefix`` + its text + ``suffix``),
-    and a study created here is deleted again, so a failed import leaves nothing behind."""
+    and a study created here is deleted again, so a failed import leaves nothing behind.
+    ``settings``: further Study fields of a study created here (its ``protocol``,
+    ``rating_shows``, ``label_set``: :func:`request_settings`,
+    :func:`studyapp.services.manifest_settings`)."""
     study = Study.objects.filter(slug=slug).first()
     created = study is None
     if created:
-        study = Study(slug=slug, title=title or slug)
+        study = Study(slug=slug, title=title or slug, **(settings or {}))
         try:
             study.full_clean()
         except Exception as exc:

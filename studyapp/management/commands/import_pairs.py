@@ -7,7 +7,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from studyapp.services import StimulusImportError, import_folder
+from engine.errors import EngineError
+from engine.stimuli import Manifest
+from studyapp.services import StimulusImportError, import_folder, manifest_settings
 
 from ._shared import print_import_summary, study_for_import
 
@@ -29,7 +31,12 @@ class Command(BaseCommand):
         folder = Path(opts["folder"])
         if not folder.is_dir():
             raise CommandError(f"{folder} is not a folder")
+        try:  # a study created here takes the folder's protocol (and label set)
+            settings = manifest_settings(Manifest.read(folder))
+        except EngineError as exc:
+            raise CommandError(f"{folder}: {exc}; nothing was imported") from exc
         with study_for_import(opts["study"], opts["title"], (StimulusImportError,),
-                              prefix=f"{folder}: ", suffix="; nothing was imported") as study:
+                              prefix=f"{folder}: ", suffix="; nothing was imported",
+                              settings=settings) as study:
             summary = import_folder(study, folder)
         print_import_summary(self.stdout, study, summary)
