@@ -123,7 +123,10 @@ class JudgmentInputSerializer(serializers.Serializer):
     """
 
     position = JSONIntegerField(min_value=0, max_value=MAX_POSITION)
-    response = JSONStringField(max_length=Judgment._meta.get_field("response").max_length)
+    # (not trimmed: " 3" is not the answer "3")
+    response = JSONStringField(
+        max_length=Judgment._meta.get_field("response").max_length, trim_whitespace=False
+    )
     response_time_ms = _ms(MAX_RESPONSE_TIME_MS)
     durations = DurationsSerializer()
     display = DisplaySerializer(required=False)
