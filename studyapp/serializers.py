@@ -11,6 +11,7 @@ the session state of a study other than JND carries its trial spec (``study.prot
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .image_tokens import image_urls
@@ -77,6 +78,22 @@ class JSONBooleanField(serializers.BooleanField):
         return data
 
 
+# The OpenAPI schema describes the default protocol's body exactly (JND: the enum below, all
+# three phases), as it did before protocols, and says in words what the others send: a JSON
+# schema cannot name every study's answers (a label set), and schema-driven clients (and the
+# schema fuzz test) should produce JND bodies by default.
+@extend_schema_field({
+    "type": "string",
+    "enum": ["same", "different"],
+    "description": "One of the session's protocol's answers (session state: "
+    "study.protocol.answers). The enum is JND's; 2AFC answers left or right, rating 1 … N, "
+    "a label study one class of its label set. Anything else is a 400 naming the accepted "
+    "answers.",
+})
+class ResponseField(JSONStringField):
+    """A judgment's ``response``: a string, checked against the protocol by the serializer."""
+
+
 def _ms(max_value: float) -> JSONNumberField:
     return JSONNumberField(min_value=0, max_value=max_value)
 
@@ -89,10 +106,22 @@ class DurationsSerializer(serializers.Serializer):
     them against the session's protocol."""
 
     first_ms = _ms(MAX_PHASE_MS)
-    blank_ms = JSONNumberField(min_value=0, max_value=MAX_PHASE_MS, required=False,
-                               allow_null=True)
-    second_ms = JSONNumberField(min_value=0, max_value=MAX_PHASE_MS, required=False,
-                                allow_null=True)
+    blank_ms = _ms(MAX_PHASE_MS)
+    second_ms = _ms(MAX_PHASE_MS)
+
+    def to_internal_value(self, data):
+        # blank_ms and second_ms left out or null are None here (a one-image protocol's runner
+        # sends first_ms only); whether the protocol needs them is JudgmentInputSerializer's
+        # check. (Declared required and non-null: the schema describes JND's body, the
+        # default protocol's.)
+        absent = set()
+        if isinstance(data, dict):
+            absent = {name for name in ("blank_ms", "second_ms") if data.get(name) is None}
+            data = {k: v for k, v in data.items() if k not in absent}
+            for name in absent:  # (this serializer instance's own copies of the fields)
+                self.fields[name].required = False
+        values = super().to_internal_value(data)
+        return {**values, **dict.fromkeys(absent)}
 
 
 class DisplaySerializer(serializers.Serializer):
@@ -124,7 +153,7 @@ class JudgmentInputSerializer(serializers.Serializer):
 
     position = JSONIntegerField(min_value=0, max_value=MAX_POSITION)
     # (not trimmed: " 3" is not the answer "3")
-    response = JSONStringField(
+    response = ResponseField(
         max_length=Judgment._meta.get_field("response").max_length, trim_whitespace=False
     )
     response_time_ms = _ms(MAX_RESPONSE_TIME_MS)
