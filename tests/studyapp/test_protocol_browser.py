@@ -111,23 +111,29 @@ class FrameRecord:
 
 
 @pytest.fixture(scope="module")
-def browser(chromium_executable, tmp_path_factory):
-    """One Chromium for the module, at a raised CPU priority where allowed (test_browser.py)."""
+def playwright():
+    """One Playwright driver for the module."""
     from playwright.sync_api import sync_playwright
 
-    launcher = tmp_path_factory.mktemp("chromium") / "chromium-nice"
-    launcher.write_text(f'#!/bin/sh\nexec nice -n -10 "{chromium_executable}" "$@"\n')
-    launcher.chmod(0o755)
     # Playwright's sync API keeps an asyncio loop on this thread for the whole module, which
     # Django's async-safety check mistakes for async code (the test database is set up after
     # this fixture); the ORM calls here are plain synchronous test code.
-    with pytest.MonkeyPatch.context() as patch, sync_playwright() as playwright:
+    with pytest.MonkeyPatch.context() as patch, sync_playwright() as driver:
         patch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-        browser = playwright.chromium.launch(
-            executable_path=str(launcher), headless=True, args=CHROMIUM_ARGS
-        )
-        yield browser
-        browser.close()
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser(playwright, chromium_executable, tmp_path_factory):
+    """One Chromium for the module, at a raised CPU priority where allowed (test_browser.py)."""
+    launcher = tmp_path_factory.mktemp("chromium") / "chromium-nice"
+    launcher.write_text(f'#!/bin/sh\nexec nice -n -10 "{chromium_executable}" "$@"\n')
+    launcher.chmod(0o755)
+    browser = playwright.chromium.launch(
+        executable_path=str(launcher), headless=True, args=CHROMIUM_ARGS
+    )
+    yield browser
+    browser.close()
 
 
 def next_screen(page) -> str:
@@ -310,22 +316,20 @@ def test_a_protocol_runs_end_to_end_exactly_once_under_faults_with_frame_timing(
 
 
 def test_a_2afc_triplet_is_pixel_exact_at_device_pixel_ratio_2(
-    live_server, media_root, chromium_executable
+    live_server, media_root, chromium_executable, playwright
 ):
     """At a real device scale factor of 2 (``--force-device-scale-factor``, as a HiDPI
     screen; Playwright's emulation resamples, see test_display_browser.py) each image pixel of
     all three images covers 2×2 device pixels: the runner measures every image's device-pixel
     box and stores display scale 2, exact; the layout keeps A/B and the reference on whole
     device pixels."""
-    from playwright.sync_api import sync_playwright
-
     study = make_protocol_study(media_root, "2afc", trials_per_session=2, practice_trials=0,
                                 sentinel_fraction=0.0, first_ms=300)
-    with sync_playwright() as playwright:
-        hidpi = playwright.chromium.launch(
-            executable_path=chromium_executable, headless=True,
-            args=[*CHROMIUM_ARGS, "--force-device-scale-factor=2", "--window-size=1200,900"],
-        )
+    hidpi = playwright.chromium.launch(
+        executable_path=chromium_executable, headless=True,
+        args=[*CHROMIUM_ARGS, "--force-device-scale-factor=2", "--window-size=1200,900"],
+    )
+    try:
         page = hidpi.new_context(no_viewport=True).new_page()  # (a viewport would emulate)
         page.goto(f"{live_server.url}/study/{study.slug}/")
         page.get_by_role("button", name="Start").click()
@@ -337,6 +341,7 @@ def test_a_2afc_triplet_is_pixel_exact_at_device_pixel_ratio_2(
             page.keyboard.press("j")
             page.wait_for_selector("#prompt:not(.is-visible)", state="attached")
         page.wait_for_url("**/done/", timeout=30_000)
+    finally:
         hidpi.close()
     judgments = Judgment.objects.filter(trial__session__participant__study=study)
     assert judgments.count() == 2
