@@ -310,6 +310,39 @@ def test_every_slot_serves_its_file_and_bytes_tell_nothing(media_root, variant, 
             assert f["images"][same[0]][1] != f["images"][same[1]][1]
 
 
+def test_slot_3_keys_are_their_own_range_and_jnd_keys_are_unchanged():
+    """Slot 3 (2AFC's right copy) has keys of its own: never equal to a slot 1/2 key, decoded
+    back to (position, 3); slots 1 and 2 keep JND's index 2·position + slot − 1, so a key
+    built from that index by the permutation and tag is the same as before."""
+    import base64
+
+    from studyapp.image_tokens import (
+        _image_key,
+        _permute,
+        _session_key,
+        _tag,
+        decode_image_key,
+    )
+
+    token = "token-3"
+    keys = {}
+    for position in (*range(0, 300), 2**20, 2**30 - 1):
+        for slot in (1, 2, 3):
+            key = image_key(token, position, slot)
+            assert decode_image_key(token, key) == (position, slot)
+            assert key not in keys, (position, slot, keys.get(key))
+            keys[key] = (position, slot)
+    session_key = _session_key(token)
+    for position, slot in ((0, 1), (7, 2), (2**20, 1)):  # the pre-protocol construction
+        index = 2 * position + slot - 1
+        raw = _permute(session_key, index).to_bytes(4, "big") + _tag(session_key, index)
+        assert _image_key(session_key, position, slot) == (
+            base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+    for position, slot in ((2**30, 1), (2**31, 3), (-1, 3), (0, 4)):
+        with pytest.raises(ValueError):
+            image_key(token, position, slot)
+
+
 def test_a_slot_the_protocol_does_not_show_is_404(media_root, make_study):
     """Keys of slot 3 are valid only for 2AFC; a one-image trial has no slot 2."""
     jnd = _session(make_study())
