@@ -5,7 +5,10 @@ URLs
 A stimulus URL is ``/img/<session token>/<key>/``. ``key`` is 16 bytes, base64url (22
 characters): a keyed pseudo-random permutation (a 4-round Feistel network over 32 bits whose
 round function is HMAC-SHA256 under a key derived from ``SECRET_KEY`` and the session token)
-of the trial's index ``2·position + slot − 1``, followed by a 96-bit HMAC tag of that index.
+of the trial's index, followed by a 96-bit HMAC tag of that index. The index is
+``2·position + slot − 1`` for slots 1 and 2 (every protocol's first two images: JND's keys are
+the same as before there were other protocols) and ``2³¹ + position`` for slot 3 (the right
+copy of a 2AFC triplet): disjoint ranges, as slots 1 and 2 need ``position < 2³⁰``.
 Resolving a key is one permutation inverse and one HMAC check, then one indexed query for the
 session's trial at that position: no scan of the session's trials, however many it has. A
 key is useless in another session (different permutation and tag key) and a tampered key is
@@ -65,14 +68,14 @@ import numpy as np
 from django.conf import settings
 from django.urls import reverse
 
-SLOTS = (1, 2)
+SLOTS = (1, 2, 3)
+_THIRD_SLOT_BASE = 2**31  # slot 3's indices: 2**31 + position (slots 1, 2 stay below 2**31)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 KEPT_CHUNKS = frozenset({b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND"})
 NONCE_CHUNK = b"plNc"  # ancillary, private, reserved bit clear, safe to copy
 NONCE_BYTES = 16
 STORED_BLOCK = 65_535
 KEY_CHARS = 22
-_MAX_INDEX = 2**32 - 1
 
 
 class NotAPNG(ValueError):
@@ -113,16 +116,22 @@ def _tag(key: bytes, index: int) -> bytes:
     return hmac.digest(key, b"tag\x00" + index.to_bytes(4, "big"), "sha256")[:12]
 
 
-def _image_key(session_key: bytes, position: int, slot: int) -> str:
-    index = 2 * position + slot - 1
-    if not 0 <= index <= _MAX_INDEX or slot not in SLOTS:
+def _index(position: int, slot: int) -> int:
+    """The permuted index of ``(position, slot)``; ``ValueError`` if it has none."""
+    if slot not in SLOTS or not 0 <= position < (2**30 if slot < 3 else _THIRD_SLOT_BASE):
         raise ValueError(f"no image key for position {position}, slot {slot}")
+    return 2 * position + slot - 1 if slot < 3 else _THIRD_SLOT_BASE + position
+
+
+def _image_key(session_key: bytes, position: int, slot: int) -> str:
+    index = _index(position, slot)
     raw = _permute(session_key, index).to_bytes(4, "big") + _tag(session_key, index)
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
 def image_key(session_token: str, position: int, slot: int) -> str:
-    """The opaque URL key of ``slot`` (1 = first, 2 = second) of the trial at ``position``."""
+    """The opaque URL key of ``slot`` (1, 2 or 3; :func:`studyapp.protocols.image_paths` says
+    what each shows) of the trial at ``position``."""
     return _image_key(_session_key(session_token), position, slot)
 
 
@@ -136,16 +145,19 @@ def _url_template() -> tuple[str, str]:
 
 def image_url(session_token: str, position: int, slot: int) -> str:
     """``/img/<token>/<key>/`` (the URL pattern reversed once, not per image)."""
-    return image_urls(session_token, [position])[position][slot - 1]
+    head, tail = _url_template()
+    return head + session_token + tail.format(key=image_key(session_token, position, slot))
 
 
-def image_urls(session_token: str, positions) -> dict[int, list[str]]:
-    """``{position: [first image URL, second image URL]}`` for the session's trials at
-    ``positions`` (the session's key derived once)."""
+def image_urls(session_token: str, positions, n_images: int = 2) -> dict[int, list[str]]:
+    """``{position: [slot 1 URL, ..., slot n_images URL]}`` for the session's trials at
+    ``positions`` (the session's key derived once; ``n_images``: the protocol's, see
+    :func:`studyapp.protocols.image_count`)."""
     head, tail = _url_template()
     prefix, key = head + session_token, _session_key(session_token)
+    slots = SLOTS[:n_images]
     return {
-        position: [prefix + tail.format(key=_image_key(key, position, slot)) for slot in SLOTS]
+        position: [prefix + tail.format(key=_image_key(key, position, slot)) for slot in slots]
         for position in positions
     }
 
@@ -164,6 +176,8 @@ def decode_image_key(session_token: str, key: str) -> tuple[int, int] | None:
     index = _permute(session_key, int.from_bytes(raw[:4], "big"), inverse=True)
     if not hmac.compare_digest(_tag(session_key, index), raw[4:]):
         return None
+    if index >= _THIRD_SLOT_BASE:
+        return index - _THIRD_SLOT_BASE, 3
     return index // 2, index % 2 + 1
 
 

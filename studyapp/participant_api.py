@@ -11,6 +11,8 @@ anyway; it is ignored.
 
 from __future__ import annotations
 
+import os
+
 from rest_framework import status
 from rest_framework.exceptions import NotFound
 from rest_framework.request import Request
@@ -19,14 +21,41 @@ from rest_framework.views import APIView
 
 from . import scheduler
 from .api import Conflict
-from .models import Session
+from .models import Session, Study
 from .parsers import PARTICIPANT_MAX_BODY, check_content_length
+from .protocols import TrialSpec, trial_spec
 from .serializers import (
     ClientInfoSerializer,
     JudgmentInputSerializer,
     judgment_data,
     session_state,
 )
+from .stimulus_server import _LRU
+
+#: ``token → TrialSpec`` of the session's study: what a judgment is checked against. A session
+#: never changes study, so an entry is only stale when its study's protocol settings are
+#: edited while sessions run (then for at most ``PERCEPTLAB_STIMULUS_TTL`` seconds, as the
+#: stimulus cache); it spares the judgment POST (the hot path) a query.
+_specs = _LRU(
+    size=int(os.environ.get("PERCEPTLAB_STIMULUS_CACHE", "8192")),
+    ttl_s=float(os.environ.get("PERCEPTLAB_STIMULUS_TTL", "60")),
+)
+_SPEC_FIELDS = ("protocol", "key_same", "key_different", "rating_points", "rating_shows",
+                "label_set")
+
+
+def session_spec(token: str) -> TrialSpec | None:
+    """The :class:`~studyapp.protocols.TrialSpec` of the session ``token``'s study, or
+    ``None`` for an unknown token (one query on a miss of :data:`_specs`)."""
+    spec = _specs.get(token)
+    if spec is None:
+        study = Study.objects.filter(participants__sessions__token=token).only(
+            *_SPEC_FIELDS).first()
+        if study is None:
+            return None
+        spec = trial_spec(study)
+        _specs.put(token, spec)
+    return spec
 
 
 class SessionAPIView(APIView):
@@ -58,8 +87,9 @@ class SessionAPIView(APIView):
 class SessionStateView(SessionAPIView):
     """``GET``: protocol timings and trials; ``PATCH``: store the client's display info.
 
-    GET → ``{"study": {"title", "first_ms", "blank_ms", "second_ms"},
-    "trials": [{"position", "images": [url1, url2], "answered"}], "completed"}``.
+    GET → ``{"study": {"title", "first_ms", "blank_ms", "second_ms", ..., "protocol"
+    (not for JND)}, "stimulus", "trials": [{"position", "images": [url, ...], "answered",
+    "practice"}], "completed"}`` (see :func:`~studyapp.serializers.session_state`).
 
     PATCH body (see :class:`ClientInfoSerializer`: the display as measured, and the runner's
     automation signals ``webdriver``, ``pointer_events``, ``key_events``, ``hidden_stimuli``
@@ -81,8 +111,12 @@ class SessionStateView(SessionAPIView):
 class JudgmentCreateView(SessionAPIView):
     """``POST``: store the judgment of one trial (practice trials included, flagged as such).
 
-    Body ``{"position", "response": "same"|"different", "response_time_ms",
-    "durations": {"first_ms", "blank_ms", "second_ms"}, "idempotency_key"}``.
+    Body ``{"position", "response", "response_time_ms", "durations": {"first_ms",
+    "blank_ms", "second_ms"}, "idempotency_key"}``: ``response`` one of the study's protocol's
+    answers (JND ``same``/``different``; 2AFC ``left``/``right``; rating ``"1"`` … ``"N"``;
+    label one of the label set), ``durations`` the protocol's phases (one-image protocols:
+    ``first_ms`` only; the others are stored as null); anything else is a 400 naming what
+    the protocol accepts.
     201 with the stored judgment; 200 with the same judgment when the identical body is
     re-sent with the same key (a retry, also one racing the original); 409 when the key was
     used for a different judgment (code ``idempotency_key_reused``), the trial already has
@@ -95,8 +129,11 @@ class JudgmentCreateView(SessionAPIView):
     throttle_scope = "participant-write"
 
     def post(self, request: Request, token: str) -> Response:
-        serializer = JudgmentInputSerializer(data=request.data)
+        spec = session_spec(token)
+        serializer = JudgmentInputSerializer(data=request.data, context={"spec": spec})
         serializer.is_valid(raise_exception=True)
+        if spec is None:
+            raise NotFound("unknown session token")
         try:
             # By token: the session is read with the locked trial, in the same statement.
             judgment, created = scheduler.record_judgment(token, serializer.validated_data)

@@ -66,6 +66,15 @@ def _digit_keys(answers: tuple[str, ...]) -> dict[str, str]:
     return {str(i + 1): a for i, a in enumerate(answers[:9])}
 
 
+def image_count(protocol: str, rating_shows: str = "pair") -> int:
+    """How many images a trial of ``protocol`` shows (its URL slots)."""
+    if protocol == "2afc":
+        return 3
+    if protocol == "label" or (protocol == "rating" and rating_shows == "single"):
+        return 1
+    return 2
+
+
 def trial_spec(study) -> TrialSpec:
     """The :class:`TrialSpec` of ``study`` (a :class:`studyapp.models.Study`)."""
     protocol = study.protocol
@@ -96,7 +105,11 @@ def trial_spec(study) -> TrialSpec:
 
 def validate_response(study, response: str) -> str:
     """``response`` if ``study``'s protocol accepts it, else :class:`BadResponse`."""
-    spec = trial_spec(study)
+    return check_answer(trial_spec(study), response)
+
+
+def check_answer(spec: TrialSpec, response: str) -> str:
+    """``response`` if ``spec`` accepts it, else :class:`BadResponse` naming the answers."""
     if response not in spec.answers:
         shown = ", ".join(repr(a) for a in spec.answers[:12])
         more = f" (and {len(spec.answers) - 12} more)" if len(spec.answers) > 12 else ""
@@ -105,6 +118,32 @@ def validate_response(study, response: str) -> str:
             f"use one of {shown}{more}"
         )
     return response
+
+
+def check_durations(
+    spec: TrialSpec, durations: Mapping[str, float | None]
+) -> tuple[dict[str, float | None], dict[str, str]]:
+    """``durations`` (measured ms per phase) as stored for ``spec``'s protocol: every phase
+    of the protocol present (``{phase: "This field is required."}`` errors otherwise), every
+    other phase ``None`` (a number for a phase the protocol does not have is an error too,
+    so that a runner of the wrong protocol is caught rather than stored). Returns
+    ``(values, errors)`` as a pair of dicts."""
+    values: dict[str, float | None] = {}
+    errors: dict[str, str] = {}
+    for phase in JND_PHASES:
+        value = durations.get(phase)
+        if phase in spec.phases:
+            if value is None:
+                errors[phase] = "This field is required."
+            values[phase] = value
+        else:
+            if value is not None:
+                errors[phase] = (
+                    f"a {spec.protocol} trial has no {phase.removesuffix('_ms')} phase; "
+                    f"send only {', '.join(spec.phases)} (or null)"
+                )
+            values[phase] = None
+    return values, errors
 
 
 def image_paths(protocol: str, n_images: int, natural_first: bool, natural_path: str,

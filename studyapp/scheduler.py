@@ -26,6 +26,20 @@ unused control pairs, half identical and half obviously different, topped up wit
 the participant has not seen (the most-assigned first: the ones the study needs least).
 Which image comes first is drawn per trial (``study.randomize_first``).
 
+Protocols (:mod:`studyapp.protocols`): every protocol's items are pairs, data and controls
+alike (a 2AFC triplet, a rating item, a label item; K per item, leases, no repeats, the same
+locking), and its controls (``is_sentinel``: 2AFC triplets with a side equal to the
+reference, rating anchors, label gold items) take the sentinels' share
+(``sentinel_fraction``). Differences: for 2AFC ``natural_first`` says which side copy A is
+drawn on; one-image protocols (label, single-image rating) always have ``natural_first``.
+Practice for 2AFC and label comes from control items (their answer is known: feedback), then
+from data items the participant will not judge; rating practice is half anchors, half data
+items (feedback only where an answer is known: pair-mode anchors). Retests
+(``study.retest_fraction``, test–retest reliability): that share of the session's main data
+items is shown a second time, as a trial with ``is_repeat`` placed at least
+:data:`RETEST_GAP` trials after the first showing where the session is long enough; a retest
+holds no lease and no slot (it is never counted toward K: its item's first showing is).
+
 Concurrency (PostgreSQL, READ COMMITTED)
 ----------------------------------------
 - Data pairs are taken with ``SELECT ... FOR NO KEY UPDATE SKIP LOCKED`` on ``n_assigned < K``:
@@ -89,6 +103,7 @@ from django.utils import timezone
 
 from . import adaptive, fastsql
 from .models import Condition, Judgment, Pair, Participant, Session, Study, Trial
+from .protocols import trial_spec
 
 # Near saturation: how often, and after how long (seconds, doubling: 1.26 s in all), a session
 # that could not lock a single pair with room re-reads the pool before it is refused.
@@ -98,6 +113,9 @@ LOCK_RETRY_SLEEP_S = 0.02
 PARTIAL_RETRIES = 2
 PARTIAL_RETRY_SLEEP_S = 0.005
 
+
+# A retest comes at least this many trials after its item's first showing (where it can).
+RETEST_GAP = 3
 
 # ------------------------------------------------------------------------------ errors
 
@@ -358,6 +376,69 @@ def _practice_pairs(
     return picked
 
 
+def _protocol_practice_pairs(
+    study: Study,
+    protocol: str,
+    controls: list[int],
+    exclude: set[int],
+    n: int,
+    rng: random.Random,
+) -> list[int]:
+    """``n`` practice items of a protocol other than JND: control items first (2AFC, label:
+    their answer is known, so each gets feedback) or half of them (rating: anchors and data
+    items, so that the scale's range is seen), then data items the participant will not
+    judge (the most-assigned first), then spare controls. Shuffled."""
+    n_controls = min(n if protocol in ("2afc", "label") else (n + 1) // 2, len(controls))
+    picked = controls[:n_controls]
+    if len(picked) < n:
+        others = list(
+            _data_pairs(study).exclude(pk__in=exclude | set(picked))
+            .values_list("pk", "n_assigned")
+        )
+        rng.shuffle(others)
+        others.sort(key=lambda c: -c[1])  # stable: the shuffle breaks ties
+        picked += [pk for pk, _ in others[: n - len(picked)]]
+    picked += controls[n_controls : n_controls + n - len(picked)]
+    rng.shuffle(picked)
+    return picked
+
+
+def retest_count(study: Study, n_data: int) -> int:
+    """How many of a session's ``n_data`` main data items are shown again (retests):
+    ``round(retest_fraction · n_data)``, at least one when the fraction is positive."""
+    if study.retest_fraction <= 0 or n_data <= 0:
+        return 0
+    return min(n_data, max(1, round(study.retest_fraction * n_data)))
+
+
+def _with_retests(
+    main: list[tuple[int, bool]], data: list[int], n_retests: int, rng: random.Random
+) -> list[tuple[int, bool, bool]]:
+    """``main`` (``(pair id, leased)`` in order) as ``(pair id, leased, is_repeat)``, with a
+    retest of ``n_retests`` of its data items inserted, each at least :data:`RETEST_GAP`
+    trials after its first showing where the session is long enough (items shown early are
+    retested first), else at the end."""
+    order = [(pk, leased, False) for pk, leased in main]
+    if n_retests <= 0:
+        return order
+    index = {pk: i for i, (pk, _) in enumerate(main)}
+    room = [pk for pk in data if index[pk] + RETEST_GAP < len(main)]
+    rng.shuffle(room)
+    rest = [pk for pk in data if pk not in set(room)]
+    rest.sort(key=lambda pk: index[pk])
+    chosen = (room + rest)[:n_retests]
+    inserts: dict[int, list[int]] = {}
+    for pk in chosen:  # insert before main[t] (t = len(main): at the end)
+        low = min(index[pk] + RETEST_GAP + 1, len(main))
+        inserts.setdefault(rng.randint(low, len(main)), []).append(pk)
+    out: list[tuple[int, bool, bool]] = []
+    for t in range(len(main) + 1):
+        out += [(pk, False, True) for pk in inserts.get(t, [])]
+        if t < len(main):
+            out.append(order[t])
+    return out
+
+
 def _why_no_data_pairs(study: Study, seen: set[int]) -> str:
     data = _data_pairs(study)
     k = study.judgments_per_pair
@@ -440,12 +521,20 @@ def start_session(
             raise StudyUnavailable(
                 "pairs filled up while this session was being built; try again in a moment"
             )
-        practice = _practice_pairs(
-            study, sentinels, catch, seen | set(main_controls) | set(data),
-            study.practice_trials, rng,
-        )
+        spec = trial_spec(study)
+        if spec.protocol == "jnd":
+            practice = _practice_pairs(
+                study, sentinels, catch, seen | set(main_controls) | set(data),
+                study.practice_trials, rng,
+            )
+        else:
+            practice = _protocol_practice_pairs(
+                study, spec.protocol, sentinels + catch, seen | set(main_controls) | set(data),
+                study.practice_trials, rng,
+            )
         main = [(pk, False) for pk in main_controls] + [(pk, True) for pk in data]
         rng.shuffle(main)
+        main = _with_retests(main, data, retest_count(study, len(data)), rng)
 
         session = Session.objects.create(
             participant=participant,
@@ -456,7 +545,10 @@ def start_session(
         lease_end = now + timedelta(minutes=study.lease_minutes)
 
         def natural_first() -> bool:
-            return rng.random() < 0.5 if study.randomize_first else True
+            # One-image protocols show one image: "natural first" is always True.
+            if spec.n_images == 1 or not study.randomize_first:
+                return True
+            return rng.random() < 0.5
 
         trials = [
             Trial(session=session, position=i, pair_id=pk, natural_first=natural_first(),
@@ -465,8 +557,9 @@ def start_session(
         ]
         trials += [
             Trial(session=session, position=len(practice) + i, pair_id=pk,
-                  natural_first=natural_first(), leased_until=lease_end if leased else None)
-            for i, (pk, leased) in enumerate(main)
+                  natural_first=natural_first(), leased_until=lease_end if leased else None,
+                  is_repeat=is_repeat)
+            for i, (pk, leased, is_repeat) in enumerate(main)
         ]
         Trial.objects.bulk_create(trials)
         return session
@@ -812,16 +905,18 @@ def assignment_errors(study: Study, pairs: Iterable[Pair] | None = None) -> list
     """Every pair whose ``n_assigned`` disagrees with its trials, or whose data break K.
 
     Empty when the scheduler's bookkeeping is right: for data pairs ``n_assigned`` equals
-    the main trials not released (judged + leased), at most K; control pairs stay at 0; no
-    released trial has a judgment; no answered trial still holds a lease.
+    the main trials not released (judged + leased; retests not counted), at most K; control
+    pairs stay at 0; no released trial has a judgment; no answered trial still holds a lease.
     """
     k = study.judgments_per_pair
     queryset = Pair.objects.filter(study=study) if pairs is None else pairs
     rows = queryset.annotate(
-        held=Count("trials", filter=Q(trials__is_practice=False, trials__released=False)),
+        held=Count("trials", filter=Q(
+            trials__is_practice=False, trials__is_repeat=False, trials__released=False)),
         judged=Count(
             "trials",
-            filter=Q(trials__is_practice=False, trials__judgment__isnull=False),
+            filter=Q(trials__is_practice=False, trials__is_repeat=False,
+                     trials__judgment__isnull=False),
         ),
         released_judged=Count(
             "trials", filter=Q(trials__released=True, trials__judgment__isnull=False)

@@ -2,15 +2,28 @@
 
 Nothing here names a condition, a bound, a pair or whether a trial is a sentinel: the trial
 runner only ever sees positions and opaque per-trial image URLs (practice trials, which are
-never analysed, also carry their correct answer for the feedback).
+never analysed, also carry their correct answer for the feedback, where they have one).
+
+Protocols (:mod:`studyapp.protocols`): a judgment's ``response`` and ``durations`` are checked
+against the session's protocol (:class:`JudgmentInputSerializer` with ``context["spec"]``);
+the session state of a study other than JND carries its trial spec (``study.protocol``).
 """
 
 from __future__ import annotations
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from .image_tokens import image_urls
 from .models import Judgment, Session
+from .protocols import (
+    BadResponse,
+    TrialSpec,
+    check_answer,
+    check_durations,
+    correct_answer,
+    trial_spec,
+)
 
 MAX_RESPONSE_TIME_MS = 10 * 60 * 1000
 MAX_PHASE_MS = 60 * 1000
@@ -65,16 +78,50 @@ class JSONBooleanField(serializers.BooleanField):
         return data
 
 
+# The OpenAPI schema describes the default protocol's body exactly (JND: the enum below, all
+# three phases), as it did before protocols, and says in words what the others send: a JSON
+# schema cannot name every study's answers (a label set), and schema-driven clients (and the
+# schema fuzz test) should produce JND bodies by default.
+@extend_schema_field({
+    "type": "string",
+    "enum": ["same", "different"],
+    "description": "One of the session's protocol's answers (session state: "
+    "study.protocol.answers). The enum is JND's; 2AFC answers left or right, rating 1 … N, "
+    "a label study one class of its label set. Anything else is a 400 naming the accepted "
+    "answers.",
+})
+class ResponseField(JSONStringField):
+    """A judgment's ``response``: a string, checked against the protocol by the serializer."""
+
+
 def _ms(max_value: float) -> JSONNumberField:
     return JSONNumberField(min_value=0, max_value=max_value)
 
 
 class DurationsSerializer(serializers.Serializer):
-    """On-screen durations measured by the browser (differences of rAF timestamps), in ms."""
+    """On-screen durations measured by the browser (differences of rAF timestamps), in ms.
+
+    ``first_ms`` always; ``blank_ms`` and ``second_ms`` only for protocols with a second image
+    (JND, rating pairs), where they are required: :class:`JudgmentInputSerializer` checks
+    them against the session's protocol."""
 
     first_ms = _ms(MAX_PHASE_MS)
     blank_ms = _ms(MAX_PHASE_MS)
     second_ms = _ms(MAX_PHASE_MS)
+
+    def to_internal_value(self, data):
+        # blank_ms and second_ms left out or null are None here (a one-image protocol's runner
+        # sends first_ms only); whether the protocol needs them is JudgmentInputSerializer's
+        # check. (Declared required and non-null: the schema describes JND's body, the
+        # default protocol's.)
+        absent = set()
+        if isinstance(data, dict):
+            absent = {name for name in ("blank_ms", "second_ms") if data.get(name) is None}
+            data = {k: v for k, v in data.items() if k not in absent}
+            for name in absent:  # (this serializer instance's own copies of the fields)
+                self.fields[name].required = False
+        values = super().to_internal_value(data)
+        return {**values, **dict.fromkeys(absent)}
 
 
 class DisplaySerializer(serializers.Serializer):
@@ -94,16 +141,44 @@ class DisplaySerializer(serializers.Serializer):
 
 
 class JudgmentInputSerializer(serializers.Serializer):
-    """Body of ``POST /api/sessions/<token>/judgments/`` (``display`` optional)."""
+    """Body of ``POST /api/sessions/<token>/judgments/`` (``display`` optional).
+
+    ``context["spec"]``: the session's :class:`~studyapp.protocols.TrialSpec`. With it,
+    ``response`` must be one of the protocol's answers (``"response: 'left' is not an answer
+    of this jnd study; use one of 'same', 'different'"``) and ``durations`` must have exactly
+    the protocol's phases (a missing one: ``"durations.blank_ms: This field is required."``;
+    the phases a protocol does not have are stored as ``None``). Without it (an unknown
+    session, answered 404 next) only the types and ranges are checked.
+    """
 
     position = JSONIntegerField(min_value=0, max_value=MAX_POSITION)
-    response = serializers.ChoiceField(choices=[c for c, _ in Judgment.RESPONSES])
+    # (not trimmed: " 3" is not the answer "3")
+    response = ResponseField(
+        max_length=Judgment._meta.get_field("response").max_length, trim_whitespace=False
+    )
     response_time_ms = _ms(MAX_RESPONSE_TIME_MS)
     durations = DurationsSerializer()
     display = DisplaySerializer(required=False)
     idempotency_key = JSONStringField(
         min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length
     )
+
+    def validate(self, attrs):
+        spec: TrialSpec | None = self.context.get("spec")
+        if spec is None:
+            return attrs
+        errors: dict = {}
+        try:
+            check_answer(spec, attrs["response"])
+        except BadResponse as exc:
+            errors["response"] = [str(exc)]
+        durations, duration_errors = check_durations(spec, attrs["durations"])
+        if duration_errors:
+            errors["durations"] = {k: [v] for k, v in duration_errors.items()}
+        if errors:
+            raise serializers.ValidationError(errors)
+        attrs["durations"] = durations
+        return attrs
 
 
 class JudgmentSerializer(serializers.ModelSerializer):
@@ -123,7 +198,7 @@ class JudgmentSerializer(serializers.ModelSerializer):
     def get_display(self, judgment: Judgment) -> dict | None:
         return _display_data(judgment)
 
-    def get_durations(self, judgment: Judgment) -> dict[str, float]:
+    def get_durations(self, judgment: Judgment) -> dict[str, float | None]:
         return {
             "first_ms": judgment.first_ms,
             "blank_ms": judgment.blank_ms,
@@ -210,6 +285,20 @@ class ClientInfoSerializer(serializers.Serializer):
         return value
 
 
+class ProtocolSerializer(serializers.Serializer):
+    """A protocol's trial (:class:`studyapp.protocols.TrialSpec`), for studies other than JND."""
+
+    protocol = serializers.ChoiceField(choices=["jnd", "2afc", "rating", "label"])
+    n_images = serializers.IntegerField(help_text="Images per trial (URL slots).")
+    phases = serializers.ListField(
+        child=serializers.CharField(), help_text="Measured phases, e.g. ['first_ms']."
+    )
+    question = serializers.CharField()
+    answers = serializers.ListField(child=serializers.CharField())
+    keys = serializers.DictField(child=serializers.CharField(), help_text="key → answer")
+    feedback = serializers.BooleanField(help_text="Practice trials with an answer get feedback.")
+
+
 class StudySettingsSerializer(serializers.Serializer):
     """The protocol as the trial runner needs it (durations in ms, keys lower-case)."""
 
@@ -227,6 +316,9 @@ class StudySettingsSerializer(serializers.Serializer):
         "ratio, display_rule when that is not whole)."
     )
     display_rule = serializers.ChoiceField(choices=["nearest", "reset_zoom", "refuse"])
+    protocol = ProtocolSerializer(
+        required=False, help_text="The trial of a study other than JND (absent: JND)."
+    )
 
 
 class StimulusSizeSerializer(serializers.Serializer):
@@ -242,14 +334,15 @@ class TrialStateSerializer(serializers.Serializer):
     position = serializers.IntegerField(min_value=0)
     images = serializers.ListField(
         child=serializers.CharField(),
-        help_text="Opaque URLs of the first and the second image (studyapp.image_tokens).",
+        help_text="Opaque URLs of the trial's images in slot order (studyapp.image_tokens; "
+        "JND: first, second; 2AFC: reference, left, right; label: the image).",
     )
     answered = serializers.BooleanField()
     practice = serializers.BooleanField(help_text="Practice trial: feedback, never analysed.")
-    answer = serializers.ChoiceField(
-        choices=["same", "different"],
+    answer = serializers.CharField(
         required=False,
-        help_text="Practice trials only: the correct answer, for the feedback.",
+        help_text="Practice trials with a known answer only: the correct answer, for the "
+        "feedback (one of the protocol's answers).",
     )
     example = serializers.BooleanField(
         required=False,
@@ -271,21 +364,28 @@ def session_state(session: Session) -> dict:
     """Body of ``GET /api/sessions/<token>/``: protocol, stimulus size, trials (practice first).
 
     A main trial is ``{"position", "images", "answered", "practice": false}``: its image URLs
-    are opaque and nothing names its pair, condition, or sentinel/catch status. A practice
-    trial adds ``"answer"`` (``same``/``different``) so the runner can give feedback; practice
-    pairs are never analysed, so that reveals nothing about the study's data.
+    are opaque (``n_images`` of them, in slot order: :func:`studyapp.protocols.image_paths`)
+    and nothing names its item, condition, side, class or control status. A practice trial
+    adds ``"answer"`` where its item has a known one (:func:`studyapp.protocols.correct_answer`)
+    so the runner can give feedback; practice items are never analysed, so that reveals nothing
+    about the study's data. A study of another protocol than JND adds
+    ``study["protocol"]`` (:meth:`studyapp.protocols.TrialSpec.to_dict`: question, answers,
+    keys, phases, n_images, feedback); a JND study's state is what it was before protocols.
     """
     study = session.study
+    spec = trial_spec(study)
     rows = list(
         session.trials.order_by("position").values_list(
             "position", "is_practice", "judgment__id", "pair__is_sentinel",
             "pair__natural_path", "pair__other_path", "pair__width", "pair__height",
-            "pair__condition_id",
+            "pair__condition_id", "natural_first", "pair__third_path", "pair__class_name",
         )
     )
-    urls = image_urls(session.token, [row[0] for row in rows])
+    urls = image_urls(session.token, [row[0] for row in rows], n_images=spec.n_images)
+    jnd = spec.protocol == "jnd"
     trials, width, height = [], 0, 0
-    for position, practice, judgment_id, sentinel, natural, other, w, h, condition in rows:
+    for (position, practice, judgment_id, sentinel, natural, other, w, h, condition,
+         natural_first, third, class_name) in rows:
         trial = {
             "position": position,
             "images": urls[position],
@@ -293,12 +393,18 @@ def session_state(session: Session) -> dict:
             "practice": practice,
         }
         if practice:
-            trial["answer"] = "same" if sentinel or natural == other else "different"
-            # A perturbed pair (scheduler.example_pair_ids): the "different" example.
-            trial["example"] = condition is not None and trial["answer"] == "different"
+            known = correct_answer(
+                study, is_sentinel=sentinel, natural_first=natural_first, natural_path=natural,
+                other_path=other, third_path=third, class_name=class_name,
+            )
+            if known is not None and spec.feedback:
+                trial["answer"] = known
+            if jnd:
+                # A perturbed pair (scheduler.example_pair_ids): the "different" example.
+                trial["example"] = condition is not None and trial["answer"] == "different"
         trials.append(trial)
         width, height = max(width, w), max(height, h)
-    return {
+    state = {
         "study": {
             "title": study.title,
             "first_ms": study.first_ms,
@@ -314,3 +420,6 @@ def session_state(session: Session) -> dict:
         "trials": trials,
         "completed": session.completed_at is not None,
     }
+    if not jnd:
+        state["study"]["protocol"] = spec.to_dict()
+    return state

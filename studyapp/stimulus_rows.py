@@ -252,8 +252,8 @@ def prepare(names: Iterable[str], *, progress: bool = False) -> PrepareSummary:
 def stimulus_names(pairs) -> list[str]:
     """Every stimulus file of ``pairs`` (a Pair queryset), each once."""
     names = set()
-    for natural, other in pairs.values_list("natural_path", "other_path"):
-        names.update((natural, other))
+    for paths in pairs.values_list("natural_path", "other_path", "third_path"):
+        names.update(path for path in paths if path)  # third_path: 2AFC copies B only
     return sorted(names)
 
 

@@ -18,16 +18,19 @@ served (at import, at start) and serving reads them afresh per request, the same
 every stimulus every time: the first serving of an image costs what later ones do, so the
 response time says nothing about which image is perturbed or which pair is a sentinel.
 
-The per-process cache of trials maps ``(token, position)`` to the trial's two stimulus
-files (storage names): the two images of a trial are usually fetched by the same worker
-within a second, and the trial's pair and image order never change once the trial exists.
+The per-process cache of trials maps ``(token, position)`` to the trial's stimulus files in
+slot order (storage names; :func:`studyapp.protocols.image_paths`: two for JND and rating
+pairs, three for a 2AFC triplet, one for label and single-image rating trials): the images of
+a trial are usually fetched by the same worker within a second, and the trial's item and image
+order never change once the trial exists.
 On a local filesystem every request reads its file's ``stat`` (microseconds, the same for
 every file), so an edited or deleted file is noticed at once. On a remote storage (S3) a
-file's metadata is a request to the storage, so both files'
-:class:`~studyapp.stimulus_rows.Fingerprint` are read on the trial's first fetch, whichever
-slot it is for, even for a sentinel's twice-shown file: that lookup costs the same for every
-trial. Entries live ``PERCEPTLAB_STIMULUS_TTL`` seconds (default 60): a deleted session's
-images (and on S3, an edited file's old rows) stop being served at most that long after.
+file's metadata is a request to the storage, so every slot's
+:class:`~studyapp.stimulus_rows.Fingerprint` is read on the trial's first fetch, whichever
+slot it is for, even for a control's twice-shown file: that lookup costs the same for every
+trial of a protocol. Entries live ``PERCEPTLAB_STIMULUS_TTL`` seconds (default 60): a
+deleted session's images (and on S3, an edited file's old rows) stop being served at most
+that long after.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from django.db import DatabaseError
 from . import stimulus_rows
 from .image_tokens import canonical_png, decode_image_key
 from .models import Trial
+from .protocols import image_count, image_paths
 from .stimulus_rows import Fingerprint, StimulusUnavailable, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -94,10 +98,10 @@ class _LRU:
             self._items.clear()
 
 
-#: ``(token, position) → (natural_first, natural file, other file, pair id, fingerprints)``:
-#: the files are storage names; ``fingerprints`` is ``None`` on a local filesystem (one
-#: ``stat`` per request), else both files' :class:`~studyapp.stimulus_rows.Fingerprint` (or the
-#: exception that makes one unservable), read once per trial.
+#: ``(token, position) → (files, pair id, fingerprints)``: ``files`` the storage names in slot
+#: order; ``fingerprints`` is ``None`` on a local filesystem (one ``stat`` per request), else
+#: every slot's :class:`~studyapp.stimulus_rows.Fingerprint` (or the exception that makes one
+#: unservable), read once per trial.
 trial_paths = _LRU(
     size=int(os.environ.get("PERCEPTLAB_STIMULUS_CACHE", "8192")),
     ttl_s=float(os.environ.get("PERCEPTLAB_STIMULUS_TTL", "60")),
@@ -118,23 +122,31 @@ def _trial_files(token: str, position: int) -> tuple | None:
         return row
     row = (
         Trial.objects.filter(session__token=token, position=position)
-        .values_list("natural_first", "pair__natural_path", "pair__other_path", "pair_id")
+        .values_list(
+            "natural_first", "pair__natural_path", "pair__other_path", "pair__third_path",
+            "pair_id", "pair__study__protocol", "pair__study__rating_shows",
+        )
         .first()
     )
     if row is None:
         return None
+    natural_first, natural, other, third, pair_id, protocol, rating_shows = row
+    files = image_paths(
+        protocol, image_count(protocol, rating_shows), natural_first, natural, other, third
+    )
     fingerprints = None
     if not isinstance(stimulus_rows.stimulus_storage(), FileSystemStorage):
-        # Both files, always (a sentinel's one file twice): the same cost for every trial.
-        fingerprints = (_fingerprint_or_error(row[1]), _fingerprint_or_error(row[2]))
-    row = (*row, fingerprints)
+        # Every slot, always (a control's one file twice): the same cost for every trial.
+        fingerprints = tuple(_fingerprint_or_error(name) for name in files)
+    row = (files, pair_id, fingerprints)
     trial_paths.put((token, position), row)
     return row
 
 
 def stimulus_response_body(token: str, key: str) -> bytes | None:
     """A fresh canonical PNG of the image behind ``/img/<token>/<key>/``, or ``None`` (→ 404:
-    unknown key, no such trial, file missing or not servable; the last two are logged)."""
+    unknown key, no such trial or slot, file missing or not servable; the last two are
+    logged)."""
     found = decode_image_key(token, key)
     if found is None:
         return None
@@ -142,12 +154,13 @@ def stimulus_response_body(token: str, key: str) -> bytes | None:
     row = _trial_files(token, position)
     if row is None:
         return None
-    natural_first, natural_name, other_name, pair_id, fingerprints = row
-    natural = (slot == 1) == natural_first
+    files, pair_id, fingerprints = row
+    if slot > len(files):
+        return None  # a slot this protocol does not show (a key forged from another's)
     if fingerprints is None:
-        file = _fingerprint_or_error(natural_name if natural else other_name)
+        file = _fingerprint_or_error(files[slot - 1])
     else:
-        file = fingerprints[0 if natural else 1]
+        file = fingerprints[slot - 1]
     problem = file if isinstance(file, Exception) else None
     if problem is None:
         try:

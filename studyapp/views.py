@@ -41,6 +41,7 @@ from rest_framework import status
 
 from .fingerprints import assign_request_fingerprints
 from .models import Participant, Session, Study
+from .protocols import TrialSpec, trial_spec
 from .recruitment import (
     MTURK_SUBMIT_HOSTS,
     BadRecruitmentLink,
@@ -218,18 +219,33 @@ def session_page(request: HttpRequest, token: str) -> HttpResponse:
     if session.completed_at is not None:
         return redirect("session-done", token=token)
     study = session.study
+    spec = trial_spec(study)
     return render(
         request,
         "session.html",
         {
             "session": session,
             "study": study,
+            "spec": spec,
+            "answer_buttons": _answer_buttons(spec),
             "key_same": study.key_same.upper(),
             "key_different": study.key_different.upper(),
             "n_trials": study.trials_per_session,
             "csrf_cookie_name": settings.CSRF_COOKIE_NAME,
         },
     )
+
+
+def _answer_buttons(spec: TrialSpec) -> list[dict[str, str]]:
+    """The prompt's buttons: ``{"response", "label", "key"}`` per answer of the protocol, in
+    its order (``key`` upper-case, empty where the answer has none or is its own key)."""
+    key_of = {answer: key.upper() for key, answer in spec.keys.items()}
+    buttons = []
+    for answer in spec.answers:
+        label = answer.capitalize() if spec.protocol in ("jnd", "2afc") else answer
+        key = key_of.get(answer, "")
+        buttons.append({"response": answer, "label": label, "key": "" if key == label else key})
+    return buttons
 
 
 @participant_page

@@ -1,5 +1,14 @@
-// Trial runner for a just-noticeable-difference session (PAT paper, section 6 protocol):
-// fixation, image 1 (first_ms), blank (blank_ms), image 2 (second_ms), then "same or different?".
+// Trial runner of every protocol (studyapp.protocols; the study's `protocol` block of the session
+// state, absent for JND):
+// - jnd: fixation, image 1 (first_ms), blank (blank_ms), image 2 (second_ms), then "same or
+//   different?" (PAT paper, section 6 protocol);
+// - rating with pairs: the same sequence, then buttons 1..N (digit keys);
+// - 2afc: fixation, then the reference in the middle and copies left and right, all three
+//   together for first_ms, then "left or right?";
+// - label and single-image rating: fixation, the image for first_ms, then the answer buttons
+//   (digit keys 1..9 for the first nine).
+// The same rAF switching, timing measurement, pixel-exact drawing and buffer serve them all: a
+// protocol is only its images, its phases (each measured from frame timestamps) and its answers.
 //
 // Steps: refuse touch-only devices → measure the display → choose the pixel scale (below) →
 // refuse a window smaller than the stimulus (re-checked on every resize, and before every
@@ -67,6 +76,9 @@ const ui = {
   introStart: $("intro-start"),
   buttons: [...document.querySelectorAll("#prompt button[data-response]")],
 };
+// Between the images of a 2AFC triplet (CSS px): apart enough to be three images, close
+// enough to compare at a glance.
+const TRIPLET_GAP_PX = 24;
 const csrf = { cookie: root.dataset.csrfCookie, token: root.dataset.csrfToken };
 
 class FatalError extends Error {}
@@ -75,6 +87,20 @@ class DisplayRefused extends Error {}
 
 let settings = null; // state.study, once loaded
 let scaledStimulus = { width: 0, height: 0 }; // state.stimulus: the largest image, image pixels
+// The protocol's trial (state.study.protocol; JND when absent, as it was before protocols).
+let spec = null;
+function trialSpec(study) {
+  if (study.protocol) return study.protocol;
+  return {
+    protocol: "jnd", n_images: 2, phases: ["first_ms", "blank_ms", "second_ms"],
+    question: "Same or different?", answers: ["same", "different"],
+    keys: { [study.key_same]: "same", [study.key_different]: "different" }, feedback: true,
+  };
+}
+// Images shown one after the other (jnd, rating pairs) or all at once (2afc, one image).
+const sequential = () => spec.phases.length === 3;
+// What a trial is called to the participant ("pair" for JND, as before protocols).
+const trialNoun = () => (spec.protocol === "jnd" || (spec.protocol === "rating" && spec.n_images === 2) ? "pair" : "trial");
 
 const nextFrame = () => new Promise((resolve) => requestAnimationFrame(resolve));
 const show = (el, visible) => el.classList.toggle("is-visible", visible);
@@ -305,10 +331,16 @@ function touchOnly() {
 
 // The window must hold the stimulus at its drawn size plus the runner around it. Until it
 // does, a message says so; it is re-checked on every resize.
+// The stage's size in CSS px: one image, or a 2AFC triplet side by side.
+function stageWidth(stimulus, n) {
+  if (spec.protocol !== "2afc") return Math.ceil(cssPixels(stimulus.width, n));
+  return 3 * Math.ceil(cssPixels(stimulus.width, n)) + 2 * TRIPLET_GAP_PX;
+}
+
 function windowFits(stimulus) {
   const n = pixelScale(settings).n || 1;
   const need = {
-    width: Math.ceil(cssPixels(stimulus.width, n)) + MARGIN_WIDTH,
+    width: stageWidth(stimulus, n) + MARGIN_WIDTH,
     height: Math.ceil(cssPixels(stimulus.height, n)) + MARGIN_HEIGHT,
   };
   const fits = window.innerWidth >= need.width && window.innerHeight >= need.height;
@@ -323,7 +355,7 @@ async function ensureWindowFits(stimulus, resumeStep) {
       const { fits, need } = windowFits(stimulus);
       const n = pixelScale(settings).n || 1;
       ui.tooSmallDetail.textContent =
-        `The images are ${Math.ceil(cssPixels(stimulus.width, n))} × ` +
+        `The images are ${stageWidth(stimulus, n)} × ` +
         `${Math.ceil(cssPixels(stimulus.height, n))} pixels, so this study needs a ` +
         `window of at least ${need.width} × ${need.height} pixels; yours is ` +
         `${window.innerWidth} × ${window.innerHeight}.`;
@@ -346,8 +378,8 @@ function loadImage(url) {
   return img.decode().then(() => img);
 }
 
-// Both images of a trial, fetched and decoded; retried (with a notice) until they arrive.
-const imageCache = new Map(); // position → Promise<[first, second]>
+// Every image of a trial, fetched and decoded; retried (with a notice) until they arrive.
+const imageCache = new Map(); // position → Promise<[slot 1, slot 2, ...]>
 function trialImages(trial) {
   if (!imageCache.has(trial.position)) {
     imageCache.set(
@@ -394,18 +426,28 @@ window.addEventListener("keydown", (event) => {
   if (event.isTrusted) signals.key_events += 1;
 }, { capture: true });
 
-// Show fixation → image 1 → blank → image 2 → prompt, switching in rAF callbacks.
-// Resolves {first_ms, blank_ms, second_ms, promptAt} (rAF timestamps), or {interrupted: true}
-// when the page was hidden meanwhile (rAF stops then, so the durations would be meaningless).
-function present(first, second, study, frameMs) {
+// Show fixation → the protocol's phases → prompt, switching in rAF callbacks: sequential
+// protocols (jnd, rating pairs) image 1 → blank → image 2; the others every image at once.
+// Resolves {durations: {phase: ms}, promptAt} (rAF timestamps), or {interrupted} when the page
+// was hidden meanwhile (rAF stops then, so the durations would be meaningless) or zoomed.
+function present(images, study, frameMs) {
   const halfFrame = frameMs / 2;
-  const phases = [
-    { ms: FIXATION_MS, enter: () => show(ui.fixation, true) },
-    { ms: study.first_ms, enter: () => { show(ui.fixation, false); show(first, true); } },
-    { ms: study.blank_ms, enter: () => show(first, false) },
-    { ms: study.second_ms, enter: () => show(second, true) },
-    { ms: Infinity, enter: () => { show(second, false); openPrompt(true); } },
-  ];
+  const showAll = (on) => images.forEach((img) => show(img, on));
+  const phases = [{ ms: FIXATION_MS, enter: () => show(ui.fixation, true) }];
+  if (sequential()) {
+    const [first, second] = images;
+    phases.push(
+      { ms: study.first_ms, enter: () => { show(ui.fixation, false); show(first, true); } },
+      { ms: study.blank_ms, enter: () => show(first, false) },
+      { ms: study.second_ms, enter: () => show(second, true) },
+      { ms: Infinity, enter: () => { show(second, false); openPrompt(true); } },
+    );
+  } else {
+    phases.push(
+      { ms: study.first_ms, enter: () => { show(ui.fixation, false); showAll(true); } },
+      { ms: Infinity, enter: () => { showAll(false); openPrompt(true); } },
+    );
+  }
   const startedAt = [];
   hiddenDuringTrial = false;
   display.changed = false;
@@ -415,7 +457,7 @@ function present(first, second, study, frameMs) {
       noteRatio();
       if (hiddenDuringTrial || display.changed) {
         if (hiddenDuringTrial) signals.hidden_stimuli += 1;
-        for (const el of [ui.fixation, first, second]) show(el, false);
+        for (const el of [ui.fixation, ...images]) show(el, false);
         resolve({ interrupted: hiddenDuringTrial ? "hidden" : "zoom" });
         return;
       }
@@ -431,12 +473,9 @@ function present(first, second, study, frameMs) {
         startedAt[current] = timestamp;
       }
       if (current === phases.length - 1) {
-        resolve({
-          first_ms: startedAt[2] - startedAt[1],
-          blank_ms: startedAt[3] - startedAt[2],
-          second_ms: startedAt[4] - startedAt[3],
-          promptAt: startedAt[4],
-        });
+        const durations = {};
+        spec.phases.forEach((phase, i) => (durations[phase] = startedAt[i + 2] - startedAt[i + 1]));
+        resolve({ durations, promptAt: startedAt[phases.length - 1] });
       } else {
         requestAnimationFrame(onFrame);
       }
@@ -507,35 +546,53 @@ async function pause(text) {
 
 // ------------------------------------------------------------------------------ steps
 
-// Instructions with two example pairs: a practice pair of each kind (shown through the same
-// opaque image URLs as the trials, at the trials' pixel scale; the "different" one is the
-// study's own perturbed pair marked `example`, see scheduler.example_pair_ids), else the
-// static illustration in the template.
+// Instructions with examples: a practice trial of each kind of answer the template asks for
+// (`.example[data-answer]`; "*": any practice trial with a known answer, for protocols other
+// than JND), shown through the same opaque image URLs as the trials, at the trials' pixel scale
+// (JND's "different" one is the study's own perturbed pair marked `example`, see
+// scheduler.example_pair_ids), else the static illustration in the template (or, where there
+// is none, nothing).
 async function showIntro(state, nPractice, scale) {
   for (const figure of document.querySelectorAll(".example[data-answer]")) {
     const kind = figure.dataset.answer;
-    const practice = state.trials.filter((t) => t.practice && t.answer === kind);
+    const practice = state.trials.filter((t) => t.practice && t.answer !== undefined && (kind === "*" || t.answer === kind));
     const trial = practice.find((t) => t.example) || practice[0];
     if (!trial) continue;
     figure.classList.add("from-study");
+    figure.hidden = false;
+    const caption = figure.querySelector("[data-example-answer]");
+    if (caption) caption.textContent = answerText(trial.answer);
     // The practice trial's own decoded images (fetched with retries, like every trial's), put
     // in place of the illustration once they arrive; that trial later moves them to the stage.
     const placeholders = [...figure.querySelectorAll("img")];
     for (const img of placeholders) img.removeAttribute("src");
+    // (A placeholder may name its slot, data-slot: a 2AFC example is drawn left, middle, right.)
+    const targets = trial.images.map((_, slot) =>
+      figure.querySelector(`img[data-slot="${slot + 1}"]`) || placeholders[slot]);
     trialImages(trial).then((images) => {
       images.forEach((img, slot) => {
-        if (img.isConnected) return; // the trial has already begun
+        const target = targets[slot];
+        if (img.isConnected || !target) return; // the trial has already begun
         img.style.width = `${cssPixels(img.naturalWidth, scale.n)}px`;
         img.style.height = `${cssPixels(img.naturalHeight, scale.n)}px`;
-        img.alt = placeholders[slot].alt;
-        placeholders[slot].replaceWith(img);
+        img.style.gridArea = "";
+        img.alt = target.alt;
+        target.replaceWith(img);
       });
     });
   }
-  ui.introPractice.textContent = nPractice
-    ? `First come ${nPractice} practice pair${nPractice === 1 ? "" : "s"}: after each one you ` +
-      "will see whether you were right. Then the real pairs begin."
-    : "";
+  const noun = trialNoun();
+  const some = `${nPractice} practice ${noun}${nPractice === 1 ? "" : "s"}`;
+  const practiced = state.trials.filter((t) => t.practice);
+  let practiceText = "";
+  if (nPractice && practiced.every((t) => t.answer !== undefined)) {
+    practiceText = `First come ${some}: after each one you will see whether you were right. `;
+  } else if (nPractice && practiced.some((t) => t.answer !== undefined)) {
+    practiceText = `First come ${some}: after those with a right answer you will see whether you were right. `;
+  } else if (nPractice) {
+    practiceText = `First come ${some}, to get used to the ${noun}s. `;
+  }
+  ui.introPractice.textContent = nPractice ? `${practiceText}Then the real ${noun}s begin.` : "";
   ui.introStart.textContent = nPractice ? "Start the practice" : "Start";
   setStep("intro");
   ui.progress.textContent = state.study.title;
@@ -543,10 +600,18 @@ async function showIntro(state, nPractice, scale) {
   setStep("trials");
 }
 
+// How an answer is said in the feedback and the examples.
+function answerText(answer) {
+  if (spec.protocol === "2afc") return `the ${answer} image is the same as the one in the middle`;
+  if (spec.protocol === "rating") return `the two images were identical (${answer} = no difference)`;
+  if (spec.protocol === "label") return `it was “${answer}”`;
+  return answer === "same" ? "they were the same" : "they were different";
+}
+
 async function showFeedback(trial, response) {
+  if (trial.answer === undefined) return; // no known answer (a data item, a quality anchor)
   const correct = response === trial.answer;
-  const truth = trial.answer === "same" ? "they were the same." : "they were different.";
-  ui.feedback.textContent = `${correct ? "Correct" : "Not quite"}: ${truth}`;
+  ui.feedback.textContent = `${correct ? "Correct" : "Not quite"}: ${answerText(trial.answer)}.`;
   ui.feedback.classList.toggle("correct", correct);
   ui.feedback.classList.toggle("wrong", !correct);
   show(ui.feedback, true);
@@ -554,51 +619,65 @@ async function showFeedback(trial, response) {
   show(ui.feedback, false);
 }
 
-// Sizes the images for `n` device pixels per image pixel (see "Pixel-exact display").
-function placeImages(first, second, n) {
-  for (const img of [first, second]) {
+// Sizes the images for `n` device pixels per image pixel (see "Pixel-exact display"): stacked
+// in one place (jnd, rating pairs, one image), or a 2AFC triplet in a row: left (slot 2),
+// reference (slot 1) in the middle under the fixation cross, right (slot 3).
+function placeImages(images, n) {
+  for (const img of images) {
     img.style.width = `${cssPixels(img.naturalWidth, n)}px`;
     img.style.height = `${cssPixels(img.naturalHeight, n)}px`;
   }
-  const width = Math.max(first.naturalWidth, second.naturalWidth);
-  const height = Math.max(first.naturalHeight, second.naturalHeight);
-  ui.stage.style.width = `${cssPixels(width, n)}px`;
+  const width = Math.max(...images.map((img) => img.naturalWidth));
+  const height = Math.max(...images.map((img) => img.naturalHeight));
   ui.stage.style.height = `${cssPixels(height, n)}px`;
-  ui.stage.replaceChildren(ui.fixation, first, second);
+  if (spec.protocol === "2afc") {
+    const [reference, left, right] = images;
+    const column = `${cssPixels(width, n)}px`;
+    ui.stage.style.width = "auto";
+    ui.stage.style.gridTemplateColumns = `${column} ${column} ${column}`;
+    ui.stage.style.columnGap = `${TRIPLET_GAP_PX}px`;
+    left.style.gridArea = "1 / 1";
+    reference.style.gridArea = "1 / 2";
+    right.style.gridArea = "1 / 3";
+    ui.fixation.style.gridArea = "1 / 2";
+  } else {
+    ui.stage.style.width = `${cssPixels(width, n)}px`;
+  }
+  ui.stage.replaceChildren(ui.fixation, ...images);
 }
 
 async function runTrial(trial, next, study, frameMs) {
-  const [first, second] = await trialImages(trial);
-  first.dataset.slot = "1";
-  second.dataset.slot = "2";
+  const images = await trialImages(trial);
+  images.forEach((img, i) => (img.dataset.slot = String(i + 1)));
   for (;;) {
     const scale = await ensurePixelScale(study, "trials");
     await ensureWindowFits(scaledStimulus, "trials");
-    placeImages(first, second, scale.n);
+    placeImages(images, scale.n);
     await nextFrame(); // the new images are laid out before the fixation starts
-    const exact = await drawnExactly([first, second], scale.n);
+    const exact = await drawnExactly(images, scale.n);
     if (display.changed && window.devicePixelRatio !== scale.ratio) continue;
     presentation.begin();
-    const shown = await present(first, second, study, frameMs);
+    const shown = await present(images, study, frameMs);
     presentation.end();
+    const noun = trialNoun();
     if (shown.interrupted === "zoom") {
-      setStatus("The zoom changed, so that pair will be shown again.");
+      setStatus(`The zoom changed, so that ${noun} will be shown again.`);
       await sleep(1000);
       setStatus("");
       continue;
     }
     if (shown.interrupted) {
-      setStatus("The page was hidden, so that pair will be shown again.");
+      setStatus(`The page was hidden, so that ${noun} will be shown again.`);
       while (document.hidden) await sleep(200);
       await sleep(1000);
       setStatus("");
       continue;
     }
-    if (next) trialImages(next); // fetch the next pair while this one is answered
+    if (next) trialImages(next); // fetch the next trial's images while this one is answered
     const { response, at } = await waitForAnswer();
     const responseTime = at - shown.promptAt;
     if (responseTime > MAX_RESPONSE_MS) {
-      setStatus("That took a while, so the pair will be shown again.");
+      setStatus(`That took a while, so the ${noun} will be shown again.`);
       await sleep(1500);
       setStatus("");
       continue;
@@ -607,7 +686,7 @@ async function runTrial(trial, next, study, frameMs) {
       position: trial.position,
       response,
       response_time_ms: Math.max(0, responseTime),
-      durations: { first_ms: shown.first_ms, blank_ms: shown.blank_ms, second_ms: shown.second_ms },
+      durations: shown.durations,
       display: { scale: scale.n, device_pixel_ratio: scale.ratio, exact },
       idempotency_key: newKey(),
     };
@@ -628,14 +707,15 @@ function pauseBefore(trial, state, resumed) {
   }
   if (mainIndex === 0 && hasPractice) return practiceOver;
   if (mainIndex > 0 && every > 0 && mainIndex % every === 0) {
-    return `Time for a short break (${mainIndex} of ${main.length} pairs done). Press the space bar to continue.`;
+    return `Time for a short break (${mainIndex} of ${main.length} ${trialNoun()}s done). Press the space bar to continue.`;
   }
   return null;
 }
 
 function progressText(trial, state) {
   const group = state.trials.filter((t) => t.practice === trial.practice);
-  const label = trial.practice ? "Practice pair" : "Pair";
+  const noun = trialNoun();
+  const label = trial.practice ? `Practice ${noun}` : noun[0].toUpperCase() + noun.slice(1);
   return `${label} ${group.indexOf(trial) + 1} of ${group.length}`;
 }
 
@@ -644,7 +724,7 @@ async function complete() {
   if (status === 200) return true;
   if (status === 409 && data.code === "session_expired") {
     throw new FatalError(
-      "This session has expired: it was left unfinished for too long, so its pairs went to " +
+      `This session has expired: it was left unfinished for too long, so its ${trialNoun()}s went to ` +
         "other participants. Please open the study link again to start afresh.",
     );
   }
@@ -667,7 +747,8 @@ async function main() {
   };
   noteFinished();
   outbox.start(); // re-send what an earlier page left unacknowledged
-  keys = { [state.study.key_same]: "same", [state.study.key_different]: "different" };
+  spec = trialSpec(state.study);
+  keys = { ...spec.keys };
   settings = state.study;
   scaledStimulus = state.stimulus;
   const fresh = finished.size === 0;
