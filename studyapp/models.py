@@ -18,6 +18,8 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Count, Q
 
+from .protocols import image_paths, trial_spec
+
 
 def _session_token() -> str:
     return secrets.token_urlsafe(24)
@@ -79,8 +81,8 @@ class Study(models.Model):
     retest_fraction = models.FloatField(
         default=0.0,
         validators=[MinValueValidator(0.0), MaxValueValidator(1.0)],
-        help_text="Share of a session's main items shown a second time later in the session "
-        "(test–retest reliability; rating protocol).",
+        help_text="Rating studies: share of a session's main items shown a second time later "
+        "in the session (test–retest reliability); other protocols must leave it 0.",
     )
     label_set = models.JSONField(
         default=list,
@@ -241,6 +243,14 @@ class Study(models.Model):
 
     def __str__(self) -> str:
         return self.title or self.slug
+
+    def clean(self) -> None:
+        if self.retest_fraction and self.protocol != "rating":
+            raise ValidationError({"retest_fraction": "retests (test–retest reliability) are "
+                                   f"for rating studies; this is a {self.protocol} study"})
+        if self.protocol == "label" and not self.label_set:
+            raise ValidationError({"label_set": "a label study needs its label set (the "
+                                   "class names offered as answers)"})
 
     def has_judgments(self) -> bool:
         """Has anyone answered a trial of this study (practice included)?"""
@@ -496,12 +506,15 @@ class Trial(models.Model):
         return f"trial {self.position} of session {self.session_id}"
 
     def image_path(self, slot: int) -> str:
-        """Relative path of the image shown in ``slot`` 1 (first) or 2 (second)."""
-        first_natural = self.natural_first
-        if slot not in (1, 2):
-            raise ValueError(f"slot must be 1 or 2, got {slot}")
-        natural = (slot == 1) == first_natural
-        return self.pair.natural_path if natural else self.pair.other_path
+        """Relative path of the image shown in ``slot`` (1 = first; 2AFC: 1 = reference,
+        2 = left, 3 = right), as :func:`studyapp.protocols.image_paths` lays them out."""
+        study = self.session.participant.study
+        paths = image_paths(study.protocol, trial_spec(study).n_images, self.natural_first,
+                            self.pair.natural_path, self.pair.other_path, self.pair.third_path)
+        if not 1 <= slot <= len(paths):
+            raise ValueError(f"slot must be 1 … {len(paths)} for a {study.protocol} trial, "
+                             f"got {slot}")
+        return paths[slot - 1]
 
 
 class JudgmentQuerySet(models.QuerySet):

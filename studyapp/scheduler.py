@@ -405,8 +405,10 @@ def _protocol_practice_pairs(
 
 def retest_count(study: Study, n_data: int) -> int:
     """How many of a session's ``n_data`` main data items are shown again (retests):
-    ``round(retest_fraction · n_data)``, at least one when the fraction is positive."""
-    if study.retest_fraction <= 0 or n_data <= 0:
+    ``round(retest_fraction · n_data)``, at least one when the fraction is positive. Rating
+    studies only: only their analysis reads retests (test–retest reliability), so no other
+    protocol shows an item twice or counts a judgment twice (``Study.clean`` refuses it)."""
+    if study.protocol != "rating" or study.retest_fraction <= 0 or n_data <= 0:
         return 0
     return min(n_data, max(1, round(study.retest_fraction * n_data)))
 

@@ -477,10 +477,8 @@ def _store(study: Study, manifest: Manifest, staging: Path) -> ImportSummary:
             continue  # already in place (re-import): leave it untouched
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / rel, dest)
-    stimulus_rows.prepare_study(study)  # decoded now, so no first serving is slower (issue 17)
-    # 2AFC copy B too (a side decoded at its first serving would be the slower one).
-    stimulus_rows.prepare(study.pairs.exclude(third_path="").values_list("third_path",
-                                                                          flat=True))
+    # Decoded now (2AFC copy B included), so no first serving is slower (issues 17, 18).
+    stimulus_rows.prepare_study(study)
     return ImportSummary(created, updated, unchanged, len(conditions), untrained)
 
 

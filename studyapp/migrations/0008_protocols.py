@@ -59,7 +59,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='study',
             name='retest_fraction',
-            field=models.FloatField(default=0.0, help_text="Share of a session's main items shown a second time later in the session (test–retest reliability; rating protocol).", validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
+            field=models.FloatField(default=0.0, help_text="Rating studies: share of a session's main items shown a second time later in the session (test–retest reliability); other protocols must leave it 0.", validators=[django.core.validators.MinValueValidator(0.0), django.core.validators.MaxValueValidator(1.0)]),
         ),
         migrations.AddField(
             model_name='trial',

@@ -432,6 +432,17 @@ def test_no_retests_by_default_and_jnd_sessions_are_unchanged(make_study, new_se
     assert "protocol" not in _state(session)["study"]
 
 
+def test_retests_are_for_rating_studies_only(media_root):
+    from django.core.exceptions import ValidationError
+
+    study = make_protocol_study(media_root, "2afc", retest_fraction=0.5, trials_per_session=8,
+                                practice_trials=1)
+    with pytest.raises(ValidationError, match="retests .* are for rating studies"):
+        study.full_clean()
+    session = _session(study)  # a stored setting is ignored: no judgment counted twice
+    assert not session.trials.filter(is_repeat=True).exists()
+
+
 # ------------------------------------------------------------------------------ cold timing
 
 TIMING_SIZE = 224
