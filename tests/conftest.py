@@ -6,6 +6,12 @@ Where one is missing the test is skipped with the reason, on a laptop; with ``CI
 the environment it FAILS instead, so CI can never go green by skipping. The fixtures
 ``chromium_executable``, ``postgres_bin_dir`` and ``redis_server_executable`` give the found
 paths. Servers themselves: :mod:`tests.support`.
+
+Parallel runs (``make test`` runs pytest-xdist workers, see the README): every server a test
+starts listens on a free port, each worker has its own test database (pytest-django), and
+:func:`own_var_dir` gives each test process its own ``var`` folder (media, stimulus rows,
+analysis output), so workers never share a file. Under xdist the slowest tests are sent out
+first (:func:`pytest_collection_modifyitems`), so that none of them starts last and runs alone.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from django.test.utils import override_settings
 
 from tests.support.pgserver import find_bin_dir
 from tests.support.redisserver import find_redis
@@ -65,6 +72,26 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "redis: needs Debian's redis-server")
 
 
+# Tests that take tens of seconds (``--durations`` of a CI run), beyond those marked
+# ``browser``/``postgres``/``redis``/``slow``: under xdist they are handed out first.
+SLOW_MARKERS = ("browser", "postgres", "redis", "slow")
+
+
+def _slowness(item: pytest.Item) -> int:
+    """0 for the long tests (real browsers, servers, subprocesses), 1 for the rest."""
+    return 0 if any(item.get_closest_marker(m) for m in SLOW_MARKERS) else 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist, run the long tests first (a stable sort: each group keeps its order).
+
+    xdist hands tests out in collection order; a two-minute browser session collected last
+    would run alone at the end while the other workers idle. Longest first is the classic
+    schedule for that (LPT). Every worker collects, and sorts, identically (xdist checks)."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=_slowness)
+
+
 def missing(reason: str) -> None:
     """Skip the current test, or fail it under ``CI=true``."""
     if running_in_ci():
@@ -76,6 +103,19 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     for marker, (find, reason) in REQUIREMENTS.items():
         if item.get_closest_marker(marker) is not None and find() is None:
             missing(reason)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_var_dir(tmp_path_factory: pytest.TempPathFactory):
+    """This test process's own ``var`` folder (``settings.VAR_DIR``) and the defaults under it:
+    ``MEDIA_ROOT`` and ``PERCEPTLAB_ROWS_DIR``; tests that need a fresh one override these
+    again (``tests/studyapp/conftest.py``'s ``media_root``). Without it, parallel workers would
+    share the checkout's ``var/`` (stimulus rows, analysis CSVs of the same study slugs)."""
+    var = tmp_path_factory.mktemp("var")
+    with override_settings(
+        VAR_DIR=var, MEDIA_ROOT=var / "media", PERCEPTLAB_ROWS_DIR=var / "stimulus-rows"
+    ):
+        yield var
 
 
 @pytest.fixture(scope="session")
