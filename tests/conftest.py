@@ -28,6 +28,15 @@ from tests.support.redisserver import find_redis
 
 CHROMIUM_CANDIDATES = ("/usr/bin/chromium",)
 
+# One CPU thread per test process (this one, xdist workers, and the subprocesses tests start),
+# unless the environment says otherwise. Parallelism comes from the workers; PyTorch's
+# OpenMP threads on top oversubscribe the cores, and on a busy machine their spin-waits made
+# tiny-model training 6x slower (measured: the digits training of test_objectives 27.7 s with
+# torch's 2 threads beside other work, 4.7 s with 1; a PAT test 549 s in a serial run). Set
+# here, before anything imports torch (which reads the variable once).
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
 
 def running_in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
