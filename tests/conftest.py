@@ -81,13 +81,23 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "redis: needs Debian's redis-server")
 
 
-# Tests that take tens of seconds (``--durations`` of a CI run), beyond those marked
-# ``browser``/``postgres``/``redis``/``slow``: under xdist they are handed out first.
+# Under xdist, tests marked with one of these go first, and so do the unmarked ones below that
+# took 10-45 s in a parallel run (``--durations``; subprocesses, training). Only the order
+# depends on this list: a stale entry costs nothing but balance.
 SLOW_MARKERS = ("browser", "postgres", "redis", "slow")
+LONG_TESTS = (
+    "tests/engine/test_generate.py::",
+    "tests/engine/test_train.py::test_ddp_two_gloo_processes_match_one_process",
+    "tests/engine/test_train.py::test_resume_with_dropout_architecture_is_exact",
+    "tests/studyapp/test_commands.py::test_demo_builds_the_study_prints_links_and_reruns",
+    "tests/studyapp/test_production.py::",
+)
 
 
 def _slowness(item: pytest.Item) -> int:
     """0 for the long tests (real browsers, servers, subprocesses), 1 for the rest."""
+    if item.nodeid.startswith(LONG_TESTS):
+        return 0
     return 0 if any(item.get_closest_marker(m) for m in SLOW_MARKERS) else 1
 
 
