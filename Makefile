@@ -5,6 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1:8000
 PYTEST_ARGS ?=
+# `make test` runs the suite in parallel (pytest-xdist): TEST_WORKERS processes, each with its
+# own test database and var folder (tests/conftest.py). Tests are handed out two at a time,
+# longest first, so no browser session starts last. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: setup demo serve test lint clean
 
@@ -30,7 +34,7 @@ serve: setup
 	$(VENV)/bin/gunicorn studyapp.wsgi -k gthread -w $(WORKERS) --threads $(THREADS) -b $(HOST)
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist load --maxschedchunk 2 $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check engine studyapp tests bench manage.py

@@ -234,9 +234,12 @@ def psychometric_curves(calibration_or_frames, *, n_points: int = 200, **calibra
                          "target": t["target"], "bound": t["bound"], "low": t["low"],
                          "high": t["high"]})
             if np.isfinite(t["bound"]):
-                ax.errorbar([t["bound"]], [t["target"]], xerr=[[t["bound"] - t["low"]],
-                            [t["high"] - t["bound"]]], fmt="s", color=f"C{k + 1}", capsize=3,
-                            label=f"{t['label']} = {t['bound']:.3g}")
+                # A percentile bootstrap interval (few resamples) may miss its point estimate:
+                # the bar then ends at the point (matplotlib refuses negative lengths); the
+                # frame keeps the interval as computed.
+                ax.errorbar([t["bound"]], [t["target"]], xerr=[[max(t["bound"] - t["low"], 0)],
+                            [max(t["high"] - t["bound"], 0)]], fmt="s", color=f"C{k + 1}",
+                            capsize=3, label=f"{t['label']} = {t['bound']:.3g}")
         ax.axhline(c.fit.guess_rate, color="gray", lw=0.6, ls=":")
         ax.set(xscale="log", ylim=(0, 1), xlabel="bound", ylabel="P(different)", title=tm)
         ax.xaxis.set_minor_formatter(NullFormatter())

@@ -116,6 +116,22 @@ def test_psychometric_curves_data_equal_calibration(study):
     assert th.loc[("linf", "p50"), "bound"] == cal.presets()["linf"]["p50"]
 
 
+def test_a_threshold_interval_that_misses_its_point_is_drawn_and_kept(study):
+    """A percentile bootstrap interval of few resamples may lie beside its point estimate
+    (seen on the dashboard with ``--n-boot 5``): the figure renders, the frame keeps it."""
+    import copy
+
+    pairs, judgments, _ = study
+    cal = copy.deepcopy(calibrate(pairs, judgments, n_boot=30))
+    thresholds = cal.threat_models["linf"].thresholds
+    bound = thresholds["bound"].iloc[0]
+    thresholds.loc[thresholds.index[0], ["low", "high"]] = [bound * 1.01, bound * 1.2]
+    fig, data = psychometric_curves(cal)
+    check_renders(fig)
+    row = data[(data.kind == "threshold") & (data.threat_model == "linf")].iloc[0]
+    assert (row["low"], row["high"]) == (bound * 1.01, bound * 1.2)
+
+
 def test_bad_input():
     with pytest.raises(ValueError):
         fig4c_distance_correlations("not a report")

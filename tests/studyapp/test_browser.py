@@ -258,6 +258,7 @@ def test_an_mturk_worker_previews_accepts_and_submits_the_hit(
     study = make_study(
         trials_per_session=3, sentinel_fraction=0.34, practice_trials=2, catch_pairs=2,
         consent_text="You agree that your answers are stored anonymously.",
+        first_ms=300, second_ms=300,  # (CI time; switches are checked against these)
     )
     base = f"{live_server.url}/study/{study.slug}/"
     page = browser.new_page(viewport={"width": 200, "height": 200})
@@ -417,8 +418,9 @@ def test_a_prolific_session_survives_network_loss_and_a_reload_with_frame_accura
         trials_per_session=n_main, sentinel_fraction=0.05, practice_trials=n_practice,
         break_every=25, prolific_completion_code="C0DE-42",
         # shorter images than the default 1000 ms keep 42 presentations within CI's time;
-        # frames are checked against the study's own durations, whatever they are
-        first_ms=500, second_ms=500,
+        # frames are checked against the study's own durations, whatever they are (300 ms is
+        # 18 frames at 60 Hz; every check is per frame)
+        first_ms=300, second_ms=300,
     )
     page = browser.new_page(viewport={"width": 1024, "height": 768})
     watch = Watcher(page)

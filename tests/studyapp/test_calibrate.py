@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from io import StringIO
 
 import numpy as np
@@ -164,7 +165,9 @@ def test_saturated_fit_is_flagged_by_calibrate_analyze_and_the_dashboard(make_st
     assert row.fit["flags"]["linf"][0].startswith("saturated")
     assert row.settings["guess_method"] == "joint" and row.settings["sentinel_limit"] == 0.5
     out = run("analyze", "--study", study.slug, "--include-simulated", "--n-boot", "10")
-    assert "linf: deviance 0 on 0 df, goodness-of-fit p n/a" in out
+    # (the deviance itself depends on which pairs the simulated sessions drew, i.e. on database
+    # ids, so on the tests run before in the same process: 0, or e.g. 0.384 at a bound)
+    assert re.search(r"linf: deviance [0-9.e+-]+ on 0 df, goodness-of-fit p n/a", out), out
     assert "WARNING linf: saturated" in out
     user = get_user_model().objects.create_user("staff", password="pw", is_staff=True)
     client.force_login(user)

@@ -44,6 +44,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _start(executable: str, folder: str, timeout: float) -> tuple[subprocess.Popen, int]:
+    """Start redis-server on a free port and wait for its PONG; ``(process, port)``.
+
+    The port is probed free, then bound by redis-server: another process (a parallel test
+    worker, another engineer's tests) may take it in between, and redis-server then exits at
+    once ("Address already in use"). That is retried on a new port, a few times."""
+    last = ""
+    for _attempt in range(5):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", folder, "--protected-mode", "yes"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return proc, port
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        last = proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
+        if "already in use" not in last:
+            break
+    raise RedisUnavailable(f"redis-server did not start:\n{last}")
+
+
 @contextmanager
 def temporary_redis(
     executable: str | None = None, timeout: float = 20.0
@@ -53,32 +88,16 @@ def temporary_redis(
     if executable is None:
         raise RedisUnavailable("redis-server not found; install Debian's redis-server package")
     folder = tempfile.mkdtemp(prefix="perceptlab-redis-")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", folder, "--protected-mode", "yes"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                output = proc.stdout.read().decode(errors="replace")[-2000:] if proc.stdout else ""
-                raise RedisUnavailable(f"redis-server did not start:\n{output}")
-            time.sleep(0.05)
-        yield RedisServer(f"redis://127.0.0.1:{port}/0", proc.pid)
-    finally:
-        proc.terminate()
+        proc, port = _start(executable, folder, timeout)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield RedisServer(f"redis://127.0.0.1:{port}/0", proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    finally:
         shutil.rmtree(folder, ignore_errors=True)
