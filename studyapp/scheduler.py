@@ -98,7 +98,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import IntegrityError, transaction
-from django.db.models import Count, F, Max, Q
+from django.db.models import Count, F, Max, Min, Q
 from django.utils import timezone
 
 from . import adaptive, fastsql
@@ -242,12 +242,15 @@ def _candidates(
     """``(pair id, n_assigned)`` of data pairs with room, not in ``taken``: least-assigned
     first, ties in a random order drawn from ``rng`` (a random affine permutation of the ids,
     computed by the database, so that it can stop after the first few for a fixed study; an
-    adaptive study's hook needs them all)."""
+    adaptive study's hook needs them all). The permutation acts on ids counted from the study's
+    first pair, so a seeded run (``simulate_observers --seed``) draws the same order in any
+    database, whatever ids other studies took before."""
     a, b = rng.randrange(1, _PRIME), rng.randrange(_PRIME)
+    first = Pair.objects.filter(study=study).aggregate(first=Min("pk"))["first"] or 0
     rows = (
         _data_pairs(study).filter(n_assigned__lt=study.judgments_per_pair)
         .exclude(pk__in=taken)
-        .annotate(tie=(F("pk") * a + b) % _PRIME)
+        .annotate(tie=((F("pk") - first) * a + b) % _PRIME)
         .order_by("n_assigned", "tie")
         .values_list("pk", "n_assigned")
     )
