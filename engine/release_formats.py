@@ -15,7 +15,13 @@ and ``score_2afc_dataset``)::
 
 The authors' loader pairs the four folders by *sorted position*, so the names must be the same
 in every folder (zero-padded indices here); :func:`read_bapps_2afc` pairs by name and refuses a
-folder where they differ rather than mispairing silently.
+folder where they differ rather than mispairing silently. Checked on 2026-12-02 against
+richzhang/PerceptualSimilarity @ 082bb24f (``data/dataset/twoafc_dataset.py``,
+``data/image_folder.py``, ``lpips/trainer.py``): folder names ``ref``/``p0``/``p1``/``judge``,
+images ``.jpg .jpeg .png .ppm .bmp`` (either case), judges ``.npy`` holding one value that
+``score_2afc_dataset`` documents as the fraction preferring p1 — as written here. DreamSim's
+BAPPS reader (ssundaram21/dreamsim ``evaluation/eval_datasets.py``) opens ``<judge stem>.png``
+in ref/, p0/ and p1/, so images are always written as PNG.
 
 NIGHTS (Fu et al., NeurIPS 2023, DreamSim; the DreamSim repository's ``TwoAFCDataset`` and
 ``score_nights_dataset``)::

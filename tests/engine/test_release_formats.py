@@ -109,6 +109,12 @@ def test_bapps_2afc_export_loads_with_the_authors_loader(triplets, tmp_path):
             assert np.array_equal(_pixels_of(item[key] * 0.5 + 0.5), load_pixels(source)), key
         assert item["judge"].shape == (1, 1, 1)
         assert float(item["judge"]) == float(np.float32(t.n_b / t.n))
+    # DreamSim's own BAPPS reader (ssundaram21/dreamsim @ db4d16c, evaluation/eval_datasets.py,
+    # BAPPSDataset) lists judge/ flat and opens <stem>.png in ref/, p0/ and p1/: so PNG only
+    for judge in (out / "judge").iterdir():
+        stem = judge.name.split(".")[0]
+        assert all((out / sub / f"{stem}.png").is_file() for sub in ("ref", "p0", "p1"))
+    assert {p.suffix for sub in ("ref", "p0", "p1") for p in (out / sub).iterdir()} == {".png"}
     # PNG sources are copied byte for byte; the JPEG is re-encoded losslessly from its pixels
     assert (out / "p1" / "000008.png").read_bytes() == Path(triplets[8].b).read_bytes()
     index = list(csv.DictReader((out / "triplets.csv").open()))
