@@ -52,10 +52,11 @@ What each column is, and where that comes from (read 2026-12-02):
   ``data/dream_sim/prepare.py`` (pandas: ``ref_path``, ``left_path``, ``right_path``,
   ``left_vote``, ``right_vote``, ``prompt``, ``split``); candemircan/naturalcogsci @ 57397385
   ``bin/analyse_nights.py`` (pandas: ``votes >= 6``, ``~is_imagenet`` — a boolean column —,
-  ``split``, the three paths, ``left_vote == 1``). Positions 1 and 3 are read by no one we
-  found; ``left_vote`` and ``votes`` there are the order public readers assume, not verified
-  against the released file. ``prompt`` (NIGHTS: the Stable Diffusion prompt, "An image of a
-  <category>") goes last, so no position the authors read moves; it is empty where unknown.
+  ``split``, the three paths, ``left_vote == 1``). Positions 1 and 3 are read by no code we
+  found (by-name readers do not care), so ``left_vote`` at 1 and ``votes`` at 3 are an
+  assumption, not checked against the released file. ``prompt`` (NIGHTS: the Stable Diffusion
+  prompt, "An image of a <category>"; Mantis' reader fails without it) goes last, so no
+  position the authors read moves; it is empty where unknown.
 
 Values: ``left_vote``/``right_vote`` are the fractions of votes for the left (A) and right (B)
 image, written ``0``/``1`` when unanimous (as the released file: UniIR's reader compares the
