@@ -15,7 +15,13 @@ and ``score_2afc_dataset``)::
 
 The authors' loader pairs the four folders by *sorted position*, so the names must be the same
 in every folder (zero-padded indices here); :func:`read_bapps_2afc` pairs by name and refuses a
-folder where they differ rather than mispairing silently.
+folder where they differ rather than mispairing silently. Checked on 2026-12-02 against
+richzhang/PerceptualSimilarity @ 082bb24f (``data/dataset/twoafc_dataset.py``,
+``data/image_folder.py``, ``lpips/trainer.py``): folder names ``ref``/``p0``/``p1``/``judge``,
+images ``.jpg .jpeg .png .ppm .bmp`` (either case), judges ``.npy`` holding one value that
+``score_2afc_dataset`` documents as the fraction preferring p1 — as written here. DreamSim's
+BAPPS reader (ssundaram21/dreamsim ``evaluation/eval_datasets.py``) opens ``<judge stem>.png``
+in ref/, p0/ and p1/, so images are always written as PNG.
 
 NIGHTS (Fu et al., NeurIPS 2023, DreamSim; the DreamSim repository's ``TwoAFCDataset`` and
 ``score_nights_dataset``)::
@@ -24,14 +30,47 @@ NIGHTS (Fu et al., NeurIPS 2023, DreamSim; the DreamSim repository's ``TwoAFCDat
     OUT/distort/XXX/YYY_0.png  A, shown on the left
     OUT/distort/XXX/YYY_1.png  B, shown on the right
     OUT/data.csv               id,left_vote,right_vote,votes,ref_path,left_path,right_path,
-                               split,is_imagenet
+                               split,is_imagenet,prompt
     OUT/triplets.csv           ours, as above
 
-``left_vote``/``right_vote`` are the fractions of votes for the left (A) and right (B) image,
-``votes`` the number of judgments. The authors' loader reads ``data.csv`` by column *position*
-(0 = id, 2 = right_vote, 4..6 = the three paths), filters ``votes >= 6`` (their unanimity
-filter; we write every item, with its real vote count) and ``split``; the column order above
-is therefore part of the format.
+What each column is, and where that comes from (read 2026-12-02):
+
+- github.com/ssundaram21/dreamsim @ db4d16c6 ``dataset/dataset.py`` (``TwoAFCDataset``): reads
+  ``data.csv`` with pandas, keeps rows with ``votes >= 6``, then the split (``train``, ``val``,
+  ``test``; ``test_imagenet``/``test_no_imagenet`` = ``split == "test"`` and ``is_imagenet``
+  ``== True``/``False``), and reads the rest by *position*: 0 = id, 2 = p (the target),
+  4/5/6 = reference/left/right path. ``training/train.py`` counts ``p >= 0.5`` as "the right
+  image is closer" (``dist_1 < dist_0``), so p is the fraction that chose the **right** image.
+  ``dataset/README.md`` gives the ref/XXX/YYY.png, distort/XXX/YYY_{0,1}.png layout. (Its
+  first release, 077b5571 of 2023-06-15, had no plain ``test`` split; the two ImageNet splits
+  work in both.)
+- The names, beyond ``votes``/``split``/``is_imagenet``, come from readers of the released
+  file by name: TIGER-AI-Lab/UniIR @ 669475c4 ``src/data/preprocessing/
+  nights_data_preprocessor.py`` (``csv.DictReader``: ``id``, ``ref_path``, ``left_path``,
+  ``right_path``, ``split``, ``is_imagenet``, and ``right_vote`` compared with the *text*
+  ``"0"``/``"1"``, refusing anything else); TIGER-AI-Lab/Mantis @ 44d20bf6
+  ``data/dream_sim/prepare.py`` (pandas: ``ref_path``, ``left_path``, ``right_path``,
+  ``left_vote``, ``right_vote``, ``prompt``, ``split``); candemircan/naturalcogsci @ 57397385
+  ``bin/analyse_nights.py`` (pandas: ``votes >= 6``, ``~is_imagenet`` — a boolean column —,
+  ``split``, the three paths, ``left_vote == 1``). Positions 1 and 3 are read by no code we
+  found (by-name readers do not care), so ``left_vote`` at 1 and ``votes`` at 3 are an
+  assumption, not checked against the released file. ``prompt`` (NIGHTS: the Stable Diffusion
+  prompt, "An image of a <category>"; Mantis' reader fails without it) goes last, so no
+  position the authors read moves; it is empty where unknown.
+
+Values: ``left_vote``/``right_vote`` are the fractions of votes for the left (A) and right (B)
+image, written ``0``/``1`` when unanimous (as the released file: UniIR's reader compares the
+text) and ``repr(float)`` otherwise; ``votes`` is the true number of judgments; ``is_imagenet``
+is ``True``/``False`` (pandas reads a boolean column).
+
+Fewer than 6 votes. DreamSim's loader drops every row with ``votes < 6`` (their unanimity
+filter), so a study with fewer judgments per triplet would load as an *empty* dataset, with no
+error. :func:`write_nights` therefore refuses triplets with fewer than
+:data:`NIGHTS_MIN_VOTES` votes unless ``min_votes`` is chosen: ``min_votes=6`` writes only the
+triplets DreamSim's loader keeps; a smaller value writes every triplet with at least that many
+votes, with its true count, and warns (:class:`NightsVotesWarning`) that DreamSim's loader, as
+published, will not see those below 6 (read them with ``read_nights(min_votes=…)`` or filter
+``votes >= K`` yourself). We never write an inflated vote count.
 
 Images are PNG, lossless: a PNG source file is copied byte for byte, any other source (or an
 array) is written from its decoded 8-bit RGB pixels. Writers stage into a hidden sibling folder
@@ -47,6 +86,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,6 +102,8 @@ from .errors import EngineError
 __all__ = [
     "INDEX_COLUMNS",
     "NIGHTS_COLUMNS",
+    "NIGHTS_MIN_VOTES",
+    "NightsVotesWarning",
     "ReleaseFormatError",
     "Triplet",
     "bapps_2afc_score",
@@ -77,9 +119,13 @@ ImageSource = Path | str | np.ndarray
 
 #: Our index next to either layout (one row per item, in item order).
 INDEX_COLUMNS = ["index", "key", "n_judgments", "n_b"]
-#: NIGHTS ``data.csv`` columns, in the order the authors' loader reads by position.
+#: NIGHTS ``data.csv`` columns, in the order the authors' loader reads by position (0, 2,
+#: 4-6); ``prompt`` last, and optional when reading (our exports before it had none).
 NIGHTS_COLUMNS = ["id", "left_vote", "right_vote", "votes", "ref_path", "left_path",
-                  "right_path", "split", "is_imagenet"]
+                  "right_path", "split", "is_imagenet", "prompt"]
+_NIGHTS_REQUIRED = NIGHTS_COLUMNS[:-1]
+#: DreamSim's ``TwoAFCDataset`` keeps rows with ``votes >= 6`` (dataset/dataset.py).
+NIGHTS_MIN_VOTES = 6
 NIGHTS_SPLITS = ("train", "val", "test", "test_imagenet", "test_no_imagenet")
 #: Extensions the authors' ``make_dataset`` accepts as images (PerceptualSimilarity).
 BAPPS_IMAGE_EXTENSIONS = (".jpg", ".JPG", ".jpeg", ".JPEG", ".png", ".PNG", ".ppm", ".PPM",
@@ -93,6 +139,11 @@ class ReleaseFormatError(EngineError):
     """A folder that does not follow the layout, or records that cannot be written to it."""
 
 
+class NightsVotesWarning(UserWarning):
+    """A NIGHTS export holds triplets DreamSim's loader will not read (``votes < 6``), or
+    ``min_votes`` left triplets out."""
+
+
 @dataclass(frozen=True)
 class Triplet:
     """One 2AFC item.
@@ -101,7 +152,8 @@ class Triplet:
     NIGHTS left, B is ``p1`` / right. ``judge``: fraction of judgments that chose B, ``[0, 1]``.
     ``n``: number of judgments (``None`` where the layout does not store it: BAPPS without our
     index). ``key``: our stable item key (empty if unknown). ``name``: the item's index in its
-    folder (BAPPS file stem, NIGHTS ``id``). ``split``/``is_imagenet``: NIGHTS columns.
+    folder (BAPPS file stem, NIGHTS ``id``). ``split``/``is_imagenet``/``prompt``: NIGHTS
+    columns (``prompt``: the text the images were generated from; empty if unknown).
     """
 
     ref: ImageSource
@@ -113,6 +165,7 @@ class Triplet:
     name: str = ""
     split: str = "test"
     is_imagenet: bool = False
+    prompt: str = ""
 
     @property
     def n_b(self) -> int | None:
@@ -180,8 +233,10 @@ def _check_triplet(i: int, t: Triplet) -> None:
         if abs(judge * t.n - round(judge * t.n)) > JUDGE_TOLERANCE * t.n:
             raise ReleaseFormatError(f"{label}: judge {judge!r} is not a count out of "
                                      f"n = {t.n} judgments")
-    if "\n" in t.key or "\r" in t.key:
-        raise ReleaseFormatError(f"{label}: key must be one line")
+    for field in ("key", "prompt"):
+        text = getattr(t, field)
+        if "\n" in text or "\r" in text:
+            raise ReleaseFormatError(f"{label}: {field} must be one line")
 
 
 def _staging(out: Path) -> Path:
@@ -363,11 +418,62 @@ def _nights_paths(i: int) -> tuple[str, str, str]:
             f"distort/{group}/{item}_1.png")
 
 
-def write_nights(triplets: Sequence[Triplet], out: Path) -> int:
+def _vote_text(fraction: float) -> str:
+    """A vote fraction as NIGHTS writes it: ``0``/``1`` when unanimous, else ``repr``."""
+    return "0" if fraction == 0 else "1" if fraction == 1 else repr(fraction)
+
+
+def _nights_selection(triplets: list[Triplet], min_votes: int | None) -> list[Triplet]:
+    """The triplets to write, after the checks on vote counts (module docstring)."""
+    counts = [int(t.n) for t in triplets]
+    if min_votes is None:
+        few = [n for n in counts if n < NIGHTS_MIN_VOTES]
+        if few:
+            everything = len(few) == len(counts)
+            raise ReleaseFormatError(
+                f"{len(few)} of {len(counts)} triplets have fewer than {NIGHTS_MIN_VOTES} votes"
+                f" (fewest: {min(few)}); DreamSim's TwoAFCDataset keeps only rows with votes"
+                f" >= {NIGHTS_MIN_VOTES}, so it would "
+                + ("load an empty dataset" if everything else "silently leave them out")
+                + f". Choose min_votes (--min-votes): {NIGHTS_MIN_VOTES} writes only the"
+                " triplets DreamSim's loader keeps; a smaller value writes every triplet with at"
+                " least that many votes, with its true count, which DreamSim's loader as"
+                f" published does not read below {NIGHTS_MIN_VOTES} (filter votes >= K"
+                " yourself)")
+        return triplets
+    if isinstance(min_votes, bool) or int(min_votes) != min_votes or min_votes < 1:
+        raise ReleaseFormatError(f"min_votes must be a whole number of votes ≥ 1, got "
+                                 f"{min_votes!r}")
+    kept = [t for t, n in zip(triplets, counts, strict=True) if n >= min_votes]
+    if not kept:
+        raise ReleaseFormatError(f"no triplet has at least min_votes = {min_votes} votes "
+                                 f"(most: {max(counts)}); nothing to write")
+    if len(kept) < len(triplets):
+        warnings.warn(NightsVotesWarning(
+            f"min_votes = {min_votes}: {len(triplets) - len(kept)} of {len(triplets)} triplets"
+            f" have fewer votes and are left out"), stacklevel=3)
+    below = sum(1 for t in kept if t.n < NIGHTS_MIN_VOTES)
+    if below:
+        warnings.warn(NightsVotesWarning(
+            f"{below} of {len(kept)} written triplets have fewer than {NIGHTS_MIN_VOTES} votes"
+            f" (min_votes = {min_votes}); DreamSim's TwoAFCDataset drops rows with votes <"
+            f" {NIGHTS_MIN_VOTES}, so it "
+            + ("loads none of them" if below == len(kept) else f"reads only {len(kept) - below}")
+            + f"; filter votes >= {min_votes} yourself (read_nights(min_votes=...), "
+            f"import_dataset --nights --min-votes {min_votes})"), stacklevel=3)
+    return kept
+
+
+def write_nights(triplets: Sequence[Triplet], out: Path, *,
+                 min_votes: int | None = None) -> int:
     """Write ``triplets`` in the NIGHTS layout at ``out`` (new or empty); returns the count.
 
     Every triplet needs ``n`` (NIGHTS stores the vote count); ``split`` must be train, val or
-    test. Item ``i`` gets ``id`` ``i``. Nothing is left at ``out`` on any error.
+    test. ``min_votes`` (votes): ``None`` refuses any triplet with fewer than
+    :data:`NIGHTS_MIN_VOTES` (DreamSim's loader would drop it without a word); a number keeps
+    the triplets with at least that many votes and warns (:class:`NightsVotesWarning`) about
+    those left out and those DreamSim's loader will not read. Written items get ``id`` 0, 1, …
+    in the given order. Nothing is left at ``out`` on any error.
     """
     triplets = list(triplets)
     if not triplets:
@@ -380,6 +486,7 @@ def write_nights(triplets: Sequence[Triplet], out: Path) -> int:
         if t.split not in ("train", "val", "test"):
             raise ReleaseFormatError(f"triplet {i}: split must be train, val or test, got "
                                      f"{t.split!r}")
+    triplets = _nights_selection(triplets, min_votes)
     out = Path(out)
     staging = _staging(out)
     try:
@@ -392,8 +499,8 @@ def write_nights(triplets: Sequence[Triplet], out: Path) -> int:
                      for src, rel in zip((t.ref, t.a, t.b), paths, strict=True)]
             _same_size(f"triplet {i}" + (f" ({t.key})" if t.key else ""), sizes)
             n, n_b = int(t.n), t.n_b  # fractions from the counts: left + right is exactly 1
-            rows.append([i, repr((n - n_b) / n), repr(n_b / n), n, *paths, t.split,
-                         "True" if t.is_imagenet else "False"])
+            rows.append([i, _vote_text((n - n_b) / n), _vote_text(n_b / n), n, *paths, t.split,
+                         "True" if t.is_imagenet else "False", t.prompt])
         _write_csv(staging / "data.csv", NIGHTS_COLUMNS, rows)
         _write_csv(staging / "triplets.csv", INDEX_COLUMNS,
                    _index_rows(triplets, [str(i) for i in range(len(triplets))]))
@@ -428,7 +535,8 @@ def read_nights(folder: Path, *, split: str | None = None, min_votes: int = 0) -
     ``split``: keep one split as the authors' loader does (train, val, test, test_imagenet,
     test_no_imagenet); ``None`` keeps all. ``min_votes``: keep items with at least this many
     votes (the authors' loader uses 6). Columns are read by name and checked: fractions in
-    ``[0, 1]`` that sum to one, an integer vote count, paths inside the folder that exist.
+    ``[0, 1]`` that sum to one, an integer vote count, paths inside the folder that exist;
+    ``prompt`` may be absent (empty then).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -443,7 +551,7 @@ def read_nights(folder: Path, *, split: str | None = None, min_votes: int = 0) -
         reader = csv.DictReader(f)
         header = reader.fieldnames or []
         rows = list(reader)
-    lost = [c for c in NIGHTS_COLUMNS if c not in header]
+    lost = [c for c in _NIGHTS_REQUIRED if c not in header]
     if lost:
         raise ReleaseFormatError(f"{table}: columns {lost} are missing (NIGHTS has "
                                  f"{', '.join(NIGHTS_COLUMNS)})")
@@ -478,7 +586,8 @@ def read_nights(folder: Path, *, split: str | None = None, min_votes: int = 0) -
                     a=_inside(folder, row["left_path"], where),
                     b=_inside(folder, row["right_path"], where),
                     judge=right, n=int(votes) if votes >= 1 else None, name=row["id"],
-                    split=row["split"], is_imagenet=is_imagenet)
+                    split=row["split"], is_imagenet=is_imagenet,
+                    prompt=row.get("prompt") or "")
         out.append(_apply_index(t, index.get(row["id"]), str(folder)))
     return out
 

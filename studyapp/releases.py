@@ -722,11 +722,16 @@ def export_bapps_2afc(study: Study, out: Path, *, include_simulated: bool = Fals
         raise ReleaseError(str(exc)) from exc
 
 
-def export_nights(study: Study, out: Path, *, include_simulated: bool = False) -> int:
-    """Judged 2AFC triplets in DreamSim's NIGHTS layout (copy A left, copy B right)."""
+def export_nights(study: Study, out: Path, *, include_simulated: bool = False,
+                  min_votes: int | None = None) -> int:
+    """Judged 2AFC triplets in DreamSim's NIGHTS layout (copy A left, copy B right).
+
+    ``min_votes`` as in :func:`engine.release_formats.write_nights`: by default a triplet with
+    fewer than 6 votes (which DreamSim's loader drops) is refused with the reason.
+    """
     triplets = twoafc_triplets(study, include_simulated=include_simulated, layout="NIGHTS")
     try:
-        return write_nights(triplets, out)
+        return write_nights(triplets, out, min_votes=min_votes)
     except ReleaseFormatError as exc:
         raise ReleaseError(str(exc)) from exc
 

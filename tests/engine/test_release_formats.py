@@ -4,10 +4,12 @@ scores equal ours, reading back gives the same records, and bad input is refused
 from __future__ import annotations
 
 import csv
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +18,8 @@ from skimage import data as skdata
 from engine.distances import l2_distance, ssim
 from engine.release_formats import (
     NIGHTS_COLUMNS,
+    NIGHTS_MIN_VOTES,
+    NightsVotesWarning,
     ReleaseFormatError,
     Triplet,
     bapps_2afc_score,
@@ -105,6 +109,12 @@ def test_bapps_2afc_export_loads_with_the_authors_loader(triplets, tmp_path):
             assert np.array_equal(_pixels_of(item[key] * 0.5 + 0.5), load_pixels(source)), key
         assert item["judge"].shape == (1, 1, 1)
         assert float(item["judge"]) == float(np.float32(t.n_b / t.n))
+    # DreamSim's own BAPPS reader (ssundaram21/dreamsim @ db4d16c, evaluation/eval_datasets.py,
+    # BAPPSDataset) lists judge/ flat and opens <stem>.png in ref/, p0/ and p1/: so PNG only
+    for judge in (out / "judge").iterdir():
+        stem = judge.name.split(".")[0]
+        assert all((out / sub / f"{stem}.png").is_file() for sub in ("ref", "p0", "p1"))
+    assert {p.suffix for sub in ("ref", "p0", "p1") for p in (out / sub).iterdir()} == {".png"}
     # PNG sources are copied byte for byte; the JPEG is re-encoded losslessly from its pixels
     assert (out / "p1" / "000008.png").read_bytes() == Path(triplets[8].b).read_bytes()
     index = list(csv.DictReader((out / "triplets.csv").open()))
@@ -164,9 +174,18 @@ def test_bapps_2afc_without_our_index_reads_like_the_authors(triplets, tmp_path)
 # ------------------------------------------------------------------------------ NIGHTS
 
 
+def _write_nights_quietly(triplets, out, **kwargs) -> int:
+    """write_nights with a NightsVotesWarning expected (the fixture's item 2 has 3 votes)."""
+    with pytest.warns(NightsVotesWarning):
+        return write_nights(triplets, out, **kwargs)
+
+
 def test_nights_export_loads_with_the_authors_loader(triplets, tmp_path):
     out = tmp_path / "nights"
-    assert write_nights(triplets, out) == len(triplets)
+    # min_votes=1 writes every triplet with its true count, and says which DreamSim won't see
+    with pytest.warns(NightsVotesWarning, match="1 of 10 written triplets have fewer than 6 "
+                      "votes.*reads only 9"):
+        assert write_nights(triplets, out, min_votes=1) == len(triplets)
     header = next(csv.reader((out / "data.csv").open()))
     assert header == NIGHTS_COLUMNS
     dataset = nights.TwoAFCDataset(str(out), split="test", preprocess="SSIM")
@@ -194,24 +213,131 @@ def test_nights_export_loads_with_the_authors_loader(triplets, tmp_path):
     assert read_nights(out, split="train") == []
 
 
+def test_nights_csv_is_what_readers_of_the_released_file_expect(triplets, tmp_path):
+    """The by-name uses of NIGHTS' data.csv in public code (cited in tests/oracles/nights.py),
+    checked on our file: the names, the text of unanimous votes, a boolean is_imagenet."""
+    triplets = [replace(t, prompt=f"An image of a photo {i}") for i, t in enumerate(triplets)]
+    out = tmp_path / "nights"
+    _write_nights_quietly(triplets, out, min_votes=1)
+    rows = list(csv.DictReader((out / "data.csv").open(newline="")))
+    # UniIR (csv.DictReader) takes right_vote "0" as "left chosen", "1" as "right chosen"
+    # and refuses any other text: unanimous items must be written exactly so
+    unanimous = [(r, t) for r, t in zip(rows, triplets, strict=True) if t.n_b in (0, t.n)]
+    assert len(unanimous) == 2  # item 4 (8 of 8 chose B) and item 5 (0 of 8)
+    for row, t in unanimous:
+        assert row["right_vote"] == ("1" if t.n_b == t.n else "0")
+        assert row["left_vote"] == ("0" if t.n_b == t.n else "1")
+    for row, t in zip(rows, triplets, strict=True):  # split votes: the exact fraction
+        assert float(row["right_vote"]) == t.n_b / t.n
+        assert float(row["left_vote"]) + float(row["right_vote"]) == 1.0
+        assert row["prompt"] == t.prompt
+    # Mantis and naturalcogsci (pandas): every name there, is_imagenet a boolean column
+    frame = pd.read_csv(out / "data.csv")
+    for name in ("id", "ref_path", "left_path", "right_path", "left_vote", "right_vote",
+                 "votes", "split", "is_imagenet", "prompt"):
+        assert name in frame.columns, name
+    assert frame["is_imagenet"].dtype == bool
+    assert frame["votes"].dtype.kind == "i"
+    test_no_imagenet = frame[(frame.votes >= 6) & (~frame.is_imagenet) & (frame.split == "test")]
+    assert test_no_imagenet["id"].tolist() == [i for i, t in enumerate(triplets)
+                                              if t.n >= 6 and not t.is_imagenet]
+    # the layout of the released files: ref/XXX/YYY.png, distort/XXX/YYY_{0,1}.png
+    assert rows[3]["ref_path"] == "ref/000/003.png"
+    assert (rows[3]["left_path"], rows[3]["right_path"]) == ("distort/000/003_0.png",
+                                                            "distort/000/003_1.png")
+    assert [t.prompt for t in read_nights(out)] == [t.prompt for t in triplets]
+
+
+def test_nights_unanimous_votes_load_as_integers_in_the_authors_loader(triplets, tmp_path):
+    # a file where every item is unanimous (as the released 20k): pandas reads right_vote as
+    # integers; their loader still returns a float32 target
+    unanimous = [replace(t, judge=float(i % 2), n=8) for i, t in enumerate(triplets[:4])]
+    out = tmp_path / "nights"
+    write_nights(unanimous, out)
+    assert pd.read_csv(out / "data.csv")["right_vote"].dtype.kind == "i"
+    dataset = nights.TwoAFCDataset(str(out), split="test", preprocess="SSIM")
+    got = [dataset[k][3] for k in range(len(dataset))]
+    assert [float(p) for p in got] == [0.0, 1.0, 0.0, 1.0]
+    assert all(p.dtype == np.float32 for p in got)
+
+
+def test_nights_export_with_fewer_than_6_votes_is_refused_unless_min_votes_says_what(
+        triplets, tmp_path):
+    """DreamSim's loader drops rows with votes < 6: never a silently empty (or thinned) file."""
+    assert NIGHTS_MIN_VOTES == 6
+    # some below 6: refused by default, with the count, the fewest and the way out
+    with pytest.raises(ReleaseFormatError, match=r"1 of 10 triplets have fewer than 6 votes "
+                       r"\(fewest: 3\).*votes >= 6.*silently leave them out.*min_votes"):
+        write_nights(triplets, tmp_path / "a")
+    # all below 6 (K = 3 judgments each): their loader would load nothing
+    few = [replace(t, judge=round(t.judge * 3) / 3, n=3) for t in triplets]
+    with pytest.raises(ReleaseFormatError, match="10 of 10 triplets.*load an empty dataset"):
+        write_nights(few, tmp_path / "b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sources"]  # nothing written
+
+    # min_votes=6 keeps DreamSim's semantics: only what their loader reads, all of it read
+    with pytest.warns(NightsVotesWarning, match="min_votes = 6: 1 of 10 triplets have fewer "
+                      "votes and are left out"):
+        assert write_nights(triplets, tmp_path / "c", min_votes=6) == 9
+    dataset = nights.TwoAFCDataset(str(tmp_path / "c"), split="test", preprocess="SSIM")
+    assert len(dataset) == 9
+    keys = [r["key"] for r in csv.DictReader((tmp_path / "c" / "triplets.csv").open())]
+    assert keys == [t.key for t in triplets if t.n >= 6]
+
+    # K = 3 with min_votes=3: written with the true count; the warning says DreamSim sees none
+    with pytest.warns(NightsVotesWarning, match="10 of 10 written triplets have fewer than 6 "
+                      "votes.*loads none of them.*votes >= 3"):
+        assert write_nights(few, tmp_path / "d", min_votes=3) == 10
+    assert len(nights.TwoAFCDataset(str(tmp_path / "d"), split="test")) == 0
+    assert [t.n for t in read_nights(tmp_path / "d", min_votes=3)] == [3] * 10
+    assert set(pd.read_csv(tmp_path / "d" / "data.csv")["votes"]) == {3}  # never inflated
+
+    # bad min_votes, or one that leaves nothing: refused, nothing written
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ReleaseFormatError, match="min_votes must be a whole number"):
+            write_nights(triplets, tmp_path / "e", min_votes=bad)
+    with pytest.raises(ReleaseFormatError, match=r"no triplet has at least min_votes = 10 "
+                       r"votes \(most: 9\)"):
+        write_nights(triplets, tmp_path / "e", min_votes=10)
+    assert not (tmp_path / "e").exists()
+    # with every triplet at 6 or more, min_votes=6 and the default write the same files, quietly
+    enough = [t for t in triplets if t.n >= 6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_nights(enough, tmp_path / "f")
+        write_nights(enough, tmp_path / "g", min_votes=6)
+    for name in ("data.csv", "triplets.csv"):
+        assert (tmp_path / "f" / name).read_bytes() == (tmp_path / "g" / name).read_bytes()
+
+
+def test_nights_reads_files_without_prompt(triplets, tmp_path):
+    # our exports before the prompt column: read as before, prompt empty
+    out = tmp_path / "nights"
+    write_nights(triplets[:2], out)
+    _rewrite_csv(out / "data.csv", lambda rows: [r[:-1] for r in rows])
+    assert [t.prompt for t in read_nights(out)] == ["", ""]
+    assert len(nights.TwoAFCDataset(str(out), split="test")) == 2
+
+
 def test_nights_score_equals_the_authors(triplets, tmp_path):
     out = tmp_path / "nights"
-    write_nights(triplets, out)
+    _write_nights_quietly(triplets, out, min_votes=6)
     dataset = nights.TwoAFCDataset(str(out), split="test", preprocess="SSIM")
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False)
     theirs = nights.score_nights_dataset(lambda a, b: l2_distance(a.double(), b.double()),
                                          loader, "cpu")
-    ours, _ = score_triplets(read_nights(out, split="test", min_votes=6), our_l2)
+    ours, _ = score_triplets(read_nights(out, split="test"), our_l2)
     assert ours == pytest.approx(float(theirs), abs=1e-6)
     assert 0.0 < ours < 1.0
 
 
 def test_nights_to_bapps_and_back_keeps_every_record(triplets, tmp_path):
-    # BAPPS has no split or is_imagenet (its split is the folder): they come back as defaults
+    # BAPPS has no split, is_imagenet or prompt (its split is the folder): they come back as
+    # defaults
     triplets = [replace(t, is_imagenet=False) for t in triplets]
-    write_nights(triplets, tmp_path / "nights")
+    _write_nights_quietly(triplets, tmp_path / "nights", min_votes=1)
     write_bapps_2afc(read_nights(tmp_path / "nights"), tmp_path / "bapps")
-    write_nights(read_bapps_2afc(tmp_path / "bapps"), tmp_path / "again")
+    _write_nights_quietly(read_bapps_2afc(tmp_path / "bapps"), tmp_path / "again", min_votes=1)
     assert (tmp_path / "nights" / "data.csv").read_bytes() == \
         (tmp_path / "again" / "data.csv").read_bytes()
     assert (tmp_path / "nights" / "triplets.csv").read_bytes() == \
@@ -236,7 +362,12 @@ def _left_behind(parent: Path) -> list[str]:
     return sorted(p.name for p in parent.iterdir())
 
 
-@pytest.mark.parametrize("writer", [write_bapps_2afc, write_nights])
+def _write_nights_any_votes(triplets, out) -> int:
+    return write_nights(triplets, out, min_votes=1)
+
+
+@pytest.mark.filterwarnings("ignore::engine.release_formats.NightsVotesWarning")
+@pytest.mark.parametrize("writer", [write_bapps_2afc, write_nights, _write_nights_any_votes])
 def test_writers_refuse_bad_records_and_leave_nothing(triplets, tmp_path, writer):
     parent = tmp_path / "exports"
     parent.mkdir()
@@ -249,10 +380,12 @@ def test_writers_refuse_bad_records_and_leave_nothing(triplets, tmp_path, writer
         ([Triplet(t.ref, t.a, t.b, judge=float("nan"), n=8)], "judge must be a fraction"),
         ([Triplet(t.ref, t.a, t.b, judge=0.4, n=3)], "not a count out of n = 3"),
         ([Triplet(t.ref, t.a, t.b, judge=0.5, n=0)], "positive integer"),
-        ([triplets[1], Triplet(t.ref, small, t.b, judge=0.5, n=2)], "same size"),
-        ([triplets[1], Triplet(t.ref, tmp_path / "nope.png", t.b, judge=0.5, n=2)],
+        ([triplets[1], Triplet(t.ref, small, t.b, judge=0.5, n=8)], "same size"),
+        ([triplets[1], Triplet(t.ref, tmp_path / "nope.png", t.b, judge=0.5, n=8)],
          "does not exist"),
-        ([Triplet(t.ref, t.a.astype(np.float32), t.b, judge=0.5, n=2)], "uint8"),
+        ([Triplet(t.ref, t.a.astype(np.float32), t.b, judge=0.5, n=8)], "uint8"),
+        ([Triplet(t.ref, t.a, t.b, judge=0.5, n=8, prompt="two\nlines")],
+         "prompt must be one line"),
     ]
     for records, message in cases:
         with pytest.raises(ReleaseFormatError, match=message):
@@ -261,7 +394,7 @@ def test_writers_refuse_bad_records_and_leave_nothing(triplets, tmp_path, writer
     out.mkdir()
     (out / "x").write_text("taken")
     with pytest.raises(ReleaseFormatError, match="not an empty folder"):
-        writer(triplets, out)
+        writer([t for t in triplets if t.n >= 6], out)
     assert _left_behind(parent) == ["out"] and _left_behind(out) == ["x"]
 
 

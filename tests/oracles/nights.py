@@ -11,9 +11,23 @@ are on purpose: ``data.csv`` is read with pandas and indexed by *position* (``il
 ``(d0 < d1)·(1 − p) + (d1 < d0)·p + (d1 == d0)·½`` with d0 = distance to the left image.
 Only ``logging``/``print``/``tqdm`` output is left out.
 
+Checked again on 2026-12-02 against a mirror of that commit (``git show db4d16c:`` of
+``dataset/dataset.py``, ``util/utils.py``, ``evaluation/score.py``): the restatement matches
+theirs step for step. Their first release (077b5571, 2023-06-15) accepted only
+``train``/``val`` among the plain splits (``test`` raised ``ValueError``);
+``test_imagenet``/``test_no_imagenet``, which ``evaluation/eval_percep.py`` uses, behave the
+same in both.
+
 The column *names* of ``data.csv`` are not in the authors' code beyond ``votes``, ``split`` and
-``is_imagenet``; the header ``id,left_vote,right_vote,votes,ref_path,left_path,right_path,split,
-is_imagenet`` is the one public NIGHTS readers use, and it agrees with those positions.
+``is_imagenet``. The other names come from readers of the released file by name:
+TIGER-AI-Lab/UniIR @ 669475c ``src/data/preprocessing/nights_data_preprocessor.py`` (``id``,
+``right_vote`` as the text ``"0"``/``"1"``, ``ref_path``, ``left_path``, ``right_path``,
+``split``, ``is_imagenet``), TIGER-AI-Lab/Mantis @ 44d20bf ``data/dream_sim/prepare.py``
+(``left_vote``, ``right_vote``, ``prompt`` and the paths) and candemircan/naturalcogsci @
+5739738 ``bin/analyse_nights.py`` (``votes >= 6``, ``~is_imagenet``, ``left_vote == 1``).
+They agree with the positions above; positions 1 and 3 (``left_vote``, ``votes`` in our
+header) are read by no code we found. ``tests/engine/test_release_formats.py`` checks our
+files against those by-name uses too (without copying that code).
 
 Licence of the original (MIT):
 

@@ -226,6 +226,29 @@ def test_nights_export_is_read_and_scored_like_dreamsim(twoafc, media_root, tmp_
         run("import_dataset", str(out), "--nights", "--slug", "none", "--min-votes", "50")
 
 
+def test_nights_export_with_fewer_than_6_votes_needs_min_votes(twoafc, tmp_path):
+    """DreamSim's loader keeps votes >= 6: a study with 3 votes a triplet is refused by default
+    (it would load empty), written with its true counts under --min-votes 3, with a warning."""
+    Session.objects.filter(participant__study=twoafc, participant__external_id__in=[
+        f"w{r}" for r in range(3, RATERS)]).update(excluded=True)
+    assert {n for n, _ in counted(twoafc).values()} == {3}
+    with pytest.raises(CommandError, match=r"3 of 3 triplets have fewer than 6 votes \(fewest:"
+                       r" 3\).*load an empty dataset.*--min-votes"):
+        run("export_dataset", "--study", "twoafc", str(tmp_path / "a"), "--nights")
+    assert not (tmp_path / "a").exists()
+    out, err = StringIO(), StringIO()
+    call_command("export_dataset", "--study", "twoafc", str(tmp_path / "b"), "--nights",
+                 "--min-votes", "3", stdout=out, stderr=err)
+    assert "Wrote 3 triplets in NIGHTS layout" in out.getvalue()
+    assert "Warning: 3 of 3 written triplets have fewer than 6 votes" in err.getvalue()
+    rows = list(csv.DictReader((tmp_path / "b" / "data.csv").open()))
+    assert [int(r["votes"]) for r in rows] == [3, 3, 3]
+    assert len(nights.TwoAFCDataset(str(tmp_path / "b"), split="test")) == 0  # as warned
+    with pytest.raises(CommandError, match="--min-votes goes with --nights"):
+        run("export_dataset", "--study", "twoafc", str(tmp_path / "c"), "--bapps-2afc",
+            "--min-votes", "3")
+
+
 def test_2afc_layouts_refuse_wrong_protocols_and_malformed_folders(twoafc, make_study,
                                                                    media_root, tmp_path):
     make_study("jnd-study")

@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from engine.release_formats import NightsVotesWarning
 from studyapp.releases import (
     ReleaseError,
     export_bapps_2afc,
@@ -43,6 +45,10 @@ class Command(BaseCommand):
         parser.add_argument("--include-simulated", action="store_true",
                             help="with --bapps-jnd/--bapps-2afc/--nights: count simulated"
                             " observers' judgments")
+        parser.add_argument("--min-votes", type=int, default=None,
+                            help="with --nights: write the triplets with at least this many"
+                            " votes (true counts). Without it a triplet with fewer than 6 votes"
+                            " is refused: DreamSim's loader keeps votes >= 6 only")
 
     def handle(self, *args, **opts):
         study = get_study(opts["study"])
@@ -50,10 +56,21 @@ class Command(BaseCommand):
         layouts = {"bapps_jnd": (export_bapps_jnd, "pairs in BAPPS JND"),
                    "bapps_2afc": (export_bapps_2afc, "triplets in BAPPS 2AFC"),
                    "nights": (export_nights, "triplets in NIGHTS")}
+        if opts["min_votes"] is not None and not opts["nights"]:
+            raise CommandError("--min-votes goes with --nights")
         try:
             for flag, (export, what) in layouts.items():
                 if opts[flag]:
-                    n = export(study, out, include_simulated=opts["include_simulated"])
+                    extra = {"min_votes": opts["min_votes"]} if flag == "nights" else {}
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always", NightsVotesWarning)
+                        n = export(study, out, include_simulated=opts["include_simulated"],
+                                   **extra)
+                    for w in caught:
+                        if issubclass(w.category, NightsVotesWarning):
+                            self.stderr.write(f"Warning: {w.message}")
+                        else:
+                            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
                     self.stdout.write(f"Wrote {n} {what} layout to {out}")
                     return
             counts = export_release(study, out, code_version=code_version())
