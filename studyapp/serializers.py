@@ -92,7 +92,8 @@ RESPONSE_DESCRIPTION = (
     "are `same` and `different`. Per protocol: jnd `same`, `different`; 2afc `left`, "
     "`right`; rating `1` … `N` (decimal digits as a string; N = the study's rating points, "
     "2 to 11); label one class name of the study's label set. Any other string is a 400 "
-    "(code `invalid`) naming the accepted answers."
+    "(code `invalid`) naming the accepted answers (one with a NUL character: code "
+    "`null_characters_not_allowed`)."
 )
 
 
@@ -174,7 +175,10 @@ class JudgmentInputSerializer(serializers.Serializer):
     durations = DurationsSerializer()
     display = DisplaySerializer(required=False)
     idempotency_key = JSONStringField(
-        min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length
+        min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length,
+        help_text="The client's id of this judgment (e.g. a UUID): re-sending the identical "
+        "body with it is a 200, another body with it a 409. Leading and trailing whitespace "
+        "is trimmed before the length is checked; NUL characters are a 400.",
     )
 
     def validate(self, attrs):

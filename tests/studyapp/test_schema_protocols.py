@@ -223,7 +223,7 @@ def test_what_a_protocol_refuses_is_a_documented_400_and_writes_nothing(
         error = response.json()
         assert not errors_of(error_schema, error), error
         assert error["code"] == "invalid"
-        assert error["error"].startswith(f"{field}"), error
+        assert error["error"].startswith(f"{field}." if field == "durations" else field), error
         assert set(error["fields"]) == {field}, error
         if field == "response":
             assert f"{answer!r} is not an answer of this" in error["error"]
