@@ -32,8 +32,11 @@ class ErrorSerializer(serializers.Serializer):
     )
 
 
-def errors(*statuses: int) -> dict[int, OpenApiResponse]:
-    """``{status: OpenApiResponse(ErrorSerializer)}`` for each status."""
+def errors(
+    *statuses: int, described: dict[int, str] | None = None
+) -> dict[int, OpenApiResponse]:
+    """``{status: OpenApiResponse(ErrorSerializer)}`` for each status; ``described``
+    (``{status: text}``) replaces the general descriptions for one endpoint."""
     text = {
         400: "Malformed body; `error` names the first bad field.",
         403: "Not allowed (not staff, or a missing CSRF token for a logged-in user).",
@@ -48,6 +51,7 @@ def errors(*statuses: int) -> dict[int, OpenApiResponse]:
     }
     # Every endpoint can meet a server failure or a database outage.
     statuses = (*statuses, *(s for s in (500, 503) if s not in statuses))
+    text.update(described or {})
     return {s: OpenApiResponse(ErrorSerializer, description=text.get(s, "")) for s in statuses}
 
 
@@ -91,6 +95,17 @@ class SessionStateViewSchema(OpenApiViewExtension):
         return Described
 
 
+# What the judgment POST's 400 and 404 mean there (studyapp.participant_api.JudgmentCreateView).
+JUDGMENT_ERRORS = {
+    400: "Malformed body (checked before the token: also for an unknown session), or a "
+    "`response` or `durations` the session's protocol does not accept: `error` names the "
+    "field and what is accepted, e.g. \"response: 'same' is not an answer of this 2afc "
+    "study; use one of 'left', 'right'\" or \"durations.blank_ms: a label trial has no blank "
+    "phase; send only first_ms (or null)\". Nothing was written.",
+    404: "Unknown session token, or no trial at this position. Nothing was written.",
+}
+
+
 class JudgmentCreateViewSchema(OpenApiViewExtension):
     target_class = "studyapp.participant_api.JudgmentCreateView"
 
@@ -105,7 +120,7 @@ class JudgmentCreateViewSchema(OpenApiViewExtension):
                     200: OpenApiResponse(
                         JudgmentSerializer, description="Identical retry: already stored."
                     ),
-                    **errors(400, 404, 409, 413, 429),
+                    **errors(400, 404, 409, 413, 429, described=JUDGMENT_ERRORS),
                 },
             )
             def post(self, request, token):

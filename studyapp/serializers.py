@@ -78,50 +78,65 @@ class JSONBooleanField(serializers.BooleanField):
         return data
 
 
-# The OpenAPI schema describes the default protocol's body exactly (JND: the enum below, all
-# three phases), as it did before protocols, and says in words what the others send: a JSON
-# schema cannot name every study's answers (a label set), and schema-driven clients (and the
-# schema fuzz test) should produce JND bodies by default.
-@extend_schema_field({
-    "type": "string",
-    "enum": ["same", "different"],
-    "description": "One of the session's protocol's answers (session state: "
-    "study.protocol.answers). The enum is JND's; 2AFC answers left or right, rating 1 … N, "
-    "a label study one class of its label set. Anything else is a 400 naming the accepted "
-    "answers.",
-})
+# What the OpenAPI schema says of ``response``: what the server accepts across protocols, a
+# non-empty string of at most 200 characters (minLength/maxLength come from the field), with
+# each protocol's answers in words. Not an enum or a oneOf/anyOf of the protocols' answer sets:
+# a label study's answers are its label set, any strings, so the union of every protocol's
+# answers is "any string" and a union schema would validate nothing more while client
+# generators turn it into wrapper types; a oneOf would even be false ("same" can be a label).
+# The exact answers of one session are in its state (study.protocol.answers).
+RESPONSE_DESCRIPTION = (
+    "One of the answers of the session's protocol, exactly (case and spaces count). Each "
+    "session's answers are in its state, GET /api/sessions/{token}/: "
+    "`study.protocol.answers`; a JND study's state has no `study.protocol` and its answers "
+    "are `same` and `different`. Per protocol: jnd `same`, `different`; 2afc `left`, "
+    "`right`; rating `1` … `N` (decimal digits as a string; N = the study's rating points, "
+    "2 to 11); label one class name of the study's label set. Any other string is a 400 "
+    "(code `invalid`) naming the accepted answers (one with a NUL character: code "
+    "`null_characters_not_allowed`)."
+)
+
+
+@extend_schema_field({"type": "string", "description": RESPONSE_DESCRIPTION, "example": "same"})
 class ResponseField(JSONStringField):
     """A judgment's ``response``: a string, checked against the protocol by the serializer."""
 
 
-def _ms(max_value: float) -> JSONNumberField:
-    return JSONNumberField(min_value=0, max_value=max_value)
+def _ms(max_value: float, **kwargs) -> JSONNumberField:
+    return JSONNumberField(min_value=0, max_value=max_value, **kwargs)
 
 
 class DurationsSerializer(serializers.Serializer):
     """On-screen durations measured by the browser (differences of rAF timestamps), in ms.
 
     ``first_ms`` always; ``blank_ms`` and ``second_ms`` only for protocols with a second image
-    (JND, rating pairs), where they are required: :class:`JudgmentInputSerializer` checks
-    them against the session's protocol."""
+    (JND, rating pairs), where they are required; the others (2AFC, single-image rating,
+    label) leave them out or send null. :class:`JudgmentInputSerializer` checks them against
+    the session's protocol (its phases: session state ``study.protocol.phases``)."""
 
-    first_ms = _ms(MAX_PHASE_MS)
-    blank_ms = _ms(MAX_PHASE_MS)
-    second_ms = _ms(MAX_PHASE_MS)
+    first_ms = _ms(MAX_PHASE_MS, help_text="Measured on-screen time of the first image (every "
+                   "protocol; 2AFC: the three images, shown at once), ms.")
+    # Optional and nullable here (for the schema too); required for two-image protocols by
+    # JudgmentInputSerializer.validate (a 400 "durations.blank_ms: This field is required.").
+    blank_ms = _ms(
+        MAX_PHASE_MS, required=False, allow_null=True,
+        help_text="Measured blank between the two images, ms. Required (a number) for JND and "
+        "rating-pair studies (phases first_ms, blank_ms, second_ms); 2AFC, single-image "
+        "rating and label studies (phase first_ms only) leave it out or send null, a number "
+        "there is a 400.",
+    )
+    second_ms = _ms(
+        MAX_PHASE_MS, required=False, allow_null=True,
+        help_text="Measured on-screen time of the second image, ms. Required (a number) for "
+        "JND and rating-pair studies; 2AFC, single-image rating and label studies leave it "
+        "out or send null, a number there is a 400.",
+    )
 
     def to_internal_value(self, data):
-        # blank_ms and second_ms left out or null are None here (a one-image protocol's runner
-        # sends first_ms only); whether the protocol needs them is JudgmentInputSerializer's
-        # check. (Declared required and non-null: the schema describes JND's body, the
-        # default protocol's.)
-        absent = set()
-        if isinstance(data, dict):
-            absent = {name for name in ("blank_ms", "second_ms") if data.get(name) is None}
-            data = {k: v for k, v in data.items() if k not in absent}
-            for name in absent:  # (this serializer instance's own copies of the fields)
-                self.fields[name].required = False
+        # blank_ms and second_ms left out are None, like null ones: whether the protocol needs
+        # them is JudgmentInputSerializer's check.
         values = super().to_internal_value(data)
-        return {**values, **dict.fromkeys(absent)}
+        return {"blank_ms": None, "second_ms": None, **values}
 
 
 class DisplaySerializer(serializers.Serializer):
@@ -160,7 +175,10 @@ class JudgmentInputSerializer(serializers.Serializer):
     durations = DurationsSerializer()
     display = DisplaySerializer(required=False)
     idempotency_key = JSONStringField(
-        min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length
+        min_length=8, max_length=Judgment._meta.get_field("idempotency_key").max_length,
+        help_text="The client's id of this judgment (e.g. a UUID): re-sending the identical "
+        "body with it is a 200, another body with it a 409. Leading and trailing whitespace "
+        "is trimmed before the length is checked; NUL characters are a 400.",
     )
 
     def validate(self, attrs):
@@ -181,6 +199,18 @@ class JudgmentInputSerializer(serializers.Serializer):
         return attrs
 
 
+class StoredDurationsSerializer(serializers.Serializer):
+    """A stored judgment's measured durations, ms; null for a phase its protocol lacks."""
+
+    first_ms = serializers.FloatField()
+    blank_ms = serializers.FloatField(
+        allow_null=True, help_text="null for 2AFC, single-image rating and label judgments."
+    )
+    second_ms = serializers.FloatField(
+        allow_null=True, help_text="null for 2AFC, single-image rating and label judgments."
+    )
+
+
 class JudgmentSerializer(serializers.ModelSerializer):
     """A stored judgment as the API returns it."""
 
@@ -195,9 +225,11 @@ class JudgmentSerializer(serializers.ModelSerializer):
             "idempotency_key", "created_at",
         ]
 
+    @extend_schema_field(DisplaySerializer(allow_null=True))
     def get_display(self, judgment: Judgment) -> dict | None:
         return _display_data(judgment)
 
+    @extend_schema_field(StoredDurationsSerializer)
     def get_durations(self, judgment: Judgment) -> dict[str, float | None]:
         return {
             "first_ms": judgment.first_ms,
@@ -286,16 +318,38 @@ class ClientInfoSerializer(serializers.Serializer):
 
 
 class ProtocolSerializer(serializers.Serializer):
-    """A protocol's trial (:class:`studyapp.protocols.TrialSpec`), for studies other than JND."""
+    """A protocol's trial (:class:`studyapp.protocols.TrialSpec`), for studies other than JND.
 
-    protocol = serializers.ChoiceField(choices=["jnd", "2afc", "rating", "label"])
-    n_images = serializers.IntegerField(help_text="Images per trial (URL slots).")
-    phases = serializers.ListField(
-        child=serializers.CharField(), help_text="Measured phases, e.g. ['first_ms']."
+    What a judgment of the session must carry: ``response`` one of ``answers``, ``durations``
+    exactly ``phases``. (A JND study's state has no such block: answers ``same``,
+    ``different``; phases ``first_ms``, ``blank_ms``, ``second_ms``.)"""
+
+    protocol = serializers.ChoiceField(
+        choices=["jnd", "2afc", "rating", "label"],
+        help_text="The study's protocol (only 2afc, rating or label are sent: a JND study's "
+        "state has no protocol block).",
     )
-    question = serializers.CharField()
-    answers = serializers.ListField(child=serializers.CharField())
-    keys = serializers.DictField(child=serializers.CharField(), help_text="key → answer")
+    n_images = serializers.IntegerField(
+        help_text="Images per trial (URL slots of each trial's `images`): 2afc 3 (reference, "
+        "left, right); rating 2 (pair) or 1 (single image); label 1."
+    )
+    phases = serializers.ListField(
+        child=serializers.ChoiceField(choices=["first_ms", "blank_ms", "second_ms"]),
+        help_text="The durations a judgment must carry (numbers); the other duration fields "
+        "are left out or null. 2afc, single-image rating, label: ['first_ms']; rating pairs: "
+        "['first_ms', 'blank_ms', 'second_ms'].",
+    )
+    question = serializers.CharField(help_text="The question the runner asks, in words.")
+    answers = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="The accepted values of a judgment's `response`, exactly, in button order: "
+        "2afc ['left', 'right']; rating ['1', …, 'N']; label the study's label set.",
+    )
+    keys = serializers.DictField(
+        child=serializers.CharField(),
+        help_text="Keyboard key (lower-case) → the answer it gives. Rating and label: digits "
+        "1 … 9 for the first nine answers; 2afc: key_same → left, key_different → right.",
+    )
     feedback = serializers.BooleanField(help_text="Practice trials with an answer get feedback.")
 
 
@@ -306,8 +360,13 @@ class StudySettingsSerializer(serializers.Serializer):
     first_ms = serializers.IntegerField(help_text="Intended duration of the first image, ms.")
     blank_ms = serializers.IntegerField(help_text="Intended blank between the images, ms.")
     second_ms = serializers.IntegerField(help_text="Intended duration of the second image, ms.")
-    key_same = serializers.CharField(help_text="Key that answers 'same' (one character).")
-    key_different = serializers.CharField(help_text="Key that answers 'different'.")
+    key_same = serializers.CharField(
+        help_text="Key that answers 'same' (one character); other protocols: see "
+        "protocol.keys."
+    )
+    key_different = serializers.CharField(
+        help_text="Key that answers 'different'; other protocols: see protocol.keys."
+    )
     break_every = serializers.IntegerField(
         help_text="A break is offered after this many main trials; 0 = no breaks."
     )
@@ -317,7 +376,9 @@ class StudySettingsSerializer(serializers.Serializer):
     )
     display_rule = serializers.ChoiceField(choices=["nearest", "reset_zoom", "refuse"])
     protocol = ProtocolSerializer(
-        required=False, help_text="The trial of a study other than JND (absent: JND)."
+        required=False,
+        help_text="The trial of a study other than JND: its answers and measured phases. "
+        "Absent: a JND study (answers same, different; phases first_ms, blank_ms, second_ms).",
     )
 
 
