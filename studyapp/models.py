@@ -251,6 +251,12 @@ class Study(models.Model):
         if self.protocol == "label" and not self.label_set:
             raise ValidationError({"label_set": "a label study needs its label set (the "
                                    "class names offered as answers)"})
+        if self.protocol == "label":
+            from .protocols import label_set_problem
+
+            problem = label_set_problem(self.label_set)
+            if problem:
+                raise ValidationError({"label_set": problem})
 
     def has_judgments(self) -> bool:
         """Has anyone answered a trial of this study (practice included)?"""

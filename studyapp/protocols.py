@@ -103,6 +103,32 @@ def trial_spec(study) -> TrialSpec:
     raise ValueError(f"unknown protocol {protocol!r}; use one of {PROTOCOL_NAMES}")
 
 
+#: The longest answer a judgment can store (``Judgment.response``'s max_length).
+MAX_ANSWER_LENGTH = 200
+
+
+def label_set_problem(labels) -> str | None:
+    """Why ``labels`` cannot be a label study's answers, or None: each label must be a
+    non-empty string of at most :data:`MAX_ANSWER_LENGTH` characters without NUL characters
+    (the participant API refuses other responses, so such a label could never be answered),
+    and no label may appear twice (two buttons would give one answer)."""
+    if not isinstance(labels, list | tuple) or not labels:
+        return "a label set is a non-empty list of class names"
+    seen = set()
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            return f"label {label!r} is not a non-empty string"
+        if len(label) > MAX_ANSWER_LENGTH:
+            return (f"label {label[:40]!r}… has {len(label)} characters; a response holds at"
+                    f" most {MAX_ANSWER_LENGTH}")
+        if "\x00" in label:
+            return f"label {label!r} contains a NUL character"
+        if label in seen:
+            return f"label {label!r} appears twice"
+        seen.add(label)
+    return None
+
+
 def validate_response(study, response: str) -> str:
     """``response`` if ``study``'s protocol accepts it, else :class:`BadResponse`."""
     return check_answer(trial_spec(study), response)

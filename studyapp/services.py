@@ -50,6 +50,7 @@ from engine.stimuli import MANIFEST_VERSION, Manifest
 
 from . import stimulus_rows
 from .models import Condition, Pair, Study
+from .protocols import label_set_problem
 
 __all__ = [
     "GenerateRequest", "ImportSummary", "StimulusImportError", "WeightsUnavailableError",
@@ -140,6 +141,9 @@ def _check_protocol(manifest: Manifest, study: Study | None) -> None:
         return
     if not manifest.label_set:
         raise StimulusImportError("a label manifest without a label set")
+    problem = label_set_problem(list(manifest.label_set))
+    if problem:
+        raise StimulusImportError(f"the manifest's label set cannot be answered: {problem}")
     allowed = set(manifest.label_set)
     where = "the manifest's label set"
     if study is not None and study.label_set:

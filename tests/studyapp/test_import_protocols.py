@@ -285,3 +285,37 @@ def test_versus_at_calibrated_bounds_pairs_the_shared_labels():
     opts["versus"] = [["linf:num_iterations=2", "stadv"]]
     with pytest.raises(CommandError, match="no presets for threat model 'stadv'"):
         generation_request(opts)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("extra, message", [
+    ("x" * 201, "has 201 characters; a response holds at most 200"),
+    ("", "'label_set' must be a list of class names"),  # the manifest reader's check
+    (None, "appears twice"),  # None: the first label again
+])
+def test_a_label_set_that_could_never_be_answered_is_refused(folders, media, tmp_path, extra,
+                                                             message):
+    bad = tmp_path / "bad"
+    shutil.copytree(folders["label"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["label_set"].append(manifest["label_set"][0] if extra is None else extra)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CommandError, match=message):  # (a new study's clean() says it first)
+        run("import_pairs", str(bad), "--study", "bad")
+    assert not Study.objects.exists() and not Pair.objects.exists()
+    assert files(media) == {}
+
+
+@pytest.mark.django_db
+def test_an_existing_label_study_refuses_a_manifest_label_set_that_cannot_be_answered(
+        folders, media, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(folders["label"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    labels = list(manifest["label_set"])
+    Study.objects.create(slug="labels", title="t", protocol="label", label_set=labels)
+    manifest["label_set"] = labels + ["y" * 300]
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CommandError, match="manifest's label set cannot be answered: .*300"):
+        run("import_pairs", str(bad), "--study", "labels")
+    assert not Pair.objects.exists() and files(media) == {}

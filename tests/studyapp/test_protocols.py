@@ -6,9 +6,11 @@ import pytest
 
 from studyapp.models import Study
 from studyapp.protocols import (
+    MAX_ANSWER_LENGTH,
     BadResponse,
     correct_answer,
     image_paths,
+    label_set_problem,
     trial_spec,
     validate_response,
 )
@@ -65,3 +67,32 @@ def test_label_answers_are_the_label_set():
         validate_response(s, "Dog")
     assert correct_answer(s, is_sentinel=True, natural_first=True, natural_path="x",
                           other_path="x", class_name="ship") == "ship"
+
+
+@pytest.mark.parametrize("labels, problem", [
+    (["cat", "dog"], None),
+    ([], "non-empty list"),
+    ("cat,dog", "non-empty list"),
+    (["cat", ""], "'' is not a non-empty string"),
+    (["cat", "  "], "'  ' is not a non-empty string"),
+    (["cat", 3], "3 is not a non-empty string"),
+    (["cat", "d" * 201], "201 characters; a response holds at most 200"),
+    (["cat", "d\x00g"], "NUL"),
+    (["cat", "dog", "cat"], "'cat' appears twice"),
+])
+def test_a_label_set_must_be_answerable(labels, problem):
+    """Every label must be a response the participant API accepts (Judgment.response holds
+    200 characters; NUL characters are refused), once each; Study.clean says which is not."""
+    from django.core.exceptions import ValidationError
+
+    from studyapp.models import Judgment
+
+    assert MAX_ANSWER_LENGTH == Judgment._meta.get_field("response").max_length
+    found = label_set_problem(labels)
+    if problem is None:
+        assert found is None
+        study(protocol="label", label_set=labels).clean()
+        return
+    assert problem in found
+    with pytest.raises(ValidationError, match="label_set"):
+        study(protocol="label", label_set=labels).clean()
