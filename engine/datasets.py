@@ -380,7 +380,8 @@ def resolve_label_set(text: str | None, images: str = "skimage") -> tuple[str, .
 
 def check_label_set(names) -> tuple[str, ...]:
     """``names`` as a tuple if it is a usable label set (non-empty, each name a non-empty
-    string of at most 200 characters — ``Pair.class_name`` — given once), else
+    string of at most 200 characters — ``Pair.class_name``, ``Judgment.response`` — without
+    NUL characters, given once), else
     :class:`EngineError` naming the problem."""
     names = list(names)
     if not names:
@@ -390,7 +391,10 @@ def check_label_set(names) -> tuple[str, ...]:
             raise EngineError(f"label set entry {n!r} is not a class name (a non-empty"
                               " string without surrounding spaces)")
         if len(n) > 200:
-            raise EngineError(f"class name {n[:40]!r}… is longer than 200 characters")
+            raise EngineError(f"class name {n[:40]!r}… is longer than 200 characters (a"
+                              " judgment's response holds 200)")
+        if "\x00" in n:
+            raise EngineError(f"class name {n!r} contains a NUL character")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise EngineError(f"class name(s) given twice in the label set: {', '.join(twice)}")

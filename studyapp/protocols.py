@@ -108,24 +108,20 @@ MAX_ANSWER_LENGTH = 200
 
 
 def label_set_problem(labels) -> str | None:
-    """Why ``labels`` cannot be a label study's answers, or None: each label must be a
-    non-empty string of at most :data:`MAX_ANSWER_LENGTH` characters without NUL characters
-    (the participant API refuses other responses, so such a label could never be answered),
-    and no label may appear twice (two buttons would give one answer)."""
-    if not isinstance(labels, list | tuple) or not labels:
-        return "a label set is a non-empty list of class names"
-    seen = set()
-    for label in labels:
-        if not isinstance(label, str) or not label.strip():
-            return f"label {label!r} is not a non-empty string"
-        if len(label) > MAX_ANSWER_LENGTH:
-            return (f"label {label[:40]!r}… has {len(label)} characters; a response holds at"
-                    f" most {MAX_ANSWER_LENGTH}")
-        if "\x00" in label:
-            return f"label {label!r} contains a NUL character"
-        if label in seen:
-            return f"label {label!r} appears twice"
-        seen.add(label)
+    """Why ``labels`` cannot be a label study's answers, or None: the engine's rule
+    (:func:`engine.datasets.check_label_set`: a non-empty list of class names, each a
+    non-empty string of at most :data:`MAX_ANSWER_LENGTH` characters without surrounding
+    spaces or NUL characters, none twice), so that every label is a response the participant
+    API accepts and no two buttons give one answer."""
+    from engine.datasets import check_label_set  # (torch: not at import time of the web app)
+    from engine.errors import EngineError
+
+    if not isinstance(labels, list | tuple):
+        return "a label set is a list of class names"
+    try:
+        check_label_set(labels)
+    except EngineError as exc:
+        return str(exc)
     return None
 
 

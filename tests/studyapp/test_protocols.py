@@ -71,14 +71,14 @@ def test_label_answers_are_the_label_set():
 
 @pytest.mark.parametrize("labels, problem", [
     (["cat", "dog"], None),
-    ([], "non-empty list"),
-    ("cat,dog", "non-empty list"),
-    (["cat", ""], "'' is not a non-empty string"),
-    (["cat", "  "], "'  ' is not a non-empty string"),
-    (["cat", 3], "3 is not a non-empty string"),
-    (["cat", "d" * 201], "201 characters; a response holds at most 200"),
-    (["cat", "d\x00g"], "NUL"),
-    (["cat", "dog", "cat"], "'cat' appears twice"),
+    ([], "the label set is empty"),
+    ("cat,dog", "a label set is a list of class names"),
+    (["cat", ""], "entry '' is not a class name"),
+    (["cat", " dog"], "entry ' dog' is not a class name"),
+    (["cat", 3], "entry 3 is not a class name"),
+    (["cat", "d" * 201], "longer than 200 characters (a judgment's response holds 200)"),
+    (["cat", "d\x00g"], "contains a NUL character"),
+    (["cat", "dog", "cat"], "given twice in the label set: cat"),
 ])
 def test_a_label_set_must_be_answerable(labels, problem):
     """Every label must be a response the participant API accepts (Judgment.response holds
