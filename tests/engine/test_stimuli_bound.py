@@ -212,3 +212,31 @@ def test_size_ratio_summary_counts_pairs_off_the_bound():
     assert summary["a"]["median"] == pytest.approx(0.97)
     assert summary["b"] == {"condition": "b", "n": 1, "min": 1.0, "median": 1.0, "max": 1.0,
                             "flagged": 0}
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_clip_to_lp_bound_makes_stored_pixels_exactly_within(norm):
+    """Stored 8-bit pairs over their Lp bound by float error (or by the quantiser's 1e-3
+    snap) are brought exactly within (float64 on the 8-bit values ÷ 255), each value moved
+    toward the natural image only; pairs already within are unchanged."""
+    from engine.stimuli import clip_to_lp_bound
+
+    rng = np.random.default_rng(0)
+    natural = rng.integers(10, 246, (4, 16, 16, 3)).astype(np.uint8)
+    steps = rng.integers(-4, 5, natural.shape)
+    adversarial = (natural.astype(int) + steps).astype(np.uint8)
+    exact = (np.sqrt((steps.reshape(4, -1) ** 2).sum(1)) if norm == "l2"
+             else np.abs(steps.reshape(4, -1)).max(1)) / 255
+    bound = float(exact[1]) * (1 - 3e-6) if norm == "l2" else 3 / 255  # 0: over, 1: over
+    bounds_ok = exact <= bound
+    out = clip_to_lp_bound(natural, adversarial, norm, bound)
+    new = out.astype(int) - natural.astype(int)
+    size = (np.sqrt((new.reshape(4, -1) ** 2).sum(1)) if norm == "l2"
+            else np.abs(new.reshape(4, -1)).max(1)) / 255
+    assert (size <= bound).all(), (size, bound)
+    assert np.array_equal(out[bounds_ok], adversarial[bounds_ok])
+    assert (np.abs(new) <= np.abs(steps)).all() and (new * steps >= 0).all()
+    if norm == "l2":  # just over: a few levels taken off, the norm still at the bound
+        assert size[1] > bound * (1 - 1e-3) and (out[1] != adversarial[1]).sum() <= 3
+    with pytest.raises(ValueError, match="unknown pixel norm"):
+        clip_to_lp_bound(natural, adversarial, "ssim", 0.1)
