@@ -199,6 +199,23 @@ def test_choice_rates_wilson_against_scipy_and_controls_apart():
         rows["item"].nunique()
 
 
+def test_bootstrap_does_not_depend_on_which_ids_the_participants_have():
+    """Participant ids from a database arrive as text (studyapp.protocol_rows): the same
+    judgments under ids shifted past a power of ten (7..36 → 95..124) must give the same
+    seeded intervals. As text sorted as text they did not ("100" < "95"), so a seeded
+    analyze depended on ids other tests had taken (a 2AFC slope interval moved from
+    [1.40, 1.92] to [1.35, 1.94])."""
+    rows = simulated_twoafc(30, seed=13)
+    part = rows["participant"].str.removeprefix("sim-").astype(int)  # sim-0000 → 0
+    low, high = rows.assign(participant=(part + 7).astype(str)), rows.assign(
+        participant=(part + 95).astype(str))
+    a = pa.twoafc_choice_slope(low, "lpips", n_boot=50, seed=3)
+    b = pa.twoafc_choice_slope(high, "lpips", n_boot=50, seed=3)
+    assert (a["beta_low"], a["beta_high"]) == (b["beta_low"], b["beta_high"])
+    sa, sb = (pa.twoafc_scores(r, n_boot=50, seed=3).iloc[0] for r in (low, high))
+    assert (sa["score_low"], sa["score_high"]) == (sb["score_low"], sb["score_high"])
+
+
 def test_choice_slope_is_the_statsmodels_probit_glm():
     import statsmodels.api as sm
 
