@@ -167,9 +167,12 @@ def test_ceiling_of_coin_flips_with_five_judgments():
                          "condition_a": "a", "condition_b": "b", "is_control": False,
                          "a_l2": 1.0, "b_l2": 2.0})
     c = pa.twoafc_human_ceiling(rows, n_boot=200, seed=0)
-    assert c["ceiling"] == pytest.approx(0.6, abs=0.01)
-    assert c["ceiling_unbiased"] == pytest.approx(0.5, abs=0.01)
-    assert c["ceiling_low"] <= 0.5 + 1e-3 and c["ceiling_high"] < 0.52
+    # Tolerances from 1,000 such data sets (seeds 100-1099): the ceiling's sd is 0.0028, the
+    # unbiased one's 0.0035 (outside ±0.01 in 0.5 % of them), ceiling_high ≥ 0.52 in 2.8 %
+    # (its 99.9 % quantile 0.525), ceiling_low ≤ 0.5 in all.
+    assert c["ceiling"] == pytest.approx(0.6, abs=0.015)
+    assert c["ceiling_unbiased"] == pytest.approx(0.5, abs=0.015)
+    assert c["ceiling_low"] <= 0.5 + 1e-3 and c["ceiling_high"] < 0.535
 
 
 def test_choice_rates_wilson_against_scipy_and_controls_apart():
