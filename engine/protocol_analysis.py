@@ -83,8 +83,19 @@ def _flag(rows: pd.DataFrame, column: str) -> np.ndarray:
 
 
 def _codes(values) -> tuple[np.ndarray, np.ndarray]:
-    codes, labels = pd.factorize(pd.Series(values).astype(str), sort=True)
-    return np.asarray(codes, np.int64), np.asarray(labels, object)
+    """``(code per value, labels)``: labels as text, sorted; where every label is a whole
+    number (database ids as text: studyapp.protocol_rows) sorted as numbers, so that the
+    participant bootstrap, whose weights go to participants in this order, draws the same
+    replicates whatever ids a database gave them (as text, ids 8..11 sort as "10", "11",
+    "8", "9" and 98..101 otherwise: a seeded interval depended on the ids)."""
+    text = pd.Series(values).astype(str)
+    labels = pd.unique(text)
+    if len(labels) and all(v.isascii() and v.isdigit() for v in labels):
+        labels = np.asarray(sorted(labels, key=lambda v: (int(v), v)), object)
+    else:
+        labels = np.asarray(sorted(labels), object)
+    codes = pd.Index(labels).get_indexer(text)
+    return np.asarray(codes, np.int64), labels
 
 
 def _matrix(row_codes, col_codes, n_rows, n_cols, weights=None) -> np.ndarray:

@@ -129,11 +129,15 @@ def test_calibrate_recovers_thresholds_and_serialises():
     cal = calibrate(pairs, j, n_boot=100, seed=1)
     presets = cal.presets()
     assert set(presets) == {"linf", "l2"} and set(presets["linf"]) == {"p10", "p25", "p50"}
+    # ln(estimate / truth) over 150 simulated studies (seeds 100-249): sd 0.094 (linf) and
+    # 0.165 (l2) at p10, an extrapolation below most of the data (|.| < 0.2 failed 21 % of
+    # l2's), ≤ 0.047 at p25 and p50 (max 0.143). Tolerances ≈ 4.5 sd.
+    tolerance = {0.1: 0.75, 0.25: 0.2, 0.5: 0.2}
     for tm in ("linf", "l2"):
         for _, row in cal.threat_models[tm].thresholds.iterrows():
             truth = pop.true_threshold(row["target"], tm)
             assert row["low"] < row["bound"] < row["high"]
-            assert abs(math.log(row["bound"] / truth)) < 0.2
+            assert abs(math.log(row["bound"] / truth)) < tolerance[row["target"]], (tm, row)
     merged = j.merge(pairs, on="pair")
     assert cal.guess_rate == pytest.approx(merged[merged.is_sentinel].different.mean())
     counts = cal.threat_models["linf"].counts
@@ -220,13 +224,16 @@ def test_guess_rate_is_not_biased_by_sentinel_exclusions():
     se = np.std(joint, ddof=1) / math.sqrt(len(joint))
     assert abs(np.mean(joint) - 0.05) < max(3 * se, 0.005), (np.mean(joint), se)
     assert min(joint) > 0.01
-    # the thresholds follow: the 50 % point is recovered within its bootstrap interval
+    # the thresholds follow: the 50 % point is recovered. (Not "inside its 95 % bootstrap
+    # interval": that missed in 19 of 300 screened studies, 6 %. ln(estimate / truth) over 300
+    # (seeds 200-499) has sd 0.020 and |.| ≤ 0.074: 0.09 is 4.4 sd.)
     pairs, j, pop = screened_study(99)
     kept = j[~j.excluded]
     th = calibrate(pairs, kept, n_boot=60, seed=1, sentinel_limit=0.25).threat_models[
         "linf"].thresholds.set_index("target")
     truth = pop.true_threshold(0.5, "linf")
-    assert th.loc[0.5, "low"] <= truth <= th.loc[0.5, "high"]
+    assert th.loc[0.5, "low"] < th.loc[0.5, "bound"] < th.loc[0.5, "high"]
+    assert abs(math.log(th.loc[0.5, "bound"] / truth)) < 0.09, (th, truth)
     with pytest.raises(ValueError, match="sentinel_limit"):
         calibrate(pairs, kept, n_boot=0, sentinel_limit=1.5)
 

@@ -167,9 +167,12 @@ def test_ceiling_of_coin_flips_with_five_judgments():
                          "condition_a": "a", "condition_b": "b", "is_control": False,
                          "a_l2": 1.0, "b_l2": 2.0})
     c = pa.twoafc_human_ceiling(rows, n_boot=200, seed=0)
-    assert c["ceiling"] == pytest.approx(0.6, abs=0.01)
-    assert c["ceiling_unbiased"] == pytest.approx(0.5, abs=0.01)
-    assert c["ceiling_low"] <= 0.5 + 1e-3 and c["ceiling_high"] < 0.52
+    # Tolerances from 1,000 such data sets (seeds 100-1099): the ceiling's sd is 0.0028, the
+    # unbiased one's 0.0035 (outside ±0.01 in 0.5 % of them), ceiling_high ≥ 0.52 in 2.8 %
+    # (its 99.9 % quantile 0.525), ceiling_low ≤ 0.5 in all.
+    assert c["ceiling"] == pytest.approx(0.6, abs=0.015)
+    assert c["ceiling_unbiased"] == pytest.approx(0.5, abs=0.015)
+    assert c["ceiling_low"] <= 0.5 + 1e-3 and c["ceiling_high"] < 0.535
 
 
 def test_choice_rates_wilson_against_scipy_and_controls_apart():
@@ -197,6 +200,23 @@ def test_choice_rates_wilson_against_scipy_and_controls_apart():
     assert with_c.loc["lpips", "n_triplets"] == rows["item"].nunique()
     assert pa.twoafc_human_ceiling(rows, n_boot=0, include_controls=True)["n_triplets"] == \
         rows["item"].nunique()
+
+
+def test_bootstrap_does_not_depend_on_which_ids_the_participants_have():
+    """Participant ids from a database arrive as text (studyapp.protocol_rows): the same
+    judgments under ids shifted past a power of ten (7..36 → 95..124) must give the same
+    seeded intervals. As text sorted as text they did not ("100" < "95"), so a seeded
+    analyze depended on ids other tests had taken (a 2AFC slope interval moved from
+    [1.40, 1.92] to [1.35, 1.94])."""
+    rows = simulated_twoafc(30, seed=13)
+    part = rows["participant"].str.removeprefix("sim-").astype(int)  # sim-0000 → 0
+    low, high = rows.assign(participant=(part + 7).astype(str)), rows.assign(
+        participant=(part + 95).astype(str))
+    a = pa.twoafc_choice_slope(low, "lpips", n_boot=50, seed=3)
+    b = pa.twoafc_choice_slope(high, "lpips", n_boot=50, seed=3)
+    assert (a["beta_low"], a["beta_high"]) == (b["beta_low"], b["beta_high"])
+    sa, sb = (pa.twoafc_scores(r, n_boot=50, seed=3).iloc[0] for r in (low, high))
+    assert (sa["score_low"], sa["score_high"]) == (sb["score_low"], sb["score_high"])
 
 
 def test_choice_slope_is_the_statsmodels_probit_glm():
